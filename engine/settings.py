@@ -1,0 +1,173 @@
+"""Every tunable of the engine, read from the environment, validated, documented once.
+
+:class:`Settings` is the single source: constraints live on the fields, the environment
+variable and the description live in ``_ENV``, and :data:`SETTINGS_DOC` (rendered into the
+README by :func:`settings_markdown`) is built from both, so code and docs cannot drift.
+
+An empty variable counts as unset, so ``VOUCHER_DATABASE_URL=`` means "use the embedded
+Postgres" just as leaving it out does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+import msgspec
+
+from engine.errors import ConfigError
+
+AckMode = Literal["durable", "fast"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """The engine's configuration. Build it with :meth:`from_env`."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Annotated[str, msgspec.Meta(min_length=1)] = ".data"
+    shards: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    ack_mode: AckMode = "durable"
+    batch_window_ms: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 2.0
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2048
+    reservation_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] = 900
+    idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=365 * 86400)] = 86400
+    ray_address: str | None = None
+    namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "voucher"
+    generation_chunk: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
+    log_level: LogLevel = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``env`` (default: ``os.environ``).
+
+        Raises :class:`~engine.errors.ConfigError` naming the variable on a bad value.
+        """
+        if env is None:
+            import os
+
+            env = os.environ
+        raw: dict[str, Any] = {}
+        for field, (var, _doc) in _ENV.items():
+            value = env.get(var, "").strip()
+            if not value:
+                continue
+            if field in _UPPER:
+                value = value.upper()
+            elif field in _LOWER:
+                value = value.lower()
+            raw[field] = value
+        try:
+            # strict=False lets msgspec parse "4" as int and "2.5" as float, and applies
+            # the Meta constraints, so the ranges above are the only place they are stated.
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise _config_error(str(exc), raw) from None
+        _check_urls(settings)
+        return settings
+
+
+# field -> (environment variable, description)
+_ENV: dict[str, tuple[str, str]] = {
+    "database_url": (
+        "VOUCHER_DATABASE_URL",
+        "Postgres DSN (postgresql://...). Unset: start the embedded Postgres under the data dir.",
+    ),
+    "redis_url": (
+        "VOUCHER_REDIS_URL",
+        "Redis/Valkey URL (redis://, rediss://, unix://). Unset: start the embedded Valkey.",
+    ),
+    "data_dir": (
+        "VOUCHER_DATA_DIR",
+        "Where the embedded Postgres and Valkey keep their data.",
+    ),
+    "shards": ("VOUCHER_SHARDS", "Number of voucher shard actors (1..256)."),
+    "ack_mode": (
+        "VOUCHER_ACK_MODE",
+        "`durable`: answer after the group commit. `fast`: answer from memory "
+        "(bounded loss window).",
+    ),
+    "batch_window_ms": (
+        "VOUCHER_BATCH_WINDOW_MS",
+        "Longest a shard holds events before a group commit (0..100 ms).",
+    ),
+    "batch_max": ("VOUCHER_BATCH_MAX", "Events per group commit at most."),
+    "reservation_ttl_s": (
+        "VOUCHER_RESERVATION_TTL_S",
+        "Seconds a reservation holds a code before it expires.",
+    ),
+    "idempotency_ttl_s": (
+        "VOUCHER_IDEMPOTENCY_TTL_S",
+        "Seconds an idempotency key replays its first answer.",
+    ),
+    "ray_address": ("RAY_ADDRESS", "Ray cluster to join. Unset: start a local Ray."),
+    "namespace": (
+        "VOUCHER_RAY_NAMESPACE",
+        "Ray namespace of the engine's named actors.",
+    ),
+    "generation_chunk": (
+        "VOUCHER_GENERATION_CHUNK",
+        "Codes generated and stored per chunk of a generation job.",
+    ),
+    "log_level": ("VOUCHER_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
+}
+_UPPER = frozenset({"log_level"})
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "ack_mode": get_args(AckMode),
+    "log_level": get_args(LogLevel),
+}
+_LOWER = frozenset({"ack_mode"})
+
+_URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "database_url": ("postgres://", "postgresql://"),
+    "redis_url": ("redis://", "rediss://", "unix://"),
+}
+
+
+def _config_error(detail: str, raw: Mapping[str, Any]) -> ConfigError:
+    # msgspec says e.g. "Expected `int` <= 256 - at `$.shards`"; name the variable instead.
+    match = re.search(r" - at `\$\.(\w+)`", detail)
+    if match is None:
+        return ConfigError(f"invalid configuration: {detail}")
+    field = match.group(1)
+    var = _ENV[field][0]
+    reason = detail[: match.start()]
+    wanted = re.fullmatch(r"Expected `(\w+)`, got `str`", reason)
+    if wanted is not None:
+        reason = f"not a valid {wanted.group(1)}"
+    elif field in _CHOICES:
+        reason = f"expected one of {', '.join(_CHOICES[field])}"
+    return ConfigError(f"{var}={raw.get(field)!r} is invalid: {reason}")
+
+
+def _check_urls(settings: Settings) -> None:
+    for field, schemes in _URL_SCHEMES.items():
+        value = getattr(settings, field)
+        if value is not None and not value.startswith(schemes):
+            var = _ENV[field][0]
+            wanted = " or ".join(schemes)
+            raise ConfigError(f"{var}={value!r} is invalid: expected a URL starting with {wanted}")
+
+
+def _default_text(field: str) -> str:
+    value = getattr(_DEFAULTS, field)
+    if value is None:
+        return "(unset)"
+    return str(value)
+
+
+_DEFAULTS = Settings()
+
+SETTINGS_DOC: list[tuple[str, str, str]] = [
+    (var, _default_text(field), doc) for field, (var, doc) in _ENV.items()
+]
+"""(environment variable, default, description) for every setting, in field order."""
+
+
+def settings_markdown() -> str:
+    """The configuration table of the README, as Markdown."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{var}` | `{default}` | {doc} |" for var, default, doc in SETTINGS_DOC]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Shared plumbing of the integration and fault suites (fixtures live in tests/conftest.py).
+
+Nothing here imports Ray at module level: unit tests import this package too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from actors.migrations import migrate
+from actors.services import Services, start_services
+from engine.settings import Settings
+
+RAY_NAMESPACE = "voucher-test"
+
+
+@contextmanager
+def running_services(tmpdir: Path) -> Iterator[Services]:
+    """Postgres and Redis for a test session: the configured ones, or embedded in ``tmpdir``.
+
+    ``VOUCHER_DATABASE_URL`` / ``VOUCHER_REDIS_URL`` point the tests at real servers;
+    otherwise the embedded ones start with their data in ``tmpdir``. Migrated either way.
+    """
+    settings = Settings.from_env()
+    services = start_services(settings, data_dir=tmpdir)
+    try:
+        asyncio.run(migrate(services.database_url))
+        yield services
+    finally:
+        services.stop()
+
+
+@contextmanager
+def running_ray(**overrides: Any) -> Iterator[Any]:
+    """One local Ray for the whole test session (or ``RAY_ADDRESS`` when set)."""
+    import ray
+
+    options: dict[str, Any] = {
+        "namespace": RAY_NAMESPACE,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": False,
+    }
+    if os.environ.get("RAY_ADDRESS"):
+        options["address"] = os.environ["RAY_ADDRESS"]
+    else:
+        options["num_cpus"] = 4
+    options.update(overrides)
+    context = ray.init(**options)
+    try:
+        yield context
+    finally:
+        ray.shutdown()
