@@ -1,0 +1,50 @@
+"""How engine errors cross the actor boundary.
+
+An actor method never lets an engine error escape as a Ray task error (that would carry a
+remote traceback to the caller); :func:`guarded` turns it into a :class:`Failure` value
+and :func:`call` raises the same typed error again on the caller's side.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import msgspec
+import ray
+
+from engine import errors
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Failure(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+def guarded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | Failure]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | Failure:
+        try:
+            return await fn(*args, **kwargs)
+        except errors.VoucherError as exc:
+            return Failure(exc.code, exc.message)
+
+    return wrapper
+
+
+async def call(ref: Any) -> Any:
+    """Await a Ray call; an engine error comes back as itself, an unreachable or crashed
+    actor as :class:`errors.Unavailable` (safe to retry with the same idempotency keys)."""
+    try:
+        result = await ref
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise errors.Unavailable(f"actor unavailable, retry: {exc.__class__.__name__}") from None
+    except ray.exceptions.RayTaskError as exc:
+        raise errors.Unavailable(f"actor call failed: {exc.__class__.__name__}") from None
+    if isinstance(result, Failure):
+        raise errors.from_code(result.code, result.message)
+    return result

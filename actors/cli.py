@@ -1,0 +1,264 @@
+"""``voucher-engine``: start the engine and drive it from a shell.
+
+    voucher-engine up [--demo]            start Postgres/Valkey (embedded unless configured),
+                                          Ray and the actors; stay in the foreground
+    voucher-engine create NAME --type discount --percent 10 [...]
+    voucher-engine generate CAMPAIGN COUNT  (progress bar)
+    voucher-engine activate|pause|end CAMPAIGN
+    voucher-engine assign CAMPAIGN CUSTOMER
+    voucher-engine validate|redeem CODE --amount 5000 --currency EUR [--customer C]
+    voucher-engine rollback REDEMPTION_ID
+    voucher-engine stats CAMPAIGN
+
+Every command but ``up`` attaches to the engine that ``up`` started (same machine, or
+``RAY_ADDRESS``). Errors print as one line with their code, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from engine import errors
+from engine.pools import RedeemRequest
+from engine.settings import Settings
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(obj), indent=2, default=str))
+
+
+def _bar(job: dict[str, Any]) -> None:
+    done, total = job["generated"], job["requested"]
+    width = 40
+    filled = int(width * done / max(1, total))
+    rate = job.get("rate") or 0.0
+    eta = (total - done) / rate if rate else 0.0
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}"
+        f"  {rate:,.0f} codes/s  eta {eta:4.1f}s "
+    )
+    sys.stderr.flush()
+
+
+def _ray_init(settings: Settings, *, attach: bool) -> None:
+    import ray
+
+    address = settings.ray_address or ("auto" if attach else None)
+    ray.init(
+        address=address,
+        namespace=settings.namespace,
+        log_to_driver=False,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+async def _demo(engine: Any) -> None:
+    now = datetime.now(UTC)
+    suffix = os.urandom(3).hex()
+    c = await engine.create_campaign(
+        id=f"demo-{suffix}",
+        name="Demo: 15% off, max 20 EUR",
+        type="discount",
+        currency="EUR",
+        discount={"kind": "percent", "value": 15, "max": 2000},
+        min_order=1000,
+        ends_at=now + timedelta(days=30),
+        code={"length": 10, "prefix": "DEMO-", "check_char": True},
+    )
+    print(f"created campaign {c.id}")
+    t0 = time.perf_counter()
+    await engine.generate(c.id, 100_000, progress=_bar)
+    sys.stderr.write("\n")
+    print(f"generated 100,000 codes in {time.perf_counter() - t0:.2f}s")
+    await engine.activate(c.id)
+    assigned = await engine.assign_many(c.id, [f"customer-{i}" for i in range(100)])
+    reqs = [
+        RedeemRequest(
+            code=a.assignment.code,
+            amount=5000 + 100 * i,
+            currency="EUR",
+            customer_id=a.assignment.customer_id,
+            order_id=f"order-{i}",
+            idempotency_key=f"demo-{suffix}-{i}",
+        )
+        for i, a in enumerate(assigned)
+        if a.assignment is not None
+    ]
+    t0 = time.perf_counter()
+    outs = await engine.redeem_many(reqs)
+    ok = sum(1 for o in outs if o.redemption is not None)
+    print(f"redeemed {ok} of {len(reqs)} assigned codes in {1000 * (time.perf_counter() - t0):.1f} ms")
+    again = await engine.redeem_many(reqs[:1])
+    print(f"replaying an idempotency key returns the first answer: {again[0].redemption.id}")
+    second = RedeemRequest(code=reqs[0].code, amount=5000, currency="EUR", customer_id=reqs[0].customer_id)
+    out = (await engine.redeem_many([second]))[0]
+    print(f"redeeming the same code again: {out.rejection.error if out.rejection else 'ok?!'}")
+    _print(await engine.stats(c.id))
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    import ray
+
+    from actors.client import start_engine
+    from actors.migrations import migrate
+    from actors.services import start_services
+
+    services = start_services(settings)
+    try:
+        applied = asyncio.run(migrate(services.database_url))
+        print(f"postgres: {services.database_url}" + (f" (applied {applied})" if applied else ""))
+        print(f"redis:    {services.redis_url}")
+        _ray_init(settings, attach=False)
+        engine = start_engine(settings, services.database_url)
+        print(
+            f"engine:   {settings.shards} shard actors + coordinator in Ray namespace "
+            f"{settings.namespace!r}, ack mode {settings.ack_mode}"
+        )
+        print("          attach with `voucher-engine stats|generate|redeem ...` from another shell")
+        if args.demo:
+            asyncio.run(_demo(engine))
+        if args.exit:
+            return 0
+        print("running; Ctrl-C stops the engine and the embedded servers")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        services.stop()
+
+
+async def _attached(args: argparse.Namespace, settings: Settings) -> Any:
+    from actors.client import attach_engine
+
+    engine = attach_engine(settings)
+    c = args.command
+    if c == "create":
+        discount = None
+        if args.percent is not None:
+            discount = {"kind": "percent", "value": args.percent, "max": args.max}
+        elif args.amount_off is not None:
+            discount = {"kind": "amount", "value": args.amount_off, "max": args.max}
+        limits = {"total": args.limit, "per_customer": args.per_customer}
+        return await engine.create_campaign(
+            id=args.id,
+            name=args.name,
+            type=args.type,
+            currency=args.currency,
+            discount=discount,
+            gift_balance=args.gift_balance,
+            limits=limits,
+            shared_code=args.shared_code,
+            ends_at=datetime.now(UTC) + timedelta(days=args.days),
+            code={"length": args.length, "prefix": args.prefix, "check_char": args.check_char},
+        )
+    if c == "generate":
+        job = await engine.generate(args.campaign, args.count, progress=_bar)
+        sys.stderr.write("\n")
+        return job
+    if c in ("activate", "pause", "end"):
+        return await engine.transition(args.campaign, c)
+    if c == "assign":
+        return await engine.assign(args.campaign, args.customer)
+    if c in ("validate", "redeem"):
+        req = RedeemRequest(
+            code=args.code,
+            amount=args.amount,
+            currency=args.currency,
+            customer_id=args.customer,
+            order_id=args.order,
+            idempotency_key=args.idempotency_key,
+        )
+        return await (engine.validate(req) if c == "validate" else engine.redeem(req))
+    if c == "rollback":
+        return await engine.rollback(args.redemption)
+    if c == "stats":
+        return await engine.stats(args.campaign)
+    if c == "campaigns":
+        return await engine.campaigns()
+    if c == "voucher":
+        return await engine.voucher(args.code)
+    raise errors.InvalidInput(f"unknown command {c}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voucher-engine", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the engine and stay in the foreground")
+    up.add_argument("--demo", action="store_true", help="create a demo campaign and use it")
+    up.add_argument("--exit", action="store_true", help="stop after start-up (and the demo)")
+    cr = sub.add_parser("create", help="create a campaign")
+    cr.add_argument("name")
+    cr.add_argument("--id")
+    cr.add_argument("--type", default="discount")
+    cr.add_argument("--currency", default="EUR")
+    cr.add_argument("--percent", type=int)
+    cr.add_argument("--amount-off", type=int)
+    cr.add_argument("--max", type=int)
+    cr.add_argument("--gift-balance", type=int)
+    cr.add_argument("--shared-code")
+    cr.add_argument("--limit", type=int)
+    cr.add_argument("--per-customer", type=int)
+    cr.add_argument("--days", type=int, default=30)
+    cr.add_argument("--length", type=int, default=10)
+    cr.add_argument("--prefix", default="")
+    cr.add_argument("--check-char", action="store_true")
+    g = sub.add_parser("generate", help="generate codes into a campaign's bank")
+    g.add_argument("campaign")
+    g.add_argument("count", type=int)
+    for name in ("activate", "pause", "end", "stats"):
+        sub.add_parser(name).add_argument("campaign")
+    sub.add_parser("campaigns")
+    a = sub.add_parser("assign")
+    a.add_argument("campaign")
+    a.add_argument("customer")
+    for name in ("validate", "redeem"):
+        r = sub.add_parser(name)
+        r.add_argument("code")
+        r.add_argument("--amount", type=int, required=True)
+        r.add_argument("--currency", default="EUR")
+        r.add_argument("--customer")
+        r.add_argument("--order")
+        r.add_argument("--idempotency-key")
+    sub.add_parser("rollback").add_argument("redemption")
+    sub.add_parser("voucher").add_argument("code")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "up":
+            return cmd_up(args, settings)
+        _ray_init(settings, attach=True)
+        _print(asyncio.run(_attached(args, settings)))
+        return 0
+    except errors.VoucherError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"error: cannot reach the engine ({exc}); is `voucher-engine up` running?", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

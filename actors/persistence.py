@@ -1,0 +1,300 @@
+"""Postgres side of a shard and of the coordinator (asyncpg).
+
+Batches are written set-based: one statement per kind of change, arrays through
+``unnest`` and new codes through ``COPY`` — never a row-at-a-time loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import asyncpg
+import msgspec
+
+from engine.campaigns import Campaign
+from engine.events import (
+    CodesVoided,
+    Event,
+    IdempotencyRecorded,
+    Redemption,
+    RedemptionRecorded,
+    RedemptionRolledBack,
+    Reservation,
+    ReservationChanged,
+    VoucherChanged,
+)
+from engine.pools import ShardState
+from engine.routing import bucket_of
+
+_campaign_decoder = msgspec.json.Decoder(Campaign)
+
+
+class ShardStore(Protocol):
+    """What a shard needs from storage; :class:`PgShardStore` is the real one."""
+
+    async def load(self, state: ShardState, buckets: list[int], idem_since: datetime) -> None: ...
+
+    async def write(self, events: Sequence[Event], buckets: list[int]) -> None: ...
+
+    async def copy_codes(
+        self, campaign_id: str, codes: list[str], balance: int | None
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size, command_timeout=60, statement_cache_size=256
+    )
+    assert pool is not None
+    return pool
+
+
+class PgShardStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def load(self, state: ShardState, buckets: list[int], idem_since: datetime) -> None:
+        """Rebuild ``state`` from the rows of ``buckets`` (campaigns first)."""
+        async with self.pool.acquire() as conn:
+            for row in await conn.fetch("SELECT spec FROM campaigns ORDER BY created_at, id"):
+                state.put_campaign(_campaign_decoder.decode(row["spec"]))
+            state.events.clear()
+            async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                cur = conn.cursor(
+                    "SELECT code, campaign_id, status, customer_id, balance, uses FROM vouchers"
+                    " WHERE bucket = ANY($1::int2[])",
+                    buckets,
+                    prefetch=20000,
+                )
+                async for r in cur:
+                    state.load_voucher(r[0], r[1], r[2], r[3], r[4], r[5])
+                for r in await conn.fetch(
+                    "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
+                    " discount_amount, balance_after, created_at, status, rolled_back_at"
+                    " FROM redemptions WHERE bucket = ANY($1::int2[]) ORDER BY created_at",
+                    buckets,
+                ):
+                    state.load_redemption(Redemption(*r))
+                for r in await conn.fetch(
+                    "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
+                    " discount_amount, expires_at, state, redemption_id"
+                    " FROM reservations WHERE bucket = ANY($1::int2[])",
+                    buckets,
+                ):
+                    state.load_reservation(Reservation(*r))
+                for r in await conn.fetch(
+                    "SELECT key, fingerprint, response, created_at FROM idempotency_keys"
+                    " WHERE bucket = ANY($1::int2[]) AND created_at >= $2",
+                    buckets,
+                    idem_since,
+                ):
+                    state.load_idempotency(r[0], bytes(r[1]), bytes(r[2]), r[3])
+        state.finish_recovery()
+
+    async def write(self, events: Sequence[Event], buckets: list[int]) -> None:
+        """Persist one batch of events in one transaction."""
+        vouchers: dict[str, VoucherChanged] = {}
+        redemptions: list[Redemption] = []
+        rollbacks: list[RedemptionRolledBack] = []
+        reservations: dict[str, Reservation] = {}
+        idem: list[IdempotencyRecorded] = []
+        voided: list[str] = []
+        for e in events:
+            if isinstance(e, VoucherChanged):
+                vouchers[e.code] = e
+            elif isinstance(e, RedemptionRecorded):
+                redemptions.append(e.redemption)
+            elif isinstance(e, RedemptionRolledBack):
+                rollbacks.append(e)
+            elif isinstance(e, ReservationChanged):
+                reservations[e.reservation.id] = e.reservation
+            elif isinstance(e, IdempotencyRecorded):
+                idem.append(e)
+            elif isinstance(e, CodesVoided):
+                voided.append(e.campaign_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if vouchers:
+                v = list(vouchers.values())
+                await conn.execute(
+                    "UPDATE vouchers AS t SET status = u.status, customer_id = u.customer_id,"
+                    " balance = u.balance, uses = u.uses, updated_at = now()"
+                    " FROM unnest($1::text[], $2::int2[], $3::text[], $4::int8[], $5::int4[])"
+                    " AS u(code, status, customer_id, balance, uses) WHERE t.code = u.code",
+                    [x.code for x in v],
+                    [x.status for x in v],
+                    [x.customer_id for x in v],
+                    [x.balance for x in v],
+                    [x.uses for x in v],
+                )
+            if voided:
+                # after the row updates: a void only turns unredeemed codes void, and
+                # nothing un-voids a code of an ended campaign
+                await conn.execute(
+                    "UPDATE vouchers SET status = 3, updated_at = now()"
+                    " WHERE campaign_id = ANY($1::text[]) AND bucket = ANY($2::int2[])"
+                    " AND status IN (0, 1)",
+                    voided,
+                    buckets,
+                )
+            if redemptions:
+                await conn.copy_records_to_table(
+                    "redemptions",
+                    records=[
+                        (
+                            r.id,
+                            r.campaign_id,
+                            r.code,
+                            bucket_of(r.code),
+                            r.customer_id,
+                            r.order_id,
+                            r.order_amount,
+                            r.currency,
+                            r.discount_amount,
+                            r.balance_after,
+                            r.status,
+                            r.created_at,
+                            r.rolled_back_at,
+                        )
+                        for r in redemptions
+                    ],
+                    columns=[
+                        "id",
+                        "campaign_id",
+                        "code",
+                        "bucket",
+                        "customer_id",
+                        "order_id",
+                        "order_amount",
+                        "currency",
+                        "discount_amount",
+                        "balance_after",
+                        "status",
+                        "created_at",
+                        "rolled_back_at",
+                    ],
+                )
+            if rollbacks:
+                await conn.execute(
+                    "UPDATE redemptions AS t SET status = 1, rolled_back_at = u.at"
+                    " FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at) WHERE t.id = u.id",
+                    [x.id for x in rollbacks],
+                    [x.at for x in rollbacks],
+                )
+            if reservations:
+                rs = list(reservations.values())
+                await conn.execute(
+                    "INSERT INTO reservations (id, campaign_id, code, bucket, customer_id,"
+                    " order_id, order_amount, currency, discount_amount, expires_at, state,"
+                    " redemption_id)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[],"
+                    " $5::text[], $6::text[], $7::int8[], $8::text[], $9::int8[],"
+                    " $10::timestamptz[], $11::int2[], $12::text[])"
+                    " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
+                    " redemption_id = EXCLUDED.redemption_id",
+                    [r.id for r in rs],
+                    [r.campaign_id for r in rs],
+                    [r.code for r in rs],
+                    [bucket_of(r.code) for r in rs],
+                    [r.customer_id for r in rs],
+                    [r.order_id for r in rs],
+                    [r.order_amount for r in rs],
+                    [r.currency for r in rs],
+                    [r.discount_amount for r in rs],
+                    [r.expires_at for r in rs],
+                    [r.state for r in rs],
+                    [r.redemption_id for r in rs],
+                )
+            if idem:
+                await conn.execute(
+                    "INSERT INTO idempotency_keys (key, bucket, fingerprint, response, created_at)"
+                    " SELECT * FROM unnest($1::text[], $2::int2[], $3::bytea[], $4::bytea[],"
+                    " $5::timestamptz[]) ON CONFLICT (key) DO NOTHING",
+                    [x.key for x in idem],
+                    [x.bucket for x in idem],
+                    [x.fingerprint for x in idem],
+                    [x.response for x in idem],
+                    [x.at for x in idem],
+                )
+
+    async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
+        """Stream new available codes into the bank (one COPY, one transaction)."""
+        async with self.pool.acquire() as conn:
+            await conn.copy_records_to_table(
+                "vouchers",
+                records=[(c, campaign_id, bucket_of(c), balance) for c in codes],
+                columns=["code", "campaign_id", "bucket", "balance"],
+            )
+
+
+# --- campaigns and jobs (the coordinator's tables) --------------------------------------
+
+_campaign_encoder = msgspec.json.Encoder()
+
+
+async def insert_campaign(conn: asyncpg.Connection, c: Campaign) -> None:
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)",
+            c.id,
+            c.name,
+            c.type,
+            c.state,
+            _campaign_encoder.encode(c).decode(),
+            c.created_at,
+            c.updated_at,
+        )
+        if c.shared_code is not None:
+            await conn.execute(
+                "INSERT INTO vouchers (code, campaign_id, bucket, status) VALUES ($1, $2, $3, 0)",
+                c.shared_code,
+                c.id,
+                bucket_of(c.shared_code),
+            )
+
+
+async def update_campaign(conn: asyncpg.Connection, c: Campaign) -> None:
+    await conn.execute(
+        "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4 WHERE id = $1",
+        c.id,
+        c.state,
+        _campaign_encoder.encode(c).decode(),
+        c.updated_at,
+    )
+
+
+async def load_campaigns(conn: asyncpg.Connection) -> list[Campaign]:
+    rows = await conn.fetch("SELECT spec FROM campaigns ORDER BY created_at, id")
+    return [_campaign_decoder.decode(r["spec"]) for r in rows]
+
+
+async def upsert_job(conn: asyncpg.Connection, job: dict[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO generation_jobs (id, campaign_id, requested, generated, state, error,"
+        " created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (id) DO UPDATE SET generated = EXCLUDED.generated,"
+        " state = EXCLUDED.state, error = EXCLUDED.error, finished_at = EXCLUDED.finished_at",
+        job["id"],
+        job["campaign_id"],
+        job["requested"],
+        job["generated"],
+        job["state"],
+        job["error"],
+        job["created_at"],
+        job["finished_at"],
+    )
+
+
+async def load_jobs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, campaign_id, requested, generated, state, error, created_at, finished_at"
+        " FROM generation_jobs"
+    )
+    return [dict(r) for r in rows]

@@ -1,0 +1,283 @@
+"""The shard actor: a thin adapter around :class:`engine.pools.ShardState`.
+
+It owns the buckets ``b`` with ``b % shards == shard_id``, decides in memory, and hands
+its events to the group-commit writer. In ``durable`` ack mode an answer leaves only after
+the batch holding its decision has committed; in ``fast`` mode it leaves at once and the
+decision is committed within about one batch window (the loss window if the process dies).
+
+Batch entry points take and return msgpack bytes: one Ray call carries many requests and
+the payload is (de)serialised by msgspec instead of pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import psutil
+import ray
+
+from actors.calls import guarded
+from actors.persistence import PgShardStore, create_pool
+from actors.write_behind import WriteBehind
+from engine import errors
+from engine.campaigns import Campaign
+from engine.pools import CampaignStats, RedeemRequest, ShardState
+from engine.routing import BUCKETS
+from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_req_list = msgspec.msgpack.Decoder(list[RedeemRequest])
+_ref_list = msgspec.msgpack.Decoder(list[tuple[str, str | None]])
+_enc = msgspec.msgpack.Encoder()
+_campaign_dec = msgspec.msgpack.Decoder(Campaign)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ShardCore:
+    """Everything the actor does, without Ray, so it can be driven in-process."""
+
+    def __init__(self, shard_id: int, shards: int, dsn: str, settings: Settings) -> None:
+        self.shard_id = shard_id
+        self.shards = shards
+        self.dsn = dsn
+        self.settings = settings
+        self.buckets = [b for b in range(BUCKETS) if b % shards == shard_id]
+        self.state = ShardState(
+            clock=utcnow,
+            random_bytes=os.urandom,
+            reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
+        )
+        self.store: PgShardStore | None = None
+        self.writer: WriteBehind | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.loaded_at: datetime | None = None
+        self.decisions = 0
+
+    async def ready(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._ready)
+
+    async def _load(self) -> None:
+        pool = await create_pool(self.dsn, size=4)
+        self.store = PgShardStore(pool)
+        since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
+        await self.store.load(self.state, self.buckets, since)
+        self.writer = WriteBehind(
+            drain=self.state.drain,
+            persist=lambda evs: self.store.write(evs, self.buckets),  # type: ignore[union-attr]
+            on_fatal=self._die,
+            window_s=self.settings.batch_window_ms / 1000.0,
+            max_batch=self.settings.batch_max,
+        )
+        if self.state.events:  # recovery found voids to re-apply
+            await self.writer.durable()
+        self._housekeeping = asyncio.ensure_future(self._housekeep())
+        self.loaded_at = utcnow()
+        log.info("shard %d/%d loaded %d codes", self.shard_id, self.shards, len(self.state.codes))
+
+    def _die(self, exc: BaseException) -> None:
+        # Memory is ahead of the database: never answer from it again. Exit so Ray
+        # restarts the actor, which reloads from Postgres.
+        log.error("shard %d exiting after storage failure: %r", self.shard_id, exc)
+        asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+
+    async def _housekeep(self) -> None:
+        ttl = timedelta(seconds=self.settings.idempotency_ttl_s)
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            if self.state.expire_reservations():
+                self._commit_later()
+            if ticks % 300 == 0:
+                self.state.prune_idempotency(utcnow() - ttl)
+
+    def _commit_later(self) -> None:
+        assert self.writer is not None
+        self.writer.poke()
+
+    async def _ack(self) -> None:
+        assert self.writer is not None
+        if self.settings.ack_mode == "durable":
+            await self.writer.durable()
+        else:
+            self.writer.poke()
+
+    # --- batches -------------------------------------------------------------------------
+
+    async def redeem_many(self, payload: bytes) -> bytes:
+        await self.ready()
+        reqs = _req_list.decode(payload)
+        outs = [self.state.redeem_one(r) for r in reqs]
+        self.decisions += len(outs)
+        await self._ack()
+        return _enc.encode(outs)
+
+    async def validate_many(self, payload: bytes) -> bytes:
+        await self.ready()
+        reqs = _req_list.decode(payload)
+        return _enc.encode([self.state.validate_one(r) for r in reqs])
+
+    async def reserve_many(self, payload: bytes) -> bytes:
+        await self.ready()
+        outs = [self.state.reserve_one(r) for r in _req_list.decode(payload)]
+        await self._ack()
+        return _enc.encode(outs)
+
+    async def refs_many(self, op: str, payload: bytes) -> bytes:
+        """``rollback`` / ``confirm`` / ``release`` of ``[(id, idempotency_key)]``."""
+        await self.ready()
+        fn = {
+            "rollback": self.state.rollback_one,
+            "confirm": self.state.confirm_one,
+            "release": self.state.release_one,
+        }.get(op)
+        if fn is None:
+            raise errors.InvalidInput(f"unknown operation {op!r}")
+        outs = [fn(ref, key) for ref, key in _ref_list.decode(payload)]
+        await self._ack()
+        return _enc.encode(outs)
+
+    async def assign_many(self, campaign_id: str, customers: list[str]) -> bytes:
+        await self.ready()
+        outs = [self.state.assign_one(campaign_id, cust) for cust in customers]
+        await self._ack()
+        return _enc.encode(outs)
+
+    # --- campaigns and the bank ---------------------------------------------------------
+
+    async def put_campaign(self, payload: bytes) -> None:
+        await self.ready()
+        self.state.put_campaign(_campaign_dec.decode(payload))
+        assert self.writer is not None
+        if self.state.events:
+            await self.writer.durable()
+
+    async def add_codes(self, campaign_id: str, codes: list[str]) -> int:
+        """Add new codes to the bank; duplicates of known codes are skipped. Returns how
+        many were added (persisted with COPY before they become redeemable)."""
+        await self.ready()
+        campaign = self.state.campaign(campaign_id)
+        fresh = self.state.claim_new_codes(codes)
+        if not fresh:
+            return 0
+        balance = campaign.gift_balance if campaign.is_gift_card else None
+        assert self.store is not None
+        try:
+            await self.store.copy_codes(campaign_id, fresh, balance)
+        except BaseException:
+            self.state.abandon_codes(fresh)
+            raise
+        self.state.admit_codes(campaign_id, fresh)
+        return len(fresh)
+
+    async def codes_in_campaign(self, campaign_id: str) -> int:
+        await self.ready()
+        return self.state.codes_in_campaign(campaign_id)
+
+    async def stats(self, campaign_id: str) -> bytes:
+        await self.ready()
+        return _enc.encode(self.state.stats(campaign_id))
+
+    async def voucher(self, code: str) -> dict[str, Any]:
+        await self.ready()
+        return self.state.voucher(code)
+
+    async def flush(self) -> None:
+        await self.ready()
+        assert self.writer is not None
+        await self.writer.durable()
+
+    async def info(self) -> dict[str, Any]:
+        await self.ready()
+        w = self.writer
+        assert w is not None
+        return {
+            "shard_id": self.shard_id,
+            "pid": os.getpid(),
+            "rss": psutil.Process().memory_info().rss,
+            "codes": len(self.state.codes),
+            "redemptions": len(self.state.redemptions),
+            "decisions": self.decisions,
+            "batches": w.batches,
+            "events_written": w.events_written,
+            "max_batch": w.max_batch_seen,
+            "commit_seconds": w.commit_seconds,
+            "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        }
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4096, num_cpus=0)
+class VoucherShard:
+    """Ray face of :class:`ShardCore` (every method delegates)."""
+
+    def __init__(self, shard_id: int, shards: int, dsn: str, settings: bytes) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.core = ShardCore(shard_id, shards, dsn, msgspec.msgpack.decode(settings, type=Settings))
+
+    async def ready(self) -> bool:
+        await self.core.ready()
+        return True
+
+    @guarded
+    async def redeem_many(self, payload: bytes) -> bytes:
+        return await self.core.redeem_many(payload)
+
+    @guarded
+    async def validate_many(self, payload: bytes) -> bytes:
+        return await self.core.validate_many(payload)
+
+    @guarded
+    async def reserve_many(self, payload: bytes) -> bytes:
+        return await self.core.reserve_many(payload)
+
+    @guarded
+    async def refs_many(self, op: str, payload: bytes) -> bytes:
+        return await self.core.refs_many(op, payload)
+
+    @guarded
+    async def assign_many(self, campaign_id: str, customers: list[str]) -> bytes:
+        return await self.core.assign_many(campaign_id, customers)
+
+    @guarded
+    async def put_campaign(self, payload: bytes) -> None:
+        await self.core.put_campaign(payload)
+
+    @guarded
+    async def add_codes(self, campaign_id: str, codes: list[str]) -> int:
+        return await self.core.add_codes(campaign_id, codes)
+
+    @guarded
+    async def codes_in_campaign(self, campaign_id: str) -> int:
+        return await self.core.codes_in_campaign(campaign_id)
+
+    @guarded
+    async def stats(self, campaign_id: str) -> bytes:
+        return await self.core.stats(campaign_id)
+
+    @guarded
+    async def voucher(self, code: str) -> dict[str, Any]:
+        return await self.core.voucher(code)
+
+    @guarded
+    async def flush(self) -> None:
+        await self.core.flush()
+
+    @guarded
+    async def info(self) -> dict[str, Any]:
+        return await self.core.info()
+
+
+__all__ = ["VoucherShard", "ShardCore", "CampaignStats"]

@@ -1,0 +1,343 @@
+"""Campaigns: their definition, validation of a new campaign, the lifecycle state machine,
+the discount rule and the flash-sale time windows.
+
+Amounts are integers in minor units (cents). Times are timezone-aware UTC datetimes; the
+campaign's ``timezone`` only matters for recurring flash-sale windows, which are local
+wall-clock hours (so a 09:00-11:00 window stays 09:00-11:00 across a DST change).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime, time, timedelta, timezone
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from engine import errors
+from engine.codes import CodeSpec, normalize
+
+CampaignType = Literal["discount", "gift_card", "shared_code", "flash_sale"]
+State = Literal["draft", "active", "paused", "ended"]
+Action = Literal["activate", "pause", "end"]
+
+CAMPAIGN_TYPES: tuple[str, ...] = ("discount", "gift_card", "shared_code", "flash_sale")
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+MAX_AMOUNT = 10**12  # minor units; far above any real order, keeps sums in int64
+
+
+class Discount(msgspec.Struct, frozen=True):
+    """``percent``: value is 1..100 percent of the order; ``amount``: value in minor units.
+    ``max`` caps the discount (minor units)."""
+
+    kind: Literal["percent", "amount"]
+    value: int
+    max: int | None = None
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """``total``: global number of redemptions (shared codes) or of codes in circulation
+    (unique codes). ``per_customer``: redemptions per customer (shared codes) or codes
+    assigned per customer (unique codes)."""
+
+    total: int | None = None
+    per_customer: int | None = None
+
+
+class Window(msgspec.Struct, frozen=True):
+    """A recurring local-time window: ``days`` 0=Monday..6=Sunday, ``start``/``end`` as
+    ``HH:MM`` in the campaign's time zone; ``end`` <= ``start`` means it runs past midnight."""
+
+    days: tuple[int, ...]
+    start: str
+    end: str
+
+
+class Campaign(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    type: CampaignType
+    currency: str
+    state: State = "draft"
+    discount: Discount | None = None
+    min_order: int = 0
+    gift_balance: int | None = None
+    limits: Limits = Limits()
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    timezone: str = "UTC"
+    windows: tuple[Window, ...] = ()
+    code_spec: CodeSpec = CodeSpec()
+    shared_code: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def is_shared(self) -> bool:
+        """One code for the whole offer; redemptions recorded only when they happen."""
+        return self.shared_code is not None
+
+    @property
+    def is_gift_card(self) -> bool:
+        return self.type == "gift_card"
+
+
+def _parse_hhmm(value: str, field: str) -> time:
+    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", value)
+    if not m:
+        raise errors.InvalidInput(f"{field} must be HH:MM (24h), got {value!r}")
+    return time(int(m.group(1)), int(m.group(2)))
+
+
+def _require_aware(value: datetime | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise errors.InvalidInput(f"{field} must carry a time zone offset, got {value!r}")
+    return value.astimezone(timezone.utc)
+
+
+def _check_amount(value: int | None, field: str, *, positive: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidInput(f"{field} must be an integer in minor units")
+    if value < 0 or (positive and value == 0):
+        raise errors.InvalidInput(f"{field} must be {'positive' if positive else '>= 0'}")
+    if value > MAX_AMOUNT:
+        raise errors.InvalidInput(f"{field} is larger than {MAX_AMOUNT}")
+
+
+def new_campaign(
+    *,
+    id: str,
+    name: str,
+    type: str,
+    currency: str,
+    now: datetime,
+    discount: Discount | None = None,
+    min_order: int = 0,
+    gift_balance: int | None = None,
+    limits: Limits | None = None,
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+    timezone_name: str = "UTC",
+    windows: tuple[Window, ...] = (),
+    code_spec: CodeSpec | None = None,
+    shared_code: str | None = None,
+) -> Campaign:
+    """Validate a campaign definition and return it in ``draft``.
+
+    Raises :class:`errors.InvalidInput` naming the first field that is wrong."""
+    if not _ID_RE.match(id):
+        raise errors.InvalidInput("id must be 1-64 characters of letters, digits, '_' or '-'")
+    if not name or len(name) > 200:
+        raise errors.InvalidInput("name must be 1-200 characters")
+    if type not in CAMPAIGN_TYPES:
+        raise errors.InvalidInput(f"type must be one of {', '.join(CAMPAIGN_TYPES)}")
+    if not _CURRENCY_RE.match(currency or ""):
+        raise errors.InvalidInput("currency must be an ISO 4217 code such as EUR")
+    try:
+        ZoneInfo(timezone_name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise errors.InvalidInput(f"timezone {timezone_name!r} is not a known IANA zone") from exc
+    starts = _require_aware(starts_at, "starts_at")
+    ends = _require_aware(ends_at, "ends_at")
+    if ends is not None and ends <= now:
+        raise errors.InvalidInput("ends_at is in the past")
+    if starts is not None and ends is not None and ends <= starts:
+        raise errors.InvalidInput("ends_at must be after starts_at")
+    _check_amount(min_order, "min_order")
+    lim = limits or Limits()
+    for fname in ("total", "per_customer"):
+        v = getattr(lim, fname)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise errors.InvalidInput(f"limits.{fname} must be a positive integer")
+
+    if type == "gift_card":
+        if discount is not None:
+            raise errors.InvalidInput("a gift_card campaign has gift_balance, not discount")
+        if gift_balance is None:
+            raise errors.InvalidInput("gift_balance is required for a gift_card campaign")
+        _check_amount(gift_balance, "gift_balance", positive=True)
+    else:
+        if gift_balance is not None:
+            raise errors.InvalidInput("gift_balance is only for gift_card campaigns")
+        if discount is None:
+            raise errors.InvalidInput(f"discount is required for a {type} campaign")
+        _check_discount(discount)
+
+    if type == "shared_code" and shared_code is None:
+        raise errors.InvalidInput("shared_code is required for a shared_code campaign")
+    if type in ("discount", "gift_card") and shared_code is not None:
+        raise errors.InvalidInput(f"a {type} campaign uses unique codes, not shared_code")
+    if shared_code is not None:
+        shared_code = normalize(shared_code)
+        if not re.fullmatch(r"[A-Z0-9_-]{3,64}", shared_code):
+            raise errors.InvalidInput("shared_code must be 3-64 characters of A-Z, 0-9, '_', '-'")
+    if type == "flash_sale":
+        if lim.total is None:
+            raise errors.InvalidInput("a flash_sale needs limits.total (the quantity on sale)")
+        if starts is None or ends is None:
+            raise errors.InvalidInput("a flash_sale needs starts_at and ends_at")
+    if windows and type != "flash_sale":
+        raise errors.InvalidInput("recurring windows are only for flash_sale campaigns")
+    for i, w in enumerate(windows):
+        if not w.days or any(d not in range(7) for d in w.days):
+            raise errors.InvalidInput(f"windows[{i}].days must be weekdays 0 (Mon) to 6 (Sun)")
+        s = _parse_hhmm(w.start, f"windows[{i}].start")
+        e = _parse_hhmm(w.end, f"windows[{i}].end")
+        if s == e:
+            raise errors.InvalidInput(f"windows[{i}] is empty: start equals end")
+
+    return Campaign(
+        id=id,
+        name=name,
+        type=type,  # type: ignore[arg-type]
+        currency=currency,
+        discount=discount,
+        min_order=min_order,
+        gift_balance=gift_balance,
+        limits=lim,
+        starts_at=starts,
+        ends_at=ends,
+        timezone=timezone_name,
+        windows=tuple(windows),
+        code_spec=code_spec or CodeSpec(),
+        shared_code=shared_code,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _check_discount(d: Discount) -> None:
+    if d.kind not in ("percent", "amount"):
+        raise errors.InvalidInput("discount.kind must be 'percent' or 'amount'")
+    if d.kind == "percent":
+        if isinstance(d.value, bool) or not isinstance(d.value, int) or not 1 <= d.value <= 100:
+            raise errors.InvalidInput("discount.value must be 1..100 for a percent discount")
+    else:
+        _check_amount(d.value, "discount.value", positive=True)
+    _check_amount(d.max, "discount.max", positive=True)
+
+
+# --- lifecycle -------------------------------------------------------------------------
+
+_ILLEGAL: dict[tuple[str, str], type[errors.IllegalTransition]] = {
+    ("active", "activate"): errors.CannotActivateActive,
+    ("ended", "activate"): errors.CannotActivateEnded,
+    ("draft", "pause"): errors.CannotPauseDraft,
+    ("paused", "pause"): errors.CannotPausePaused,
+    ("ended", "pause"): errors.CannotPauseEnded,
+    ("ended", "end"): errors.CannotEndEnded,
+}
+_NEXT: dict[tuple[str, str], State] = {
+    ("draft", "activate"): "active",
+    ("paused", "activate"): "active",
+    ("active", "pause"): "paused",
+    ("draft", "end"): "ended",
+    ("active", "end"): "ended",
+    ("paused", "end"): "ended",
+}
+
+
+def transition(campaign: Campaign, action: str, now: datetime) -> Campaign:
+    """Apply a lifecycle action; each illegal move raises its own error class."""
+    key = (campaign.state, action)
+    if key in _ILLEGAL:
+        raise _ILLEGAL[key](f"cannot {action} campaign {campaign.id}: it is {campaign.state}")
+    if key not in _NEXT:
+        raise errors.InvalidInput(f"unknown action {action!r}; use activate, pause or end")
+    return msgspec.structs.replace(campaign, state=_NEXT[key], updated_at=now)
+
+
+# --- rules at redemption time ----------------------------------------------------------
+
+
+def check_redeemable_now(campaign: Campaign, now: datetime) -> None:
+    """Raise the reason the campaign does not accept redemptions at ``now``."""
+    if campaign.state == "draft":
+        raise errors.CampaignNotActive(f"campaign {campaign.id} is not active yet")
+    if campaign.state == "paused":
+        raise errors.CampaignPaused(f"campaign {campaign.id} is paused")
+    if campaign.state == "ended":
+        raise errors.CampaignEnded(f"campaign {campaign.id} has ended")
+    if campaign.starts_at is not None and now < campaign.starts_at:
+        raise errors.CampaignNotStarted(
+            f"campaign {campaign.id} starts at {campaign.starts_at.isoformat()}"
+        )
+    if campaign.ends_at is not None and now >= campaign.ends_at:
+        raise errors.CampaignExpired(
+            f"campaign {campaign.id} expired at {campaign.ends_at.isoformat()}"
+        )
+    if campaign.windows and not in_windows(campaign, now):
+        raise errors.OutsideSaleWindow(
+            f"flash sale {campaign.id} is outside its sale hours ({campaign.timezone})"
+        )
+
+
+def in_windows(campaign: Campaign, now: datetime) -> bool:
+    """Whether ``now`` falls in one of the campaign's recurring local-time windows."""
+    local = now.astimezone(ZoneInfo(campaign.timezone))
+    t = local.time().replace(tzinfo=None)
+    wd = local.weekday()
+    for w in campaign.windows:
+        s, e = _parse_hhmm(w.start, "start"), _parse_hhmm(w.end, "end")
+        if s < e:
+            if wd in w.days and s <= t < e:
+                return True
+        else:  # runs past midnight: the part after midnight belongs to the previous day
+            if wd in w.days and t >= s:
+                return True
+            if (wd - 1) % 7 in w.days and t < e:
+                return True
+    return False
+
+
+def next_window_start(campaign: Campaign, now: datetime) -> datetime | None:
+    """The next UTC instant a window opens (for "opens at" messages); None if no windows."""
+    if not campaign.windows:
+        return None
+    tz = ZoneInfo(campaign.timezone)
+    local_day = now.astimezone(tz).date()
+    best: datetime | None = None
+    for offset in range(8):
+        day = local_day + timedelta(days=offset)
+        for w in campaign.windows:
+            if day.weekday() in w.days:
+                start = datetime.combine(day, _parse_hhmm(w.start, "start"), tzinfo=tz)
+                start_utc = start.astimezone(timezone.utc)
+                if start_utc > now and (best is None or start_utc < best):
+                    best = start_utc
+    return best
+
+
+def discount_for(campaign: Campaign, amount: int, balance: int | None = None) -> int:
+    """The discount an order of ``amount`` gets (gift cards: what the balance covers)."""
+    if campaign.is_gift_card:
+        return min(balance or 0, amount)
+    d = campaign.discount
+    assert d is not None
+    value = amount * d.value // 100 if d.kind == "percent" else d.value
+    if d.max is not None:
+        value = min(value, d.max)
+    return min(value, amount)
+
+
+def check_order(campaign: Campaign, amount: int, currency: str) -> None:
+    """Reject malformed orders and orders the campaign does not apply to."""
+    _check_amount(amount, "order.amount")
+    if currency != campaign.currency:
+        raise errors.CurrencyMismatch(
+            f"order currency {currency} does not match campaign currency {campaign.currency}"
+        )
+    if amount < campaign.min_order:
+        raise errors.OrderTooSmall(
+            f"order amount {amount} is below the minimum {campaign.min_order}"
+        )
+
+
+Clock = Callable[[], datetime]

@@ -1,0 +1,126 @@
+"""What a shard tells the persistence layer, and the records it answers with.
+
+Events are facts about state that already changed in memory; the write-behind path
+persists them in order, one transaction per batch. They are msgspec Structs so they
+cross process boundaries cheaply and encode to msgpack without custom code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+# voucher status
+AVAILABLE, ASSIGNED, REDEEMED, VOID = 0, 1, 2, 3
+STATUS_NAMES = ("available", "assigned", "redeemed", "void")
+# redemption status
+R_ACTIVE, R_ROLLED_BACK = 0, 1
+# reservation state
+HELD, CONFIRMED, RELEASED, EXPIRED = 0, 1, 2, 3
+RESERVATION_STATES = ("held", "confirmed", "released", "expired")
+
+
+class Redemption(msgspec.Struct, frozen=True):
+    id: str
+    campaign_id: str
+    code: str
+    customer_id: str | None
+    order_id: str | None
+    order_amount: int
+    currency: str
+    discount_amount: int
+    balance_after: int | None
+    created_at: datetime
+    status: int = R_ACTIVE
+    rolled_back_at: datetime | None = None
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    id: str
+    campaign_id: str
+    code: str
+    customer_id: str | None
+    order_id: str | None
+    order_amount: int
+    currency: str
+    discount_amount: int
+    expires_at: datetime
+    state: int = HELD
+    redemption_id: str | None = None
+
+
+class Validation(msgspec.Struct, frozen=True):
+    """The answer to "may this order use this code now?" with the reason when not."""
+
+    code: str
+    valid: bool
+    campaign_id: str | None = None
+    discount_amount: int = 0
+    balance: int | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """A typed engine error, as it crosses the actor boundary."""
+
+    error: str
+    message: str
+
+
+class Assignment(msgspec.Struct, frozen=True):
+    campaign_id: str
+    customer_id: str
+    code: str
+    created: bool
+
+
+# --- events the write-behind path persists ---------------------------------------------
+
+
+class VoucherChanged(msgspec.Struct, frozen=True, tag=True):
+    """Latest state of one voucher row (coalesced per batch: last one wins)."""
+
+    code: str
+    status: int
+    customer_id: str | None
+    balance: int | None
+    uses: int
+
+
+class RedemptionRecorded(msgspec.Struct, frozen=True, tag=True):
+    redemption: Redemption
+
+
+class RedemptionRolledBack(msgspec.Struct, frozen=True, tag=True):
+    id: str
+    at: datetime
+
+
+class ReservationChanged(msgspec.Struct, frozen=True, tag=True):
+    reservation: Reservation
+
+
+class IdempotencyRecorded(msgspec.Struct, frozen=True, tag=True):
+    key: str
+    bucket: int
+    fingerprint: bytes
+    response: bytes
+    at: datetime
+
+
+class CodesVoided(msgspec.Struct, frozen=True, tag=True):
+    """Every unredeemed code of the campaign in this shard's buckets became void."""
+
+    campaign_id: str
+
+
+Event = (
+    VoucherChanged
+    | RedemptionRecorded
+    | RedemptionRolledBack
+    | ReservationChanged
+    | IdempotencyRecorded
+    | CodesVoided
+)

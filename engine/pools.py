@@ -1,0 +1,766 @@
+"""The state of one shard: its vouchers, shared codes, redemptions, reservations and
+idempotency records, and every rule that decides a redemption.
+
+Pure: no I/O, clock and randomness injected. Every change appends an event to
+``self.events``; the actor hands them to the write-behind path. A ``ShardState`` is
+driven by one thread of control (the actor's event loop), so no method awaits and each
+decision is atomic.
+
+Memory: the code index is one ``dict[str, int]`` whose value packs the campaign slot and
+the status (``slot << 2 | status``), with the packed ints interned, so a code held costs
+its string, a dict entry and a list slot (the available stack): about 110 bytes for a
+10-character code. Per-code extras (assignee, gift balance) live in sparse dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from engine import errors
+from engine.campaigns import Campaign, check_order, check_redeemable_now, discount_for
+from engine.codes import normalize
+from engine.events import (
+    ASSIGNED,
+    AVAILABLE,
+    CONFIRMED,
+    EXPIRED,
+    HELD,
+    R_ROLLED_BACK,
+    REDEEMED,
+    RELEASED,
+    VOID,
+    Assignment,
+    CodesVoided,
+    Event,
+    IdempotencyRecorded,
+    Redemption,
+    RedemptionRecorded,
+    RedemptionRolledBack,
+    Rejection,
+    Reservation,
+    ReservationChanged,
+    Validation,
+    VoucherChanged,
+)
+from engine.routing import bucket_of, bucket_of_id, new_id
+
+Clock = Callable[[], datetime]
+RandomBytes = Callable[[int], bytes]
+MAX_CODE_LEN = 128
+MAX_ID_LEN = 128
+
+
+class RedeemRequest(msgspec.Struct, frozen=True):
+    code: str
+    amount: int
+    currency: str
+    customer_id: str | None = None
+    order_id: str | None = None
+    idempotency_key: str | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """One answer of a batch: exactly one field is set."""
+
+    redemption: Redemption | None = None
+    reservation: Reservation | None = None
+    validation: Validation | None = None
+    assignment: Assignment | None = None
+    rejection: Rejection | None = None
+
+    def unwrap(self) -> Any:
+        """The result, or the typed error it carries raised."""
+        if self.rejection is not None:
+            raise errors.from_code(self.rejection.error, self.rejection.message)
+        return self.redemption or self.reservation or self.validation or self.assignment
+
+
+_outcome_encoder = msgspec.msgpack.Encoder()
+_outcome_decoder = msgspec.msgpack.Decoder(Outcome)
+
+
+class CampaignSlot:
+    """Per-campaign state within one shard."""
+
+    __slots__ = (
+        "campaign",
+        "index",
+        "available",
+        "counts",
+        "uses",
+        "per_customer",
+        "held_units",
+        "held_by_customer",
+        "balances",
+        "gift_uses",
+        "assigned_to",
+        "by_customer",
+        "discount_total",
+        "order_total",
+        "redemption_count",
+        "rollback_count",
+    )
+
+    def __init__(self, campaign: Campaign, index: int) -> None:
+        self.campaign = campaign
+        self.index = index
+        self.available: list[str] = []
+        self.counts = [0, 0, 0, 0]  # by voucher status, unique codes only
+        self.uses = 0  # active redemptions
+        self.per_customer: dict[str, int] = {}
+        self.held_units = 0
+        self.held_by_customer: dict[str, int] = {}
+        self.balances: dict[str, int] = {}
+        self.gift_uses: dict[str, int] = {}
+        self.assigned_to: dict[str, str] = {}
+        self.by_customer: dict[str, str] = {}
+        self.discount_total = 0
+        self.order_total = 0
+        self.redemption_count = 0
+        self.rollback_count = 0
+
+
+class CampaignStats(msgspec.Struct):
+    campaign_id: str
+    available: int = 0
+    assigned: int = 0
+    redeemed: int = 0
+    void: int = 0
+    redemptions: int = 0
+    rollbacks: int = 0
+    active_redemptions: int = 0
+    held: int = 0
+    discount_total: int = 0
+    order_total: int = 0
+    gift_balance_outstanding: int = 0
+
+    def merge(self, other: CampaignStats) -> CampaignStats:
+        fields = [f for f in self.__struct_fields__ if f != "campaign_id"]
+        return CampaignStats(
+            self.campaign_id, *(getattr(self, f) + getattr(other, f) for f in fields)
+        )
+
+
+def fingerprint(op: str, payload: Any) -> bytes:
+    """Identifies a request body, so a reused idempotency key with another body is caught."""
+    return hashlib.blake2b(msgspec.msgpack.encode((op, payload)), digest_size=16).digest()
+
+
+class ShardState:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        random_bytes: RandomBytes,
+        reservation_ttl: timedelta = timedelta(minutes=15),
+    ) -> None:
+        self.clock = clock
+        self.random_bytes = random_bytes
+        self.reservation_ttl = reservation_ttl
+        self.campaigns: dict[str, CampaignSlot] = {}
+        self._slots: list[CampaignSlot] = []
+        self.codes: dict[str, int] = {}
+        self._interned: dict[int, int] = {}
+        self._pending: set[str] = set()
+        self.redemptions: dict[str, Redemption] = {}
+        self.reservations: dict[str, Reservation] = {}
+        self.held: dict[str, str] = {}
+        self.idem: dict[str, tuple[bytes, bytes, datetime]] = {}
+        self.events: list[Event] = []
+
+    # --- campaigns ---------------------------------------------------------------------
+
+    def put_campaign(self, campaign: Campaign) -> None:
+        """Install or update this shard's replica of a campaign."""
+        slot = self.campaigns.get(campaign.id)
+        if slot is None:
+            slot = CampaignSlot(campaign, len(self._slots))
+            self._slots.append(slot)
+            self.campaigns[campaign.id] = slot
+            if campaign.shared_code is not None:
+                self.codes[campaign.shared_code] = self._pack(slot.index, AVAILABLE)
+        was_ended = slot.campaign.state == "ended"
+        slot.campaign = campaign
+        if campaign.state == "ended" and not was_ended:
+            self._void_unredeemed(slot)
+
+    def _void_unredeemed(self, slot: CampaignSlot) -> None:
+        void = self._pack(slot.index, VOID)
+        for code, packed in self.codes.items():
+            if packed >> 2 == slot.index and packed & 3 in (AVAILABLE, ASSIGNED):
+                if slot.campaign.shared_code == code:
+                    continue
+                slot.counts[packed & 3] -= 1
+                slot.counts[VOID] += 1
+                self.codes[code] = void
+        slot.available.clear()
+        for res_id in [r for r, res in self.reservations.items() if res.campaign_id == slot.campaign.id]:
+            if self.reservations[res_id].state == HELD:
+                self._close_reservation(res_id, RELEASED)
+        self.events.append(CodesVoided(slot.campaign.id))
+
+    def campaign(self, campaign_id: str) -> Campaign:
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            raise errors.UnknownCampaign(f"unknown campaign {campaign_id!r}")
+        return slot.campaign
+
+    # --- the voucher bank --------------------------------------------------------------
+
+    def _pack(self, slot: int, status: int) -> int:
+        value = slot << 2 | status
+        return self._interned.setdefault(value, value)
+
+    def claim_new_codes(self, codes: Iterable[str]) -> list[str]:
+        """Codes not yet known here (nor being added), now reserved until admitted."""
+        fresh: list[str] = []
+        for code in codes:
+            if code in self.codes or code in self._pending:
+                continue
+            self._pending.add(code)
+            fresh.append(code)
+        return fresh
+
+    def abandon_codes(self, codes: Iterable[str]) -> None:
+        """Release a claim whose persistence failed."""
+        self._pending.difference_update(codes)
+
+    def admit_codes(self, campaign_id: str, codes: list[str]) -> None:
+        """Add claimed codes, already persisted as available, to the bank."""
+        slot = self.campaigns[campaign_id]
+        packed = self._pack(slot.index, AVAILABLE)
+        gift = slot.campaign.gift_balance if slot.campaign.is_gift_card else None
+        for code in codes:
+            self.codes[code] = packed
+            if gift is not None:
+                slot.balances[code] = gift
+        self._pending.difference_update(codes)
+        slot.available.extend(codes)
+        slot.counts[AVAILABLE] += len(codes)
+
+    def codes_in_campaign(self, campaign_id: str) -> int:
+        slot = self.campaigns.get(campaign_id)
+        return sum(slot.counts) if slot else 0
+
+    # --- recovery ----------------------------------------------------------------------
+
+    def load_voucher(
+        self,
+        code: str,
+        campaign_id: str,
+        status: int,
+        customer_id: str | None,
+        balance: int | None,
+        uses: int,
+    ) -> None:
+        """Rebuild one voucher from its persisted row (no event)."""
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            return
+        if slot.campaign.shared_code == code:
+            return  # shared-code counters are rebuilt from redemptions
+        if slot.campaign.state == "ended" and status in (AVAILABLE, ASSIGNED):
+            status = VOID
+        self.codes[code] = self._pack(slot.index, status)
+        slot.counts[status] += 1
+        if status == AVAILABLE:
+            slot.available.append(code)
+        if customer_id is not None:
+            slot.assigned_to[code] = customer_id
+            slot.by_customer.setdefault(customer_id, code)
+        if balance is not None and slot.campaign.is_gift_card:
+            slot.balances[code] = balance
+            if uses:
+                slot.gift_uses[code] = uses
+
+    def load_redemption(self, r: Redemption) -> None:
+        self.redemptions[r.id] = r
+        slot = self.campaigns.get(r.campaign_id)
+        if slot is None:
+            return
+        slot.redemption_count += 1
+        if r.status == R_ROLLED_BACK:
+            slot.rollback_count += 1
+            return
+        slot.uses += 1
+        slot.discount_total += r.discount_amount
+        slot.order_total += r.order_amount
+        if slot.campaign.is_shared and r.customer_id is not None:
+            slot.per_customer[r.customer_id] = slot.per_customer.get(r.customer_id, 0) + 1
+
+    def load_reservation(self, r: Reservation) -> None:
+        self.reservations[r.id] = r
+        if r.state == HELD:
+            self._hold(r)
+
+    def load_idempotency(self, key: str, fp: bytes, response: bytes, at: datetime) -> None:
+        self.idem[key] = (fp, response, at)
+
+    def finish_recovery(self) -> None:
+        """After loading: void what an ``end`` left unpersisted, expire stale holds."""
+        self.events.clear()
+        for slot in self._slots:
+            if slot.campaign.state == "ended":
+                self.events.append(CodesVoided(slot.campaign.id))
+        self.expire_reservations()
+
+    # --- the decision ------------------------------------------------------------------
+
+    def _locate(self, raw_code: str) -> tuple[str, CampaignSlot, int]:
+        if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
+            raise errors.MalformedCode("code must be a non-empty string of at most 128 characters")
+        code = normalize(raw_code)
+        packed = self.codes.get(code)
+        if packed is None:
+            raise errors.UnknownCode(f"no voucher has code {code!r}")
+        slot = self._slots[packed >> 2]
+        return code, slot, packed & 3
+
+    def _check(
+        self, req: RedeemRequest, *, reservation: Reservation | None = None
+    ) -> tuple[str, CampaignSlot, int, int, int | None]:
+        """Everything that must hold for ``req`` to redeem now; returns
+        ``(code, slot, status, discount, balance)`` or raises the reason it cannot."""
+        _check_ids(req.customer_id, req.order_id)
+        code, slot, status = self._locate(req.code)
+        c = slot.campaign
+        check_redeemable_now(c, self.clock())
+        check_order(c, req.amount, req.currency)
+        cust = req.customer_id
+        if c.is_shared:
+            total, per = c.limits.total, c.limits.per_customer
+            mine = 1 if reservation is not None else 0
+            if per is not None and cust is None:
+                raise errors.InvalidInput("customer_id is required: this code has a per-customer limit")
+            if total is not None and slot.uses + slot.held_units - mine >= total:
+                raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
+            if per is not None and cust is not None:
+                used = slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) - mine
+                if used >= per:
+                    raise errors.CustomerLimitReached(
+                        f"customer {cust} used code {code} {per} time(s) already"
+                    )
+            return code, slot, status, discount_for(c, req.amount), None
+        if status == REDEEMED:
+            if c.is_gift_card:
+                raise errors.Exhausted(f"gift card {code} has no balance left")
+            raise errors.AlreadyRedeemed(f"code {code} was redeemed already")
+        if status == VOID:
+            raise errors.CodeVoid(f"code {code} is void")
+        holder = self.held.get(code)
+        if holder is not None and (reservation is None or holder != reservation.id):
+            raise errors.CodeReserved(f"code {code} is held by an open reservation")
+        owner = slot.assigned_to.get(code)
+        if owner is not None and owner != cust:
+            raise errors.WrongCustomer(f"code {code} belongs to another customer")
+        balance: int | None = None
+        if c.is_gift_card:
+            balance = slot.balances.get(code, 0)
+            if balance <= 0:
+                raise errors.Exhausted(f"gift card {code} has no balance left")
+        return code, slot, status, discount_for(c, req.amount, balance), balance
+
+    def validate(self, req: RedeemRequest) -> Validation:
+        """Explain whether ``req`` would redeem now, without changing anything."""
+        try:
+            code, slot, _status, discount, balance = self._check(req)
+        except errors.VoucherError as exc:
+            return Validation(code=_safe_code(req.code), valid=False, error=exc.code, message=exc.message)
+        return Validation(
+            code=code,
+            valid=True,
+            campaign_id=slot.campaign.id,
+            discount_amount=discount,
+            balance=balance,
+        )
+
+    def redeem(self, req: RedeemRequest, *, reservation: Reservation | None = None) -> Redemption:
+        code, slot, status, discount, balance = self._check(req, reservation=reservation)
+        c = slot.campaign
+        now = self.clock()
+        cust = req.customer_id
+        balance_after: int | None = None
+        if c.is_shared:
+            slot.uses += 1
+            if cust is not None:
+                slot.per_customer[cust] = slot.per_customer.get(cust, 0) + 1
+            self.events.append(VoucherChanged(code, AVAILABLE, None, None, slot.uses))
+        else:
+            new_status = REDEEMED
+            if c.is_gift_card:
+                assert balance is not None
+                balance_after = balance - discount
+                slot.balances[code] = balance_after
+                uses = slot.gift_uses[code] = slot.gift_uses.get(code, 0) + 1
+                if balance_after > 0:
+                    new_status = ASSIGNED if cust is not None else status
+            else:
+                uses = 1
+            if cust is not None and code not in slot.assigned_to:
+                slot.assigned_to[code] = cust
+                slot.by_customer.setdefault(cust, code)
+            self._set_status(code, slot, status, new_status)
+            slot.uses += 1
+            self.events.append(
+                VoucherChanged(code, new_status, slot.assigned_to.get(code), balance_after, uses)
+            )
+        slot.discount_total += discount
+        slot.order_total += req.amount
+        slot.redemption_count += 1
+        r = Redemption(
+            id=new_id("red", bucket_of(code), self.random_bytes),
+            campaign_id=c.id,
+            code=code,
+            customer_id=cust,
+            order_id=req.order_id,
+            order_amount=req.amount,
+            currency=req.currency,
+            discount_amount=discount,
+            balance_after=balance_after,
+            created_at=now,
+        )
+        self.redemptions[r.id] = r
+        self.events.append(RedemptionRecorded(r))
+        return r
+
+    def _set_status(self, code: str, slot: CampaignSlot, old: int, new: int) -> None:
+        if old == new:
+            return
+        self.codes[code] = self._pack(slot.index, new)
+        slot.counts[old] -= 1
+        slot.counts[new] += 1
+        if new == AVAILABLE:
+            slot.available.append(code)
+
+    def rollback(self, redemption_id: str) -> Redemption:
+        """Undo a redemption exactly: the code, the quota and the balance come back."""
+        r = self.redemptions.get(redemption_id)
+        if r is None:
+            raise errors.UnknownRedemption(f"no redemption has id {redemption_id!r}")
+        if r.status == R_ROLLED_BACK:
+            raise errors.AlreadyRolledBack(f"redemption {redemption_id} was rolled back already")
+        slot = self.campaigns[r.campaign_id]
+        now = self.clock()
+        c = slot.campaign
+        if c.is_shared:
+            slot.uses -= 1
+            if r.customer_id is not None:
+                slot.per_customer[r.customer_id] -= 1
+            self.events.append(VoucherChanged(r.code, AVAILABLE, None, None, slot.uses))
+        else:
+            status = self.codes[r.code] & 3
+            balance: int | None = None
+            uses = 0
+            if c.is_gift_card:
+                balance = slot.balances.get(r.code, 0) + r.discount_amount
+                slot.balances[r.code] = balance
+                uses = slot.gift_uses[r.code] = max(0, slot.gift_uses.get(r.code, 0) - 1)
+            owner = slot.assigned_to.get(r.code)
+            if c.state == "ended":
+                new_status = VOID
+            elif c.is_gift_card and status != REDEEMED:
+                new_status = status
+            else:
+                new_status = ASSIGNED if owner is not None else AVAILABLE
+            self._set_status(r.code, slot, status, new_status)
+            slot.uses -= 1
+            self.events.append(VoucherChanged(r.code, new_status, owner, balance, uses))
+        slot.discount_total -= r.discount_amount
+        slot.order_total -= r.order_amount
+        slot.rollback_count += 1
+        rolled = msgspec.structs.replace(r, status=R_ROLLED_BACK, rolled_back_at=now)
+        self.redemptions[r.id] = rolled
+        self.events.append(RedemptionRolledBack(r.id, now))
+        return rolled
+
+    # --- reservations (hold → confirm / release, auto-release at TTL) -------------------
+
+    def reserve(self, req: RedeemRequest) -> Reservation:
+        self.expire_reservations()
+        code, slot, _status, discount, _balance = self._check(req)
+        r = Reservation(
+            id=new_id("res", bucket_of(code), self.random_bytes),
+            campaign_id=slot.campaign.id,
+            code=code,
+            customer_id=req.customer_id,
+            order_id=req.order_id,
+            order_amount=req.amount,
+            currency=req.currency,
+            discount_amount=discount,
+            expires_at=self.clock() + self.reservation_ttl,
+        )
+        self.reservations[r.id] = r
+        self._hold(r)
+        self.events.append(ReservationChanged(r))
+        return r
+
+    def _hold(self, r: Reservation) -> None:
+        slot = self.campaigns.get(r.campaign_id)
+        if slot is None:
+            return
+        if slot.campaign.is_shared:
+            slot.held_units += 1
+            if r.customer_id is not None:
+                slot.held_by_customer[r.customer_id] = slot.held_by_customer.get(r.customer_id, 0) + 1
+        else:
+            self.held[r.code] = r.id
+
+    def _unhold(self, r: Reservation) -> None:
+        slot = self.campaigns[r.campaign_id]
+        if slot.campaign.is_shared:
+            slot.held_units -= 1
+            if r.customer_id is not None:
+                slot.held_by_customer[r.customer_id] -= 1
+        elif self.held.get(r.code) == r.id:
+            del self.held[r.code]
+
+    def _open_reservation(self, reservation_id: str) -> Reservation:
+        r = self.reservations.get(reservation_id)
+        if r is None:
+            raise errors.UnknownReservation(f"no reservation has id {reservation_id!r}")
+        if r.state == HELD and r.expires_at <= self.clock():
+            self._close_reservation(r.id, EXPIRED)
+            r = self.reservations[r.id]
+        if r.state != HELD:
+            names = ("held", "confirmed", "released", "expired")
+            raise errors.ReservationClosed(f"reservation {reservation_id} is {names[r.state]}")
+        return r
+
+    def _close_reservation(self, reservation_id: str, state: int, redemption_id: str | None = None) -> Reservation:
+        r = self.reservations[reservation_id]
+        self._unhold(r)
+        closed = msgspec.structs.replace(r, state=state, redemption_id=redemption_id)
+        self.reservations[r.id] = closed
+        self.events.append(ReservationChanged(closed))
+        return closed
+
+    def confirm(self, reservation_id: str) -> Redemption:
+        r = self._open_reservation(reservation_id)
+        req = RedeemRequest(
+            code=r.code,
+            amount=r.order_amount,
+            currency=r.currency,
+            customer_id=r.customer_id,
+            order_id=r.order_id,
+        )
+        redemption = self.redeem(req, reservation=r)
+        self._close_reservation(r.id, CONFIRMED, redemption.id)
+        return redemption
+
+    def release(self, reservation_id: str) -> Reservation:
+        r = self._open_reservation(reservation_id)
+        return self._close_reservation(r.id, RELEASED)
+
+    def expire_reservations(self) -> int:
+        now = self.clock()
+        due = [r.id for r in self.reservations.values() if r.state == HELD and r.expires_at <= now]
+        for rid in due:
+            self._close_reservation(rid, EXPIRED)
+        return len(due)
+
+    # --- assignment ----------------------------------------------------------------------
+
+    def assign(self, campaign_id: str, customer_id: str) -> Assignment:
+        """Give the customer a code from this shard's bank; the same one on a re-run."""
+        _check_ids(customer_id, None)
+        if not customer_id:
+            raise errors.InvalidInput("customer_id is required")
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            raise errors.UnknownCampaign(f"unknown campaign {campaign_id!r}")
+        c = slot.campaign
+        if c.state == "ended":
+            raise errors.CampaignEnded(f"campaign {campaign_id} has ended")
+        if c.shared_code is not None:
+            return Assignment(campaign_id, customer_id, c.shared_code, False)
+        existing = slot.by_customer.get(customer_id)
+        if existing is not None:
+            return Assignment(campaign_id, customer_id, existing, False)
+        while slot.available:
+            code = slot.available.pop()
+            if self.codes.get(code) == self._pack(slot.index, AVAILABLE) and code not in self.held:
+                break
+        else:
+            raise errors.BankExhausted(f"campaign {campaign_id} has no available code left here")
+        self._set_status(code, slot, AVAILABLE, ASSIGNED)
+        slot.assigned_to[code] = customer_id
+        slot.by_customer[customer_id] = code
+        self.events.append(
+            VoucherChanged(code, ASSIGNED, customer_id, slot.balances.get(code), 0)
+        )
+        return Assignment(campaign_id, customer_id, code, True)
+
+    # --- idempotent entry points used by the actor --------------------------------------
+
+    def run(
+        self, op: str, req: Any, key: str | None, route: int, fn: Callable[[], Outcome]
+    ) -> Outcome:
+        """Run ``fn`` once per idempotency key: a replay gets the first answer back.
+
+        ``route`` is the bucket the request was routed by (its code's or its id's), stored
+        with the key so the shard that owns that bucket reloads it after a restart."""
+        if key is not None:
+            if not isinstance(key, str) or not 1 <= len(key) <= 255:
+                return _reject(errors.InvalidInput("Idempotency-Key must be 1-255 characters"))
+            fp = fingerprint(op, req)
+            seen = self.idem.get(key)
+            if seen is not None:
+                if seen[0] != fp:
+                    return _reject(
+                        errors.IdempotencyConflict(
+                            f"idempotency key {key!r} was used with a different request"
+                        )
+                    )
+                return _outcome_decoder.decode(seen[1])
+        try:
+            out = fn()
+        except errors.Unavailable:
+            raise
+        except errors.VoucherError as exc:
+            out = _reject(exc)
+        if key is not None:
+            now = self.clock()
+            body = _outcome_encoder.encode(out)
+            self.idem[key] = (fp, body, now)
+            self.events.append(IdempotencyRecorded(key, route, fp, body, now))
+        return out
+
+    def redeem_one(self, req: RedeemRequest) -> Outcome:
+        body = msgspec.structs.replace(req, idempotency_key=None)
+        return self.run(
+            "redeem",
+            body,
+            req.idempotency_key,
+            route_bucket(req.code),
+            lambda: Outcome(redemption=self.redeem(req)),
+        )
+
+    def validate_one(self, req: RedeemRequest) -> Outcome:
+        return Outcome(validation=self.validate(req))
+
+    def reserve_one(self, req: RedeemRequest) -> Outcome:
+        body = msgspec.structs.replace(req, idempotency_key=None)
+        return self.run(
+            "reserve",
+            body,
+            req.idempotency_key,
+            route_bucket(req.code),
+            lambda: Outcome(reservation=self.reserve(req)),
+        )
+
+    def rollback_one(self, redemption_id: str, key: str | None = None) -> Outcome:
+        return self.run(
+            "rollback",
+            redemption_id,
+            key,
+            bucket_of_id(redemption_id) or 0,
+            lambda: Outcome(redemption=self.rollback(redemption_id)),
+        )
+
+    def confirm_one(self, reservation_id: str, key: str | None = None) -> Outcome:
+        return self.run(
+            "confirm",
+            reservation_id,
+            key,
+            bucket_of_id(reservation_id) or 0,
+            lambda: Outcome(redemption=self.confirm(reservation_id)),
+        )
+
+    def release_one(self, reservation_id: str, key: str | None = None) -> Outcome:
+        return self.run(
+            "release",
+            reservation_id,
+            key,
+            bucket_of_id(reservation_id) or 0,
+            lambda: Outcome(reservation=self.release(reservation_id)),
+        )
+
+    def assign_one(self, campaign_id: str, customer_id: str) -> Outcome:
+        try:
+            return Outcome(assignment=self.assign(campaign_id, customer_id))
+        except errors.VoucherError as exc:
+            return _reject(exc)
+
+    def prune_idempotency(self, older_than: datetime) -> int:
+        stale = [k for k, (_, _, at) in self.idem.items() if at < older_than]
+        for k in stale:
+            del self.idem[k]
+        return len(stale)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def stats(self, campaign_id: str) -> CampaignStats:
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            return CampaignStats(campaign_id)
+        return CampaignStats(
+            campaign_id=campaign_id,
+            available=slot.counts[AVAILABLE],
+            assigned=slot.counts[ASSIGNED],
+            redeemed=slot.counts[REDEEMED],
+            void=slot.counts[VOID],
+            redemptions=slot.redemption_count,
+            rollbacks=slot.rollback_count,
+            active_redemptions=slot.uses,
+            held=slot.held_units + sum(1 for c in self.held if self.codes[c] >> 2 == slot.index),
+            discount_total=slot.discount_total,
+            order_total=slot.order_total,
+            gift_balance_outstanding=sum(slot.balances.values()) if slot.campaign.is_gift_card else 0,
+        )
+
+    def voucher(self, raw_code: str) -> dict[str, Any]:
+        code, slot, status = self._locate(raw_code)
+        c = slot.campaign
+        out: dict[str, Any] = {
+            "code": code,
+            "campaign_id": c.id,
+            "status": ("available", "assigned", "redeemed", "void")[status],
+            "customer_id": slot.assigned_to.get(code),
+            "reserved": code in self.held,
+        }
+        if c.is_gift_card:
+            out["balance"] = slot.balances.get(code, 0)
+        if c.is_shared:
+            out["redemptions"] = slot.uses
+            out["limit"] = c.limits.total
+        return out
+
+    def drain(self) -> list[Event]:
+        out, self.events = self.events, []
+        return out
+
+
+def route_bucket(raw_code: Any) -> int:
+    """The bucket a (possibly malformed) code is routed by; malformed codes go to bucket 0,
+    where the shard rejects them with a clear error."""
+    if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
+        return 0
+    return bucket_of(normalize(raw_code))
+
+
+def bucket_of_reference(ident: str) -> int:
+    """The bucket of a redemption or reservation id; raises if the id is malformed."""
+    b = bucket_of_id(ident) if isinstance(ident, str) else None
+    if b is None:
+        raise errors.InvalidInput(f"{ident!r} is not a redemption or reservation id")
+    return b
+
+
+def _check_ids(customer_id: str | None, order_id: str | None) -> None:
+    for name, value in (("customer_id", customer_id), ("order_id", order_id)):
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_LEN):
+            raise errors.InvalidInput(f"{name} must be a string of at most {MAX_ID_LEN} characters")
+
+
+def _safe_code(raw: Any) -> str:
+    return normalize(raw)[:MAX_CODE_LEN] if isinstance(raw, str) else ""
+
+
+def _reject(exc: errors.VoucherError) -> Outcome:
+    return Outcome(rejection=Rejection(exc.code, exc.message))
+
