@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
+# RUN_ARGS=--demo (default) creates a demo campaign, generates 100,000 codes and redeems some.
+RUN_ARGS ?= --demo
 run: venv
-	$(BIN)/voucher-engine up
+	$(BIN)/voucher-engine up $(RUN_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -228,7 +228,12 @@ class ShardState:
 
     def abandon_codes(self, codes: Iterable[str]) -> None:
         """Release a claim whose persistence failed."""
+        self._release_claims(codes)
+
+    def _release_claims(self, codes: Iterable[str]) -> None:
         self._pending.difference_update(codes)
+        if not self._pending:
+            self._pending = set()  # a set never shrinks its table; drop the big one
 
     def admit_codes(self, campaign_id: str, codes: list[str]) -> None:
         """Add claimed codes, already persisted as available, to the bank."""
@@ -239,7 +244,7 @@ class ShardState:
             self.codes[code] = packed
             if gift is not None:
                 slot.balances[code] = gift
-        self._pending.difference_update(codes)
+        self._release_claims(codes)
         slot.available.extend(codes)
         slot.counts[AVAILABLE] += len(codes)
 
