@@ -28,7 +28,14 @@ import psutil
 
 from engine.settings import Settings
 from loadtests.baselines import naive_pg_distinct_rows, naive_pg_hot_row, redis_lua_decrement
-from loadtests.harness import BenchResult, format_table, machine_summary, percentile, record, run_clients
+from loadtests.harness import (
+    BenchResult,
+    format_table,
+    machine_summary,
+    percentile,
+    record,
+    run_clients,
+)
 
 
 def _scaled(name: str, stats: Any, per_op: int, clients: int) -> BenchResult:
