@@ -15,6 +15,7 @@ its string, a dict entry and a list slot (the available stack): about 110 bytes 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
@@ -170,6 +171,7 @@ class ShardState:
         self.redemptions: dict[str, Redemption] = {}
         self.reservations: dict[str, Reservation] = {}
         self.held: dict[str, str] = {}
+        self._expiry: list[tuple[datetime, str]] = []  # heap of open holds by expiry
         self.idem: dict[str, tuple[bytes, bytes, datetime]] = {}
         self.events: list[Event] = []
 
@@ -312,6 +314,9 @@ class ShardState:
         for slot in self._slots:
             if slot.campaign.state == "ended":
                 self.events.append(CodesVoided(slot.campaign.id))
+                for r in list(self.reservations.values()):
+                    if r.campaign_id == slot.campaign.id and r.state == HELD:
+                        self._close_reservation(r.id, RELEASED)
         self.expire_reservations()
 
     # --- the decision ------------------------------------------------------------------
@@ -332,6 +337,7 @@ class ShardState:
         """Everything that must hold for ``req`` to redeem now; returns
         ``(code, slot, status, discount, balance)`` or raises the reason it cannot."""
         _check_ids(req.customer_id, req.order_id)
+        self.expire_reservations()
         code, slot, status = self._locate(req.code)
         c = slot.campaign
         check_redeemable_now(c, self.clock())
@@ -403,12 +409,11 @@ class ShardState:
                 slot.balances[code] = balance_after
                 uses = slot.gift_uses[code] = slot.gift_uses.get(code, 0) + 1
                 if balance_after > 0:
-                    new_status = ASSIGNED if cust is not None else status
+                    new_status = status  # a partly spent card stays what it was
             else:
                 uses = 1
-            if cust is not None and code not in slot.assigned_to:
-                slot.assigned_to[code] = cust
-                slot.by_customer.setdefault(cust, code)
+            # The code is not tied to the redeeming customer: the redemption record says
+            # who used it, and a rollback puts the code back exactly as it was.
             self._set_status(code, slot, status, new_status)
             slot.uses += 1
             self.events.append(
@@ -473,6 +478,8 @@ class ShardState:
             else:
                 new_status = ASSIGNED if owner is not None else AVAILABLE
             self._set_status(r.code, slot, status, new_status)
+            if new_status == status == AVAILABLE and not uses:
+                slot.available.append(r.code)  # an untouched gift card is assignable again
             slot.uses -= 1
             self.events.append(VoucherChanged(r.code, new_status, owner, balance, uses))
         slot.discount_total -= r.discount_amount
@@ -514,6 +521,7 @@ class ShardState:
                 slot.held_by_customer[r.customer_id] = slot.held_by_customer.get(r.customer_id, 0) + 1
         else:
             self.held[r.code] = r.id
+        heapq.heappush(self._expiry, (r.expires_at, r.id))
 
     def _unhold(self, r: Reservation) -> None:
         slot = self.campaigns[r.campaign_id]
@@ -562,11 +570,17 @@ class ShardState:
         return self._close_reservation(r.id, RELEASED)
 
     def expire_reservations(self) -> int:
+        """Expire every hold past its TTL; O(log n) per expired hold, O(1) when none is due,
+        so every decision can call it and a stale hold never blocks a code."""
         now = self.clock()
-        due = [r.id for r in self.reservations.values() if r.state == HELD and r.expires_at <= now]
-        for rid in due:
-            self._close_reservation(rid, EXPIRED)
-        return len(due)
+        n = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, rid = heapq.heappop(self._expiry)
+            r = self.reservations.get(rid)
+            if r is not None and r.state == HELD:
+                self._close_reservation(rid, EXPIRED)
+                n += 1
+        return n
 
     # --- assignment ----------------------------------------------------------------------
 
@@ -586,12 +600,23 @@ class ShardState:
         existing = slot.by_customer.get(customer_id)
         if existing is not None:
             return Assignment(campaign_id, customer_id, existing, False)
+        self.expire_reservations()
+        available = self._pack(slot.index, AVAILABLE)
+        held_back: list[str] = []
+        found: str | None = None
         while slot.available:
             code = slot.available.pop()
-            if self.codes.get(code) == self._pack(slot.index, AVAILABLE) and code not in self.held:
-                break
-        else:
+            if self.codes.get(code) != available or slot.gift_uses.get(code):
+                continue  # stale entry, or a gift card someone has started spending
+            if code in self.held:
+                held_back.append(code)  # back on the stack: the hold may be released
+                continue
+            found = code
+            break
+        slot.available.extend(reversed(held_back))
+        if found is None:
             raise errors.BankExhausted(f"campaign {campaign_id} has no available code left here")
+        code = found
         self._set_status(code, slot, AVAILABLE, ASSIGNED)
         slot.assigned_to[code] = customer_id
         slot.by_customer[customer_id] = code
@@ -715,7 +740,11 @@ class ShardState:
             held=slot.held_units + sum(1 for c in self.held if self.codes[c] >> 2 == slot.index),
             discount_total=slot.discount_total,
             order_total=slot.order_total,
-            gift_balance_outstanding=sum(slot.balances.values()) if slot.campaign.is_gift_card else 0,
+            gift_balance_outstanding=sum(
+                b for c, b in slot.balances.items() if self.codes.get(c, VOID) & 3 != VOID
+            )
+            if slot.campaign.is_gift_card
+            else 0,
         )
 
     def voucher(self, raw_code: str) -> dict[str, Any]:
