@@ -108,6 +108,34 @@ async def _demo(engine: Any) -> None:
     _print(await engine.stats(c.id))
 
 
+def start_http(
+    settings: Settings, dsn: str, redis_url: str, replicas: dict[str, int] | None = None
+) -> str:
+    """Bootstrap the first admin, then deploy the Serve app; returns its base URL."""
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app, load_config
+    from serve.users import bootstrap_admin
+
+    generated = asyncio.run(bootstrap_admin(settings, dsn))
+    if generated:
+        print(f"admin:    {settings.admin_email} / {generated}  (generated; shown once)")
+    else:
+        print(f"admin:    {settings.admin_email}")
+    entry = load_config()
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    app_args = {
+        **entry.get("args", {}),
+        "database_url": dsn,
+        "redis_url": redis_url,
+        "settings": msgspec.to_builtins(settings),
+    }
+    if replicas:
+        app_args["replicas"] = {**app_args.get("replicas", {}), **replicas}
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix=entry.get("route_prefix", "/"))
+    return f"http://{settings.http_host}:{settings.http_port}"
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import ray
 
@@ -120,6 +148,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         applied = asyncio.run(migrate(services.database_url))
         print(f"postgres: {services.database_url}" + (f" (applied {applied})" if applied else ""))
         print(f"redis:    {services.redis_url}")
+        if settings.serve_mode == "haproxy":
+            # Must be in the environment before Ray starts: Serve's proxies read them.
+            os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         _ray_init(settings, attach=False)
         engine = start_engine(settings, services.database_url)
         print(
@@ -127,6 +159,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             f"{settings.namespace!r}, ack mode {settings.ack_mode}"
         )
         print("          attach with `voucher-engine stats|generate|redeem ...` from another shell")
+        if not args.no_http:
+            url = start_http(settings, services.database_url, services.redis_url)
+            print(f"http:     {url}  (OpenAPI docs at {url}/docs, Serve mode {settings.serve_mode})")
         if args.demo:
             asyncio.run(_demo(engine))
         if args.exit:
@@ -205,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the engine and stay in the foreground")
     up.add_argument("--demo", action="store_true", help="create a demo campaign and use it")
     up.add_argument("--exit", action="store_true", help="stop after start-up (and the demo)")
+    up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
     cr = sub.add_parser("create", help="create a campaign")
     cr.add_argument("name")
     cr.add_argument("--id")

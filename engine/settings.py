@@ -20,6 +20,7 @@ from engine.errors import ConfigError
 
 AckMode = Literal["durable", "fast"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ServeMode = Literal["haproxy", "default"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,6 +39,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "voucher"
     generation_chunk: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
     log_level: LogLevel = "INFO"
+    jwt_secret: Annotated[str, msgspec.Meta(min_length=32)] | None = None
+    token_ttl_s: Annotated[int, msgspec.Meta(ge=30, le=86400)] = 900
+    admin_email: Annotated[str, msgspec.Meta(min_length=3, max_length=254)] = "admin@example.com"
+    admin_password: Annotated[str, msgspec.Meta(min_length=8, max_length=128)] | None = None
+    http_host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    http_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+    serve_mode: ServeMode = "haproxy"
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +76,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise _config_error(str(exc), raw) from None
         _check_urls(settings)
         return settings
+
+    def __repr__(self) -> str:
+        # Settings get logged; the token key and the admin password must not be.
+        parts = []
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            shown = "'<redacted>'" if field in _SECRET and value is not None else repr(value)
+            parts.append(f"{field}={shown}")
+        return f"Settings({', '.join(parts)})"
 
 
 # field -> (environment variable, description)
@@ -112,13 +130,45 @@ _ENV: dict[str, tuple[str, str]] = {
         "Codes generated and stored per chunk of a generation job.",
     ),
     "log_level": ("VOUCHER_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
+    "jwt_secret": (
+        "VOUCHER_JWT_SECRET",
+        "HMAC key of the access tokens (at least 32 bytes). Unset: a random key is made once "
+        "and kept in `<data dir>/jwt_secret` (mode 0600). Set it on a multi-node cluster.",
+    ),
+    "token_ttl_s": (
+        "VOUCHER_TOKEN_TTL_S",
+        "Lifetime of an access token in seconds (30..86400); role changes apply with the next token.",
+    ),
+    "admin_email": (
+        "VOUCHER_ADMIN_EMAIL",
+        "Email of the first admin, created (or given the admin role) at start-up.",
+    ),
+    "admin_password": (
+        "VOUCHER_ADMIN_PASSWORD",
+        "Password of the first admin when it is created (8..128 chars; an existing password "
+        "is never overwritten). Unset: a random one is printed once at its creation.",
+    ),
+    "http_host": ("VOUCHER_HTTP_HOST", "Address the HTTP API listens on."),
+    "http_port": ("VOUCHER_HTTP_PORT", "Port of the HTTP API (1..65535)."),
+    "serve_mode": (
+        "VOUCHER_SERVE_MODE",
+        "`haproxy`: Ray Serve with its HAProxy ingress, throughput-optimized. "
+        "`default`: Ray Serve's default proxy.",
+    ),
+    "max_body_bytes": (
+        "VOUCHER_MAX_BODY_BYTES",
+        "Largest request body accepted, in bytes (1024..64 MiB); larger ones get 413.",
+    ),
 }
 _UPPER = frozenset({"log_level"})
 _CHOICES: dict[str, tuple[str, ...]] = {
     "ack_mode": get_args(AckMode),
     "log_level": get_args(LogLevel),
+    "serve_mode": get_args(ServeMode),
 }
-_LOWER = frozenset({"ack_mode"})
+_LOWER = frozenset({"ack_mode", "serve_mode", "admin_email"})
+# Never echoed in error messages (they end up in logs).
+_SECRET = frozenset({"jwt_secret", "admin_password"})
 
 _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgres://", "postgresql://"),
@@ -139,7 +189,8 @@ def _config_error(detail: str, raw: Mapping[str, Any]) -> ConfigError:
         reason = f"not a valid {wanted.group(1)}"
     elif field in _CHOICES:
         reason = f"expected one of {', '.join(_CHOICES[field])}"
-    return ConfigError(f"{var}={raw.get(field)!r} is invalid: {reason}")
+    shown = "<redacted>" if field in _SECRET else repr(raw.get(field))
+    return ConfigError(f"{var}={shown} is invalid: {reason}")
 
 
 def _check_urls(settings: Settings) -> None:

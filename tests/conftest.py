@@ -64,3 +64,50 @@ def engine(services: Services, ray_cluster: Any, engine_settings: Any) -> Any:
     from actors.client import start_engine
 
     return start_engine(engine_settings, services.database_url)
+
+
+class HttpApi:
+    """The running Serve app: base URL and the bootstrap admin's credentials."""
+
+    def __init__(
+        self, url: str, admin_email: str, admin_password: str, data_dir: str, database_url: str
+    ) -> None:
+        self.url = url
+        self.admin_email = admin_email
+        self.admin_password = admin_password
+        self.data_dir = data_dir
+        self.database_url = database_url
+
+
+@pytest.fixture(scope="session")
+def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[HttpApi]:
+    """The HTTP API on Ray Serve (HAProxy mode, two gateway replicas) over the session's
+    engine, Postgres and Valkey."""
+    import socket
+
+    import msgspec
+    from ray import serve
+
+    from actors.cli import start_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = msgspec.structs.replace(
+        engine_settings,
+        http_port=port,
+        admin_email="admin@test.example",
+        admin_password="admin-password-for-tests",
+        data_dir=str(services.data_dir or ".data"),
+    )
+    url = start_http(
+        settings, services.database_url, services.redis_url, replicas={"Gateway": 2}
+    )
+    yield HttpApi(
+        url,
+        settings.admin_email,
+        settings.admin_password or "",
+        settings.data_dir,
+        services.database_url,
+    )
+    serve.shutdown()

@@ -40,6 +40,9 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     """One local Ray for the whole test session (or ``RAY_ADDRESS`` when set)."""
     import ray
 
+    # Serve runs in the shipped high-throughput mode (HAProxy); Ray reads these at start.
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     options: dict[str, Any] = {
         "namespace": RAY_NAMESPACE,
         "include_dashboard": False,

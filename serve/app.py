@@ -1,0 +1,66 @@
+"""The Serve application: the gateway bound to one deployment per domain.
+
+``build_app`` is a Serve application builder, so the same app starts from the CLI
+(``voucher-engine up``) or from a Serve config file (``serve deploy serve/config.yaml``)
+with the runtime facts (database URL, Redis URL, settings) passed as ``args``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from ray.serve import Application
+
+from engine.settings import Settings
+from serve.deployments import Campaigns, Delivery, Notifications, Reports, Users, Vouchers
+from serve.gateway import Gateway
+
+CONFIG_PATH = Path(__file__).with_name("config.yaml")
+APP_NAME = "voucher"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """``args``: ``database_url``, ``redis_url``, optional ``settings`` (dict; default: from
+    the environment) and ``replicas`` ({deployment name: count})."""
+    settings = args.get("settings") or msgspec.to_builtins(Settings.from_env())
+    dsn = args["database_url"]
+    redis_url = args["redis_url"]
+    replicas: dict[str, int] = {**args.get("replicas", {})}
+
+    def n(name: str) -> int:
+        return int(replicas.get(name, 1))
+
+    # Serve's decorators make these deployments; mypy sees the plain classes.
+    users = Users.options(  # type: ignore[attr-defined]
+        num_replicas=n("Users")
+    ).bind(settings, dsn)
+    campaigns = Campaigns.options(  # type: ignore[attr-defined]
+        num_replicas=n("Campaigns")
+    ).bind(settings)
+    vouchers = Vouchers.options(  # type: ignore[attr-defined]
+        num_replicas=n("Vouchers")
+    ).bind(settings, dsn)
+    delivery = Delivery.options(  # type: ignore[attr-defined]
+        num_replicas=n("Delivery")
+    ).bind(settings)
+    reports = Reports.options(  # type: ignore[attr-defined]
+        num_replicas=n("Reports")
+    ).bind(settings)
+    notifications = Notifications.options(  # type: ignore[attr-defined]
+        num_replicas=n("Notifications")
+    ).bind(dsn)
+    return Gateway.options(  # type: ignore[attr-defined]
+        num_replicas=n("Gateway")
+    ).bind(users, campaigns, vouchers, delivery, reports, notifications, settings, dsn, redis_url)
+
+
+def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
+    """The application entry of a Serve config file (replica counts and other args)."""
+    doc = yaml.safe_load(path.read_text())
+    for app in doc.get("applications", []):
+        if app.get("name") == APP_NAME:
+            return dict(app)
+    raise ValueError(f"{path} has no application named {APP_NAME!r}")

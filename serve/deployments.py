@@ -1,0 +1,267 @@
+"""The per-domain Serve deployments behind the gateway.
+
+Each is a thin adapter over the engine's Python API or a store; business rules stay in
+``engine/``. Methods return values or a :class:`actors.calls.Failure` (never raise an
+engine error across the handle), so the gateway maps errors to problems without Ray's
+remote tracebacks. The redemption hot path does not come through here: the gateway
+coalesces it per shard and calls the shard actors directly (one hop, not two).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+from ray import serve
+
+from actors.calls import Failure, guarded
+from actors.client import attach_engine
+from engine import errors
+from engine.settings import Settings
+
+log = logging.getLogger("voucher.serve")
+
+
+def campaign_json(c: Any) -> dict[str, Any]:
+    """A campaign as the API shows it (``code_spec`` is called ``code`` at the edge)."""
+    d = msgspec.to_builtins(c)
+    d["code"] = d.pop("code_spec", {})
+    return d
+
+
+def _settings(blob: dict[str, Any]) -> Settings:
+    return msgspec.convert(blob, Settings)
+
+
+async def _pool(dsn: str, size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size)
+    assert pool is not None
+    return pool
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Users:
+    """Registration, login (Argon2id is CPU-heavy: it runs here, not on the gateway's
+    event loop), API keys and roles."""
+
+    def __init__(self, settings: dict[str, Any], dsn: str) -> None:
+        from serve.auth import TokenIssuer, load_or_create_secret
+        from serve.users import UserStore
+
+        self.settings = _settings(settings)
+        self.store = UserStore(dsn)
+        self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
+        self._started = False
+
+    async def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.store.open()
+
+    @guarded
+    async def register(self, email: str, password: str, name: str) -> dict[str, Any]:
+        await self._start()
+        return dict(await self.store.register(email, password, name))
+
+    @guarded
+    async def login(self, email: str, password: str) -> dict[str, Any]:
+        await self._start()
+        principal = await self.store.login(email, password)
+        token, expires_in = self.tokens.issue(principal)
+        return {"access_token": token, "token_type": "bearer", "expires_in": expires_in}
+
+    @guarded
+    async def get(self, user_id: str) -> dict[str, Any]:
+        await self._start()
+        return dict(await self.store.get(user_id))
+
+    @guarded
+    async def set_roles(self, user_id: str, roles: list[str]) -> dict[str, Any]:
+        await self._start()
+        return dict(await self.store.set_roles(user_id, roles))
+
+    @guarded
+    async def create_api_key(self, owner: Any, name: str, roles: list[str]) -> dict[str, Any]:
+        await self._start()
+        key_id, plaintext = await self.store.create_api_key(owner, name, roles)
+        return {"id": key_id, "key": plaintext, "name": name, "roles": sorted(roles)}
+
+    @guarded
+    async def revoke_api_key(self, key_id: str, by: Any) -> dict[str, Any]:
+        await self._start()
+        await self.store.revoke_api_key(key_id, by)
+        return {"id": key_id, "revoked": True}
+
+    @guarded
+    async def list_api_keys(self, owner: Any) -> list[dict[str, Any]]:
+        await self._start()
+        return [dict(k) for k in await self.store.list_api_keys(owner)]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Campaigns:
+    """Campaign definitions, lifecycle and generation jobs (through the coordinator)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.engine = attach_engine(_settings(settings))
+
+    @guarded
+    async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return campaign_json(await self.engine.create_campaign(**fields))
+
+    @guarded
+    async def get(self, campaign_id: str) -> dict[str, Any]:
+        return campaign_json(await self.engine.campaign(campaign_id))
+
+    @guarded
+    async def list(self, state: str | None, limit: int, offset: int) -> dict[str, Any]:
+        items = await self.engine.campaigns()
+        if state is not None:
+            items = [c for c in items if c.state == state]
+        items.sort(key=lambda c: (c.created_at or datetime.min.replace(tzinfo=UTC)), reverse=True)
+        return {
+            "items": [campaign_json(c) for c in items[offset : offset + limit]],
+            "total": len(items),
+        }
+
+    @guarded
+    async def transition(self, campaign_id: str, action: str) -> dict[str, Any]:
+        return campaign_json(await self.engine.transition(campaign_id, action))
+
+    @guarded
+    async def start_generation(self, campaign_id: str, count: int) -> dict[str, Any]:
+        return await self.engine.start_generation(campaign_id, count)
+
+    @guarded
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self.engine.job(job_id)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Vouchers:
+    """Voucher look-ups (the shard that owns the code answers) and a customer's wallet."""
+
+    def __init__(self, settings: dict[str, Any], dsn: str) -> None:
+        self.engine = attach_engine(_settings(settings))
+        self.dsn = dsn
+        self._db: asyncpg.Pool | None = None
+
+    @guarded
+    async def get(self, code: str) -> dict[str, Any]:
+        return await self.engine.voucher(code)
+
+    @guarded
+    async def of_customer(self, customer_id: str, limit: int) -> list[dict[str, Any]]:
+        if self._db is None:
+            self._db = await _pool(self.dsn, 2)
+        rows = await self._db.fetch(
+            "SELECT code FROM vouchers WHERE customer_id = $1 ORDER BY updated_at DESC NULLS LAST"
+            " LIMIT $2",
+            customer_id,
+            limit,
+        )
+        found = await asyncio.gather(*[self.engine.voucher(r["code"]) for r in rows])
+        return list(found)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Reports:
+    """Live campaign counters (from the shards' memory)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.engine = attach_engine(_settings(settings))
+
+    @guarded
+    async def live(self, campaign_id: str) -> dict[str, Any]:
+        stats = msgspec.to_builtins(await self.engine.stats(campaign_id))
+        issued = stats["assigned"] + stats["redeemed"]
+        stats["redemption_rate"] = (
+            stats["redeemed"] / issued if issued else 0.0
+        )
+        return stats
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Delivery:
+    """Delivery status per campaign. The delivery pipeline (queues, workers, channel
+    adapters) is not built yet; until it is, this reports that no channel is configured
+    and how many codes were issued (assigned) and so await delivery."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.engine = attach_engine(_settings(settings))
+
+    @guarded
+    async def status(self, campaign_id: str) -> dict[str, Any]:
+        stats = await self.engine.stats(campaign_id)
+        return {
+            "campaign_id": campaign_id,
+            "pipeline": "not_configured",
+            "issued": stats.assigned + stats.redeemed,
+            "queued": 0,
+            "sent": 0,
+            "failed": 0,
+            "dead": 0,
+        }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Notifications:
+    """In-app notifications for admins and managers (campaign lifecycle events)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._db: asyncpg.Pool | None = None
+
+    async def _pool(self) -> asyncpg.Pool:
+        if self._db is None:
+            self._db = await _pool(self.dsn, 2)
+        return self._db
+
+    @guarded
+    async def record(self, kind: str, campaign_id: str | None, message: str) -> None:
+        db = await self._pool()
+        await db.execute(
+            "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
+            kind,
+            campaign_id,
+            message,
+        )
+
+    @guarded
+    async def list(self, unread_only: bool, limit: int) -> list[dict[str, Any]]:
+        db = await self._pool()
+        rows = await db.fetch(
+            "SELECT id, kind, campaign_id, message, created_at, read_at FROM notifications"
+            " WHERE ($1::bool IS FALSE OR read_at IS NULL) ORDER BY id DESC LIMIT $2",
+            unread_only,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+    @guarded
+    async def mark_read(self, notification_id: int) -> dict[str, Any]:
+        db = await self._pool()
+        row = await db.fetchrow(
+            "UPDATE notifications SET read_at = coalesce(read_at, now()) WHERE id = $1"
+            " RETURNING id, kind, campaign_id, message, created_at, read_at",
+            notification_id,
+        )
+        if row is None:
+            raise errors.NotFound(f"no notification has id {notification_id}")
+        return dict(row)
+
+
+__all__ = [
+    "Campaigns",
+    "Delivery",
+    "Failure",
+    "Notifications",
+    "Reports",
+    "Users",
+    "Vouchers",
+    "campaign_json",
+]

@@ -1,0 +1,68 @@
+"""Prometheus metrics of the gateway process, rendered at ``GET /metrics``.
+
+Each gateway replica reports its own counters (Prometheus sums replicas at query time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry()
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+DECISIONS = Counter(
+    "voucher_decisions_total",
+    "Validations, redemptions and reservations decided, by operation and outcome",
+    ["op", "outcome"],
+    registry=REGISTRY,
+)
+DECISION_SECONDS = Histogram(
+    "voucher_decision_seconds",
+    "Time from the gateway handing a request to the micro-batcher to its answer",
+    ["op"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    registry=REGISTRY,
+)
+RATE_LIMITED = Counter(
+    "voucher_rate_limited_total", "Requests refused with 429, by limit", ["limit"], registry=REGISTRY
+)
+BATCHES = Gauge(
+    "voucher_gateway_batches", "Actor calls made by the micro-batcher", registry=REGISTRY
+)
+BATCH_ITEMS = Gauge(
+    "voucher_gateway_batch_items", "Requests carried by those actor calls", registry=REGISTRY
+)
+BATCH_MAX = Gauge(
+    "voucher_gateway_batch_max", "Largest micro-batch so far", registry=REGISTRY
+)
+
+
+def observe_decision(op: str, outcome: Any, seconds: float) -> None:
+    if outcome.rejection is not None:
+        label = outcome.rejection.error
+    elif outcome.validation is not None:
+        label = "valid" if outcome.validation.valid else (outcome.validation.error or "invalid")
+    else:
+        label = "ok"
+    DECISIONS.labels(op, label).inc()
+    DECISION_SECONDS.labels(op).observe(seconds)
+
+
+def observe_batcher(batcher: Any) -> None:
+    stats = batcher.stats() if hasattr(batcher, "stats") else {}
+    BATCHES.set(stats.get("batches", 0))
+    BATCH_ITEMS.set(stats.get("items", 0))
+    BATCH_MAX.set(stats.get("max_batch", 0))
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,198 @@
+"""Request and response bodies at the HTTP edge (pydantic lives only here and in serve/).
+
+Every request model forbids unknown fields, so a typo in a field name is a 422 that names
+the field instead of being silently ignored. Amounts are integers in minor units.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- users -----------------------------------------------------------------------------
+
+
+class RegisterIn(Strict):
+    email: str = Field(max_length=254)
+    password: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=200)
+
+
+class LoginIn(Strict):
+    email: str = Field(max_length=254)
+    password: str = Field(min_length=1, max_length=128)
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class ApiKeyIn(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    roles: list[str] = Field(default_factory=lambda: ["integration"], min_length=1, max_length=5)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    key: str = Field(description="The key itself; shown once, store it now.")
+    name: str
+    roles: list[str]
+
+
+class RolesIn(Strict):
+    roles: list[str] = Field(min_length=1, max_length=5)
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str | None = None
+    name: str | None = None
+    roles: list[str]
+    kind: str = "user"
+
+
+# --- campaigns -------------------------------------------------------------------------
+
+
+class DiscountIn(Strict):
+    kind: Literal["percent", "amount"]
+    value: int = Field(ge=1, le=10**12)
+    max: int | None = Field(default=None, ge=1, le=10**12)
+
+
+class LimitsIn(Strict):
+    total: int | None = Field(default=None, ge=1, le=10**12)
+    per_customer: int | None = Field(default=None, ge=1, le=10**9)
+
+
+class WindowIn(Strict):
+    days: list[int] = Field(min_length=1, max_length=7)
+    start: str = Field(pattern=r"^\d{2}:\d{2}$")
+    end: str = Field(pattern=r"^\d{2}:\d{2}$")
+
+
+class CodeIn(Strict):
+    length: int | None = Field(default=None, ge=4, le=64)
+    charset: str = Field(default="alphanumeric", max_length=100)
+    pattern: str | None = Field(default=None, max_length=100)
+    prefix: str = Field(default="", max_length=32)
+    postfix: str = Field(default="", max_length=32)
+    check_char: bool = False
+
+
+class CampaignIn(Strict):
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(min_length=1, max_length=200)
+    type: Literal["discount", "gift_card", "shared_code", "flash_sale"]
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    discount: DiscountIn | None = None
+    gift_balance: int | None = Field(default=None, ge=1, le=10**12)
+    min_order: int = Field(default=0, ge=0, le=10**12)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    timezone: str = Field(default="UTC", max_length=64)
+    limits: LimitsIn | None = None
+    windows: list[WindowIn] = Field(default_factory=list, max_length=28)
+    code: CodeIn | None = None
+    shared_code: str | None = Field(default=None, max_length=64)
+
+
+class GenerateIn(Strict):
+    count: int = Field(ge=1, le=50_000_000)
+
+
+# --- vouchers --------------------------------------------------------------------------
+
+
+class OrderIn(Strict):
+    id: str | None = Field(default=None, max_length=128)
+    amount: int = Field(ge=0, le=10**12, description="minor units (cents)")
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+
+class CheckoutIn(Strict):
+    code: str = Field(min_length=1, max_length=128)
+    customer_id: str | None = Field(default=None, min_length=1, max_length=128)
+    order: OrderIn
+
+
+class ValidationOut(BaseModel):
+    code: str
+    valid: bool
+    campaign_id: str | None = None
+    discount_amount: int = 0
+    balance: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class RedemptionOut(BaseModel):
+    id: str
+    code: str
+    campaign_id: str
+    customer_id: str | None
+    order_id: str | None
+    order_amount: int
+    currency: str
+    discount_amount: int
+    balance: int | None = None
+    status: Literal["redeemed", "rolled_back"]
+    created_at: datetime
+    rolled_back_at: datetime | None = None
+
+
+class ReservationOut(BaseModel):
+    id: str
+    code: str
+    campaign_id: str
+    customer_id: str | None
+    order_id: str | None
+    order_amount: int
+    currency: str
+    discount_amount: int
+    expires_at: datetime
+    state: Literal["held", "confirmed", "released", "expired"]
+    redemption_id: str | None = None
+
+
+class CampaignOut(BaseModel):
+    id: str
+    name: str
+    type: str
+    state: str
+    currency: str
+    discount: dict[str, Any] | None = None
+    gift_balance: int | None = None
+    min_order: int = 0
+    limits: dict[str, Any] = Field(default_factory=dict)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    timezone: str = "UTC"
+    windows: list[dict[str, Any]] = Field(default_factory=list)
+    code: dict[str, Any] = Field(default_factory=dict)
+    shared_code: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    campaign_id: str
+    requested: int
+    generated: int
+    state: str
+    error: str | None = None
+    rate: float = 0.0
+    eta_s: float | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    plan: dict[str, Any] | None = None

@@ -1,0 +1,403 @@
+"""The gateway's shared rate limiter: GCRA in Redis, one Lua call per request.
+
+GCRA (the generic cell rate algorithm) keeps one number per key, the "theoretical arrival
+time" (TAT). A request of cost ``c`` is allowed when ``TAT + c*T - burst*T <= now`` (with
+``T = 1/rate``), and then moves TAT forward by ``c*T``. That is a token bucket with a
+refill of ``rate`` per second and a capacity of ``burst``, without a background refill.
+
+* The clock is the Redis server's (``TIME`` inside the script): gateway replicas on
+  different hosts agree without clock sync.
+* :meth:`RateLimiter.hit_many` checks several keys (per API key AND per client IP) in one
+  script run: all allow and all are charged, or none is.
+* Redis Cluster: a multi-key check needs its keys on one slot; run the limiter on a single
+  Redis (or a primary with replicas), which is what the engine deploys.
+
+When Redis cannot be reached the normal limits fail OPEN (the request passes, a warning is
+logged at most every few seconds): an outage of the limiter must not become an outage of
+checkout. The failure (code-guessing) budget fails CLOSED: without it nothing stops an
+attacker from enumerating codes, so :meth:`RateLimiter.check_failure_budget` denies.
+After a Redis error the limiter skips Redis for ``backoff_s`` instead of paying a connect
+timeout on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("admin", "manager", "analyst", "integration", "customer", "anonymous")
+
+# KEYS: the buckets. ARGV[1]: mode, then (rate, burst, cost) per key.
+#   mode "all":  charge every key if every key allows, none otherwise (hit / hit_many)
+#   mode "each": charge each key that allows, independently (failure penalties)
+#   mode "peek": charge nothing, answer as if cost were charged (budget checks)
+# Returns, per key: allowed (0/1), remaining, reset_after_s, retry_after_s; floats travel
+# as strings because Redis truncates Lua numbers to integers.
+_GCRA_LUA = r"""
+local mode = ARGV[1]
+local t = redis.call('TIME')
+-- seconds since 2024-01-01: keeps microsecond precision well inside a double
+local now = (tonumber(t[1]) - 1704067200) + tonumber(t[2]) / 1000000
+local n = #KEYS
+local res = {}
+local tats = {}
+local all_ok = true
+for i = 1, n do
+  local rate = tonumber(ARGV[2 + (i - 1) * 3])
+  local burst = tonumber(ARGV[3 + (i - 1) * 3])
+  local cost = tonumber(ARGV[4 + (i - 1) * 3])
+  local interval = 1 / rate
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  local allow_at = new_tat - burst * interval
+  local diff = now - allow_at
+  local ok = diff >= -1e-9
+  local remaining, reset_after, retry_after
+  if ok then
+    remaining = math.floor(diff / interval + 1e-9)
+    reset_after = new_tat - now
+    retry_after = 0
+    if mode == 'peek' then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-9) end
+  else
+    all_ok = false
+    remaining = 0
+    reset_after = tat - now
+    retry_after = -diff
+  end
+  tats[i] = {ok, new_tat}
+  res[#res + 1] = ok and 1 or 0
+  res[#res + 1] = remaining
+  res[#res + 1] = string.format('%.6f', reset_after)
+  res[#res + 1] = string.format('%.6f', retry_after)
+end
+if mode ~= 'peek' then
+  for i = 1, n do
+    if tats[i][1] and (mode == 'each' or all_ok) then
+      local ttl = math.ceil((tats[i][2] - now) * 1000) + 1000
+      redis.call('SET', KEYS[i], string.format('%.6f', tats[i][2]), 'PX', ttl)
+    end
+  end
+end
+return res
+"""
+_GCRA_SHA = hashlib.sha1(_GCRA_LUA.encode()).hexdigest()
+
+Check = tuple[str, float, int, int]
+"""One limit to apply: (key, rate per second, burst, cost)."""
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The answer of a rate-limit check.
+
+    ``remaining`` counts further cost-1 requests allowed right now; ``reset_after_s`` is the
+    time until the bucket is full again; ``retry_after_s`` (0 when allowed) is the time until
+    the same request would be allowed. For a multi-key check these describe the binding
+    limit: the denying one with the longest wait, or the one closest to empty.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after_s: float
+    retry_after_s: float
+    key: str = ""
+    degraded: bool = False  # answered without Redis (fail-open/closed fallback)
+
+
+class Limit(msgspec.Struct, frozen=True):
+    rate: float  # per second
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ValueError("rate must be a positive number")
+        if self.burst < 1:
+            raise ValueError("burst must be >= 1")
+
+
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+          "h": 3600.0, "hour": 3600.0}
+
+
+def parse_limit(text: str, name: str = "rate limit") -> Limit:
+    """``"2000/4000"`` (2000 per second, burst 4000) or ``"10/min/20"`` (unit s, min or h)."""
+    parts = [p.strip() for p in text.strip().split("/")]
+    try:
+        if len(parts) == 2:
+            rate, burst = float(parts[0]), int(parts[1])
+        elif len(parts) == 3 and parts[1].lower() in _UNITS:
+            rate, burst = float(parts[0]) / _UNITS[parts[1].lower()], int(parts[2])
+        else:
+            raise ValueError("expected RATE/BURST or RATE/UNIT/BURST")
+        return Limit(rate, burst)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name}={text!r}: {exc} (e.g. '2000/4000' per second, or '10/min/20')"
+        ) from None
+
+
+def _default_roles() -> dict[str, Limit]:
+    return {
+        "admin": Limit(100.0, 200),
+        "manager": Limit(100.0, 200),
+        "analyst": Limit(50.0, 100),
+        "integration": Limit(2000.0, 4000),
+        "customer": Limit(20.0, 40),
+        "anonymous": Limit(10.0, 20),
+    }
+
+
+class RateLimitPolicy(msgspec.Struct, frozen=True):
+    """Rates per caller role, per client IP, and the failure (code-guessing) budget."""
+
+    roles: dict[str, Limit] = msgspec.field(default_factory=_default_roles)
+    per_ip: Limit = Limit(200.0, 400)
+    failures: Limit = Limit(10 / 60, 20)  # per customer and per IP
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RateLimitPolicy:
+        """``VOUCHER_RATE_<ROLE>``, ``VOUCHER_RATE_IP`` and ``VOUCHER_RATE_FAILURES``, each
+        ``RATE/BURST`` (per second) or ``RATE/UNIT/BURST``; empty or unset keeps the default."""
+        env = os.environ if env is None else env
+        base = cls()
+        roles = dict(base.roles)
+        for role in ROLES:
+            name = f"VOUCHER_RATE_{role.upper()}"
+            if env.get(name, "").strip():
+                roles[role] = parse_limit(env[name], name)
+        per_ip, failures = base.per_ip, base.failures
+        if env.get("VOUCHER_RATE_IP", "").strip():
+            per_ip = parse_limit(env["VOUCHER_RATE_IP"], "VOUCHER_RATE_IP")
+        if env.get("VOUCHER_RATE_FAILURES", "").strip():
+            failures = parse_limit(env["VOUCHER_RATE_FAILURES"], "VOUCHER_RATE_FAILURES")
+        return cls(roles=roles, per_ip=per_ip, failures=failures)
+
+    def role_limit(self, role: str) -> Limit:
+        # An unknown role gets the strictest treatment, not the most generous one.
+        return self.roles.get(role) or self.roles.get("anonymous") or Limit(10.0, 20)
+
+    def principal_check(self, role: str, subject: str, cost: int = 1) -> Check:
+        """The limit of one caller (a user id or an API key id) in its role."""
+        lim = self.role_limit(role)
+        return (f"{role}:{subject}", lim.rate, lim.burst, cost)
+
+    def ip_check(self, client_ip: str, cost: int = 1) -> Check:
+        return (f"ip:{client_ip}", self.per_ip.rate, self.per_ip.burst, cost)
+
+    def request_checks(
+        self, role: str, subject: str, client_ip: str, cost: int = 1
+    ) -> list[Check]:
+        """The limits of one API request: its caller and its client IP (for ``hit_many``)."""
+        return [self.principal_check(role, subject, cost), self.ip_check(client_ip, cost)]
+
+    @staticmethod
+    def failure_keys(customer_id: str | None, client_ip: str | None) -> list[str]:
+        keys = []
+        if customer_id:
+            keys.append(f"customer:{customer_id}")
+        if client_ip:
+            keys.append(f"ip:{client_ip}")
+        return keys
+
+
+def headers(decision: Decision) -> dict[str, str]:
+    """``RateLimit-Limit/-Remaining/-Reset`` (IETF httpapi draft, integer seconds), plus
+    ``Retry-After`` when denied."""
+    out = {
+        "RateLimit-Limit": str(decision.limit),
+        "RateLimit-Remaining": str(max(0, decision.remaining)),
+        "RateLimit-Reset": str(max(0, math.ceil(decision.reset_after_s))),
+    }
+    if not decision.allowed:
+        out["Retry-After"] = str(max(1, math.ceil(decision.retry_after_s)))
+    return out
+
+
+class RateLimiter:
+    """GCRA limits shared by every gateway replica through one Redis."""
+
+    def __init__(
+        self,
+        redis: str | aioredis.Redis,
+        *,
+        policy: RateLimitPolicy | None = None,
+        prefix: str = "voucher:rl:",
+        timeout_s: float = 0.25,
+        backoff_s: float = 1.0,
+        max_connections: int = 64,
+    ) -> None:
+        if isinstance(redis, str):
+            # A blocking pool: at peak, requests wait briefly for a connection instead of
+            # failing (and so failing open) when the pool is momentarily all in use.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis,
+                max_connections=max_connections,
+                timeout=1.0,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
+            self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+            self._owns_client = True
+        else:
+            self.redis = redis
+            self._owns_client = False
+        self.policy = policy or RateLimitPolicy()
+        self.prefix = prefix
+        self.backoff_s = backoff_s
+        self._down_until = 0.0
+        self._last_warning = 0.0
+        self.redis_errors = 0  # for metrics
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.redis.aclose(close_connection_pool=True)
+
+    # --- public checks -------------------------------------------------------------------
+
+    async def hit(self, key: str, rate: float, burst: int, cost: int = 1) -> Decision:
+        """Charge ``cost`` to ``key``'s bucket if it allows; fails open without Redis."""
+        return await self.hit_many([(key, rate, burst, cost)])
+
+    async def hit_many(self, checks: Sequence[Check]) -> Decision:
+        """Apply several limits atomically: all allow and all are charged, or none is."""
+        return await self._run("all", [(self.prefix + k, r, b, c) for k, r, b, c in checks],
+                               fail_open=True)
+
+    async def penalize_failure(
+        self,
+        keys: Sequence[str],
+        policy: RateLimitPolicy | None = None,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        cost: int = 1,
+    ) -> Decision:
+        """Charge the failure bucket of each key (customer, IP) after a failed validation or
+        redemption. Each key is charged on its own (an IP shared with an abuser still pays
+        for its own failures); the decision says whether every bucket had room."""
+        lim = self._failure_limit(policy, rate, burst)
+        return await self._run("each", self._failure_checks(keys, lim, cost), fail_open=True)
+
+    async def check_failure_budget(
+        self,
+        keys: Sequence[str],
+        policy: RateLimitPolicy | None = None,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+    ) -> Decision:
+        """Deny when any key's failure bucket is empty; charges nothing. Fails CLOSED."""
+        lim = self._failure_limit(policy, rate, burst)
+        return await self._run("peek", self._failure_checks(keys, lim, 1), fail_open=False)
+
+    async def ping(self) -> bool:
+        """True when Redis answers (for readiness probes); raises otherwise."""
+        return bool(await self.redis.ping())
+
+    async def reset(self, keys: Sequence[str], *, failures: bool = False) -> None:
+        """Forget buckets (e.g. an operator unblocking a customer)."""
+        if keys:
+            pre = self.prefix + ("fail:" if failures else "")
+            await self.redis.delete(*[pre + k for k in keys])
+
+    # --- machinery -----------------------------------------------------------------------
+
+    def _failure_limit(
+        self, policy: RateLimitPolicy | None, rate: float | None, burst: int | None
+    ) -> Limit:
+        f = (policy or self.policy).failures
+        return Limit(f.rate if rate is None else rate, f.burst if burst is None else burst)
+
+    def _failure_checks(self, keys: Sequence[str], lim: Limit, cost: int) -> list[Check]:
+        return [(f"{self.prefix}fail:{k}", lim.rate, lim.burst, cost) for k in keys]
+
+    async def _run(self, mode: str, checks: Sequence[Check], *, fail_open: bool) -> Decision:
+        if not checks:
+            return Decision(True, 0, 0, 0.0, 0.0)
+        args: list[Any] = [mode]
+        for key, rate, burst, cost in checks:
+            _validate(key, rate, burst, cost)
+            args += [repr(float(rate)), int(burst), int(cost)]
+        keys = [c[0] for c in checks]
+        if time.monotonic() < self._down_until:
+            return self._fallback(checks, fail_open, None)
+        try:
+            raw = await self._eval(keys, args)
+        except (RedisError, OSError) as exc:
+            self.redis_errors += 1
+            self._down_until = time.monotonic() + self.backoff_s
+            return self._fallback(checks, fail_open, exc)
+        return _combine(checks, raw, len(self.prefix))
+
+    async def _eval(self, keys: list[str], args: list[Any]) -> list[Any]:
+        try:
+            res = await self.redis.evalsha(_GCRA_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            # First call on this server (or after SCRIPT FLUSH / a failover): EVAL caches it.
+            res = await self.redis.eval(_GCRA_LUA, len(keys), *keys, *args)
+        return list(res)
+
+    def _fallback(
+        self, checks: Sequence[Check], fail_open: bool, exc: BaseException | None
+    ) -> Decision:
+        now = time.monotonic()
+        if exc is not None and now - self._last_warning > 5.0:
+            self._last_warning = now
+            log.warning(
+                "rate limiter: Redis unreachable (%s: %s); normal limits fail open, the "
+                "failure budget fails closed for the next %.1fs",
+                type(exc).__name__, exc, self.backoff_s,
+            )
+        burst = min(c[2] for c in checks)
+        if fail_open:
+            return Decision(True, burst, burst, 0.0, 0.0, degraded=True)
+        wait = max(1.0, self.backoff_s)
+        return Decision(False, burst, 0, wait, wait, degraded=True)
+
+
+def _validate(key: str, rate: float, burst: int, cost: int) -> None:
+    if not key:
+        raise ValueError("rate-limit key must not be empty")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a positive number, got {rate!r}")
+    if burst < 1:
+        raise ValueError(f"burst must be >= 1, got {burst!r}")
+    if not 1 <= cost <= burst:
+        # A cost above the burst could never pass; refusing it is clearer than a
+        # retry-after that lies.
+        raise ValueError(f"cost must be in 1..burst ({burst}), got {cost!r}")
+
+
+def _combine(checks: Sequence[Check], raw: Sequence[Any], strip: int) -> Decision:
+    """One decision from the per-key answers: the binding limit speaks for all."""
+    per: list[Decision] = []
+    for i, (key, _rate, burst, _cost) in enumerate(checks):
+        ok, remaining, reset_after, retry_after = raw[4 * i: 4 * i + 4]
+        per.append(
+            Decision(
+                allowed=bool(int(ok)),
+                limit=int(burst),
+                remaining=max(0, int(remaining)),
+                reset_after_s=max(0.0, float(reset_after)),
+                retry_after_s=max(0.0, float(retry_after)),
+                key=key[strip:],
+            )
+        )
+    denied = [d for d in per if not d.allowed]
+    if denied:
+        return max(denied, key=lambda d: (d.retry_after_s, -d.limit))
+    return min(per, key=lambda d: (d.remaining, d.limit))

@@ -1,0 +1,235 @@
+"""The shared GCRA rate limiter against the session's real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from actors.services import Services
+from engine.errors import ConfigError
+from serve.ratelimit import Decision, Limit, RateLimiter, RateLimitPolicy, headers, parse_limit
+
+
+@pytest.fixture
+def ns() -> str:
+    # Each test uses its own keys, so tests never share buckets.
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def limiter(services: Services, ns: str) -> AsyncIterator[RateLimiter]:
+    rl = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}")
+    yield rl
+    await rl.aclose()
+
+
+async def test_burst_above_the_limit_is_denied_with_retry_after(limiter: RateLimiter) -> None:
+    decisions = [await limiter.hit("k", rate=10, burst=5) for _ in range(6)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0]
+    assert all(d.limit == 5 for d in decisions)
+    denied = decisions[-1]
+    assert 0 < denied.retry_after_s <= 0.1 + 0.02  # one token back after 1/rate seconds
+    assert 0.3 < denied.reset_after_s <= 0.5 + 0.02  # full again after burst/rate
+    h = headers(denied)
+    assert h["RateLimit-Limit"] == "5" and h["RateLimit-Remaining"] == "0"
+    assert h["Retry-After"] == "1" and int(h["RateLimit-Reset"]) >= 1
+    assert "Retry-After" not in headers(decisions[0])
+    # After the advertised wait the request passes.
+    await asyncio.sleep(denied.retry_after_s + 0.01)
+    assert (await limiter.hit("k", rate=10, burst=5)).allowed
+
+
+async def test_sustained_rate_at_or_below_the_limit_passes(limiter: RateLimiter) -> None:
+    rate, burst = 50.0, 5
+    interval = 1 / (rate * 0.9)  # paced at 90% of the limit
+    start = time.monotonic()
+    results = []
+    for i in range(60):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        results.append((await limiter.hit("steady", rate, burst)).allowed)
+    assert all(results), results.count(False)
+
+
+async def test_sustained_rate_above_the_limit_is_capped(limiter: RateLimiter) -> None:
+    rate, burst = 20.0, 2
+    start = time.monotonic()
+    allowed = 0
+    while time.monotonic() - start < 1.0:
+        allowed += (await limiter.hit("flood", rate, burst)).allowed
+        await asyncio.sleep(0.002)
+    assert rate * 1.0 * 0.7 <= allowed <= burst + rate * 1.05 + 2
+
+
+async def test_two_replicas_share_the_limit(services: Services, ns: str) -> None:
+    # Two limiters with their own connections, as two gateway replicas would have.
+    a = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}")
+    b = RateLimiter(aioredis.from_url(services.redis_url), prefix=f"test:rl:{ns}")
+    try:
+        results = []
+        for _ in range(5):
+            results.append(await a.hit("shared", rate=1, burst=10))
+            results.append(await b.hit("shared", rate=1, burst=10))
+        assert all(d.allowed for d in results)
+        assert [d.remaining for d in results] == list(range(9, -1, -1))
+        assert not (await a.hit("shared", rate=1, burst=10)).allowed
+        assert not (await b.hit("shared", rate=1, burst=10)).allowed
+    finally:
+        await a.aclose()
+        await b.redis.aclose()
+
+
+async def test_concurrent_hits_never_exceed_the_burst(limiter: RateLimiter) -> None:
+    out = await asyncio.gather(*[limiter.hit("race", rate=0.01, burst=25) for _ in range(200)])
+    assert sum(d.allowed for d in out) == 25
+
+
+async def test_hit_many_is_all_or_nothing(limiter: RateLimiter) -> None:
+    def checks(cost: int = 1) -> list[tuple[str, float, int, int]]:
+        return [("user:u1", 1.0, 10, cost), ("ip:10.0.0.1", 1.0, 3, cost)]
+
+    d1 = await limiter.hit_many(checks())
+    assert d1.allowed and d1.key == "ip:10.0.0.1" and d1.remaining == 2 and d1.limit == 3
+    assert (await limiter.hit_many(checks())).allowed
+    assert (await limiter.hit_many(checks())).allowed
+    denied = await limiter.hit_many(checks())
+    assert not denied.allowed
+    assert denied.key == "ip:10.0.0.1" and denied.retry_after_s > 0
+    # The user's bucket was charged only for the three allowed requests.
+    user = await limiter.hit("user:u1", 1.0, 10)
+    assert user.allowed and user.remaining == 10 - 3 - 1
+    # A denied multi-check with a bigger cost charges nothing either.
+    assert not (await limiter.hit_many([("user:u2", 1.0, 10, 5), ("ip:10.0.0.1", 1.0, 3, 1)])).allowed
+    assert (await limiter.hit("user:u2", 1.0, 10)).remaining == 9
+
+
+async def test_cost_is_validated(limiter: RateLimiter) -> None:
+    with pytest.raises(ValueError):
+        await limiter.hit("k", rate=1, burst=3, cost=4)
+    with pytest.raises(ValueError):
+        await limiter.hit("k", rate=0, burst=3)
+    d = await limiter.hit("heavy", rate=1, burst=10, cost=4)
+    assert d.allowed and d.remaining == 6
+
+
+async def test_failure_budget(limiter: RateLimiter) -> None:
+    keys = RateLimitPolicy.failure_keys("cust-1", "192.0.2.7")
+    assert keys == ["customer:cust-1", "ip:192.0.2.7"]
+    lim: dict[str, Any] = {"rate": 1 / 60, "burst": 3}
+    # Checking is free: the budget stays full however often it is checked.
+    for _ in range(10):
+        ok = await limiter.check_failure_budget(keys, **lim)
+        assert ok.allowed and ok.remaining == 3
+    for expect_remaining in (2, 1, 0):
+        d = await limiter.penalize_failure(keys, **lim)
+        assert d.allowed and d.remaining == expect_remaining
+    blocked = await limiter.check_failure_budget(keys, **lim)
+    assert not blocked.allowed and blocked.retry_after_s > 0
+    # Another customer behind the same IP is blocked by the IP's bucket...
+    other = RateLimitPolicy.failure_keys("cust-2", "192.0.2.7")
+    assert not (await limiter.check_failure_budget(other, **lim)).allowed
+    # ...the same customer from elsewhere by the customer's bucket...
+    assert not (await limiter.check_failure_budget(
+        RateLimitPolicy.failure_keys("cust-1", "198.51.100.1"), **lim)).allowed
+    # ...and neither bucket touches the normal request limits.
+    assert (await limiter.hit("customer:cust-1", 1.0, 1)).allowed
+    # Penalties keep counting per key even when one of them is empty already.
+    fresh = await limiter.penalize_failure(RateLimitPolicy.failure_keys("cust-3", "192.0.2.7"), **lim)
+    assert not fresh.allowed
+    assert (await limiter.check_failure_budget(["customer:cust-3"], **lim)).remaining == 2
+    # An operator can lift the block.
+    await limiter.reset(keys, failures=True)
+    assert (await limiter.check_failure_budget(keys, **lim)).allowed
+
+
+async def test_failure_budget_uses_the_policy_by_default(services: Services, ns: str) -> None:
+    policy = RateLimitPolicy(failures=Limit(1 / 60, 2))
+    rl = RateLimiter(services.redis_url, policy=policy, prefix=f"test:rl:{ns}")
+    try:
+        await rl.penalize_failure(["ip:203.0.113.5"])
+        await rl.penalize_failure(["ip:203.0.113.5"])
+        d = await rl.check_failure_budget(["ip:203.0.113.5"])
+        assert not d.allowed and d.limit == 2
+        # an explicit policy argument wins over the limiter's own
+        roomy = RateLimitPolicy(failures=Limit(1 / 60, 5))
+        assert (await rl.check_failure_budget(["ip:203.0.113.5"], roomy)).allowed
+    finally:
+        await rl.aclose()
+
+
+async def test_keys_expire_once_the_bucket_is_full_again(limiter: RateLimiter) -> None:
+    await limiter.hit("ttl", rate=100, burst=10, cost=5)
+    ttl_ms = await limiter.redis.pttl(limiter.prefix + "ttl")
+    assert 0 < ttl_ms <= 50 + 1000  # refill time plus a second of slack
+    await limiter.check_failure_budget(["peeked"], rate=1, burst=1)
+    assert not await limiter.redis.exists(limiter.prefix + "fail:peeked")
+
+
+async def test_script_is_reloaded_after_noscript(limiter: RateLimiter) -> None:
+    assert (await limiter.hit("ns", 1, 5)).allowed
+    await limiter.redis.script_flush()
+    d = await limiter.hit("ns", 1, 5)
+    assert d.allowed and d.remaining == 3
+    assert await limiter.ping()
+
+
+async def test_unreachable_redis_fails_open_for_limits_and_closed_for_guessing() -> None:
+    rl = RateLimiter("redis://127.0.0.1:1/0", timeout_s=0.2, backoff_s=5.0)
+    try:
+        d = await rl.hit("k", 10, 20)
+        assert d.allowed and d.degraded
+        f = await rl.check_failure_budget(["customer:x"])
+        assert not f.allowed and f.degraded and f.retry_after_s >= 1
+        # within the backoff, Redis is not even tried (no connect timeout per request)
+        t0 = time.monotonic()
+        for _ in range(50):
+            assert (await rl.hit_many([("a", 1, 1, 1), ("b", 1, 1, 1)])).allowed
+        assert time.monotonic() - t0 < 0.1
+        await rl.penalize_failure(["customer:x"])  # cannot charge, must not raise
+        assert rl.redis_errors == 1
+    finally:
+        await rl.aclose()
+
+
+def test_headers_of_an_allowed_decision() -> None:
+    d = Decision(allowed=True, limit=40, remaining=39, reset_after_s=0.05, retry_after_s=0.0)
+    assert headers(d) == {"RateLimit-Limit": "40", "RateLimit-Remaining": "39",
+                          "RateLimit-Reset": "1"}
+    denied = Decision(allowed=False, limit=40, remaining=0, reset_after_s=2.0, retry_after_s=2.4)
+    assert headers(denied)["Retry-After"] == "3"
+
+
+def test_policy_defaults_and_environment() -> None:
+    p = RateLimitPolicy()
+    assert p.roles["integration"] == Limit(2000, 4000)
+    assert p.roles["customer"] == Limit(20, 40)
+    assert p.per_ip == Limit(200, 400)
+    assert p.failures.burst == 20 and abs(p.failures.rate - 10 / 60) < 1e-12
+    env = {
+        "VOUCHER_RATE_CUSTOMER": "5/10",
+        "VOUCHER_RATE_ADMIN": "",  # empty counts as unset
+        "VOUCHER_RATE_IP": "100/min/50",
+        "VOUCHER_RATE_FAILURES": "0.5/5",
+    }
+    q = RateLimitPolicy.from_env(env)
+    assert q.roles["customer"] == Limit(5, 10)
+    assert q.roles["admin"] == p.roles["admin"]
+    assert q.per_ip.burst == 50 and abs(q.per_ip.rate - 100 / 60) < 1e-12
+    assert q.failures == Limit(0.5, 5)
+    assert q.request_checks("customer", "u1", "10.0.0.1") == [
+        ("customer:u1", 5.0, 10, 1), ("ip:10.0.0.1", 100 / 60, 50, 1)]
+    # an unknown role is limited like an anonymous caller
+    assert q.principal_check("intruder", "x")[1:3] == (p.roles["anonymous"].rate,
+                                                     p.roles["anonymous"].burst)
+    assert parse_limit("10/h/3").rate == 10 / 3600
+    for bad in ("fast", "10", "10/0", "-1/5", "10/fortnight/5", "1/2/3/4"):
+        with pytest.raises(ConfigError, match="VOUCHER_RATE_CUSTOMER"):
+            RateLimitPolicy.from_env({"VOUCHER_RATE_CUSTOMER": bad})
