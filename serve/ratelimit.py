@@ -56,29 +56,31 @@ local res = {}
 local tats = {}
 local all_ok = true
 for i = 1, n do
-  local rate = tonumber(ARGV[2 + (i - 1) * 3])
-  local burst = tonumber(ARGV[3 + (i - 1) * 3])
-  local cost = tonumber(ARGV[4 + (i - 1) * 3])
+  local rate = tonumber(ARGV[2 + (i - 1) * 4])
+  local burst = tonumber(ARGV[3 + (i - 1) * 4])
+  local cost = tonumber(ARGV[4 + (i - 1) * 4])
+  local charge = ARGV[5 + (i - 1) * 4] == '1' 
   local interval = 1 / rate
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat == nil or tat < now then tat = now end
   local new_tat = tat + cost * interval
   local allow_at = new_tat - burst * interval
   local diff = now - allow_at
-  local ok = diff >= -1e-9
+  -- now is ~1e8 s with microsecond resolution: compare with a microsecond's slack
+  local ok = diff >= -1e-6
   local remaining, reset_after, retry_after
   if ok then
-    remaining = math.floor(diff / interval + 1e-9)
+    remaining = math.floor(diff / interval + 1e-4)
     reset_after = new_tat - now
     retry_after = 0
-    if mode == 'peek' then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-9) end
+    if mode == 'peek' or not charge then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4) end
   else
     all_ok = false
     remaining = 0
     reset_after = tat - now
     retry_after = -diff
   end
-  tats[i] = {ok, new_tat}
+  tats[i] = {ok and charge, new_tat}
   res[#res + 1] = ok and 1 or 0
   res[#res + 1] = remaining
   res[#res + 1] = string.format('%.6f', reset_after)
@@ -277,6 +279,24 @@ class RateLimiter:
         return await self._run("all", [(self.prefix + k, r, b, c) for k, r, b, c in checks],
                                fail_open=True)
 
+    async def hit_and_check_failures(
+        self,
+        checks: Sequence[Check],
+        failure_keys: Sequence[str],
+        policy: RateLimitPolicy | None = None,
+    ) -> Decision:
+        """:meth:`hit_many` and :meth:`check_failure_budget` in ONE round trip (the hot
+        path pays one Redis call per request): the request limits are charged only if
+        they and every failure budget allow; the failure budgets are never charged here.
+        A denial by a failure budget has a ``key`` starting with ``fail:``. Fails open:
+        at checkout, availability wins over the guessing defence while Redis is down."""
+        lim = self._failure_limit(policy, None, None)
+        charged = [(self.prefix + k, r, b, c) for k, r, b, c in checks]
+        peeked = self._failure_checks(failure_keys, lim, 1)
+        return await self._run(
+            "all", charged + peeked, fail_open=True, peek_from=len(charged)
+        )
+
     async def penalize_failure(
         self,
         keys: Sequence[str],
@@ -325,13 +345,21 @@ class RateLimiter:
     def _failure_checks(self, keys: Sequence[str], lim: Limit, cost: int) -> list[Check]:
         return [(f"{self.prefix}fail:{k}", lim.rate, lim.burst, cost) for k in keys]
 
-    async def _run(self, mode: str, checks: Sequence[Check], *, fail_open: bool) -> Decision:
+    async def _run(
+        self,
+        mode: str,
+        checks: Sequence[Check],
+        *,
+        fail_open: bool,
+        peek_from: int | None = None,
+    ) -> Decision:
         if not checks:
             return Decision(True, 0, 0, 0.0, 0.0)
         args: list[Any] = [mode]
-        for key, rate, burst, cost in checks:
+        for i, (key, rate, burst, cost) in enumerate(checks):
             _validate(key, rate, burst, cost)
-            args += [repr(float(rate)), int(burst), int(cost)]
+            charge = 0 if peek_from is not None and i >= peek_from else 1
+            args += [repr(float(rate)), int(burst), int(cost), charge]
         keys = [c[0] for c in checks]
         if time.monotonic() < self._down_until:
             return self._fallback(checks, fail_open, None)
@@ -341,7 +369,7 @@ class RateLimiter:
             self.redis_errors += 1
             self._down_until = time.monotonic() + self.backoff_s
             return self._fallback(checks, fail_open, exc)
-        return _combine(checks, raw, len(self.prefix))
+        return _combine(checks, raw, len(self.prefix), peek_from)
 
     async def _eval(self, keys: list[str], args: list[Any]) -> list[Any]:
         try:
@@ -382,8 +410,11 @@ def _validate(key: str, rate: float, burst: int, cost: int) -> None:
         raise ValueError(f"cost must be in 1..burst ({burst}), got {cost!r}")
 
 
-def _combine(checks: Sequence[Check], raw: Sequence[Any], strip: int) -> Decision:
-    """One decision from the per-key answers: the binding limit speaks for all."""
+def _combine(
+    checks: Sequence[Check], raw: Sequence[Any], strip: int, peek_from: int | None = None
+) -> Decision:
+    """One decision from the per-key answers: the binding limit speaks for all (a peeked
+    budget only when it denies: the headers describe the limits the request is charged to)."""
     per: list[Decision] = []
     for i, (key, _rate, burst, _cost) in enumerate(checks):
         ok, remaining, reset_after, retry_after = raw[4 * i: 4 * i + 4]
@@ -400,4 +431,5 @@ def _combine(checks: Sequence[Check], raw: Sequence[Any], strip: int) -> Decisio
     denied = [d for d in per if not d.allowed]
     if denied:
         return max(denied, key=lambda d: (d.retry_after_s, -d.limit))
-    return min(per, key=lambda d: (d.remaining, d.limit))
+    charged = per[:peek_from] if peek_from else per
+    return min(charged or per, key=lambda d: (d.remaining, d.limit))

@@ -233,3 +233,21 @@ def test_policy_defaults_and_environment() -> None:
     for bad in ("fast", "10", "10/0", "-1/5", "10/fortnight/5", "1/2/3/4"):
         with pytest.raises(ConfigError, match="VOUCHER_RATE_CUSTOMER"):
             RateLimitPolicy.from_env({"VOUCHER_RATE_CUSTOMER": bad})
+
+
+async def test_one_round_trip_charges_limits_and_checks_failure_budget(
+    limiter: RateLimiter,
+) -> None:
+    policy = RateLimitPolicy.from_env({"VOUCHER_RATE_FAILURES": "1/min/2"})
+    ok = await limiter.hit_and_check_failures([("req", 100.0, 3, 1)], ["customer:c1"], policy)
+    assert ok.allowed and ok.key == "req" and ok.remaining == 2  # headers speak for "req"
+    for _ in range(2):
+        await limiter.penalize_failure(["customer:c1"], policy)
+    denied = await limiter.hit_and_check_failures([("req", 100.0, 3, 1)], ["customer:c1"], policy)
+    assert not denied.allowed and denied.key.startswith("fail:") and denied.retry_after_s > 0
+    # the denied call charged nothing: "req" still has the two tokens left after the first
+    again = await limiter.hit_many([("req", 100.0, 3, 1)])
+    assert again.allowed and again.remaining >= 1
+    # and checking never spends the failure budget of someone who has not failed
+    for _ in range(5):
+        assert (await limiter.hit_and_check_failures([], ["customer:c2"], policy)).allowed
