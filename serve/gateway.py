@@ -53,7 +53,14 @@ from serve.models import (
     UserOut,
     ValidationOut,
 )
-from serve.problems import BodySizeLimit, from_engine_error, install_problem_handlers, problem
+from serve.problems import (
+    BodySizeLimit,
+    document_problems,
+    from_engine_error,
+    install_problem_handlers,
+    problem,
+    problem_responses,
+)
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.ratelimit import headers as rate_headers
 from serve.users import UserStore
@@ -69,8 +76,16 @@ api = FastAPI(
     openapi_url="/openapi.json",
 )
 install_problem_handlers(api)
+document_problems(api)
 # Body limits are enforced in front of FastAPI, before any body is read.
 api.add_middleware(BodySizeLimit, max_bytes=Settings.from_env().max_body_bytes)
+
+
+# The problem statuses each route documents, by what the route does (every route lists the
+# statuses it can answer, so clients and the schema fuzz see the truth).
+_GUARDED = (401, 403, 429)  # behind _guard: credentials, roles, rate limit
+_BODY = (400, 413, 422)  # reads a JSON body: malformed, too large, invalid
+_CHECKOUT = (*_GUARDED, *_BODY, 404, 409, 410, 503)  # the hot path, decided by the shards
 
 
 class RateLimited(Exception):
@@ -251,7 +266,7 @@ class Gateway:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", tags=["ops"])
+    @api.get("/readyz", tags=["ops"], responses=problem_responses(503))
     async def readyz(self) -> Response:
         try:
             await asyncio.wait_for(self.engine.wait_ready(timeout_s=2.0), 3.0)
@@ -260,7 +275,9 @@ class Gateway:
             return problem(503, "not_ready", "Service Unavailable", f"not ready: {exc.__class__.__name__}")
         return JSONResponse({"status": "ready", "shards": self.engine.n})
 
-    @api.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    @api.get(
+        "/metrics", tags=["ops"], response_class=PlainTextResponse, responses=problem_responses(*_GUARDED)
+    )
     async def metrics_(self, request: Request, response: Response) -> PlainTextResponse:
         await self._guard(request, response, "metrics.read")
         metrics.observe_batcher(self.batcher)
@@ -268,12 +285,20 @@ class Gateway:
 
     # --- users ----------------------------------------------------------------------------
 
-    @api.post("/v1/auth/register", status_code=201, response_model=UserOut, tags=["users"])
+    @api.post(
+        "/v1/auth/register",
+        status_code=201,
+        response_model=UserOut,
+        tags=["users"],
+        responses=problem_responses(*_BODY, 409, 429),
+    )
     async def register(self, body: RegisterIn, request: Request, response: Response) -> Any:
         await self._limit(request, response, None)
         return _unwrap(await self.users.register.remote(body.email, body.password, body.name))
 
-    @api.post("/v1/auth/login", response_model=TokenOut, tags=["users"])
+    @api.post(
+        "/v1/auth/login", response_model=TokenOut, tags=["users"], responses=problem_responses(*_BODY, 401, 429)
+    )
     async def login(self, body: LoginIn, request: Request, response: Response) -> Any:
         await self._limit(request, response, None)
         await self._check_guessing(request, None, None)
@@ -282,43 +307,60 @@ class Gateway:
             await self._penalize(request, None, None)
         return _unwrap(result)
 
-    @api.get("/v1/users/me", response_model=UserOut, tags=["users"])
+    @api.get("/v1/users/me", response_model=UserOut, tags=["users"], responses=problem_responses(*_GUARDED, 404))
     async def me(self, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "users.me")
         if p.kind == "api_key":
             return {"id": p.user_id, "roles": list(p.roles), "kind": "api_key"}
         return _unwrap(await self.users.get.remote(p.user_id))
 
-    @api.get("/v1/users/me/vouchers", tags=["vouchers"])
+    @api.get("/v1/users/me/vouchers", tags=["vouchers"], responses=problem_responses(*_GUARDED, 422))
     async def my_vouchers(
         self, request: Request, response: Response, limit: int = Query(100, ge=1, le=1000)
     ) -> Any:
         p = await self._guard(request, response, "vouchers.read")
         return {"items": _unwrap(await self.vouchers.of_customer.remote(p.user_id, limit))}
 
-    @api.put("/v1/users/{user_id}/roles", response_model=UserOut, tags=["users"])
+    @api.put(
+        "/v1/users/{user_id}/roles",
+        response_model=UserOut,
+        tags=["users"],
+        responses=problem_responses(*_GUARDED, *_BODY, 404, 409),
+    )
     async def set_roles(self, user_id: str, body: RolesIn, request: Request, response: Response) -> Any:
         await self._guard(request, response, "users.set_roles")
         return _unwrap(await self.users.set_roles.remote(user_id, body.roles))
 
-    @api.post("/v1/api-keys", status_code=201, response_model=ApiKeyOut, tags=["users"])
+    @api.post(
+        "/v1/api-keys",
+        status_code=201,
+        response_model=ApiKeyOut,
+        tags=["users"],
+        responses=problem_responses(*_GUARDED, *_BODY, 404),
+    )
     async def create_api_key(self, body: ApiKeyIn, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "api_keys.create")
         return _unwrap(await self.users.create_api_key.remote(p, body.name, body.roles))
 
-    @api.get("/v1/api-keys", tags=["users"])
+    @api.get("/v1/api-keys", tags=["users"], responses=problem_responses(*_GUARDED))
     async def list_api_keys(self, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "api_keys.create")
         return {"items": _unwrap(await self.users.list_api_keys.remote(p))}
 
-    @api.delete("/v1/api-keys/{key_id}", tags=["users"])
+    @api.delete("/v1/api-keys/{key_id}", tags=["users"], responses=problem_responses(*_GUARDED, 404, 422))
     async def revoke_api_key(self, key_id: str, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "api_keys.create")
         return _unwrap(await self.users.revoke_api_key.remote(key_id, p))
 
     # --- campaigns ------------------------------------------------------------------------
 
-    @api.post("/v1/campaigns", status_code=201, response_model=CampaignOut, tags=["campaigns"])
+    @api.post(
+        "/v1/campaigns",
+        status_code=201,
+        response_model=CampaignOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, *_BODY, 409),
+    )
     async def create_campaign(self, body: CampaignIn, request: Request, response: Response) -> Any:
         await self._guard(request, response, "campaigns.write")
         fields = body.model_dump(exclude_none=True)
@@ -327,7 +369,7 @@ class Gateway:
         response.headers["Location"] = f"/v1/campaigns/{c['id']}"
         return c
 
-    @api.get("/v1/campaigns", tags=["campaigns"])
+    @api.get("/v1/campaigns", tags=["campaigns"], responses=problem_responses(*_GUARDED, 422))
     async def list_campaigns(
         self,
         request: Request,
@@ -339,7 +381,12 @@ class Gateway:
         await self._guard(request, response, "campaigns.read")
         return _unwrap(await self.campaigns.list.remote(state, limit, offset))
 
-    @api.get("/v1/campaigns/{campaign_id}", response_model=CampaignOut, tags=["campaigns"])
+    @api.get(
+        "/v1/campaigns/{campaign_id}",
+        response_model=CampaignOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
     async def get_campaign(self, campaign_id: str, request: Request, response: Response) -> Any:
         await self._guard(request, response, "campaigns.read")
         return _unwrap(await self.campaigns.get.remote(campaign_id))
@@ -353,20 +400,39 @@ class Gateway:
         )
         return c
 
-    @api.post("/v1/campaigns/{campaign_id}/activate", response_model=CampaignOut, tags=["campaigns"])
+    @api.post(
+        "/v1/campaigns/{campaign_id}/activate",
+        response_model=CampaignOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 409, 422),
+    )
     async def activate(self, campaign_id: str, request: Request, response: Response) -> Any:
         return await self._transition(campaign_id, "activate", request, response)
 
-    @api.post("/v1/campaigns/{campaign_id}/pause", response_model=CampaignOut, tags=["campaigns"])
+    @api.post(
+        "/v1/campaigns/{campaign_id}/pause",
+        response_model=CampaignOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 409, 422),
+    )
     async def pause(self, campaign_id: str, request: Request, response: Response) -> Any:
         return await self._transition(campaign_id, "pause", request, response)
 
-    @api.post("/v1/campaigns/{campaign_id}/end", response_model=CampaignOut, tags=["campaigns"])
+    @api.post(
+        "/v1/campaigns/{campaign_id}/end",
+        response_model=CampaignOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 409, 422),
+    )
     async def end(self, campaign_id: str, request: Request, response: Response) -> Any:
         return await self._transition(campaign_id, "end", request, response)
 
     @api.post(
-        "/v1/campaigns/{campaign_id}/generate", status_code=202, response_model=JobOut, tags=["campaigns"]
+        "/v1/campaigns/{campaign_id}/generate",
+        status_code=202,
+        response_model=JobOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, *_BODY, 404, 409),
     )
     async def generate(self, campaign_id: str, body: GenerateIn, request: Request, response: Response) -> Any:
         await self._guard(request, response, "campaigns.generate")
@@ -374,12 +440,21 @@ class Gateway:
         response.headers["Location"] = f"/v1/jobs/{job['id']}"
         return _job(job)
 
-    @api.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["campaigns"])
+    @api.get(
+        "/v1/jobs/{job_id}",
+        response_model=JobOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
     async def job(self, job_id: str, request: Request, response: Response) -> Any:
         await self._guard(request, response, "jobs.read")
         return _job(_unwrap(await self.campaigns.job.remote(job_id)))
 
-    @api.get("/v1/campaigns/{campaign_id}/overview", tags=["campaigns"])
+    @api.get(
+        "/v1/campaigns/{campaign_id}/overview",
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
     async def overview(self, campaign_id: str, request: Request, response: Response) -> Any:
         """Campaign, live counters and delivery status, fetched concurrently."""
         await self._guard(request, response, "overview.read")
@@ -392,7 +467,7 @@ class Gateway:
 
     # --- vouchers: the hot path -----------------------------------------------------------
 
-    @api.get("/v1/vouchers/{code}", tags=["vouchers"])
+    @api.get("/v1/vouchers/{code}", tags=["vouchers"], responses=problem_responses(*_GUARDED, 404, 422))
     async def voucher(self, code: str, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "vouchers.read")
         if "customer" in p.roles and len(p.roles) == 1:
@@ -436,7 +511,12 @@ class Gateway:
             await self._penalize(request, req.customer_id, who)
         return out
 
-    @api.post("/v1/validations", response_model=ValidationOut, tags=["vouchers"])
+    @api.post(
+        "/v1/validations",
+        response_model=ValidationOut,
+        tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
+    )
     async def validate(self, body: CheckoutIn, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "validations.create")
         out = await self._decide("validate", self._checkout(body, p, None), request, p)
@@ -446,7 +526,13 @@ class Gateway:
         v["reason"] = v.pop("error", None)
         return v
 
-    @api.post("/v1/redemptions", status_code=201, response_model=RedemptionOut, tags=["vouchers"])
+    @api.post(
+        "/v1/redemptions",
+        status_code=201,
+        response_model=RedemptionOut,
+        tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
+    )
     async def redeem(
         self,
         body: CheckoutIn,
@@ -461,7 +547,12 @@ class Gateway:
         response.headers["Location"] = f"/v1/redemptions/{out.redemption.id}"  # type: ignore[union-attr]
         return _redemption(out.redemption)
 
-    @api.post("/v1/redemptions/{redemption_id}/rollback", response_model=RedemptionOut, tags=["vouchers"])
+    @api.post(
+        "/v1/redemptions/{redemption_id}/rollback",
+        response_model=RedemptionOut,
+        tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
+    )
     async def rollback(
         self,
         redemption_id: str,
@@ -473,7 +564,13 @@ class Gateway:
         key = f"{p.user_id}:{idempotency_key}" if idempotency_key else None
         return _redemption(await self.engine.rollback(redemption_id, key))
 
-    @api.post("/v1/reservations", status_code=201, response_model=ReservationOut, tags=["vouchers"])
+    @api.post(
+        "/v1/reservations",
+        status_code=201,
+        response_model=ReservationOut,
+        tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
+    )
     async def reserve(
         self,
         body: CheckoutIn,
@@ -492,6 +589,7 @@ class Gateway:
         status_code=201,
         response_model=RedemptionOut,
         tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
     )
     async def confirm(
         self,
@@ -504,7 +602,12 @@ class Gateway:
         key = f"{p.user_id}:{idempotency_key}" if idempotency_key else None
         return _redemption(await self.engine.confirm(reservation_id, key))
 
-    @api.post("/v1/reservations/{reservation_id}/release", response_model=ReservationOut, tags=["vouchers"])
+    @api.post(
+        "/v1/reservations/{reservation_id}/release",
+        response_model=ReservationOut,
+        tags=["vouchers"],
+        responses=problem_responses(*_CHECKOUT),
+    )
     async def release(
         self,
         reservation_id: str,
@@ -518,7 +621,7 @@ class Gateway:
 
     # --- notifications ----------------------------------------------------------------
 
-    @api.get("/v1/notifications", tags=["notifications"])
+    @api.get("/v1/notifications", tags=["notifications"], responses=problem_responses(*_GUARDED, 422))
     async def list_notifications(
         self,
         request: Request,
@@ -529,7 +632,11 @@ class Gateway:
         await self._guard(request, response, "notifications.read")
         return {"items": _unwrap(await self.notifications.list.remote(unread, limit))}
 
-    @api.post("/v1/notifications/{notification_id}/read", tags=["notifications"])
+    @api.post(
+        "/v1/notifications/{notification_id}/read",
+        tags=["notifications"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
     async def read_notification(self, notification_id: int, request: Request, response: Response) -> Any:
         await self._guard(request, response, "notifications.read")
         return _unwrap(await self.notifications.mark_read.remote(notification_id))

@@ -16,10 +16,42 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# --- problems --------------------------------------------------------------------------
+
+
+class ProblemIssue(BaseModel):
+    """One failed field of a request validation problem."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: the body of every error, sent as ``application/problem+json``.
+
+    Problem types may add extension members (``code``, ``errors``, ``max_bytes``,
+    ``incident``), so unknown members are allowed.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str | None = Field(default=None, description="the engine's stable error code")
+    errors: list[ProblemIssue] | None = Field(default=None, description="validation problems only")
+
+
 # --- users -----------------------------------------------------------------------------
 
 
 class RegisterIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "ada@shop.example", "password": "correct horse battery", "name": "Ada"}]}
+    )
+
     email: str = Field(max_length=254)
     password: str = Field(min_length=1, max_length=128)
     name: str = Field(min_length=1, max_length=200)
@@ -90,6 +122,21 @@ class CodeIn(Strict):
 
 
 class CampaignIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "Spring sale",
+                    "type": "discount",
+                    "currency": "EUR",
+                    "discount": {"kind": "percent", "value": 10},
+                    "ends_at": "2099-12-31T23:59:59Z",
+                    "timezone": "Europe/Berlin",
+                }
+            ]
+        }
+    )
+
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     name: str = Field(min_length=1, max_length=200)
     type: Literal["discount", "gift_card", "shared_code", "flash_sale"]
@@ -120,6 +167,15 @@ class OrderIn(Strict):
 
 
 class CheckoutIn(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"code": "SPRING-7XK2Q9", "customer_id": "cust-42",
+                 "order": {"id": "order-1001", "amount": 4999, "currency": "EUR"}}
+            ]
+        }
+    )
+
     code: str = Field(min_length=1, max_length=128)
     customer_id: str | None = Field(default=None, min_length=1, max_length=128)
     order: OrderIn

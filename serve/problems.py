@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import errors
+from serve.models import Problem
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,51 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(json.JSONDecodeError, on_json_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+# --- the OpenAPI document ---------------------------------------------------------------
+
+# Why an operation may answer each problem status; the OpenAPI document lists, per route,
+# the statuses it can answer (see problem_responses), so clients and the schema fuzz know.
+_WHEN: dict[int, str] = {
+    400: "Malformed JSON body or Content-Length",
+    401: "Missing, invalid or expired credentials",
+    403: "The caller's roles do not allow this action",
+    404: "No such resource",
+    409: "Conflicts with the current state (duplicate, illegal transition, not redeemable)",
+    410: "Gone for good (campaign ended or expired, code void)",
+    413: "Request body too large",
+    422: "Request validation failed",
+    429: "Rate limit or failed-attempt budget exceeded; see Retry-After",
+    503: "The engine cannot answer now; retry after Retry-After",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route for the problem statuses it can answer."""
+    return {status: {"model": Problem, "description": _WHEN[status]} for status in sorted(set(statuses))}
+
+
+def document_problems(app: FastAPI) -> None:
+    """Serve problem responses in the OpenAPI document as ``application/problem+json``.
+
+    FastAPI files every documented body under the route's media type (``application/json``,
+    ``text/plain`` for /metrics); the API answers every error as ``application/problem+json``,
+    so the document is corrected once, when built.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for item in build()["paths"].values():
+                for operation in item.values():
+                    for status, response in operation.get("responses", {}).items():
+                        content = response.get("content")
+                        if status[:1] in ("4", "5") and content:
+                            response["content"] = {PROBLEM_MEDIA_TYPE: next(iter(content.values()))}
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # --- body size limit -------------------------------------------------------------------

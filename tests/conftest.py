@@ -110,4 +110,6 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
         settings.data_dir,
         services.database_url,
     )
-    serve.shutdown()
+    # No serve.shutdown(): its controller often takes its full 30 s timeout to stop; the
+    # session's ray.shutdown() stops Serve with everything else.
+    del serve

@@ -36,6 +36,14 @@ def running_services(tmpdir: Path) -> Iterator[Services]:
 
 
 @contextmanager
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def running_ray(**overrides: Any) -> Iterator[Any]:
     """One local Ray for the whole test session (or ``RAY_ADDRESS`` when set)."""
     import ray
@@ -43,6 +51,10 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     # Serve runs in the shipped high-throughput mode (HAProxy); Ray reads these at start.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # HAProxy's stats and metrics ports default to fixed numbers (8404, 9101): take free
+    # ones so a second Ray on the machine cannot make HAProxy fail to start.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
     options: dict[str, Any] = {
         "namespace": RAY_NAMESPACE,
         "include_dashboard": False,
