@@ -86,7 +86,6 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
     import socket
 
     import msgspec
-    from ray import serve
 
     from actors.cli import start_http
 
@@ -112,4 +111,3 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
     )
     # No serve.shutdown(): its controller often takes its full 30 s timeout to stop; the
     # session's ray.shutdown() stops Serve with everything else.
-    del serve

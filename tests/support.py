@@ -35,7 +35,6 @@ def running_services(tmpdir: Path) -> Iterator[Services]:
         services.stop()
 
 
-@contextmanager
 def _free_port() -> int:
     import socket
 
@@ -44,6 +43,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
 def running_ray(**overrides: Any) -> Iterator[Any]:
     """One local Ray for the whole test session (or ``RAY_ADDRESS`` when set)."""
     import ray
