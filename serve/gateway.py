@@ -129,6 +129,21 @@ def _reservation(r: Any) -> dict[str, Any]:
     return d
 
 
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json(status: int, body: Any, response: Response) -> Response:
+    """The hot path's answer, encoded by msgspec: returning a Response skips FastAPI's
+    re-validation of the body against the response model (which only documents it here),
+    so the headers set on ``response`` are carried over by hand."""
+    return Response(
+        _json_encoder.encode(body),
+        status_code=status,
+        media_type="application/json",
+        headers=dict(response.headers),
+    )
+
+
 def _job(job: dict[str, Any]) -> dict[str, Any]:
     out = dict(job)
     rate = out.get("rate") or 0.0
@@ -213,7 +228,15 @@ class Gateway:
         response.headers["X-Gateway-Replica"] = self.replica
         return principal
 
-    async def _limit(self, request: Request, response: Response, who: Principal | None) -> None:
+    async def _limit(
+        self,
+        request: Request,
+        response: Response,
+        who: Principal | None,
+        failure_keys: list[str] | None = None,
+    ) -> None:
+        """Charge the caller's limits; with ``failure_keys``, also check (without charging)
+        their failed-attempt budgets, in the same single Redis call."""
         ip = request.client.host if request.client else "unknown"
         checks = []
         # Per-IP limits are for anonymous and customer traffic; a checkout service sends
@@ -225,10 +248,14 @@ class Gateway:
             role = max(who.roles, key=lambda r: self.policy.role_limit(r).rate)
             subject = f"{who.kind}:{who.api_key_id or who.user_id}"
             checks.append(self.policy.principal_check(role, subject))
-        decision = await self.limiter.hit_many(checks)
+        if failure_keys:
+            decision = await self.limiter.hit_and_check_failures(checks, failure_keys, self.policy)
+        else:
+            decision = await self.limiter.hit_many(checks)
         response.headers.update(rate_headers(decision))
         if not decision.allowed:
-            raise RateLimited(decision, "request")
+            what = "failed-attempt" if decision.key.startswith("fail:") else "request"
+            raise RateLimited(decision, what)
 
     def _guess_keys(
         self, request: Request, customer_id: str | None, who: Principal | None
@@ -497,10 +524,26 @@ class Gateway:
             idempotency_key=f"{p.user_id}:{key}" if key else None,
         )
 
+    async def _checkout_guard(
+        self,
+        request: Request,
+        response: Response,
+        action: str,
+        body: CheckoutIn,
+        key: str | None,
+    ) -> tuple[Principal, RedeemRequest]:
+        """The hot path's guard: credentials, role, and the caller's rate limits plus the
+        failed-attempt budgets of the customer (and IP) in one Redis round trip."""
+        p = await self._principal(request)
+        authorize(p, action)
+        req = self._checkout(body, p, key)
+        await self._limit(request, response, p, self._guess_keys(request, req.customer_id, p))
+        response.headers["X-Gateway-Replica"] = self.replica
+        return p, req
+
     async def _decide(
         self, op: str, req: RedeemRequest, request: Request, who: Principal
     ) -> Outcome:
-        await self._check_guessing(request, req.customer_id, who)
         t0 = time.perf_counter()
         out: Outcome = await self.batcher.submit(op, req)
         metrics.observe_decision(op, out, time.perf_counter() - t0)
@@ -518,13 +561,13 @@ class Gateway:
         responses=problem_responses(*_CHECKOUT),
     )
     async def validate(self, body: CheckoutIn, request: Request, response: Response) -> Any:
-        p = await self._guard(request, response, "validations.create")
-        out = await self._decide("validate", self._checkout(body, p, None), request, p)
+        p, req = await self._checkout_guard(request, response, "validations.create", body, None)
+        out = await self._decide("validate", req, request, p)
         if out.rejection is not None:
             return from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
         v = msgspec.to_builtins(out.validation)
         v["reason"] = v.pop("error", None)
-        return v
+        return _json(200, v, response)
 
     @api.post(
         "/v1/redemptions",
@@ -540,12 +583,14 @@ class Gateway:
         response: Response,
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Any:
-        p = await self._guard(request, response, "redemptions.create")
-        out = await self._decide("redeem", self._checkout(body, p, idempotency_key), request, p)
+        p, req = await self._checkout_guard(
+            request, response, "redemptions.create", body, idempotency_key
+        )
+        out = await self._decide("redeem", req, request, p)
         if out.rejection is not None:
             return from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
         response.headers["Location"] = f"/v1/redemptions/{out.redemption.id}"  # type: ignore[union-attr]
-        return _redemption(out.redemption)
+        return _json(201, _redemption(out.redemption), response)
 
     @api.post(
         "/v1/redemptions/{redemption_id}/rollback",
@@ -578,11 +623,13 @@ class Gateway:
         response: Response,
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Any:
-        p = await self._guard(request, response, "reservations.write")
-        out = await self._decide("reserve", self._checkout(body, p, idempotency_key), request, p)
+        p, req = await self._checkout_guard(
+            request, response, "reservations.write", body, idempotency_key
+        )
+        out = await self._decide("reserve", req, request, p)
         if out.rejection is not None:
             return from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
-        return _reservation(out.reservation)
+        return _json(201, _reservation(out.reservation), response)
 
     @api.post(
         "/v1/reservations/{reservation_id}/confirm",
