@@ -47,6 +47,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     serve_mode: ServeMode = "haproxy"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
+    shard_resource: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +159,11 @@ _ENV: dict[str, tuple[str, str]] = {
     "max_body_bytes": (
         "VOUCHER_MAX_BODY_BYTES",
         "Largest request body accepted, in bytes (1024..64 MiB); larger ones get 413.",
+    ),
+    "shard_resource": (
+        "VOUCHER_SHARD_RESOURCE",
+        "Custom Ray resource each shard actor asks one unit of (cluster.yaml: `voucher_shard`), "
+        "so shards go to shard nodes and keep them from scaling down. Unset: no placement.",
     ),
 }
 _UPPER = frozenset({"log_level"})

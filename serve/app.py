@@ -14,6 +14,7 @@ import msgspec
 import yaml
 from ray.serve import Application
 
+from engine.errors import ConfigError
 from engine.settings import Settings
 from serve.deployments import Campaigns, Delivery, Notifications, Reports, Users, Vouchers
 from serve.gateway import Gateway
@@ -25,9 +26,17 @@ APP_NAME = "voucher"
 def build_app(args: dict[str, Any]) -> Application:
     """``args``: ``database_url``, ``redis_url``, optional ``settings`` (dict; default: from
     the environment) and ``replicas`` ({deployment name: count})."""
-    settings = args.get("settings") or msgspec.to_builtins(Settings.from_env())
-    dsn = args["database_url"]
-    redis_url = args["redis_url"]
+    env = Settings.from_env()
+    settings = args.get("settings") or msgspec.to_builtins(env)
+    # `serve deploy serve/config.cluster.yaml` leaves the URLs null: each node's environment
+    # (VOUCHER_DATABASE_URL / VOUCHER_REDIS_URL) supplies them, so no secret is in the file.
+    dsn = args.get("database_url") or env.database_url
+    redis_url = args.get("redis_url") or env.redis_url
+    if not dsn or not redis_url:
+        raise ConfigError(
+            "the Serve app needs database_url and redis_url (args or VOUCHER_DATABASE_URL / "
+            "VOUCHER_REDIS_URL)"
+        )
     replicas: dict[str, int] = {**args.get("replicas", {})}
 
     def n(name: str) -> int:
