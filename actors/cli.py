@@ -108,13 +108,8 @@ async def _demo(engine: Any) -> None:
     _print(await engine.stats(c.id))
 
 
-def start_http(
-    settings: Settings, dsn: str, redis_url: str, replicas: dict[str, int] | None = None
-) -> str:
-    """Bootstrap the first admin, then deploy the Serve app; returns its base URL."""
-    from ray import serve
-
-    from serve.app import APP_NAME, build_app, load_config
+def bootstrap(settings: Settings, dsn: str) -> None:
+    """Create the first admin from configuration (idempotent)."""
     from serve.users import bootstrap_admin
 
     generated = asyncio.run(bootstrap_admin(settings, dsn))
@@ -122,6 +117,17 @@ def start_http(
         print(f"admin:    {settings.admin_email} / {generated}  (generated; shown once)")
     else:
         print(f"admin:    {settings.admin_email}")
+
+
+def start_http(
+    settings: Settings, dsn: str, redis_url: str, replicas: dict[str, int] | None = None
+) -> str:
+    """Bootstrap the first admin, then deploy the Serve app; returns its base URL."""
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app, load_config
+
+    bootstrap(settings, dsn)
     entry = load_config()
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     app_args = {
@@ -134,6 +140,37 @@ def start_http(
         app_args["replicas"] = {**app_args.get("replicas", {}), **replicas}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix=entry.get("route_prefix", "/"))
     return f"http://{settings.http_host}:{settings.http_port}"
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    """One-shot deployment onto a running Ray cluster (``RAY_ADDRESS`` or ``auto``): apply
+    migrations, start the shard actors and the coordinator as detached actors, deploy the
+    Serve app, and exit; everything keeps running in the cluster."""
+    from actors.client import start_engine
+    from actors.migrations import migrate
+
+    if not settings.database_url or not settings.redis_url:
+        raise errors.ConfigError(
+            "deploy needs VOUCHER_DATABASE_URL and VOUCHER_REDIS_URL: a cluster shares one "
+            "Postgres and one Redis, the embedded servers are for one machine"
+        )
+    if not settings.jwt_secret:
+        raise errors.ConfigError(
+            "deploy needs VOUCHER_JWT_SECRET: every node must sign and verify with one key"
+        )
+    applied = asyncio.run(migrate(settings.database_url))
+    print(f"postgres: migrations applied: {applied or 'none (up to date)'}")
+    _ray_init(settings, attach=True)
+    start_engine(settings, settings.database_url, detached=True)
+    print(f"engine:   {settings.shards} detached shard actors + coordinator, namespace {settings.namespace!r}")
+    if args.no_http:
+        # the Serve app comes from `serve deploy serve/config.cluster.yaml`; the admin
+        # must exist either way
+        bootstrap(settings, settings.database_url)
+    else:
+        url = start_http(settings, settings.database_url, settings.redis_url)
+        print(f"http:     Serve app deployed ({url} on the head; every node's proxy serves it)")
+    return 0
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -241,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="create a demo campaign and use it")
     up.add_argument("--exit", action="store_true", help="stop after start-up (and the demo)")
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
+    dep = sub.add_parser(
+        "deploy", help="deploy onto a running Ray cluster (external Postgres/Redis) and exit"
+    )
+    dep.add_argument("--no-http", action="store_true", help="do not deploy the HTTP API")
     cr = sub.add_parser("create", help="create a campaign")
     cr.add_argument("name")
     cr.add_argument("--id")
@@ -285,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "up":
             return cmd_up(args, settings)
+        if args.command == "deploy":
+            return cmd_deploy(args, settings)
         _ray_init(settings, attach=True)
         _print(asyncio.run(_attached(args, settings)))
         return 0

@@ -36,18 +36,39 @@ def shard_name(i: int) -> str:
     return f"shard-{i}"
 
 
-def start_engine(settings: Settings, dsn: str) -> VoucherEngine:
-    """Create (or attach to) the named shard and coordinator actors; Ray must be up."""
+def start_engine(
+    settings: Settings, dsn: str, *, spread: bool = True, detached: bool = False
+) -> VoucherEngine:
+    """Create (or attach to) the named shard and coordinator actors; Ray must be up.
+
+    ``spread`` places the shards with Ray's SPREAD strategy, so on a cluster they land on
+    different nodes and one lost node takes only its share of the buckets with it (Ray
+    restarts those shards on the surviving nodes, where they reload from Postgres). On one
+    machine it changes nothing. ``detached`` keeps the actors alive after the driver that
+    created them exits (``voucher-engine deploy`` on a cluster). With
+    ``VOUCHER_SHARD_RESOURCE`` set, each shard asks one unit of that custom resource, so
+    shards run on the nodes that offer it (cluster.yaml's shard nodes).
+    """
     blob = _enc.encode(settings)
+    # Ray places an actor that requests no resources at all on a random node, whatever its
+    # strategy; a token request (1 byte of `memory`) makes SPREAD's round-robin apply.
+    placement: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1} if spread else {}
+    if settings.shard_resource:
+        placement["resources"] = {settings.shard_resource: 1}
+    lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
     shards = [
         VoucherShard.options(  # type: ignore[attr-defined]
-            name=shard_name(i), namespace=settings.namespace, get_if_exists=True
+            name=shard_name(i),
+            namespace=settings.namespace,
+            get_if_exists=True,
+            **placement,
+            **lifetime,
         ).remote(i, settings.shards, dsn, blob)
         for i in range(settings.shards)
     ]
     ray.get([s.ready.remote() for s in shards])
     coordinator = Coordinator.options(  # type: ignore[attr-defined]
-        name="coordinator", namespace=settings.namespace, get_if_exists=True
+        name="coordinator", namespace=settings.namespace, get_if_exists=True, **lifetime
     ).remote([shard_name(i) for i in range(settings.shards)], settings.namespace, dsn, blob)
     ray.get(coordinator.ready.remote())
     return VoucherEngine(shards, coordinator)

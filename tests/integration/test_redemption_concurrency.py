@@ -110,7 +110,8 @@ async def test_shared_code_global_limit_and_per_customer_limit(engine, services)
 
 
 async def test_idempotent_replay_rollback_and_restore(engine, services):
-    cid = await discount_campaign(engine, 10)
+    # enough codes that the shard deciding alice's assignment surely owns some
+    cid = await discount_campaign(engine, 200)
     code = (await engine.assign(cid, "alice")).code
     assert (await engine.assign(cid, "alice")).code == code  # a re-run gives the same code
     req = RedeemRequest(
