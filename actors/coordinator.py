@@ -21,6 +21,7 @@ import msgspec
 import ray
 
 from actors.calls import guarded
+from actors.observability import configure_json_logging
 from actors.persistence import (
     create_pool,
     insert_campaign,
@@ -222,7 +223,11 @@ class CoordinatorCore:
         except Exception as exc:
             job["state"] = "failed"
             job["error"] = getattr(exc, "message", None) or repr(exc)
-            log.exception("generation job %s failed", job["id"])
+            log.exception(
+                "generation job %s failed",
+                job["id"],
+                extra={"job_id": job["id"], "campaign_id": job["campaign_id"]},
+            )
         job["finished_at"] = utcnow()
         async with self._pool.acquire() as conn:
             await upsert_job(conn, job)
@@ -240,9 +245,10 @@ class Coordinator:
     """Ray face of :class:`CoordinatorCore`."""
 
     def __init__(self, shard_names: list[str], namespace: str, dsn: str, settings: bytes) -> None:
-        logging.basicConfig(level=logging.INFO)
+        decoded = msgspec.msgpack.decode(settings, type=Settings)
+        configure_json_logging(decoded.log_level)
         shards = [ray.get_actor(n, namespace=namespace) for n in shard_names]
-        self.core = CoordinatorCore(shards, dsn, msgspec.msgpack.decode(settings, type=Settings))
+        self.core = CoordinatorCore(shards, dsn, decoded)
 
     async def ready(self) -> bool:
         await self.core.ready()

@@ -6,7 +6,15 @@ the batch holding its decision has committed; in ``fast`` mode it leaves at once
 decision is committed within about one batch window (the loss window if the process dies).
 
 Batch entry points take and return msgpack bytes: one Ray call carries many requests and
-the payload is (de)serialised by msgspec instead of pickle.
+the payload is (de)serialised by msgspec instead of pickle. Beside the payload, the
+gateway may pass ``request_ids`` (one per request, in order) so the shard's logs name the
+HTTP requests they are about; callers that pass none (``VoucherEngine``) work unchanged.
+
+Observability (``actors/observability.py``): one metrics update per batch (decisions by
+op and outcome, batch size), per commit (latency, events), and per second (queue depths);
+a DEBUG line per batch with its request ids, an INFO line per batch that had rejections
+(with each rejected request's id and error code, never the voucher code), and a WARNING
+with the batch's ids when a batch fails as a whole.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import psutil
 import ray
 
 from actors.calls import guarded
+from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, create_pool
 from actors.write_behind import WriteBehind
 from engine import errors
 from engine.campaigns import Campaign
-from engine.pools import CampaignStats, RedeemRequest, ShardState
+from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState
 from engine.routing import BUCKETS
 from engine.settings import Settings
 
@@ -62,6 +71,7 @@ class ShardCore:
         self._housekeeping: asyncio.Task[None] | None = None
         self.loaded_at: datetime | None = None
         self.decisions = 0
+        self.metrics = ShardMetrics(shard_id)
 
     async def ready(self) -> None:
         if self._ready is None:
@@ -79,17 +89,29 @@ class ShardCore:
             on_fatal=self._die,
             window_s=self.settings.batch_window_ms / 1000.0,
             max_batch=self.settings.batch_max,
+            observe=self.metrics.commit,
         )
         if self.state.events:  # recovery found voids to re-apply
             await self.writer.durable()
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         self.loaded_at = utcnow()
-        log.info("shard %d/%d loaded %d codes", self.shard_id, self.shards, len(self.state.codes))
+        log.info(
+            "shard %d/%d loaded %d codes",
+            self.shard_id,
+            self.shards,
+            len(self.state.codes),
+            extra={"shard": self.shard_id, "codes": len(self.state.codes)},
+        )
 
     def _die(self, exc: BaseException) -> None:
         # Memory is ahead of the database: never answer from it again. Exit so Ray
         # restarts the actor, which reloads from Postgres.
-        log.error("shard %d exiting after storage failure: %r", self.shard_id, exc)
+        log.error(
+            "shard %d exiting after storage failure: %r",
+            self.shard_id,
+            exc,
+            extra={"shard": self.shard_id},
+        )
         asyncio.get_running_loop().call_later(0.05, os._exit, 1)
 
     async def _housekeep(self) -> None:
@@ -98,6 +120,8 @@ class ShardCore:
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
+            if self.writer is not None:
+                self.metrics.queues(len(self.state.events), self.writer.waiting)
             if self.state.expire_reservations():
                 self._commit_later()
             if ticks % 300 == 0:
@@ -116,24 +140,107 @@ class ShardCore:
 
     # --- batches -------------------------------------------------------------------------
 
-    async def redeem_many(self, payload: bytes) -> bytes:
-        await self.ready()
-        reqs = _req_list.decode(payload)
-        outs = [self.state.redeem_one(r) for r in reqs]
-        self.decisions += len(outs)
-        await self._ack()
+    async def redeem_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        try:
+            await self.ready()
+            outs = [self.state.redeem_one(r) for r in _req_list.decode(payload)]
+            self.decisions += len(outs)
+            await self._ack()
+            self._observe("redeem", outs, request_ids)
+        except Exception as exc:
+            self._batch_failed("redeem", exc, request_ids)
+            raise
         return _enc.encode(outs)
 
-    async def validate_many(self, payload: bytes) -> bytes:
-        await self.ready()
-        reqs = _req_list.decode(payload)
-        return _enc.encode([self.state.validate_one(r) for r in reqs])
-
-    async def reserve_many(self, payload: bytes) -> bytes:
-        await self.ready()
-        outs = [self.state.reserve_one(r) for r in _req_list.decode(payload)]
-        await self._ack()
+    async def validate_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        try:
+            await self.ready()
+            outs = [self.state.validate_one(r) for r in _req_list.decode(payload)]
+            self._observe("validate", outs, request_ids)
+        except Exception as exc:
+            self._batch_failed("validate", exc, request_ids)
+            raise
         return _enc.encode(outs)
+
+    async def reserve_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        try:
+            await self.ready()
+            outs = [self.state.reserve_one(r) for r in _req_list.decode(payload)]
+            await self._ack()
+            self._observe("reserve", outs, request_ids)
+        except Exception as exc:
+            self._batch_failed("reserve", exc, request_ids)
+            raise
+        return _enc.encode(outs)
+
+    def _observe(self, op: str, outs: list[Outcome], request_ids: list[str | None] | None) -> None:
+        """Metrics and logs of one decided (and, when it writes, acknowledged) batch: one
+        pass over the outcomes, log records built only when their level is enabled. Never
+        raises: the batch is decided, its answer must leave."""
+        try:
+            self._report(op, outs, request_ids)
+        except Exception:
+            log.exception("recording %s batch metrics failed", op, extra={"shard": self.shard_id})
+
+    def _report(self, op: str, outs: list[Outcome], request_ids: list[str | None] | None) -> None:
+        failed = self.metrics.batch(op, outs)
+        n = len(outs)
+        if request_ids is not None and len(request_ids) != n:
+            request_ids = None  # a confused caller: better no ids than wrong ones
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s batch of %d decided",
+                op,
+                n,
+                extra={
+                    "shard": self.shard_id,
+                    "op": op,
+                    "size": n,
+                    "rejected": len(failed),
+                    "request_ids": request_ids,
+                },
+            )
+        if failed and log.isEnabledFor(logging.INFO):
+            ids = request_ids
+            rejections = [
+                {"request_id": ids[i] if ids is not None else None, "error": code}
+                for i, code in failed
+            ]
+            log.info(
+                "%s: %d of %d rejected",
+                op,
+                len(failed),
+                n,
+                extra={
+                    "shard": self.shard_id,
+                    "op": op,
+                    # the one affected request, when there is one; else see ``rejections``
+                    "request_id": rejections[0]["request_id"] if len(rejections) == 1 else None,
+                    "rejections": rejections,
+                },
+            )
+
+    def _batch_failed(
+        self, op: str, exc: BaseException, request_ids: list[str | None] | None
+    ) -> None:
+        log.warning(
+            "%s batch failed: %s",
+            op,
+            getattr(exc, "code", None) or exc.__class__.__name__,
+            extra={
+                "shard": self.shard_id,
+                "op": op,
+                "error": getattr(exc, "code", None) or exc.__class__.__name__,
+                "request_id": request_ids[0] if request_ids and len(request_ids) == 1 else None,
+                "request_ids": request_ids,
+            },
+        )
 
     async def refs_many(self, op: str, payload: bytes) -> bytes:
         """``rollback`` / ``confirm`` / ``release`` of ``[(id, idempotency_key)]``."""
@@ -147,12 +254,14 @@ class ShardCore:
             raise errors.InvalidInput(f"unknown operation {op!r}")
         outs = [fn(ref, key) for ref, key in _ref_list.decode(payload)]
         await self._ack()
+        self._observe(op, outs, None)
         return _enc.encode(outs)
 
     async def assign_many(self, campaign_id: str, customers: list[str]) -> bytes:
         await self.ready()
         outs = [self.state.assign_one(campaign_id, cust) for cust in customers]
         await self._ack()
+        self._observe("assign", outs, None)
         return _enc.encode(outs)
 
     # --- campaigns and the bank ---------------------------------------------------------
@@ -224,24 +333,31 @@ class VoucherShard:
     """Ray face of :class:`ShardCore` (every method delegates)."""
 
     def __init__(self, shard_id: int, shards: int, dsn: str, settings: bytes) -> None:
-        logging.basicConfig(level=logging.INFO)
-        self.core = ShardCore(shard_id, shards, dsn, msgspec.msgpack.decode(settings, type=Settings))
+        decoded = msgspec.msgpack.decode(settings, type=Settings)
+        configure_json_logging(decoded.log_level)
+        self.core = ShardCore(shard_id, shards, dsn, decoded)
 
     async def ready(self) -> bool:
         await self.core.ready()
         return True
 
     @guarded
-    async def redeem_many(self, payload: bytes) -> bytes:
-        return await self.core.redeem_many(payload)
+    async def redeem_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        return await self.core.redeem_many(payload, request_ids)
 
     @guarded
-    async def validate_many(self, payload: bytes) -> bytes:
-        return await self.core.validate_many(payload)
+    async def validate_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        return await self.core.validate_many(payload, request_ids)
 
     @guarded
-    async def reserve_many(self, payload: bytes) -> bytes:
-        return await self.core.reserve_many(payload)
+    async def reserve_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        return await self.core.reserve_many(payload, request_ids)
 
     @guarded
     async def refs_many(self, op: str, payload: bytes) -> bytes:

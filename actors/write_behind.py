@@ -30,13 +30,16 @@ class WriteBehind:
         window_s: float = 0.002,
         max_batch: int = 2048,
         retries: int = 3,
+        observe: Callable[[int, float, bool], None] | None = None,
     ) -> None:
+        """``observe(events, seconds, ok)`` hears of every commit attempt (for metrics)."""
         self._drain = drain
         self._persist = persist
         self._on_fatal = on_fatal
         self.window_s = window_s
         self.max_batch = max_batch
         self.retries = retries
+        self._observe = observe
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._failed: BaseException | None = None
@@ -57,6 +60,11 @@ class WriteBehind:
         self._waiters.append(fut)
         self._wake.set()
         return fut
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for the next commit (durable acks)."""
+        return len(self._waiters)
 
     def poke(self) -> None:
         """Events are pending but nobody waits (fast ack): write them soon anyway."""
@@ -96,18 +104,29 @@ class WriteBehind:
             try:
                 await self._persist(events)
             except Exception as exc:
+                self._report(len(events), time.perf_counter() - t0, False)
                 if attempt + 1 == self.retries:
                     raise
                 log.warning("group commit attempt %d failed: %r; retrying", attempt + 1, exc)
                 await asyncio.sleep(delay)
                 delay *= 4
                 continue
-            self.commit_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.commit_seconds += took
+            self._report(len(events), took, True)
             self.batches += 1
             self.events_written += len(events)
             self.last_batch = len(events)
             self.max_batch_seen = max(self.max_batch_seen, len(events))
             return
+
+    def _report(self, events: int, seconds: float, ok: bool) -> None:
+        # A metrics bug must never look like a storage failure (which is fatal).
+        if self._observe is not None:
+            try:
+                self._observe(events, seconds, ok)
+            except Exception:
+                log.exception("commit observer failed")
 
     async def close(self) -> None:
         if self._failed is None and not self._task.done():

@@ -12,12 +12,19 @@ The batch size thus follows the load by itself: one at a time when quiet, hundre
 at peak. A second (third...) call in flight overlaps the shard's group commit, which
 otherwise would idle the lane for a whole batch window in durable ack mode.
 
+Each request's id (``X-Request-ID``, from :data:`actors.observability.request_id_var` or
+passed to ``submit``) travels with it: a call carries the list of its requests' ids beside
+the msgpack payload, so the shard's logs name the HTTP requests. Per call, the batcher
+records its size, round trip and failure, and the lane's queue depth and calls in flight
+(Ray metrics, when given a :class:`~actors.observability.BatcherMetrics`).
+
 One batcher belongs to one event loop (the Serve replica's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +32,7 @@ from typing import Any
 import msgspec
 
 from actors.calls import call
+from actors.observability import BatcherMetrics, request_id_var
 from engine import errors
 from engine.pools import Outcome, RedeemRequest, route_bucket
 from engine.routing import shard_of_bucket
@@ -66,7 +74,7 @@ class BatcherStats:
                 s.failed_batches += 1
 
 
-_Waiter = tuple[RedeemRequest, "asyncio.Future[Outcome]"]
+_Waiter = tuple[RedeemRequest, "asyncio.Future[Outcome]", str | None]
 
 
 class _Lane:
@@ -85,25 +93,35 @@ class MicroBatcher:
     """Coalesce concurrent ``submit`` calls per (shard, op) into ``<op>_many`` actor calls."""
 
     def __init__(
-        self, engine: Any, *, max_batch: int = 256, max_inflight: int = 2
+        self,
+        engine: Any,
+        *,
+        max_batch: int = 256,
+        max_inflight: int = 2,
+        metrics: BatcherMetrics | None = None,
     ) -> None:
         """``engine`` is an :class:`actors.client.VoucherEngine` (only ``.shards`` and ``.n``
         are used: anything with shard handles whose ``<op>_many.remote(blob)`` returns an
-        awaitable will do)."""
+        awaitable will do; ``remote(blob, request_ids)`` when the requests carry ids).
+        ``metrics``: where to record batches and queue depths (none by default)."""
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be >= 1")
         self.engine = engine
         self.max_batch = max_batch
         self.max_inflight = max_inflight
         self.counters = BatcherStats()
+        self.metrics = metrics
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # --- public ------------------------------------------------------------------------
 
-    async def submit(self, op: str, req: RedeemRequest) -> Outcome:
+    async def submit(self, op: str, req: RedeemRequest, request_id: str | None = None) -> Outcome:
         """The shard's answer to ``req``: an Outcome with a result or a rejection.
+
+        ``request_id`` (default: the current one, :data:`request_id_var`) goes to the shard
+        with the request, for its logs.
 
         Raises :class:`engine.errors.Unavailable` (or whatever the actor call raised) when
         the call carrying this request failed as a whole.
@@ -118,7 +136,7 @@ class MicroBatcher:
             lane = self._lanes[(shard, op)] = _Lane(shard, op)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outcome] = loop.create_future()
-        lane.queue.append((req, fut))
+        lane.queue.append((req, fut, request_id or request_id_var.get()))
         self._schedule(lane, loop)
         return await fut
 
@@ -173,43 +191,50 @@ class MicroBatcher:
         while lane.inflight < self.max_inflight and lane.queue:
             batch: list[_Waiter] = []
             while lane.queue and len(batch) < self.max_batch:
-                req, fut = lane.queue.popleft()
-                if not fut.done():  # a caller that gave up (cancelled) is not sent
-                    batch.append((req, fut))
+                waiter = lane.queue.popleft()
+                if not waiter[1].done():  # a caller that gave up (cancelled) is not sent
+                    batch.append(waiter)
             if not batch:
                 continue
             lane.inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(lane, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self.metrics is not None:
+            self.metrics.depth(lane.shard, lane.op, len(lane.queue), lane.inflight)
 
     async def _send(self, lane: _Lane, batch: list[_Waiter]) -> None:
         failed = True
+        t0 = time.perf_counter()
         try:
-            blob = _enc.encode([req for req, _ in batch])
-            handle = self.engine.shards[lane.shard]
-            res = await call(getattr(handle, lane.method).remote(blob))
+            blob = _enc.encode([w[0] for w in batch])
+            method = getattr(self.engine.shards[lane.shard], lane.method)
+            ids = [w[2] for w in batch]
+            if any(ids):
+                res = await call(method.remote(blob, ids))
+            else:  # nothing to carry: the plain call shape
+                res = await call(method.remote(blob))
             outs = _outs.decode(res)
             if len(outs) != len(batch):
                 raise errors.Unavailable(
                     f"shard {lane.shard} answered {len(outs)} outcomes for {len(batch)} requests"
                 )
-            for (_, fut), out in zip(batch, outs, strict=True):
+            for (_, fut, _), out in zip(batch, outs, strict=True):
                 if not fut.done():
                     fut.set_result(out)
             failed = False
         except errors.VoucherError as exc:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     # One instance per waiter: a shared one would pile up tracebacks.
                     fut.set_exception(_copy(exc))
         except asyncio.CancelledError:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.cancel()
             raise
         except Exception as exc:
             # A bug or an undecodable answer: every waiter learns, none hangs.
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc)
         finally:
@@ -217,6 +242,10 @@ class MicroBatcher:
             lane.inflight -= 1
             if lane.queue:
                 self._schedule(lane, asyncio.get_running_loop())
+            if self.metrics is not None:
+                m = self.metrics
+                m.sent(lane.shard, lane.op, len(batch), time.perf_counter() - t0, failed)
+                m.depth(lane.shard, lane.op, len(lane.queue), lane.inflight)
 
 
 def _copy(exc: errors.VoucherError) -> errors.VoucherError:

@@ -6,6 +6,10 @@ shard instead of one per request.
 Every endpoint states the action it needs (``serve.auth.PERMISSIONS`` maps actions to
 roles); every error is an RFC 9457 problem.
 
+Every request has an id: the client's ``X-Request-ID`` or a new one, returned in the
+response's ``X-Request-ID`` (Serve does both), present in every JSON log line written while
+the request is handled (a context variable), and passed to the shards with the request.
+
 No ``from __future__ import annotations`` here: Serve's ingress rebinds these methods, and
 FastAPI must resolve their annotations (``Request``...) as real objects.
 """
@@ -23,6 +27,7 @@ from ray import serve
 
 from actors.calls import Failure
 from actors.client import attach_engine
+from actors.observability import BatcherMetrics, RequestIdMiddleware, configure_json_logging
 from engine import errors
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
@@ -79,6 +84,10 @@ install_problem_handlers(api)
 document_problems(api)
 # Body limits are enforced in front of FastAPI, before any body is read.
 api.add_middleware(BodySizeLimit, max_bytes=Settings.from_env().max_body_bytes)
+# Added last, so outermost: even a 413 from the body limit is logged with the request id.
+# Serve reads X-Request-ID (or makes one), passes it on and returns it on every response:
+# the middleware only binds it for the logs and the shards (echo=False: not sent twice).
+api.add_middleware(RequestIdMiddleware, echo=False)
 
 
 # The problem statuses each route documents, by what the route does (every route lists the
@@ -175,8 +184,8 @@ class Gateway:
         dsn: str,
         redis_url: str,
     ) -> None:
-        logging.basicConfig(level=logging.INFO)
         self.settings = msgspec.convert(settings, Settings)
+        configure_json_logging(self.settings.log_level)
         self.users = users
         self.campaigns = campaigns
         self.vouchers = vouchers
@@ -184,7 +193,7 @@ class Gateway:
         self.reports = reports
         self.notifications = notifications
         self.engine = attach_engine(self.settings)
-        self.batcher = MicroBatcher(self.engine)
+        self.batcher = MicroBatcher(self.engine, metrics=BatcherMetrics())
         self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
         self.store = UserStore(dsn)
         self.limiter = RateLimiter(redis_url)
@@ -550,6 +559,8 @@ class Gateway:
         failed = out.rejection.error if out.rejection is not None else None
         if out.validation is not None and not out.validation.valid:
             failed = out.validation.error
+        if log.isEnabledFor(logging.DEBUG):  # request_id comes from the context
+            log.debug("%s decided: %s", op, failed or "ok", extra={"op": op, "outcome": failed or "ok"})
         if failed is not None and _is_guess_failure(failed):
             await self._penalize(request, req.customer_id, who)
         return out

@@ -1,6 +1,14 @@
 """Prometheus metrics of the gateway process, rendered at ``GET /metrics``.
 
 Each gateway replica reports its own counters (Prometheus sums replicas at query time).
+
+This is the gateway's HTTP-side view only. The actors' metrics (shard decisions by op and
+outcome, batch sizes, group-commit latency and events, pending events and waiters) and the
+micro-batcher's per-shard queue depths, calls in flight and batch sizes are Ray metrics
+(``actors/observability.py``), exported with a ``ray_`` prefix by every Ray node's metrics
+agent (``http://<node>:<metrics export port>/metrics``; fix the port with
+``ray start --metrics-export-port``, or let ``ray metrics launch-prometheus`` discover the
+nodes). Scrape both.
 """
 
 from __future__ import annotations
