@@ -162,10 +162,12 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_guess_failure(code: str) -> bool:
-    """Failures that a code-guessing attack produces (unknown, malformed, not redeemable)."""
+    """Failures a code-guessing attack produces: unknown or malformed codes, and someone
+    else's code. Not the answers honest shoppers get in a flash sale (sold out, already
+    used, limit reached): those must not lock a shop's customers out."""
     cls = errors.registry().get(code)
     return cls is not None and issubclass(
-        cls, (errors.NotRedeemable, errors.UnknownCode, errors.MalformedCode)
+        cls, (errors.UnknownCode, errors.MalformedCode, errors.WrongCustomer)
     )
 
 

@@ -1,0 +1,128 @@
+"""admin: marketing managers create campaigns, generate codes and watch the overview while
+a sale is running.
+
+``Manager`` users log in as managers (100 req/s each) and, in a loop: create a discount
+campaign, start a generation job (``POST /v1/campaigns/{id}/generate``), poll
+``GET /v1/jobs/{id}`` until it is done, activate the campaign and read its overview, list
+campaigns, and now and then pause and resume one. Issuance to customers (assigning codes)
+has no HTTP endpoint yet, so "issuance" here is generation + job polling + the overview's
+counters. ``Shopper`` users are the background traffic: a checkout service redeeming a
+shared code (limit, one per customer) with a new customer per order.
+
+At the end: every job generated exactly what was asked and each campaign's overview shows
+that many codes available; the background code's limits held and its count equals the 201s.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from locust import between, task
+
+from loadtests.scenarios import common
+from loadtests.scenarios.common import SEQ, TALLY, ApiUser
+
+SCENARIO = "admin"
+
+
+class Manager(ApiUser):
+    fixed_count = 2
+    wait_time = between(0.5, 1.5)
+
+    def on_start(self) -> None:
+        super().on_start()
+        accounts = self.plan["managers"]
+        account = accounts[next(SEQ) % len(accounts)]
+        self.auth = self.login(account["email"], account["password"])
+        self.mine: list[str] = []
+
+    @task(4)
+    def launch_campaign(self) -> None:
+        run = self.plan["run"]
+        count = random.choice([200, 500, 1000, 2000])
+        status, c = self.call(
+            "POST", "/v1/campaigns", name="POST /v1/campaigns", expected={201: None},
+            label="create", headers=self.auth,
+            body={"name": f"{run} manager campaign {next(SEQ)}", "type": "discount",
+                  "currency": "EUR", "discount": {"kind": "percent", "value": 15, "max": 2500},
+                  "code": {"length": 10, "prefix": "MG-"}, "timezone": "Europe/Berlin"})
+        if status != 201 or not c:
+            return
+        status, job = self.call(
+            "POST", f"/v1/campaigns/{c['id']}/generate", name="POST /v1/campaigns/{id}/generate",
+            expected={202: None}, label="generate", headers=self.auth, body={"count": count})
+        if status != 202 or not job:
+            return
+        deadline = time.monotonic() + 60
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
+                                       expected={200: None}, label="job", headers=self.auth)
+            if status == 200 and polled:
+                job = polled
+        TALLY.extra.setdefault("jobs", {})[c["id"]] = {
+            "requested": count, "generated": job.get("generated"), "state": job.get("state")}
+        if job.get("state") != "done":
+            TALLY.violation(f"generation job {job['id']} of {c['id']} ended {job}")
+            return
+        self.call("POST", f"/v1/campaigns/{c['id']}/activate",
+                  name="POST /v1/campaigns/{id}/activate", expected={200: None},
+                  label="activate", headers=self.auth)
+        status, ov = self.call("GET", f"/v1/campaigns/{c['id']}/overview",
+                               name="GET /v1/campaigns/{id}/overview", expected={200: None},
+                               label="overview", headers=self.auth)
+        if status == 200 and ov and ov["stats"]["available"] != count:
+            TALLY.violation(f"{c['id']}: generated {count}, overview shows {ov['stats']}")
+        self.mine.append(c["id"])
+
+    @task(2)
+    def watch(self) -> None:
+        self.call("GET", "/v1/campaigns?limit=20", name="GET /v1/campaigns", expected={200: None},
+                  label="list", headers=self.auth)
+        shared = self.plan["campaigns"]["shared"]["id"]
+        status, ov = self.call("GET", f"/v1/campaigns/{shared}/overview",
+                               name="GET /v1/campaigns/{id}/overview [live sale]",
+                               expected={200: None}, label="overview", headers=self.auth)
+        if status == 200 and ov and ov["stats"]["active_redemptions"] > self.plan["campaigns"]["shared"]["limit"]:
+            TALLY.violation(f"live sale over its limit: {ov['stats']}")
+
+    @task(1)
+    def pause_and_resume(self) -> None:
+        if not self.mine:
+            return
+        cid = random.choice(self.mine)
+        for action in ("pause", "activate"):
+            self.call("POST", f"/v1/campaigns/{cid}/{action}",
+                      name=f"POST /v1/campaigns/{{id}}/{action}", expected={200: None},
+                      label=action, headers=self.auth)
+
+
+class Shopper(ApiUser):
+    weight = 10
+    wait_time = between(0.05, 0.25)
+
+    @task
+    def checkout(self) -> None:
+        code = self.plan["campaigns"]["shared"]["code"]
+        customer = f"{self.plan['run']}-s{next(SEQ)}"
+        self.redeem("shared", code, customer, 3000, expected_409={"exhausted"})
+
+
+def verify(plan: dict[str, Any], tally: common.Tally, admin: Any) -> list[tuple[str, bool, str]]:
+    checks = common.shared_invariants(plan, tally, admin, "shared")
+    jobs = tally.extra.get("jobs", {})
+    wrong = []
+    for cid, job in jobs.items():
+        stats = admin.overview(cid)["stats"]
+        codes = stats["available"] + stats["assigned"] + stats["redeemed"] + stats["void"]
+        if job["generated"] != job["requested"] or codes != job["requested"]:
+            wrong.append(f"{cid}: asked {job['requested']}, job {job['generated']}, codes {codes}")
+    checks.append(("every generation job made exactly the codes asked", not wrong,
+                   f"{len(jobs)} campaigns; {wrong[:3]}"))
+    checks.append(("campaigns were created during the traffic", bool(jobs), f"{len(jobs)}"))
+    return checks
+
+
+common.install(SCENARIO, verify)
