@@ -48,6 +48,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     serve_mode: ServeMode = "haproxy"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
     shard_resource: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    smtp_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -165,6 +166,11 @@ _ENV: dict[str, tuple[str, str]] = {
         "Custom Ray resource each shard actor asks one unit of (cluster.yaml: `voucher_shard`), "
         "so shards go to shard nodes and keep them from scaling down. Unset: no placement.",
     ),
+    "smtp_url": (
+        "VOUCHER_SMTP_URL",
+        "SMTP server for email (smtp://[user:password@]host:port, smtps:// for TLS). Unset: "
+        "`voucher-engine up` starts the embedded SMTP sink, which records what it receives.",
+    ),
 }
 _UPPER = frozenset({"log_level"})
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -179,6 +185,7 @@ _SECRET = frozenset({"jwt_secret", "admin_password"})
 _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgres://", "postgresql://"),
     "redis_url": ("redis://", "rediss://", "unix://"),
+    "smtp_url": ("smtp://", "smtps://"),
 }
 
 
