@@ -45,7 +45,7 @@ def build_app(args: dict[str, Any]) -> Application:
     # Serve's decorators make these deployments; mypy sees the plain classes.
     users = Users.options(  # type: ignore[attr-defined]
         num_replicas=n("Users")
-    ).bind(settings, dsn)
+    ).bind(settings, dsn, redis_url)
     campaigns = Campaigns.options(  # type: ignore[attr-defined]
         num_replicas=n("Campaigns")
     ).bind(settings)

@@ -521,6 +521,22 @@ def hash_api_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
+# The gateway keeps a verified API key in memory for this long, so the checkout hot path
+# pays no database look-up per request. Revocations and owner role changes still apply at
+# once: they set the key's flag in Redis (api_key_flag) for API_KEY_FLAG_TTL_S, longer than
+# any cache entry lives, and the gateway reads that flag in the same Redis call as the rate
+# limits; a flagged key (or a request answered while Redis is down) is checked against
+# Postgres again.
+API_KEY_CACHE_S = 30.0
+API_KEY_FLAG_TTL_S = 120
+
+
+def api_key_flag(key_id: str) -> str:
+    """The Redis flag (under the limiter's prefix) set when a key is revoked or its owner's
+    roles change."""
+    return f"auth:stale:{key_id}"
+
+
 def verify_api_secret(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_api_secret(secret), stored_hash)
 

@@ -48,12 +48,15 @@ class Users:
     """Registration, login (Argon2id is CPU-heavy: it runs here, not on the gateway's
     event loop), API keys and roles."""
 
-    def __init__(self, settings: dict[str, Any], dsn: str) -> None:
+    def __init__(self, settings: dict[str, Any], dsn: str, redis_url: str) -> None:
         from serve.auth import TokenIssuer, load_or_create_secret
+        from serve.ratelimit import RateLimiter
         from serve.users import UserStore
 
         self.settings = _settings(settings)
         self.store = UserStore(dsn)
+        # Writes the gateways' API-key cache flags (same Redis and prefix as their limiter).
+        self.flags = RateLimiter(redis_url)
         self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
         self._started = False
 
@@ -79,10 +82,29 @@ class Users:
         await self._start()
         return dict(await self.store.get(user_id))
 
+    async def _flag_keys(self, key_ids: list[str], *, strict: bool) -> None:
+        """Tell every gateway replica to re-check these API keys against the database."""
+        from serve.auth import API_KEY_FLAG_TTL_S, api_key_flag
+
+        try:
+            await self.flags.flag([api_key_flag(k) for k in key_ids], API_KEY_FLAG_TTL_S)
+        except Exception as exc:
+            if strict:
+                raise errors.Unavailable(
+                    "cannot reach Redis to invalidate cached API keys; nothing was changed"
+                ) from exc
+            log.warning("could not re-flag API keys %s after the change: %s", key_ids, exc)
+
     @guarded
     async def set_roles(self, user_id: str, roles: list[str]) -> dict[str, Any]:
         await self._start()
-        return dict(await self.store.set_roles(user_id, roles))
+        # Flag before the change (a failure changes nothing) and after it (the flag then
+        # outlives every cache entry made before the commit).
+        keys = await self.store.api_key_ids(user_id)
+        await self._flag_keys(keys, strict=True)
+        out = dict(await self.store.set_roles(user_id, roles))
+        await self._flag_keys(keys, strict=False)
+        return out
 
     @guarded
     async def create_api_key(self, owner: Any, name: str, roles: list[str]) -> dict[str, Any]:
@@ -93,7 +115,9 @@ class Users:
     @guarded
     async def revoke_api_key(self, key_id: str, by: Any) -> dict[str, Any]:
         await self._start()
+        await self._flag_keys([key_id], strict=True)
         await self.store.revoke_api_key(key_id, by)
+        await self._flag_keys([key_id], strict=False)
         return {"id": key_id, "revoked": True}
 
     @guarded

@@ -40,26 +40,30 @@ log = logging.getLogger(__name__)
 
 ROLES = ("admin", "manager", "analyst", "integration", "customer", "anonymous")
 
-# KEYS: the buckets. ARGV[1]: mode, then (rate, burst, cost) per key.
+# KEYS: the buckets, then optionally one flag key. ARGV[1]: mode, ARGV[2]: 1 when the last
+# KEYS entry is a flag key (whose existence is reported, see RateLimiter.hit_and_check_failures)
+# else 0, then (rate, burst, cost, charge) per bucket.
 #   mode "all":  charge every key if every key allows, none otherwise (hit / hit_many)
 #   mode "each": charge each key that allows, independently (failure penalties)
 #   mode "peek": charge nothing, answer as if cost were charged (budget checks)
 # Returns, per key: allowed (0/1), remaining, reset_after_s, retry_after_s; floats travel
-# as strings because Redis truncates Lua numbers to integers.
+# as strings because Redis truncates Lua numbers to integers. With a flag key, one more
+# value: 1 if it exists, else 0.
 _GCRA_LUA = r"""
 local mode = ARGV[1]
+local nflag = tonumber(ARGV[2])
 local t = redis.call('TIME')
 -- seconds since 2024-01-01: keeps microsecond precision well inside a double
 local now = (tonumber(t[1]) - 1704067200) + tonumber(t[2]) / 1000000
-local n = #KEYS
+local n = #KEYS - nflag
 local res = {}
 local tats = {}
 local all_ok = true
 for i = 1, n do
-  local rate = tonumber(ARGV[2 + (i - 1) * 4])
-  local burst = tonumber(ARGV[3 + (i - 1) * 4])
-  local cost = tonumber(ARGV[4 + (i - 1) * 4])
-  local charge = ARGV[5 + (i - 1) * 4] == '1' 
+  local rate = tonumber(ARGV[3 + (i - 1) * 4])
+  local burst = tonumber(ARGV[4 + (i - 1) * 4])
+  local cost = tonumber(ARGV[5 + (i - 1) * 4])
+  local charge = ARGV[6 + (i - 1) * 4] == '1'
   local interval = 1 / rate
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat == nil or tat < now then tat = now end
@@ -94,6 +98,7 @@ if mode ~= 'peek' then
     end
   end
 end
+if nflag == 1 then res[#res + 1] = redis.call('EXISTS', KEYS[#KEYS]) end
 return res
 """
 _GCRA_SHA = hashlib.sha1(_GCRA_LUA.encode()).hexdigest()
@@ -118,6 +123,7 @@ class Decision(msgspec.Struct, frozen=True):
     retry_after_s: float
     key: str = ""
     degraded: bool = False  # answered without Redis (fail-open/closed fallback)
+    flagged: bool = False  # the flag key of hit_and_check_failures exists
 
 
 class Limit(msgspec.Struct, frozen=True):
@@ -284,17 +290,26 @@ class RateLimiter:
         checks: Sequence[Check],
         failure_keys: Sequence[str],
         policy: RateLimitPolicy | None = None,
+        *,
+        flag_key: str | None = None,
     ) -> Decision:
         """:meth:`hit_many` and :meth:`check_failure_budget` in ONE round trip (the hot
         path pays one Redis call per request): the request limits are charged only if
         they and every failure budget allow; the failure budgets are never charged here.
         A denial by a failure budget has a ``key`` starting with ``fail:``. Fails open:
-        at checkout, availability wins over the guessing defence while Redis is down."""
+        at checkout, availability wins over the guessing defence while Redis is down.
+
+        ``flag_key`` (unprefixed) rides along: the decision's ``flagged`` says whether it
+        exists (the gateway's API-key cache asks "was this key revoked or changed?")."""
         lim = self._failure_limit(policy, None, None)
         charged = [(self.prefix + k, r, b, c) for k, r, b, c in checks]
         peeked = self._failure_checks(failure_keys, lim, 1)
         return await self._run(
-            "all", charged + peeked, fail_open=True, peek_from=len(charged)
+            "all",
+            charged + peeked,
+            fail_open=True,
+            peek_from=len(charged),
+            flag_key=None if flag_key is None else self.prefix + flag_key,
         )
 
     async def penalize_failure(
@@ -324,6 +339,15 @@ class RateLimiter:
         lim = self._failure_limit(policy, rate, burst)
         return await self._run("peek", self._failure_checks(keys, lim, 1), fail_open=False)
 
+    async def flag(self, keys: Sequence[str], ttl_s: int) -> None:
+        """Set flag keys (read back by ``hit_and_check_failures(flag_key=...)``) for
+        ``ttl_s`` seconds. Raises on a Redis error: a flag that did not land must be known."""
+        if keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for k in keys:
+                pipe.set(self.prefix + k, "1", ex=ttl_s)
+            await pipe.execute()
+
     async def ping(self) -> bool:
         """True when Redis answers (for readiness probes); raises otherwise."""
         return bool(await self.redis.ping())
@@ -352,15 +376,18 @@ class RateLimiter:
         *,
         fail_open: bool,
         peek_from: int | None = None,
+        flag_key: str | None = None,
     ) -> Decision:
         if not checks:
             return Decision(True, 0, 0, 0.0, 0.0)
-        args: list[Any] = [mode]
+        args: list[Any] = [mode, 0 if flag_key is None else 1]
         for i, (key, rate, burst, cost) in enumerate(checks):
             _validate(key, rate, burst, cost)
             charge = 0 if peek_from is not None and i >= peek_from else 1
             args += [repr(float(rate)), int(burst), int(cost), charge]
         keys = [c[0] for c in checks]
+        if flag_key is not None:
+            keys.append(flag_key)
         if time.monotonic() < self._down_until:
             return self._fallback(checks, fail_open, None)
         try:
@@ -369,7 +396,10 @@ class RateLimiter:
             self.redis_errors += 1
             self._down_until = time.monotonic() + self.backoff_s
             return self._fallback(checks, fail_open, exc)
-        return _combine(checks, raw, len(self.prefix), peek_from)
+        decision = _combine(checks, raw, len(self.prefix), peek_from)
+        if flag_key is not None and int(raw[4 * len(checks)]):
+            decision = msgspec.structs.replace(decision, flagged=True)
+        return decision
 
     async def _eval(self, keys: list[str], args: list[Any]) -> list[Any]:
         try:

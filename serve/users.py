@@ -6,10 +6,11 @@ Choices worth knowing:
   (argon2-cffi releases the GIL), so the event loop keeps serving other requests.
 * Login costs the same whether or not the email exists: an unknown email is verified
   against a dummy hash, and every failure is the same ``invalid_credentials``.
-* API keys: no cache. Each authentication is one query (primary-key look-up of the key,
-  joined to its owner by primary key; ~0.3 ms on a warm connection), so a revocation, or
-  a change of the owner's roles, is seen at once by every gateway replica. A cache would
-  need cross-replica invalidation to give the same guarantee and saves little.
+* API keys: this store looks a key up on every call (primary key of the key, joined to its
+  owner by primary key). The gateway caches verified keys for ``API_KEY_CACHE_S`` and
+  learns of revocations and owner role changes from a Redis flag it reads in the same
+  call as the rate limits (``serve.auth.api_key_flag``): the Users deployment sets the flag
+  before and after changing the database, so every replica sees the change at once.
 * An API key's roles are fixed at creation, and at every use they are narrowed to what
   its owner may still delegate: demoting a manager disables its integration keys at once.
 * A user's roles travel in its (short-lived) token; ``set_roles`` applies at its next login.
@@ -422,6 +423,13 @@ class UserStore:
         )
         log.info("API key %s revoked by %s", key_id, by.user_id)
 
+    async def api_key_ids(self, owner_id: str) -> list[str]:
+        """Every key id of ``owner_id`` (revoked ones included)."""
+        rows = await (await self._db()).fetch(
+            "SELECT id FROM api_keys WHERE owner_id = $1", owner_id
+        )
+        return [r["id"] for r in rows]
+
     async def list_api_keys(self, owner: Principal) -> list[dict[str, Any]]:
         """The owner's keys, newest first, without secrets or hashes."""
         rows = await (await self._db()).fetch(
@@ -434,7 +442,7 @@ class UserStore:
     async def authenticate_api_key(self, plaintext: str) -> Principal:
         """The principal of a valid, unrevoked key: InvalidApiKey or ApiKeyRevoked (401).
 
-        One indexed query and no cache (see the module docstring).
+        One indexed query, no cache here (see the module docstring).
         """
         key_id, secret = parse_api_key(plaintext)
         row = await (await self._db()).fetchrow(_AUTH_KEY_SQL, key_id)
