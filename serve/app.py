@@ -61,8 +61,12 @@ def build_app(args: dict[str, Any]) -> Application:
     notifications = Notifications.options(  # type: ignore[attr-defined]
         num_replicas=n("Notifications")
     ).bind(dsn)
+    # Serve's access log costs the gateway a log record per request at peak; off unless
+    # VOUCHER_ACCESS_LOG=true (the replica's other Serve logs stay at WARNING and above).
+    access_log = bool(settings.get("access_log", False))
+    logging_config = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
     return Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=n("Gateway")
+        num_replicas=n("Gateway"), logging_config=logging_config
     ).bind(users, campaigns, vouchers, delivery, reports, notifications, settings, dsn, redis_url)
 
 

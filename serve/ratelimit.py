@@ -22,6 +22,7 @@ timeout on every request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -49,59 +50,85 @@ ROLES = ("admin", "manager", "analyst", "integration", "customer", "anonymous")
 # Returns, per key: allowed (0/1), remaining, reset_after_s, retry_after_s; floats travel
 # as strings because Redis truncates Lua numbers to integers. With a flag key, one more
 # value: 1 if it exists, else 0.
-_GCRA_LUA = r"""
-local mode = ARGV[1]
-local nflag = tonumber(ARGV[2])
+_GCRA_FUNCTION = r"""
+local function gcra(KEYS, ARGV, now)
+  local mode = ARGV[1]
+  local nflag = tonumber(ARGV[2])
+  local n = #KEYS - nflag
+  local res = {}
+  local tats = {}
+  local all_ok = true
+  for i = 1, n do
+    local rate = tonumber(ARGV[3 + (i - 1) * 4])
+    local burst = tonumber(ARGV[4 + (i - 1) * 4])
+    local cost = tonumber(ARGV[5 + (i - 1) * 4])
+    local charge = ARGV[6 + (i - 1) * 4] == '1'
+    local interval = 1 / rate
+    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if tat == nil or tat < now then tat = now end
+    local new_tat = tat + cost * interval
+    local allow_at = new_tat - burst * interval
+    local diff = now - allow_at
+    -- now is ~1e8 s with microsecond resolution: compare with a microsecond's slack
+    local ok = diff >= -1e-6
+    local remaining, reset_after, retry_after
+    if ok then
+      remaining = math.floor(diff / interval + 1e-4)
+      reset_after = new_tat - now
+      retry_after = 0
+      if mode == 'peek' or not charge then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4) end
+    else
+      all_ok = false
+      remaining = 0
+      reset_after = tat - now
+      retry_after = -diff
+    end
+    tats[i] = {ok and charge, new_tat}
+    res[#res + 1] = ok and 1 or 0
+    res[#res + 1] = remaining
+    res[#res + 1] = string.format('%.6f', reset_after)
+    res[#res + 1] = string.format('%.6f', retry_after)
+  end
+  if mode ~= 'peek' then
+    for i = 1, n do
+      if tats[i][1] and (mode == 'each' or all_ok) then
+        local ttl = math.ceil((tats[i][2] - now) * 1000) + 1000
+        redis.call('SET', KEYS[i], string.format('%.6f', tats[i][2]), 'PX', ttl)
+      end
+    end
+  end
+  if nflag == 1 then res[#res + 1] = redis.call('EXISTS', KEYS[#KEYS]) end
+  return res
+end
+"""
+_NOW_LUA = r"""
 local t = redis.call('TIME')
 -- seconds since 2024-01-01: keeps microsecond precision well inside a double
 local now = (tonumber(t[1]) - 1704067200) + tonumber(t[2]) / 1000000
-local n = #KEYS - nflag
-local res = {}
-local tats = {}
-local all_ok = true
-for i = 1, n do
-  local rate = tonumber(ARGV[3 + (i - 1) * 4])
-  local burst = tonumber(ARGV[4 + (i - 1) * 4])
-  local cost = tonumber(ARGV[5 + (i - 1) * 4])
-  local charge = ARGV[6 + (i - 1) * 4] == '1'
-  local interval = 1 / rate
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat == nil or tat < now then tat = now end
-  local new_tat = tat + cost * interval
-  local allow_at = new_tat - burst * interval
-  local diff = now - allow_at
-  -- now is ~1e8 s with microsecond resolution: compare with a microsecond's slack
-  local ok = diff >= -1e-6
-  local remaining, reset_after, retry_after
-  if ok then
-    remaining = math.floor(diff / interval + 1e-4)
-    reset_after = new_tat - now
-    retry_after = 0
-    if mode == 'peek' or not charge then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4) end
-  else
-    all_ok = false
-    remaining = 0
-    reset_after = tat - now
-    retry_after = -diff
-  end
-  tats[i] = {ok and charge, new_tat}
-  res[#res + 1] = ok and 1 or 0
-  res[#res + 1] = remaining
-  res[#res + 1] = string.format('%.6f', reset_after)
-  res[#res + 1] = string.format('%.6f', retry_after)
+"""
+_GCRA_LUA = _GCRA_FUNCTION + _NOW_LUA + "return gcra(KEYS, ARGV, now)\n"
+# Several independent checks in one call (RateLimiter coalesces the checks of concurrent
+# requests): ARGV[1] = number of groups, then per group its key count, its ARGV count and
+# its ARGV; KEYS are the groups' keys in order. Groups run one after the other, exactly as
+# separate calls would (a later group sees what an earlier one charged). Returns, per
+# group, the length of its answer and then the answer.
+_GCRA_MULTI_LUA = _GCRA_FUNCTION + _NOW_LUA + r"""
+local out = {}
+local ki, ai = 1, 2
+for g = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+  ai = ai + 2
+  local keys, argv = {}, {}
+  for j = 1, nk do keys[j] = KEYS[ki]; ki = ki + 1 end
+  for j = 1, na do argv[j] = ARGV[ai]; ai = ai + 1 end
+  local res = gcra(keys, argv, now)
+  out[#out + 1] = #res
+  for j = 1, #res do out[#out + 1] = res[j] end
 end
-if mode ~= 'peek' then
-  for i = 1, n do
-    if tats[i][1] and (mode == 'each' or all_ok) then
-      local ttl = math.ceil((tats[i][2] - now) * 1000) + 1000
-      redis.call('SET', KEYS[i], string.format('%.6f', tats[i][2]), 'PX', ttl)
-    end
-  end
-end
-if nflag == 1 then res[#res + 1] = redis.call('EXISTS', KEYS[#KEYS]) end
-return res
+return out
 """
 _GCRA_SHA = hashlib.sha1(_GCRA_LUA.encode()).hexdigest()
+_GCRA_MULTI_SHA = hashlib.sha1(_GCRA_MULTI_LUA.encode()).hexdigest()
 
 Check = tuple[str, float, int, int]
 """One limit to apply: (key, rate per second, burst, cost)."""
@@ -247,6 +274,7 @@ class RateLimiter:
         timeout_s: float = 0.25,
         backoff_s: float = 1.0,
         max_connections: int = 64,
+        coalesce: bool = True,
     ) -> None:
         if isinstance(redis, str):
             # A blocking pool: at peak, requests wait briefly for a connection instead of
@@ -269,6 +297,12 @@ class RateLimiter:
         self._down_until = 0.0
         self._last_warning = 0.0
         self.redis_errors = 0  # for metrics
+        # Coalescing of concurrent checks into one script call (see _eval).
+        self.coalesce = coalesce
+        self._queued: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.calls = 0  # script calls made
+        self.coalesced = 0  # checks answered by them
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -402,12 +436,68 @@ class RateLimiter:
         return decision
 
     async def _eval(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """One check's answer. Checks made while the event loop is busy with other requests
+        are coalesced: the first schedules a flush for the end of the loop's current
+        iteration, and every check queued by then travels in the same script call."""
+        if not self.coalesce:
+            return await self._eval_one(keys, args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        self._queued.append((keys, args, fut))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            if len(batch) == 1:
+                answers = [await self._eval_one(batch[0][0], batch[0][1])]
+            else:
+                answers = await self._eval_many([(k, a) for k, a, _ in batch])
+        except BaseException as exc:  # every waiter gets the error (and falls back)
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.calls += 1
+        self.coalesced += len(batch)
+        for (_, _, fut), answer in zip(batch, answers, strict=True):
+            if not fut.done():
+                fut.set_result(answer)
+
+    async def _eval_one(self, keys: list[str], args: list[Any]) -> list[Any]:
         try:
             res = await self.redis.evalsha(_GCRA_SHA, len(keys), *keys, *args)
         except NoScriptError:
             # First call on this server (or after SCRIPT FLUSH / a failover): EVAL caches it.
             res = await self.redis.eval(_GCRA_LUA, len(keys), *keys, *args)
         return list(res)
+
+    async def _eval_many(self, groups: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
+        keys: list[str] = []
+        args: list[Any] = [len(groups)]
+        for k, a in groups:
+            keys += k
+            args += [len(k), len(a), *a]
+        try:
+            raw = await self.redis.evalsha(_GCRA_MULTI_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            raw = await self.redis.eval(_GCRA_MULTI_LUA, len(keys), *keys, *args)
+        out: list[list[Any]] = []
+        i = 0
+        for _ in groups:
+            n = int(raw[i])
+            out.append(list(raw[i + 1 : i + 1 + n]))
+            i += 1 + n
+        return out
 
     def _fallback(
         self, checks: Sequence[Check], fail_open: bool, exc: BaseException | None

@@ -251,3 +251,38 @@ async def test_one_round_trip_charges_limits_and_checks_failure_budget(
     # and checking never spends the failure budget of someone who has not failed
     for _ in range(5):
         assert (await limiter.hit_and_check_failures([], ["customer:c2"], policy)).allowed
+
+
+async def test_concurrent_checks_are_coalesced_into_few_script_calls(
+    limiter: RateLimiter,
+) -> None:
+    """Checks made concurrently travel together in one script call and give the same
+    answers as separate calls: of 60 concurrent requests on a burst of 20 exactly 20 pass,
+    each of a mixed batch is judged on its own keys, and a flag key rides along."""
+    calls_before = limiter.calls
+    decisions = await asyncio.gather(*[limiter.hit("crowd", rate=1.0, burst=20) for _ in range(60)])
+    assert sum(d.allowed for d in decisions) == 20
+    assert sorted(d.remaining for d in decisions if d.allowed) == list(range(20))
+    assert all(d.retry_after_s > 0 for d in decisions if not d.allowed)
+    assert limiter.calls - calls_before < 10  # 60 checks, a handful of calls
+
+    await limiter.flag(["flagged"], ttl_s=5)
+    mixed = await asyncio.gather(
+        limiter.hit("solo-a", rate=1.0, burst=1),
+        limiter.hit("solo-a", rate=1.0, burst=1),  # same bucket, after the first: denied
+        limiter.hit("solo-b", rate=1.0, burst=1),
+        limiter.hit_and_check_failures([("solo-c", 1.0, 1, 1)], [], flag_key="flagged"),
+        limiter.hit_and_check_failures([("solo-d", 1.0, 1, 1)], [], flag_key="not-flagged"),
+    )
+    assert [d.allowed for d in mixed] == [True, False, True, True, True]
+    assert mixed[3].flagged and not mixed[4].flagged
+
+
+async def test_coalescing_off_gives_the_same_answers(services: Services, ns: str) -> None:
+    rl = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}", coalesce=False)
+    try:
+        decisions = await asyncio.gather(*[rl.hit("crowd", rate=1.0, burst=20) for _ in range(30)])
+        assert sum(d.allowed for d in decisions) == 20
+        assert rl.calls == 0  # every check made its own call
+    finally:
+        await rl.aclose()
