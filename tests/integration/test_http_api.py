@@ -377,3 +377,94 @@ def test_rate_limit_burst_then_429_across_two_replicas(http_api: Any, admin: dic
     assert r.headers["ratelimit-remaining"] == "0"
     assert r.json()["status"] == 429
     json.loads(r.text)
+
+
+def test_cached_api_keys_see_revocation_and_owner_demotion_at_once(
+    http_api: Any, admin: dict[str, str]
+) -> None:
+    """The gateway caches verified API keys (no database look-up per checkout request);
+    a revocation, or a change of the key owner's roles, still holds on the very next
+    request on every replica: the key's Redis flag is read with the rate limits."""
+    url = http_api.url
+    manager_id, manager = _user_with_role(http_api, admin, "manager")
+    r = httpx.post(f"{url}/v1/api-keys", json={"name": "co", "roles": ["integration"]}, headers=manager)
+    assert r.status_code == 201, r.text
+    key, key_id = r.json()["key"], r.json()["id"]
+    r = httpx.post(f"{url}/v1/api-keys", json={"name": "co2", "roles": ["integration"]}, headers=admin)
+    key2, key2_id = r.json()["key"], r.json()["id"]
+
+    def validate(k: str, n: int) -> httpx.Response:
+        body = {"code": "NO-SUCH-CODE", "customer_id": _uid(f"c{n}"),
+                "order": {"id": "o", "amount": 100, "currency": "EUR"}}
+        return httpx.post(f"{url}/v1/validations", json=body, headers={"X-API-Key": k})
+
+    for i in range(6):  # warm both replicas' caches
+        assert validate(key, i).status_code not in (401, 403)
+        assert validate(key2, i).status_code not in (401, 403)
+    # The owner is demoted to customer: a manager's integration key loses its role.
+    r = httpx.put(f"{url}/v1/users/{manager_id}/roles", json={"roles": ["customer"]}, headers=admin)
+    assert r.status_code == 200, r.text
+    for i in range(6):
+        denied = validate(key, 10 + i)
+        assert denied.status_code == 403, denied.text
+    # Revoked: refused at once by both replicas, on the hot path too.
+    httpx.delete(f"{url}/v1/api-keys/{key2_id}", headers=admin).raise_for_status()
+    for i in range(6):
+        denied = validate(key2, 20 + i)
+        assert denied.status_code == 401 and denied.json()["type"].endswith("api-key-revoked")
+    assert key_id != key2_id
+
+
+def test_fast_lane_and_routes_answer_alike(http_api: Any, admin: dict[str, str]) -> None:
+    """Checkout requests are served by the gateway's fast lane unless they need FastAPI
+    (no Content-Length, a non-JSON content type, a body the fast decoder refuses): the
+    answers are the same either way."""
+    url = http_api.url
+    key = httpx.post(
+        f"{url}/v1/api-keys", json={"name": "co", "roles": ["integration"]}, headers=admin
+    ).json()["key"]
+    integ = {"X-API-Key": key, "Content-Type": "application/json"}
+    c = _campaign(http_api, admin)
+    _generate(http_api, admin, c["id"], 2)
+    httpx.post(f"{url}/v1/campaigns/{c['id']}/activate", headers=admin).raise_for_status()
+    codes = _codes_of(http_api, c["id"])
+
+    def body(code: str, amount: Any = 4000) -> bytes:
+        return json.dumps({"code": code, "customer_id": _uid("c"),
+                           "order": {"id": "o-1", "amount": amount, "currency": "EUR"}}).encode()
+
+    def chunked(data: bytes) -> Any:
+        yield data[:10]
+        yield data[10:]
+
+    fast = httpx.post(f"{url}/v1/redemptions", content=body(codes[0]), headers=integ)
+    slow = httpx.post(f"{url}/v1/redemptions", content=chunked(body(codes[1])), headers=integ)
+    assert fast.status_code == slow.status_code == 201, (fast.text, slow.text)
+    assert set(fast.json()) == set(slow.json())
+    assert fast.headers["location"].startswith("/v1/redemptions/")
+    assert slow.headers["location"].startswith("/v1/redemptions/")
+    for h in ("ratelimit-limit", "x-gateway-replica"):
+        assert h in fast.headers and h in slow.headers
+    # The same answer to the same mistakes, whichever lane took them.
+    for bad, status in [
+        (b'{"code": "X", "order": {"amount": 1, "currency": "EUR"}, "extra": 1}', 422),
+        (b'{"code": "X", "order": {"amount": -1, "currency": "EUR"}}', 422),
+        (b'{"code": "X", "order": {"amount": 1, "currency": "eur"}}', 422),
+        (b'{"code": "", "order": {"amount": 1, "currency": "EUR"}}', 422),
+        (b'{"code": "X", "order": ', 400),
+        (b"[]", 422),
+    ]:
+        a = httpx.post(f"{url}/v1/redemptions", content=bad, headers=integ)
+        b = httpx.post(f"{url}/v1/redemptions", content=chunked(bad), headers=integ)
+        assert a.status_code == b.status_code == status, (bad, a.text, b.text)
+        assert a.json()["type"] == b.json()["type"]
+        assert a.headers["content-type"].startswith("application/problem+json")
+    # Used code: a rejection by the engine, same problem from both lanes.
+    a = httpx.post(f"{url}/v1/redemptions", content=body(codes[0]), headers=integ)
+    b = httpx.post(f"{url}/v1/redemptions", content=chunked(body(codes[0])), headers=integ)
+    assert a.status_code == b.status_code == 409 and a.json()["code"] == b.json()["code"]
+    # No credentials: 401 from both.
+    plain = {"Content-Type": "application/json"}
+    a = httpx.post(f"{url}/v1/redemptions", content=body(codes[0]), headers=plain)
+    b = httpx.post(f"{url}/v1/redemptions", content=chunked(body(codes[0])), headers=plain)
+    assert a.status_code == b.status_code == 401 and a.json()["type"] == b.json()["type"]
