@@ -16,6 +16,7 @@ FastAPI must resolve their annotations (``Request``...) as real objects.
 
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import logging
@@ -309,6 +310,9 @@ class Gateway:
         # key id -> (SHA-256 of the verified secret, principal, monotonic expiry)
         self._keys: dict[str, tuple[bytes, Principal, float]] = {}
         _serve_fast_lane(self)
+        # Everything built so far (Ray, FastAPI, the routes) lives as long as the replica:
+        # moved out of the collector's sight, full collections at peak stay short.
+        gc.freeze()
 
     async def _open(self) -> None:
         if not self._opened:
