@@ -13,9 +13,10 @@ could not serve wait for the refill and are tried once more.
 Progress counters (``GET /v1/jobs/{id}``): ``total`` (selected at start), ``selected``
 (read so far), ``assigned`` (customers holding a code: ``new_codes`` + earlier ones),
 ``exhausted`` (no code left and none could be made), ``skipped_no_consent`` /
-``skipped_no_address`` (per customer x channel), ``messages`` (customer x channel with
-consent and address), ``enqueued`` (added to the streams now; the rest were queued
-before), ``refills``, ``rate`` (customers/s) and ``eta_s``.
+``skipped_no_address`` (per customer x channel), ``unreachable`` (customers no requested
+channel reaches: they get no code), ``messages`` (customer x channel with consent and
+address), ``enqueued`` (added to the streams by this job), ``already_queued`` (queued by an
+earlier run), ``refills``, ``rate`` (customers/s) and ``eta_s``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ COUNTERS = (
     "assigned",
     "new_codes",
     "exhausted",
+    "unreachable",
     "skipped_no_consent",
     "skipped_no_address",
     "messages",
     "enqueued",
+    "already_queued",
     "refills",
 )
 _CUSTOMER_COLS = (
@@ -240,16 +243,24 @@ class IssuerCore:
                 after = rows[-1]["id"]
                 customers = [_customer(r) for r in rows]
                 counts["selected"] += len(customers)
-                await self._refill_if_low(job, campaign)
-                codes = await self._assign(job, campaign, [c.id for c in customers])
-                messages = []
+                # a customer no requested channel reaches gets no code (it would only
+                # drain the bank); consent and address are counted per channel
+                reachable: list[tuple[Customer, list[tuple[str, str]]]] = []
                 for cust in customers:
-                    code = codes.get(cust.id)
-                    if code is None:
-                        continue
                     targets, no_consent, no_address = route(cust, chans)
                     counts["skipped_no_consent"] += no_consent
                     counts["skipped_no_address"] += no_address
+                    if targets:
+                        reachable.append((cust, targets))
+                    else:
+                        counts["unreachable"] += 1
+                await self._refill_if_low(job, campaign)
+                codes = await self._assign(job, campaign, [c.id for c, _ in reachable])
+                messages = []
+                for cust, targets in reachable:
+                    code = codes.get(cust.id)
+                    if code is None:
+                        continue
                     for channel, address in targets:
                         messages.append(
                             new_message(
@@ -264,7 +275,9 @@ class IssuerCore:
                             )
                         )
                 counts["messages"] += len(messages)
-                counts["enqueued"] += await enqueue(self.pool, self.redis, messages)
+                fresh = await self._not_yet_queued(messages)
+                counts["already_queued"] += len(messages) - len(fresh)
+                counts["enqueued"] += await enqueue(self.pool, self.redis, fresh)
                 job["rate"] = counts["selected"] / max(1e-9, time.perf_counter() - started)
                 await self._save(job)
             job["state"] = "done"
@@ -275,6 +288,26 @@ class IssuerCore:
         job["finished_at"] = utcnow()
         await self._save(job)
         await self._after(job)
+
+    async def _not_yet_queued(self, messages: list[Any]) -> list[Any]:
+        """The messages a re-run must still queue: those without a delivery record, and
+        those recorded as queued by a job that did not finish (it may have died between
+        recording and queueing; the sender drops a duplicate by its idempotency key).
+        Messages of a finished job were queued, and sent/failed/dead ones are the
+        delivery service's: a re-run never queues those again."""
+        if not messages:
+            return []
+        assert self.pool is not None
+        done = {
+            r["id"]
+            for r in await self.pool.fetch(
+                "SELECT d.id FROM deliveries d LEFT JOIN issuance_jobs j ON j.id = d.job_id"
+                " WHERE d.id = ANY($1::text[]) AND (d.state <> 'queued'"
+                " OR j.state IN ('done', 'running'))",
+                [m.id for m in messages],
+            )
+        }
+        return [m for m in messages if m.id not in done]
 
     async def _assign(self, job: dict[str, Any], campaign: Any, ids: list[str]) -> dict[str, str]:
         """Codes of ``ids`` (new or earlier ones); customers the bank cannot serve wait for

@@ -353,6 +353,8 @@ class CsvImport:
     def _row(self, record: str, line: int) -> ParsedRow | None:
         if not record.strip():
             return None  # blank line
+        if self.header is not None:
+            self.rows += 1
         try:
             cells = next(csv.reader([record], strict=True))
         except (csv.Error, StopIteration) as exc:
@@ -372,7 +374,6 @@ class CsvImport:
                 raise errors.InvalidInput("the CSV header names a column twice")
             self.header = header
             return None
-        self.rows += 1
         if len(cells) != len(self.header):
             return line, [
                 FieldError("row", f"has {len(cells)} fields, the header has {len(self.header)}")
