@@ -182,6 +182,17 @@ def parse_bool(value: Any) -> bool:
 # --- one record ------------------------------------------------------------------------
 
 
+def _is_text(value: str) -> bool:
+    """Storable text: encodes as UTF-8 (no lone surrogates) and has no NUL."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
@@ -198,6 +209,11 @@ def validate(raw: dict[str, Any]) -> Customer | list[FieldError]:
     for key in raw:
         if key not in FIELDS:
             fail(str(key), f"unknown field; fields are {', '.join(FIELDS)}")
+    raw = dict(raw)
+    for key, value in list(raw.items()):
+        if isinstance(value, str) and not _is_text(value):
+            fail(str(key), "must be valid Unicode text without NUL characters")
+            raw[key] = None
 
     cid = raw.get("id")
     if _missing(cid):

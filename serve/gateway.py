@@ -19,9 +19,10 @@ import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
@@ -737,7 +738,7 @@ class Gateway:
     async def create_customer(self, body: CustomerIn, request: Request, response: Response) -> Any:
         await self._guard(request, response, "customers.write")
         c = _unwrap(await self.customers.create.remote(body.model_dump(exclude_none=True)))
-        response.headers["Location"] = f"/v1/customers/{c['id']}"
+        response.headers["Location"] = f"/v1/customers/{quote(c['id'], safe='')}"
         return c
 
     @api.get("/v1/customers", tags=["customers"], responses=problem_responses(*_GUARDED, 422))
@@ -847,7 +848,10 @@ class Gateway:
         responses=problem_responses(*_GUARDED, 422),
     )
     async def notification_deliveries(
-        self, notification_id: int, request: Request, response: Response
+        self,
+        request: Request,
+        response: Response,
+        notification_id: int = Path(ge=1, le=2**63 - 1),
     ) -> Any:
         """Where a notification was sent (email, webhooks) and every attempt."""
         await self._guard(request, response, "notifications.read")

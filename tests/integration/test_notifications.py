@@ -198,3 +198,37 @@ def test_rows_inserted_by_anyone_are_fanned_out_once(
     time.sleep(1.0)  # a few more dispatcher rounds: nothing is sent twice
     assert len([m for _, m in box.messages if cid in (m["Subject"] or "")]) == 1
     assert len([1 for _, b, s in _Hook.received if json.loads(b)["id"] == nid and s == 200]) == 1
+
+
+def test_limit_nearly_exhausted_is_noticed_once(
+    http_api: Any, admin: dict[str, str], notifier: Any, services: Any
+) -> None:
+    """The dispatcher's periodic scan (the hot path never checks) notices a campaign whose
+    redemptions reach 90% of limits.total, once for the crossing."""
+    code = f"NEAR{os.urandom(4).hex()}".upper()
+    body = {"name": "near limit", "type": "shared_code", "currency": "EUR",
+            "discount": {"kind": "amount", "value": 100},
+            "limits": {"total": 10, "per_customer": 1}, "shared_code": code}
+    r = httpx.post(f"{http_api.url}/v1/campaigns", json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    cid = r.json()["id"]
+    httpx.post(f"{http_api.url}/v1/campaigns/{cid}/activate", headers=admin).raise_for_status()
+    for i in range(9):
+        r = httpx.post(
+            f"{http_api.url}/v1/redemptions",
+            json={"code": code, "customer_id": f"{cid}-{i}", "order": {"amount": 1000, "currency": "EUR"}},
+            headers=admin,
+        )
+        assert r.status_code == 201, r.text
+
+    async def kinds() -> list[str]:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            rows = await conn.fetch("SELECT kind FROM notifications WHERE campaign_id = $1", cid)
+            return [r["kind"] for r in rows]
+        finally:
+            await conn.close()
+
+    _wait(lambda: "limit_nearly_exhausted" in asyncio.run(kinds()), timeout_s=20)
+    time.sleep(6)  # at least one more scan: still one notice
+    assert asyncio.run(kinds()).count("limit_nearly_exhausted") == 1

@@ -250,3 +250,9 @@ def test_route_counts_consent_and_address_per_channel() -> None:
     targets, no_consent, no_address = route(c, ("email", "sms", "push"))
     assert targets == [("email", "a@example.com")]
     assert (no_consent, no_address) == (1, 1)
+
+
+def test_unstorable_text_is_refused_not_crashed_on() -> None:
+    assert "push_token" in fields({"id": "x", "push_token": "tok\x00en", "consent_push": True})
+    assert "name" in fields({"id": "x", "name": "lone \udc80 surrogate"})
+    assert "id" in fields({"id": "a\udbf6"})
