@@ -420,21 +420,25 @@ class Dispatcher:
 
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=100, num_cpus=0)
 class Notifier:
-    """Ray face of :class:`Dispatcher`: runs its loop for as long as the actor lives."""
+    """Ray face of :class:`Dispatcher`. The loop runs on its own thread and event loop from
+    construction on, so an actor that Ray restarts resumes dispatching by itself."""
 
     def __init__(self, settings: bytes, dsn: str) -> None:
+        import threading
+
         from actors.client import attach_engine
 
         decoded = msgspec.msgpack.decode(settings, type=Settings)
         configure_json_logging(decoded.log_level)
         self.dispatcher = Dispatcher(dsn, decoded, attach_engine(decoded))
-        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self.dispatcher.run_forever(),), daemon=True, name="notify"
+        )
+        self._thread.start()
 
     async def start(self) -> bool:
-        if self._task is None or self._task.done():
-            await self.dispatcher.open()
-            self._task = asyncio.ensure_future(self.dispatcher.run_forever())
-        return True
+        """Whether the dispatch loop is alive (it starts with the actor)."""
+        return self._thread.is_alive()
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -450,5 +454,6 @@ def start_notifier(settings: Settings, dsn: str, *, name: str = "notifier") -> A
     actor = Notifier.options(  # type: ignore[attr-defined]
         name=name, namespace=settings.namespace, get_if_exists=True, lifetime="detached"
     ).remote(enc, dsn)
-    ray.get(actor.start.remote())
+    if not ray.get(actor.start.remote()):
+        raise errors.Unavailable("the notification dispatcher is not running")
     return actor
