@@ -6,6 +6,7 @@ behind, the cross-shard fallback of an empty shard, and the bank refill."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -100,6 +101,10 @@ def _import(api: Any, headers: dict[str, str], body: bytes, ctype: str = "text/c
         headers={**headers, "Content-Type": ctype},
         timeout=120,
     )
+
+
+def _ndjson(records: list[dict[str, Any]]) -> bytes:
+    return "\n".join(json.dumps(r) for r in records).encode()
 
 
 def _issue(api: Any, headers: dict[str, str], cid: str, selection: dict[str, Any], channels: list[str]) -> httpx.Response:
@@ -298,7 +303,7 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
     ids = [f"{p}-{i:03d}" for i in range(400)]
     r = httpx.post(
         f"{http_api.url}/v1/customers/import",
-        content="\n".join(['{"id": "%s", "email": "%s@example.com", "consent_email": true}' % (i, i) for i in ids]).encode(),
+        content=_ndjson([{"id": i, "email": f"{i}@example.com", "consent_email": True} for i in ids]),
         headers={**admin, "Content-Type": "application/x-ndjson"},
     )
     assert r.json()["imported"] == 400, r.text
@@ -341,11 +346,10 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
 def test_bank_refill_ahead_of_need_and_one_bank_low_notice(http_api: Any, admin: dict[str, str], services: Any) -> None:
     p = _uid("rf")
     tag = p.lower()
-    body = "\n".join(
-        '{"id": "%s-%d", "email": "r%d@example.com", "consent_email": true, "tags": ["%s"]}' % (p, i, i, tag)
-        for i in range(2500)
+    body = _ndjson(
+        [{"id": f"{p}-{i}", "email": f"r{i}@example.com", "consent_email": True, "tags": [tag]} for i in range(2500)]
     )
-    assert _import(http_api, admin, body.encode(), "application/x-ndjson").json()["imported"] == 2500
+    assert _import(http_api, admin, body, "application/x-ndjson").json()["imported"] == 2500
     c = _campaign(http_api, admin, limits={"total": 2600})
     _generate(http_api, admin, c["id"], 300)  # far too few: the job must refill the bank
     r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
@@ -362,3 +366,34 @@ def test_bank_refill_ahead_of_need_and_one_bank_low_notice(http_api: Any, admin:
     kinds = [n["kind"] for n in notes]
     assert kinds.count("bank_low") == 1, kinds
     assert kinds.count("job_finished") >= 3  # two generation jobs (one a refill) and issuances
+
+
+def test_cli_issue_shows_progress(
+    http_api: Any, admin: dict[str, str], engine_settings: Any, services: Any, capsys: Any
+) -> None:
+    import msgspec
+
+    from actors.cli import _attached, build_parser
+
+    p = _uid("cli")
+    tag = p.lower()
+    body = _ndjson(
+        [{"id": f"{p}-{i}", "email": f"{i}@example.com", "consent_email": True, "tags": [tag]} for i in range(300)]
+    )
+    assert _import(http_api, admin, body, "application/x-ndjson").json()["imported"] == 300
+    c = _campaign(http_api, admin)
+    _generate(http_api, admin, c["id"], 400)
+    settings = msgspec.structs.replace(
+        engine_settings, database_url=services.database_url, redis_url=services.redis_url
+    )
+    args = build_parser().parse_args(["issue", c["id"], "--tag", tag, "--channel", "email"])
+    job = asyncio.run(_attached(args, settings))
+    assert job["state"] == "done" and job["counts"]["assigned"] == 300
+    err = capsys.readouterr().err
+    assert "300/300 customers" in err and "assigned 300" in err and "queued 300" in err
+    # a bad selection is the same error as over HTTP
+    args = build_parser().parse_args(["issue", "no-such-campaign", "--all"])
+    from engine import errors
+
+    with pytest.raises(errors.UnknownCampaign):
+        asyncio.run(_attached(args, settings))
