@@ -316,7 +316,7 @@ class IssuerCore:
         codes: dict[str, str] = {}
         todo = ids
         for attempt in range(2):
-            outs = await self.engine.assign_many(campaign.id, todo)
+            outs = await self._assign_many(campaign.id, todo)
             dry: list[str] = []
             for cust, out in zip(todo, outs, strict=True):
                 if out.assignment is not None:
@@ -336,11 +336,28 @@ class IssuerCore:
             break
         return codes
 
+    async def _assign_many(self, campaign_id: str, ids: list[str]) -> list[Any]:
+        """``assign_many``, retried while a shard restarts (it is idempotent per campaign x
+        customer, so a retry of a batch whose answer was lost returns the same codes)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return list(await self.engine.assign_many(campaign_id, ids))
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("a shard is unavailable; retrying the assignment batch")
+                await asyncio.sleep(0.5)
+
     async def _refill_if_low(self, job: dict[str, Any], campaign: Any, need: int = 0) -> None:
         """Start a generation job ahead of need when the bank runs low."""
         if campaign.is_shared or campaign.id in self._refills:
             return
-        stats = await self.engine.stats(campaign.id)
+        try:
+            stats = await self.engine.stats(campaign.id)
+        except errors.Unavailable:
+            log.warning("bank of %s not checked: a shard is unavailable", campaign.id)
+            return  # checked again with the next batch
         counts = job["counts"]
         left = max(need, counts["total"] - counts["selected"] + self.settings.issuance_batch)
         if need == 0 and (

@@ -301,6 +301,7 @@ class ShardCore:
                 for f in mine.values():
                     f.set_exception(exc)
                     f.exception()  # retrieved: no "never retrieved" warning
+                self._commit_later()  # the batch's local decisions are still persisted
                 raise
             finally:
                 for c in mine:
