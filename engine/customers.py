@@ -302,8 +302,8 @@ class CsvImport:
     """
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
-        self._tail = ""  # text after the last line break
+        self._buf = b""  # bytes after the last line break
+        self._skipping = False  # inside an overlong line, already rejected
         self._record: list[str] = []  # lines of the current, unfinished record
         self._record_len = 0
         self._quotes = 0
@@ -313,34 +313,58 @@ class CsvImport:
         self.rows = 0
 
     def feed(self, chunk: bytes) -> list[ParsedRow]:
-        try:
-            text = self._decoder.decode(chunk)
-        except UnicodeDecodeError as exc:
-            raise errors.InvalidInput(f"the CSV is not UTF-8 (near line {self._line + 1}): {exc.reason}") from None
-        return list(self._lines(text, final=False))
+        out: list[ParsedRow] = []
+        lines = (self._buf + chunk).split(b"\n")
+        self._buf = lines.pop()
+        for raw in lines:
+            out += self._raw_line(raw + b"\n")
+        if len(self._buf) > MAX_RECORD_BYTES:
+            # a line with no end in sight: refuse it now instead of buffering it
+            self._buf = b""
+            if not self._skipping:
+                self._line += 1
+                start = self._start if self._record else self._line
+                self._reset()
+                if self.header is None:
+                    raise errors.InvalidInput(f"the CSV header is longer than {MAX_RECORD_BYTES} bytes")
+                self.rows += 1
+                out.append((start, [FieldError("row", f"line longer than {MAX_RECORD_BYTES} bytes")]))
+                self._skipping = True
+        return out
 
     def finish(self) -> list[ParsedRow]:
-        try:
-            text = self._decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:
-            raise errors.InvalidInput(f"the CSV is not UTF-8 at its end: {exc.reason}") from None
-        out = list(self._lines(text, final=True))
+        out: list[ParsedRow] = []
+        tail, self._buf = self._buf, b""
+        if tail:
+            out += self._raw_line(tail)
         if self._record:
-            line, self._record = self._start, []
+            line = self._start
+            self._reset()
+            self.rows += 1
             out.append((line, [FieldError("row", "unterminated quoted field at the end of the file")]))
         if self.header is None:
             raise errors.InvalidInput("the CSV is empty: it needs a header line naming the columns")
         return out
 
-    def _lines(self, text: str, *, final: bool) -> Iterator[ParsedRow]:
-        buf = self._tail + text
-        parts = buf.splitlines(keepends=True)
-        self._tail = ""
-        if parts and not final and not parts[-1].endswith(("\n", "\r")):
-            self._tail = parts.pop()
-        elif parts and not final and parts[-1].endswith("\r"):
-            # a \r\n may be split across chunks: wait for the next one
-            self._tail = parts.pop()
+    def _raw_line(self, raw: bytes) -> list[ParsedRow]:
+        if self._skipping:
+            self._skipping = False  # the end of the overlong line already rejected
+            return []
+        if self._line == 0 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._line += 1
+            if self.header is None:
+                raise errors.InvalidInput(f"the CSV header is not UTF-8: {exc.reason}") from None
+            start = self._start if self._record else self._line
+            self._reset()
+            self.rows += 1
+            return [(start, [FieldError("row", f"not valid UTF-8: {exc.reason}")])]
+        return list(self._lines([text]))
+
+    def _lines(self, parts: list[str]) -> Iterator[ParsedRow]:
         for line in parts:
             self._line += 1
             if not self._record:
@@ -351,6 +375,7 @@ class CsvImport:
             if self._record_len > MAX_RECORD_BYTES:
                 start = self._start
                 self._reset()
+                self.rows += 1
                 yield start, [FieldError("row", f"record longer than {MAX_RECORD_BYTES} bytes (an unclosed quote?)")]
                 continue
             if self._quotes % 2:

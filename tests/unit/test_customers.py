@@ -159,7 +159,20 @@ def test_csv_header_problems_refuse_the_whole_import() -> None:
     with pytest.raises(errors.InvalidInput, match="empty"):
         run_csv(b"", 5)
     with pytest.raises(errors.InvalidInput, match="UTF-8"):
-        run_csv(b"id,name\nc1,\xff\xfe\n", 5)
+        run_csv(b"id,na\xffme\nc1,x\n", 5)
+
+
+def test_csv_bad_bytes_and_overlong_lines_are_row_rejections() -> None:
+    data = b"id,name\nc1,\xff\xfe\nc2,ok\nc3," + b"x" * 70_000 + b"\nc4,fine\nc5,se\xe2\x80\xa8p\n"
+    for chunk in (7, 4096, 1 << 20):
+        rows = run_csv(data, chunk)
+        by_line = dict(rows)
+        assert sorted(by_line) == [2, 3, 4, 5, 6]
+        assert "UTF-8" in by_line[2][0].reason
+        assert isinstance(by_line[3], Customer)
+        assert "longer than" in by_line[4][0].reason
+        assert isinstance(by_line[5], Customer) and by_line[5].id == "c4"
+        assert isinstance(by_line[6], Customer) and by_line[6].name == "se\u2028p"  # not a line break
 
 
 def test_csv_malformed_quoting_and_unterminated_quote() -> None:
