@@ -2,7 +2,7 @@
 workers run, so the figure is read customers -> codes assigned -> messages recorded and
 queued on the Redis stream).
 
-    python -m loadtests.bench_issuance [--customers 100000]
+    python -m loadtests.bench_issuance [--customers 100000] [--import-only]
 
 One run starts embedded Postgres and Valkey in a throwaway directory, a local Ray, the
 shard actors and the HTTP app, then:
@@ -25,6 +25,7 @@ import asyncio
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def _gateway_rss() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--customers", type=int, default=100_000)
+    ap.add_argument("--import-only", action="store_true", help="measure the import only")
     args = ap.parse_args(argv)
     n = args.customers
 
@@ -87,11 +89,35 @@ def main(argv: list[str] | None = None) -> int:
 
         client.get(f"{url}/v1/customers", params={"limit": 1})  # warm the gateway
         rss0 = _gateway_rss()
+        samples: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:  # the gateway's RSS while the import runs
+            while not done.wait(0.5):
+                samples.append(_gateway_rss())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t0 = time.perf_counter()
         r = client.post(f"{url}/v1/customers/import", content=csv(), headers={"Content-Type": "text/csv"})
         t_import = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        quarter = [round(samples[int(i * (len(samples) - 1) / 4)] / 2**20, 1) for i in range(5)] if samples else []
         assert r.status_code == 200 and r.json()["imported"] == n, r.text
         rss1 = _gateway_rss()
+        if args.import_only:
+            print(msgspec.json.format(msgspec.json.encode({
+                "customers": n,
+                "csv_mb": round(sum(len(b) for b in csv()) / 2**20, 1),
+                "import_s": round(t_import, 2),
+                "import_rows_per_s": round(n / t_import),
+                "gateway_rss_before_mb": round(rss0 / 2**20, 1),
+                "gateway_rss_after_mb": round(rss1 / 2**20, 1),
+                "gateway_rss_during_mb_at_0_25_50_75_100pct": quarter,
+            })).decode())
+            del engine
+            return 0
 
         c = client.post(
             f"{url}/v1/campaigns",
@@ -144,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "import_rows_per_s": round(n / t_import),
             "gateway_rss_before_mb": round(rss0 / 2**20, 1),
             "gateway_rss_after_mb": round(rss1 / 2**20, 1),
+            "gateway_rss_during_mb_at_0_25_50_75_100pct": quarter,
             "issuance_s": round(t_issue, 2),
             "issuance_customers_per_s": round(n / t_issue),
             "rerun_s": round(t_again, 2),
