@@ -19,7 +19,7 @@ import ray
 from redis import Redis
 
 from engine import codes as codegen
-from engine import delivery
+from engine import delivery, errors
 from engine.codes import CodeSpec
 from engine.routing import assignment_key, shard_of
 
@@ -334,9 +334,23 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
     r = _issue(http_api, admin, cid, {"customer_ids": ids}, ["email"])
     again = _wait_job(http_api, admin, r.json()["id"])
     assert again["counts"]["new_codes"] == 0 and again["counts"]["enqueued"] == 0, again
+    pid = ray.get(engine.shards[0].info.remote())["pid"]
     ray.kill(engine.shards[0], no_restart=False)
-    asyncio.run(engine.wait_ready(60))
-    outs = asyncio.run(engine.assign_many(cid, on_empty))
+
+    async def after_restart(fn: Any) -> Any:
+        # ray.kill returns at once: wait for the restarted process, then ask it
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = await engine.shard_info()
+                if info[0]["pid"] != pid:
+                    return await fn()
+            except errors.Unavailable:
+                pass
+            assert time.monotonic() < deadline, "shard 0 did not come back"
+            await asyncio.sleep(0.2)
+
+    outs = asyncio.run(after_restart(lambda: engine.assign_many(cid, on_empty)))
     assert {o.assignment.customer_id: o.assignment.code for o in outs} == {i: codes[i] for i in on_empty}
     assert not any(o.assignment.created for o in outs)
     total = asyncio.run(engine.stats(cid))
@@ -393,7 +407,6 @@ def test_cli_issue_shows_progress(
     assert "300/300 customers" in err and "assigned 300" in err and "queued 300" in err
     # a bad selection is the same error as over HTTP
     args = build_parser().parse_args(["issue", "no-such-campaign", "--all"])
-    from engine import errors
 
     with pytest.raises(errors.UnknownCampaign):
         asyncio.run(_attached(args, settings))
