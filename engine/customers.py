@@ -461,6 +461,8 @@ class JsonLinesImport:
 
     def _row(self, raw: bytes) -> ParsedRow | None:
         self._line += 1
+        if self._line == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
         if not raw.strip():
             return None
         self.rows += 1

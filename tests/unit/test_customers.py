@@ -188,7 +188,7 @@ def test_csv_malformed_quoting_and_unterminated_quote() -> None:
 
 def test_json_lines_with_rejections() -> None:
     data = (
-        b'{"id": "j1", "email": "j1@example.com", "consent_email": true, "tags": ["x"]}\n'
+        b'\xef\xbb\xbf{"id": "j1", "email": "j1@example.com", "consent_email": true, "tags": ["x"]}\n'
         b"\n"
         b'{"id": "j2", "phone": "12345", "consent_sms": true}\n'
         b"{not json}\n"
