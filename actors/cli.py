@@ -181,6 +181,12 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     _ray_init(settings, attach=True)
     start_engine(settings, settings.database_url, detached=True)
     print(f"engine:   {settings.shards} detached shard actors + coordinator, namespace {settings.namespace!r}")
+    from actors.issuance import issuer_handle
+    from actors.notifier import start_notifier
+
+    issuer_handle(settings, settings.database_url, settings.redis_url)
+    start_notifier(settings, settings.database_url)  # detached, like the engine
+    print("notify:   issuer and notification dispatcher (detached)")
     if args.no_http:
         # the Serve app comes from `serve deploy serve/config.cluster.yaml`; the admin
         # must exist either way
