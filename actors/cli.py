@@ -9,6 +9,8 @@
     voucher-engine validate|redeem CODE --amount 5000 --currency EUR [--customer C]
     voucher-engine rollback REDEMPTION_ID
     voucher-engine stats CAMPAIGN
+    voucher-engine issue CAMPAIGN (--tag T | --all | --customer C ...) --channel email
+                                          (progress bar)
 
 Every command but ``up`` attaches to the engine that ``up`` started (same machine, or
 ``RAY_ADDRESS``). Errors print as one line with their code, exit status 2.
@@ -47,6 +49,22 @@ def _bar(job: dict[str, Any]) -> None:
     sys.stderr.write(
         f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}"
         f"  {rate:,.0f} codes/s  eta {eta:4.1f}s "
+    )
+    sys.stderr.flush()
+
+
+def _issue_bar(job: dict[str, Any]) -> None:
+    c = job["counts"]
+    done, total = c["selected"], c["total"]
+    width = 40
+    filled = int(width * done / max(1, total))
+    rate = job.get("rate") or 0.0
+    eta = job.get("eta_s") or 0.0
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} customers"
+        f"  assigned {c['assigned']:,}  queued {c['enqueued']:,}"
+        f"  skipped {c['skipped_no_consent'] + c['skipped_no_address']:,}"
+        f"  {rate:,.0f}/s  eta {eta:4.1f}s "
     )
     sys.stderr.flush()
 
@@ -163,6 +181,12 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     _ray_init(settings, attach=True)
     start_engine(settings, settings.database_url, detached=True)
     print(f"engine:   {settings.shards} detached shard actors + coordinator, namespace {settings.namespace!r}")
+    from actors.issuance import issuer_handle
+    from actors.notifier import start_notifier
+
+    issuer_handle(settings, settings.database_url, settings.redis_url)
+    start_notifier(settings, settings.database_url)  # detached, like the engine
+    print("notify:   issuer and notification dispatcher (detached)")
     if args.no_http:
         # the Serve app comes from `serve deploy serve/config.cluster.yaml`; the admin
         # must exist either way
@@ -199,6 +223,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if not args.no_http:
             url = start_http(settings, services.database_url, services.redis_url)
             print(f"http:     {url}  (OpenAPI docs at {url}/docs, Serve mode {settings.serve_mode})")
+        from actors.issuance import issuer_handle
+        from actors.notifier import start_notifier
+
+        issuer_handle(settings, services.database_url, services.redis_url)
+        start_notifier(settings, services.database_url)
+        print(
+            "notify:   dispatcher running (email "
+            + (f"via {settings.smtp_url}" if settings.smtp_url else "off: no VOUCHER_SMTP_URL")
+            + ", signed webhooks)"
+        )
         if args.demo:
             asyncio.run(_demo(engine))
         if args.exit:
@@ -262,6 +296,27 @@ async def _attached(args: argparse.Namespace, settings: Settings) -> Any:
         return await (engine.validate(req) if c == "validate" else engine.redeem(req))
     if c == "rollback":
         return await engine.rollback(args.redemption)
+    if c == "issue":
+        from actors.issuance import issue, issuer_handle
+
+        if not settings.database_url or not settings.redis_url:
+            import ray
+
+            handle = ray.get_actor("issuer", namespace=settings.namespace)
+        else:
+            handle = issuer_handle(settings, settings.database_url, settings.redis_url)
+        selection: dict[str, Any] = (
+            {"customer_ids": args.customer}
+            if args.customer
+            else {"tag": args.tag}
+            if args.tag
+            else {"all": True}
+        )
+        job = await issue(handle, args.campaign, selection, args.channel or ["email"], _issue_bar)
+        sys.stderr.write("\n")
+        if job["state"] != "done":
+            raise errors.Unavailable(f"issuance job {job['id']} failed: {job['error']}")
+        return job
     if c == "stats":
         return await engine.stats(args.campaign)
     if c == "campaigns":
@@ -315,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--customer")
         r.add_argument("--order")
         r.add_argument("--idempotency-key")
+    iss = sub.add_parser("issue", help="give selected customers a code each and queue messages")
+    iss.add_argument("campaign")
+    who = iss.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tag", help="customers with this segment tag")
+    who.add_argument("--all", action="store_true", help="every customer")
+    who.add_argument("--customer", action="append", help="a customer id (repeatable)")
+    iss.add_argument(
+        "--channel", action="append", choices=["email", "sms", "push"], help="repeatable; default email"
+    )
     sub.add_parser("rollback").add_argument("redemption")
     sub.add_parser("voucher").add_argument("code")
     return p

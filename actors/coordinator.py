@@ -231,6 +231,17 @@ class CoordinatorCore:
         job["finished_at"] = utcnow()
         async with self._pool.acquire() as conn:
             await upsert_job(conn, job)
+            # admins hear about it (the notification dispatcher fans it out)
+            try:
+                await conn.execute(
+                    "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
+                    "job_finished" if job["state"] == "done" else "job_failed",
+                    job["campaign_id"],
+                    f"generation job {job['id']} {job['state']}: {job['generated']} of "
+                    f"{job['requested']} codes" + (f" ({job['error']})" if job["error"] else ""),
+                )
+            except Exception:
+                log.exception("recording the notification of job %s failed", job["id"])
 
     async def job(self, job_id: str) -> dict[str, Any]:
         await self.ready()

@@ -15,6 +15,7 @@ import msgspec
 
 from engine.campaigns import Campaign
 from engine.events import (
+    AssignmentRecorded,
     CodesVoided,
     Event,
     IdempotencyRecorded,
@@ -96,6 +97,12 @@ class PgShardStore:
                     idem_since,
                 ):
                     state.load_idempotency(r[0], bytes(r[1]), bytes(r[2]), r[3])
+                for r in await conn.fetch(
+                    "SELECT campaign_id, customer_id, code FROM assignments"
+                    " WHERE bucket = ANY($1::int2[])",
+                    buckets,
+                ):
+                    state.load_assignment(r[0], r[1], r[2])
         state.finish_recovery()
 
     async def write(self, events: Sequence[Event], buckets: list[int]) -> None:
@@ -106,6 +113,7 @@ class PgShardStore:
         reservations: dict[str, Reservation] = {}
         idem: list[IdempotencyRecorded] = []
         voided: list[str] = []
+        foreign: list[AssignmentRecorded] = []
         for e in events:
             if isinstance(e, VoucherChanged):
                 vouchers[e.code] = e
@@ -119,6 +127,8 @@ class PgShardStore:
                 idem.append(e)
             elif isinstance(e, CodesVoided):
                 voided.append(e.campaign_id)
+            elif isinstance(e, AssignmentRecorded):
+                foreign.append(e)
         async with self.pool.acquire() as conn, conn.transaction():
             if vouchers:
                 v = list(vouchers.values())
@@ -210,6 +220,16 @@ class PgShardStore:
                     [r.expires_at for r in rs],
                     [r.state for r in rs],
                     [r.redemption_id for r in rs],
+                )
+            if foreign:
+                await conn.execute(
+                    "INSERT INTO assignments (campaign_id, customer_id, code, bucket)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[])"
+                    " ON CONFLICT (campaign_id, customer_id) DO NOTHING",
+                    [x.campaign_id for x in foreign],
+                    [x.customer_id for x in foreign],
+                    [x.code for x in foreign],
+                    [x.bucket for x in foreign],
                 )
             if idem:
                 await conn.execute(

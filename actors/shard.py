@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,12 +30,14 @@ import msgspec
 import psutil
 import ray
 
+from actors.calls import call as _call
 from actors.calls import guarded
 from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, create_pool
 from actors.write_behind import WriteBehind
 from engine import errors
 from engine.campaigns import Campaign
+from engine.events import Rejection
 from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState
 from engine.routing import BUCKETS
 from engine.settings import Settings
@@ -45,6 +48,7 @@ _req_list = msgspec.msgpack.Decoder(list[RedeemRequest])
 _ref_list = msgspec.msgpack.Decoder(list[tuple[str, str | None]])
 _enc = msgspec.msgpack.Encoder()
 _campaign_dec = msgspec.msgpack.Decoder(Campaign)
+_outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 def utcnow() -> datetime:
@@ -72,6 +76,9 @@ class ShardCore:
         self.loaded_at: datetime | None = None
         self.decisions = 0
         self.metrics = ShardMetrics(shard_id)
+        # handle of peer shard k (for assignment fallback); set by the actor
+        self.peer: Callable[[int], Any] | None = None
+        self._inflight: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
 
     async def ready(self) -> None:
         if self._ready is None:
@@ -257,12 +264,106 @@ class ShardCore:
         self._observe(op, outs, None)
         return _enc.encode(outs)
 
-    async def assign_many(self, campaign_id: str, customers: list[str]) -> bytes:
+    async def assign_many(
+        self, campaign_id: str, customers: list[str], fallback: bool = True
+    ) -> bytes:
+        """Assign codes to customers this shard decides for (``hash(campaign, customer)``).
+
+        A customer whose code cannot come from this shard's part of the bank gets one from
+        another shard's (``fallback``): the peers are first asked whether one of them
+        already gave the customer a code (a run interrupted between the two steps), then,
+        in a fixed order, to assign one; this shard records the result, so the customer's
+        one assignment stays decided here and a re-run returns the same code. While a
+        customer's fallback is in flight, other requests for them wait for its answer.
+        """
         await self.ready()
-        outs = [self.state.assign_one(campaign_id, cust) for cust in customers]
+        outs: list[Outcome | None] = []
+        waits: dict[int, asyncio.Future[Outcome]] = {}
+        for i, cust in enumerate(customers):
+            fut = self._inflight.get((campaign_id, cust))
+            if fut is not None:
+                waits[i] = fut
+                outs.append(None)
+            else:
+                outs.append(self.state.assign_one(campaign_id, cust))
+        dry: dict[str, list[int]] = {}
+        for i, o in enumerate(outs):
+            if o is not None and o.rejection is not None and o.rejection.error == "bank_exhausted":
+                dry.setdefault(customers[i], []).append(i)
+        if fallback and dry and self.shards > 1 and self.peer is not None:
+            loop = asyncio.get_running_loop()
+            mine = {c: loop.create_future() for c in dry}
+            for c, f in mine.items():
+                self._inflight[(campaign_id, c)] = f
+            try:
+                found = await self._fallback(campaign_id, list(dry))
+            except BaseException as exc:
+                for f in mine.values():
+                    f.set_exception(exc)
+                    f.exception()  # retrieved: no "never retrieved" warning
+                self._commit_later()  # the batch's local decisions are still persisted
+                raise
+            finally:
+                for c in mine:
+                    self._inflight.pop((campaign_id, c), None)
+            for c, out in found.items():
+                mine[c].set_result(out)
+                for i in dry[c]:
+                    outs[i] = out
+        for i, fut in waits.items():
+            outs[i] = await asyncio.shield(fut)
         await self._ack()
-        self._observe("assign", outs, None)
-        return _enc.encode(outs)
+        done = [o for o in outs if o is not None]
+        self._observe("assign", done, None)
+        return _enc.encode(done)
+
+    async def _fallback(self, campaign_id: str, customers: list[str]) -> dict[str, Outcome]:
+        """Codes for ``customers`` from the other shards' banks, recorded here."""
+        assert self.peer is not None
+        others = [(self.shard_id + k) % self.shards for k in range(1, self.shards)]
+        result: dict[str, Outcome] = {}
+        # 1. a peer that already gave a customer a code (interrupted run) gives it again
+        known = await asyncio.gather(
+            *[_call(self.peer(k).assignments_of.remote(campaign_id, customers)) for k in others]
+        )
+        earlier: dict[str, str] = {}
+        for part in known:
+            for cust, code in part.items():
+                earlier.setdefault(cust, code)
+        for cust, code in earlier.items():
+            result[cust] = self._record(campaign_id, cust, code)
+        # 2. the rest: each peer in turn assigns what it can
+        left = [c for c in customers if c not in result]
+        for k in others:
+            if not left:
+                break
+            raw = await _call(self.peer(k).assign_many.remote(campaign_id, left, False))
+            still: list[str] = []
+            for cust, out in zip(left, _outs.decode(raw), strict=True):
+                if out.assignment is not None:
+                    result[cust] = self._record(campaign_id, cust, out.assignment.code)
+                elif out.rejection is not None and out.rejection.error == "bank_exhausted":
+                    still.append(cust)
+                else:
+                    result[cust] = out
+            left = still
+        for cust in left:
+            result[cust] = Outcome(
+                rejection=Rejection(
+                    "bank_exhausted", f"campaign {campaign_id} has no available code left"
+                )
+            )
+        return result
+
+    def _record(self, campaign_id: str, customer_id: str, code: str) -> Outcome:
+        try:
+            return Outcome(assignment=self.state.record_foreign(campaign_id, customer_id, code))
+        except errors.VoucherError as exc:
+            return Outcome(rejection=Rejection(exc.code, exc.message))
+
+    async def assignments_of(self, campaign_id: str, customers: list[str]) -> dict[str, str]:
+        await self.ready()
+        return self.state.assignments_of(campaign_id, customers)
 
     # --- campaigns and the bank ---------------------------------------------------------
 
@@ -336,6 +437,15 @@ class VoucherShard:
         decoded = msgspec.msgpack.decode(settings, type=Settings)
         configure_json_logging(decoded.log_level)
         self.core = ShardCore(shard_id, shards, dsn, decoded)
+        peers: dict[int, Any] = {}
+        namespace = decoded.namespace
+
+        def peer(k: int) -> Any:
+            if k not in peers:
+                peers[k] = ray.get_actor(f"shard-{k}", namespace=namespace)
+            return peers[k]
+
+        self.core.peer = peer
 
     async def ready(self) -> bool:
         await self.core.ready()
@@ -364,8 +474,14 @@ class VoucherShard:
         return await self.core.refs_many(op, payload)
 
     @guarded
-    async def assign_many(self, campaign_id: str, customers: list[str]) -> bytes:
-        return await self.core.assign_many(campaign_id, customers)
+    async def assign_many(
+        self, campaign_id: str, customers: list[str], fallback: bool = True
+    ) -> bytes:
+        return await self.core.assign_many(campaign_id, customers, fallback)
+
+    @guarded
+    async def assignments_of(self, campaign_id: str, customers: list[str]) -> dict[str, str]:
+        return await self.core.assignments_of(campaign_id, customers)
 
     @guarded
     async def put_campaign(self, payload: bytes) -> None:

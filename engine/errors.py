@@ -48,6 +48,12 @@ class MalformedCode(InvalidInput):
     code = "malformed_code"
 
 
+class UnsupportedMediaType(InvalidInput):
+    """The request body has a content type this endpoint does not read."""
+
+    code = "unsupported_media_type"
+
+
 class CurrencyMismatch(InvalidInput):
     """The order's currency differs from the campaign's."""
 
@@ -181,6 +187,12 @@ class CannotEndEnded(IllegalTransition):
     """``end`` on a campaign that is ended already."""
 
     code = "cannot_end_ended"
+
+
+class CannotIssueEnded(IllegalTransition):
+    """Codes cannot be issued for an ended campaign."""
+
+    code = "cannot_issue_ended"
 
 
 class CannotGenerateEnded(IllegalTransition):

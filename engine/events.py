@@ -116,6 +116,16 @@ class CodesVoided(msgspec.Struct, frozen=True, tag=True):
     campaign_id: str
 
 
+class AssignmentRecorded(msgspec.Struct, frozen=True, tag=True):
+    """The deciding shard's record of an assignment served from another shard's bank
+    (the code lives there; ``bucket`` is the assignment key's, so this shard reloads it)."""
+
+    campaign_id: str
+    customer_id: str
+    code: str
+    bucket: int
+
+
 Event = (
     VoucherChanged
     | RedemptionRecorded
@@ -123,4 +133,5 @@ Event = (
     | ReservationChanged
     | IdempotencyRecorded
     | CodesVoided
+    | AssignmentRecorded
 )

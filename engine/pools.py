@@ -36,6 +36,7 @@ from engine.events import (
     RELEASED,
     VOID,
     Assignment,
+    AssignmentRecorded,
     CodesVoided,
     Event,
     IdempotencyRecorded,
@@ -48,7 +49,7 @@ from engine.events import (
     Validation,
     VoucherChanged,
 )
-from engine.routing import bucket_of, bucket_of_id, new_id
+from engine.routing import assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
@@ -624,6 +625,37 @@ class ShardState:
             VoucherChanged(code, ASSIGNED, customer_id, slot.balances.get(code), 0)
         )
         return Assignment(campaign_id, customer_id, code, True)
+
+    def assignments_of(self, campaign_id: str, customers: Iterable[str]) -> dict[str, str]:
+        """The codes this shard knows the customers were given (its own or recorded)."""
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            return {}
+        return {c: slot.by_customer[c] for c in customers if c in slot.by_customer}
+
+    def record_foreign(self, campaign_id: str, customer_id: str, code: str) -> Assignment:
+        """Record, on the deciding shard, that the customer got ``code`` from another
+        shard's bank (that shard assigned it). A customer who already has a code keeps it:
+        the first record wins, so a re-run never gives a second one."""
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            raise errors.UnknownCampaign(f"unknown campaign {campaign_id!r}")
+        existing = slot.by_customer.get(customer_id)
+        if existing is not None:
+            return Assignment(campaign_id, customer_id, existing, False)
+        slot.by_customer[customer_id] = code
+        self.events.append(
+            AssignmentRecorded(
+                campaign_id, customer_id, code, bucket_of(assignment_key(campaign_id, customer_id))
+            )
+        )
+        return Assignment(campaign_id, customer_id, code, True)
+
+    def load_assignment(self, campaign_id: str, customer_id: str, code: str) -> None:
+        """Rebuild a recorded foreign assignment (no event)."""
+        slot = self.campaigns.get(campaign_id)
+        if slot is not None:
+            slot.by_customer.setdefault(customer_id, code)
 
     # --- idempotent entry points used by the actor --------------------------------------
 

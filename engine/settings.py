@@ -50,6 +50,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
     shard_resource: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     smtp_url: str | None = None
+    import_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=64 * 1024**3)] = 1024**3
+    import_batch: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
+    issuance_batch: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 2000
+    bank_low_threshold: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)] = 1000
+    refill_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
+    limit_warn_ratio: Annotated[float, msgspec.Meta(ge=0.5, le=1.0)] = 0.9
+    notify_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 6
+    notify_retry_base_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600.0)] = 2.0
+    notify_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -177,6 +186,42 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_SMTP_URL",
         "SMTP server for email (smtp://[user:password@]host:port, smtps:// for TLS). Unset: "
         "`voucher-engine up` starts the embedded SMTP sink, which records what it receives.",
+    ),
+    "import_max_bytes": (
+        "VOUCHER_IMPORT_MAX_BYTES",
+        "Largest body of `POST /v1/customers/import` (streamed and upserted in batches, so "
+        "this bounds the upload, not memory); 1 MiB..64 GiB.",
+    ),
+    "import_batch": ("VOUCHER_IMPORT_BATCH", "Customer rows per upsert of an import."),
+    "issuance_batch": (
+        "VOUCHER_ISSUANCE_BATCH",
+        "Customers read, assigned and enqueued per step of an issuance job.",
+    ),
+    "bank_low_threshold": (
+        "VOUCHER_BANK_LOW_THRESHOLD",
+        "Available codes below which an issuance refills the bank (a generation job ahead of "
+        "need) and admins are notified once.",
+    ),
+    "refill_size": (
+        "VOUCHER_REFILL_SIZE",
+        "Codes a refill generates at least (more when the issuance still needs more).",
+    ),
+    "limit_warn_ratio": (
+        "VOUCHER_LIMIT_WARN_RATIO",
+        "Share of `limits.total` used (redemptions or codes) at which admins are notified "
+        "that the limit is nearly exhausted (0.5..1.0).",
+    ),
+    "notify_max_attempts": (
+        "VOUCHER_NOTIFY_MAX_ATTEMPTS",
+        "Attempts per notification email or webhook before it is given up (dead).",
+    ),
+    "notify_retry_base_s": (
+        "VOUCHER_NOTIFY_RETRY_BASE_S",
+        "First retry delay of a notification send; doubles per attempt (capped at 300 s).",
+    ),
+    "notify_poll_s": (
+        "VOUCHER_NOTIFY_POLL_S",
+        "How often the notification dispatcher looks for new notifications and due retries.",
     ),
 }
 _UPPER = frozenset({"log_level"})

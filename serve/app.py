@@ -16,7 +16,16 @@ from ray.serve import Application
 
 from engine.errors import ConfigError
 from engine.settings import Settings
-from serve.deployments import Campaigns, Delivery, Notifications, Reports, Users, Vouchers
+from serve.deployments import (
+    Campaigns,
+    Customers,
+    Delivery,
+    Issuance,
+    Notifications,
+    Reports,
+    Users,
+    Vouchers,
+)
 from serve.gateway import Gateway
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
@@ -61,13 +70,31 @@ def build_app(args: dict[str, Any]) -> Application:
     notifications = Notifications.options(  # type: ignore[attr-defined]
         num_replicas=n("Notifications")
     ).bind(dsn)
+    customers = Customers.options(  # type: ignore[attr-defined]
+        num_replicas=n("Customers")
+    ).bind(dsn)
+    issuance = Issuance.options(  # type: ignore[attr-defined]
+        num_replicas=n("Issuance")
+    ).bind(settings, dsn, redis_url)
     # Serve's access log costs the gateway a log record per request at peak; off unless
     # VOUCHER_ACCESS_LOG=true (the replica's other Serve logs stay at WARNING and above).
     access_log = bool(settings.get("access_log", False))
     logging_config = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
     return Gateway.options(  # type: ignore[attr-defined]
         num_replicas=n("Gateway"), logging_config=logging_config
-    ).bind(users, campaigns, vouchers, delivery, reports, notifications, settings, dsn, redis_url)
+    ).bind(
+        users,
+        campaigns,
+        vouchers,
+        delivery,
+        reports,
+        notifications,
+        settings,
+        dsn,
+        redis_url,
+        customers=customers,
+        issuance=issuance,
+    )
 
 
 def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:

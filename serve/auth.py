@@ -593,6 +593,10 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reports.read": _STAFF_READ,
     "notifications.read": _STAFF_WRITE,
     "metrics.read": frozenset({"admin"}),
+    "customers.read": _STAFF_READ,
+    "customers.write": _STAFF_WRITE,
+    "issuance.create": _STAFF_WRITE,
+    "webhooks.manage": _STAFF_WRITE,
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

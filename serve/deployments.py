@@ -289,3 +289,90 @@ __all__ = [
     "Vouchers",
     "campaign_json",
 ]
+
+
+# --- customers, issuance and notification fan-out (issue 4) -----------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Customers:
+    """Customer records (create, get, list). Bulk imports stream through the gateway."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._db: asyncpg.Pool | None = None
+
+    async def _pool(self) -> asyncpg.Pool:
+        if self._db is None:
+            self._db = await _pool(self.dsn, 2)
+        return self._db
+
+    @guarded
+    async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
+        from actors import customers
+        from engine.customers import validate_or_raise
+
+        return await customers.create(await self._pool(), validate_or_raise(fields))
+
+    @guarded
+    async def get(self, customer_id: str) -> dict[str, Any]:
+        from actors import customers
+
+        return await customers.get(await self._pool(), customer_id)
+
+    @guarded
+    async def list(self, tag: str | None, after: str | None, limit: int) -> dict[str, Any]:
+        from actors import customers
+
+        return await customers.page(await self._pool(), tag=tag, after=after, limit=limit)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Issuance:
+    """Issuance jobs (run by the ``Issuer`` actor) and notification webhooks."""
+
+    def __init__(self, settings: dict[str, Any], dsn: str, redis_url: str) -> None:
+        from actors.issuance import issuer_handle
+
+        self.settings = _settings(settings)
+        self.dsn = dsn
+        self.issuer = issuer_handle(self.settings, dsn, redis_url)
+        self._db: asyncpg.Pool | None = None
+
+    async def _pool(self) -> asyncpg.Pool:
+        if self._db is None:
+            self._db = await _pool(self.dsn, 2)
+        return self._db
+
+    async def start(self, campaign_id: str, selection: dict[str, Any], channels: list[str]) -> Any:
+        return await self.issuer.start.remote(campaign_id, selection, channels)
+
+    async def job(self, job_id: str) -> Any:
+        return await self.issuer.job.remote(job_id)
+
+    @guarded
+    async def add_webhook(self, url: str, secret: str | None, kinds: list[str] | None) -> dict[str, Any]:
+        from actors.notifier import add_webhook
+
+        return await add_webhook(await self._pool(), url, secret, kinds)
+
+    @guarded
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        from actors.notifier import list_webhooks
+
+        return await list_webhooks(await self._pool())
+
+    @guarded
+    async def remove_webhook(self, webhook_id: str) -> dict[str, Any]:
+        from actors.notifier import remove_webhook
+
+        return await remove_webhook(await self._pool(), webhook_id)
+
+    @guarded
+    async def sends(self, notification_id: int) -> list[dict[str, Any]]:
+        from actors.notifier import sends_of
+
+        return await sends_of(await self._pool(), notification_id)
+
+
+__all__ += ["Customers", "Issuance"]

@@ -23,14 +23,16 @@ import logging
 import time
 import uuid
 from typing import Annotated, Any, NamedTuple
+from urllib.parse import quote
 
 import msgspec
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from actors.calls import Failure
 from actors.client import attach_engine
+from actors.issuance import JOB_PREFIX as ISSUANCE_JOB_PREFIX
 from actors.observability import (
     BatcherMetrics,
     RequestIdMiddleware,
@@ -59,7 +61,12 @@ from serve.models import (
     CampaignIn,
     CampaignOut,
     CheckoutIn,
+    CustomerIn,
+    CustomerOut,
     GenerateIn,
+    ImportOut,
+    IssuanceIn,
+    IssuanceJobOut,
     JobOut,
     LoginIn,
     RedemptionOut,
@@ -69,6 +76,7 @@ from serve.models import (
     TokenOut,
     UserOut,
     ValidationOut,
+    WebhookIn,
 )
 from serve.problems import (
     BodySizeLimit,
@@ -188,7 +196,14 @@ api = _GatewayAPI(
 install_problem_handlers(api)
 document_problems(api)
 # Body limits are enforced in front of FastAPI, before any body is read.
-api.add_middleware(BodySizeLimit, max_bytes=Settings.from_env().max_body_bytes)
+_env = Settings.from_env()
+# The customer import streams its body (parsed and upserted batch by batch), so it may be
+# far larger than a JSON body; its limit bounds the upload, not memory.
+api.add_middleware(
+    BodySizeLimit,
+    max_bytes=_env.max_body_bytes,
+    path_limits={"/v1/customers/import": _env.import_max_bytes},
+)
 # Added last, so outermost: even a 413 from the body limit is logged with the request id.
 # Serve reads X-Request-ID (or makes one), passes it on and returns it on every response:
 # the middleware only binds it for the logs and the shards (echo=False: not sent twice).
@@ -286,6 +301,8 @@ class Gateway:
         settings: dict[str, Any],
         dsn: str,
         redis_url: str,
+        customers: Any = None,
+        issuance: Any = None,
     ) -> None:
         self.settings = msgspec.convert(settings, Settings)
         configure_json_logging(self.settings.log_level)
@@ -307,6 +324,11 @@ class Gateway:
         except Exception:  # not running under Serve (direct construction in a test)
             self.replica = "local"
         self._open_lock = asyncio.Lock()
+        # issue 4: customers, issuance, webhooks (see the section at the end)
+        self.customers = customers
+        self.issuance = issuance
+        self._dsn = dsn
+        self._import_db: Any = None
         # key id -> (SHA-256 of the verified secret, principal, monotonic expiry)
         self._keys: dict[str, tuple[bytes, Principal, float]] = {}
         _serve_fast_lane(self)
@@ -679,12 +701,14 @@ class Gateway:
 
     @api.get(
         "/v1/jobs/{job_id}",
-        response_model=JobOut,
+        response_model=IssuanceJobOut | JobOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 422),
     )
     async def job(self, job_id: str, request: Request, response: Response) -> Any:
         await self._guard(request, response, "jobs.read")
+        if job_id.startswith(ISSUANCE_JOB_PREFIX):
+            return _unwrap(await self.issuance.job.remote(job_id))
         return _job(_unwrap(await self.campaigns.job.remote(job_id)))
 
     @api.get(
@@ -936,3 +960,134 @@ class Gateway:
         await self._guard(request, response, "notifications.read")
         return _unwrap(await self.notifications.mark_read.remote(notification_id))
 
+
+    # --- customers, issuance, notification webhooks (issue 4) ---------------------------
+
+    @api.post(
+        "/v1/customers",
+        status_code=201,
+        response_model=CustomerOut,
+        tags=["customers"],
+        responses=problem_responses(*_GUARDED, *_BODY, 409),
+    )
+    async def create_customer(self, body: CustomerIn, request: Request, response: Response) -> Any:
+        await self._guard(request, response, "customers.write")
+        c = _unwrap(await self.customers.create.remote(body.model_dump(exclude_none=True)))
+        response.headers["Location"] = f"/v1/customers/{quote(c['id'], safe='')}"
+        return c
+
+    @api.get("/v1/customers", tags=["customers"], responses=problem_responses(*_GUARDED, 422))
+    async def list_customers(
+        self,
+        request: Request,
+        response: Response,
+        tag: str | None = Query(None, max_length=64),
+        after: str | None = Query(None, max_length=128, description="last id of the previous page"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> Any:
+        await self._guard(request, response, "customers.read")
+        return _unwrap(await self.customers.list.remote(tag.lower() if tag else None, after, limit))
+
+    @api.get(
+        "/v1/customers/{customer_id}",
+        response_model=CustomerOut,
+        tags=["customers"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def get_customer(self, customer_id: str, request: Request, response: Response) -> Any:
+        await self._guard(request, response, "customers.read")
+        return _unwrap(await self.customers.get.remote(customer_id))
+
+    @api.post(
+        "/v1/customers/import",
+        response_model=ImportOut,
+        tags=["customers"],
+        responses=problem_responses(*_GUARDED, 400, 413, 415, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def import_customers(self, request: Request, response: Response) -> Any:
+        """Bulk upsert from CSV (header line naming the columns) or JSON lines, read as it
+        streams in and written in batches. Valid rows land; each refused row is reported
+        with its line, field and reason."""
+        await self._guard(request, response, "customers.write")
+        from actors.customers import import_stream
+        from engine.customers import parser_for
+
+        parser_for(request.headers.get("content-type"))  # 415 before reading anything
+        if self._import_db is None:
+            import asyncpg
+
+            self._import_db = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+        return await import_stream(
+            self._import_db,
+            request.headers.get("content-type"),
+            request.stream(),
+            self.settings.import_batch,
+        )
+
+    @api.post(
+        "/v1/campaigns/{campaign_id}/issuance",
+        status_code=202,
+        response_model=IssuanceJobOut,
+        tags=["campaigns"],
+        responses=problem_responses(*_GUARDED, *_BODY, 404, 409),
+    )
+    async def issue(self, campaign_id: str, body: IssuanceIn, request: Request, response: Response) -> Any:
+        """Give every selected customer a code (the same one on a re-run) and queue one
+        message per customer and consented channel; progress at ``GET /v1/jobs/{id}``."""
+        await self._guard(request, response, "issuance.create")
+        job = _unwrap(
+            await self.issuance.start.remote(
+                campaign_id, body.selection.model_dump(exclude_none=True), list(body.channels)
+            )
+        )
+        response.headers["Location"] = f"/v1/jobs/{job['id']}"
+        return job
+
+    @api.post(
+        "/v1/notification-webhooks",
+        status_code=201,
+        tags=["notifications"],
+        responses=problem_responses(*_GUARDED, *_BODY),
+    )
+    async def add_webhook(self, body: WebhookIn, request: Request, response: Response) -> Any:
+        """Register an endpoint for signed notification webhooks (the secret is shown once)."""
+        await self._guard(request, response, "webhooks.manage")
+        return _unwrap(await self.issuance.add_webhook.remote(body.url, body.secret, body.kinds))
+
+    @api.get("/v1/notification-webhooks", tags=["notifications"], responses=problem_responses(*_GUARDED))
+    async def list_webhooks(self, request: Request, response: Response) -> Any:
+        await self._guard(request, response, "webhooks.manage")
+        return {"items": _unwrap(await self.issuance.list_webhooks.remote())}
+
+    @api.delete(
+        "/v1/notification-webhooks/{webhook_id}",
+        tags=["notifications"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def remove_webhook(self, webhook_id: str, request: Request, response: Response) -> Any:
+        await self._guard(request, response, "webhooks.manage")
+        return _unwrap(await self.issuance.remove_webhook.remote(webhook_id))
+
+    @api.get(
+        "/v1/notifications/{notification_id}/deliveries",
+        tags=["notifications"],
+        responses=problem_responses(*_GUARDED, 422),
+    )
+    async def notification_deliveries(
+        self,
+        request: Request,
+        response: Response,
+        notification_id: int = Path(ge=1, le=2**63 - 1),
+    ) -> Any:
+        """Where a notification was sent (email, webhooks) and every attempt."""
+        await self._guard(request, response, "notifications.read")
+        return {"items": _unwrap(await self.issuance.sends.remote(notification_id))}

@@ -252,3 +252,87 @@ class JobOut(BaseModel):
     created_at: datetime | None = None
     finished_at: datetime | None = None
     plan: dict[str, Any] | None = None
+
+
+# --- customers, issuance and notification webhooks (issue 4) ----------------------------
+
+
+class CustomerIn(Strict):
+    """A customer. Consent is never assumed: give ``consent_<channel>`` for every channel
+    you give an address for (email, phone for sms, push_token for push)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    email: str | None = None
+    phone: str | None = Field(None, description="E.164, e.g. +4915112345678")
+    push_token: str | None = None
+    name: str | None = None
+    locale: str | None = Field(None, description="BCP 47, e.g. de-AT (default en)")
+    time_zone: str | None = Field(None, description="IANA zone, e.g. Europe/Berlin (default UTC)")
+    consent_email: bool | None = None
+    consent_sms: bool | None = None
+    consent_push: bool | None = None
+    tags: list[str] | None = None
+
+
+class CustomerOut(BaseModel):
+    id: str
+    email: str | None = None
+    phone: str | None = None
+    push_token: str | None = None
+    name: str | None = None
+    locale: str
+    time_zone: str
+    consent_email: bool
+    consent_sms: bool
+    consent_push: bool
+    tags: list[str]
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ImportRejection(BaseModel):
+    line: int
+    field: str
+    reason: str
+
+
+class ImportOut(BaseModel):
+    rows: int
+    imported: int
+    rejected: int
+    rejections: list[ImportRejection]
+    rejections_truncated: bool
+
+
+class SelectionIn(Strict):
+    """Exactly one of: ``customer_ids`` (up to 10,000), ``tag``, ``all: true``."""
+
+    customer_ids: list[str] | None = None
+    tag: str | None = None
+    all: bool | None = None
+
+
+class IssuanceIn(Strict):
+    selection: SelectionIn
+    channels: list[Literal["email", "sms", "push"]] = Field(min_length=1, max_length=3)
+
+
+class IssuanceJobOut(BaseModel):
+    kind: Literal["issuance"]
+    id: str
+    campaign_id: str
+    selection: dict[str, Any]
+    channels: list[str]
+    state: str
+    error: str | None = None
+    counts: dict[str, int]
+    rate: float = 0.0
+    eta_s: float | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class WebhookIn(Strict):
+    url: str = Field(min_length=1, max_length=2048)
+    secret: str | None = Field(None, description="16..256 characters; left out: one is made")
+    kinds: list[str] | None = Field(None, description="notification kinds; left out: all")

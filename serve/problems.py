@@ -41,6 +41,7 @@ _STATUS_BY_CLASS: dict[type, int] = {
     errors.VoucherError: 500,
     errors.ConfigError: 500,
     errors.InvalidInput: 422,
+    errors.UnsupportedMediaType: 415,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.IllegalTransition: 409,
@@ -295,6 +296,7 @@ _WHEN: dict[int, str] = {
     409: "Conflicts with the current state (duplicate, illegal transition, not redeemable)",
     410: "Gone for good (campaign ended or expired, code void)",
     413: "Request body too large",
+    415: "Unsupported Content-Type for this endpoint",
     422: "Request validation failed",
     429: "Rate limit or failed-attempt budget exceeded; see Retry-After",
     503: "The engine cannot answer now; retry after Retry-After",
@@ -339,16 +341,33 @@ class BodySizeLimit:
     at the first chunk past the limit, so nothing larger than the limit is ever buffered.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        if max_bytes < 0:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
+        """``path_limits``: exact paths with their own limit (a streamed bulk import reads
+        its body chunk by chunk, so it may accept far more than a JSON body)."""
+        if max_bytes < 0 or any(v < 0 for v in (path_limits or {}).values()):
             raise ValueError("max_bytes must be >= 0")
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max = max_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.default_max)
+        await _LimitedRequest(self.app, limit)(scope, receive, send)
+
+
+class _LimitedRequest:
+    """One request under one body limit (see :class:`BodySizeLimit`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared == -1:
             await problem(400, "bad-request", _phrase(400), "invalid Content-Length header")(

@@ -515,6 +515,10 @@ EXPECTED = {
     "reports.read": {"admin", "manager", "analyst"},
     "notifications.read": {"admin", "manager"},
     "metrics.read": {"admin"},
+    "customers.read": {"admin", "manager", "analyst"},
+    "customers.write": {"admin", "manager"},
+    "issuance.create": {"admin", "manager"},
+    "webhooks.manage": {"admin", "manager"},
 }
 
 

@@ -310,6 +310,8 @@ def test_serve_config_matches_serves_schema_and_builds(path: Path) -> None:
         "Delivery",
         "Reports",
         "Notifications",
+        "Customers",
+        "Issuance",
     }
 
 

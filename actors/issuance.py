@@ -1,0 +1,487 @@
+"""Issuance jobs: give a selection of customers a code each and queue their messages.
+
+A job runs in the ``Issuer`` actor. It walks the selected customers in id order (keyset
+pagination, ``VOUCHER_ISSUANCE_BATCH`` at a time), assigns codes through the shard actors
+(``assign_many``: idempotent per campaign x customer, decided by the shard owning
+``hash(campaign, customer)``, falling back to other shards' banks when that shard's part
+runs dry), and records + queues one message per customer and consented channel
+(``actors.delivery_queue.enqueue``; a message's id is its idempotency key, so a re-run adds
+nothing). Codes come from the bank; when the bank runs low the job starts a generation
+job ahead of need (a refill) and keeps issuing from what is left, and customers the bank
+could not serve wait for the refill and are tried once more.
+
+Progress counters (``GET /v1/jobs/{id}``): ``total`` (selected at start), ``selected``
+(read so far), ``assigned`` (customers holding a code: ``new_codes`` + earlier ones),
+``exhausted`` (no code left and none could be made), ``skipped_no_consent`` /
+``skipped_no_address`` (per customer x channel), ``unreachable`` (customers no requested
+channel reaches: they get no code), ``messages`` (customer x channel with consent and
+address), ``enqueued`` (added to the streams by this job), ``already_queued`` (queued by an
+earlier run), ``refills``, ``rate`` (customers/s) and ``eta_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import ray
+from redis.asyncio import Redis
+
+from actors.delivery_queue import enqueue
+from actors.notifier import check_campaign, record
+from actors.observability import configure_json_logging
+from actors.persistence import create_pool
+from engine import errors
+from engine.customers import Customer, Selection, check_selection, route
+from engine.delivery import new_message
+from engine.notify import Notice
+from engine.settings import Settings
+
+log = logging.getLogger("voucher.issuance")
+JOB_PREFIX = "iss_"
+COUNTERS = (
+    "total",
+    "selected",
+    "assigned",
+    "new_codes",
+    "exhausted",
+    "unreachable",
+    "skipped_no_consent",
+    "skipped_no_address",
+    "messages",
+    "enqueued",
+    "already_queued",
+    "refills",
+)
+_CUSTOMER_COLS = (
+    "id, email, phone, push_token, name, locale, time_zone, consent_email, consent_sms,"
+    " consent_push, tags"
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _where(sel: Selection) -> tuple[str, list[Any]]:
+    """SQL condition and args ($1...) of a selection."""
+    if sel.customer_ids is not None:
+        return "id = ANY($1::text[])", [list(sel.customer_ids)]
+    if sel.tag is not None:
+        return "tags @> ARRAY[$1::text]", [sel.tag]
+    return "true", []
+
+
+def _customer(r: asyncpg.Record) -> Customer:
+    return Customer(
+        id=r["id"],
+        email=r["email"],
+        phone=r["phone"],
+        push_token=r["push_token"],
+        name=r["name"],
+        locale=r["locale"],
+        time_zone=r["time_zone"],
+        consent_email=r["consent_email"],
+        consent_sms=r["consent_sms"],
+        consent_push=r["consent_push"],
+        tags=tuple(r["tags"]),
+    )
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    """The job as ``GET /v1/jobs/{id}`` shows it (with its ETA)."""
+    out = {k: v for k, v in job.items() if not k.startswith("_")}
+    counts = dict(out.get("counts", {}))
+    rate = out.get("rate") or 0.0
+    left = max(0, counts.get("total", 0) - counts.get("selected", 0))
+    out["eta_s"] = round(left / rate, 2) if rate and out["state"] == "running" else None
+    return out
+
+
+class IssuerCore:
+    def __init__(self, engine: Any, dsn: str, redis_url: str, settings: Settings) -> None:
+        self.engine = engine
+        self.dsn = dsn
+        self.redis_url = redis_url
+        self.settings = settings
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.pool: asyncpg.Pool | None = None
+        self.redis: Redis | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refills: dict[str, str] = {}  # campaign -> running generation job id
+
+    async def ready(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._ready)
+
+    async def _load(self) -> None:
+        self.pool = await create_pool(self.dsn, size=4)
+        self.redis = Redis.from_url(self.redis_url)
+        # A job marked running belonged to an issuer process that is gone. Re-running the
+        # issuance finishes it (idempotent); say so instead of guessing.
+        await self.pool.execute(
+            "UPDATE issuance_jobs SET state = 'failed', finished_at = now(), error ="
+            " 'interrupted by an issuer restart; run the issuance again (re-runs add nothing"
+            " twice)' WHERE state = 'running'"
+        )
+
+    # --- starting ----------------------------------------------------------------------
+
+    async def start(self, campaign_id: str, selection: Any, channels: Any) -> dict[str, Any]:
+        """Validate everything, then run in the background; returns the job (202)."""
+        await self.ready()
+        assert self.pool is not None
+        sel, chans = check_selection(selection, channels)
+        campaign = await self.engine.campaign(campaign_id)  # UnknownCampaign: 404
+        if campaign.state == "ended":
+            raise errors.CannotIssueEnded(f"campaign {campaign_id} has ended")
+        where, args = _where(sel)
+        if sel.customer_ids is not None:
+            found = {
+                r["id"]
+                for r in await self.pool.fetch(
+                    "SELECT id FROM customers WHERE id = ANY($1::text[])", list(sel.customer_ids)
+                )
+            }
+            unknown = [c for c in sel.customer_ids if c not in found]
+            if unknown:
+                shown = ", ".join(repr(u) for u in unknown[:10])
+                raise errors.InvalidInput(
+                    f"selection.customer_ids names {len(unknown)} unknown customer(s): {shown}"
+                    + (" ..." if len(unknown) > 10 else "")
+                )
+            total = len(found)
+        else:
+            total = int(await self.pool.fetchval(f"SELECT count(*) FROM customers WHERE {where}", *args))
+        job: dict[str, Any] = {
+            "id": JOB_PREFIX + os.urandom(10).hex(),
+            "kind": "issuance",
+            "campaign_id": campaign_id,
+            "selection": msgspec.to_builtins(sel),
+            "channels": list(chans),
+            "state": "running",
+            "error": None,
+            "counts": dict.fromkeys(COUNTERS, 0) | {"total": total},
+            "rate": 0.0,
+            "created_at": utcnow(),
+            "finished_at": None,
+        }
+        await self._save(job)
+        self.jobs[job["id"]] = job
+        task = asyncio.ensure_future(self._run(job, sel, chans))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job_view(job)
+
+    async def _save(self, job: dict[str, Any]) -> None:
+        assert self.pool is not None
+        await self.pool.execute(
+            "INSERT INTO issuance_jobs (id, campaign_id, selection, channels, state, counts,"
+            " error, created_at, finished_at) VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb,"
+            " $7, $8, $9) ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
+            " counts = EXCLUDED.counts, error = EXCLUDED.error,"
+            " finished_at = EXCLUDED.finished_at",
+            job["id"],
+            job["campaign_id"],
+            msgspec.json.encode(job["selection"]).decode(),
+            job["channels"],
+            job["state"],
+            msgspec.json.encode(job["counts"]).decode(),
+            job["error"],
+            job["created_at"],
+            job["finished_at"],
+        )
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        await self.ready()
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job_view(job)
+        assert self.pool is not None
+        row = await self.pool.fetchrow(
+            "SELECT id, campaign_id, selection::text, channels, state, counts::text, error,"
+            " created_at, finished_at FROM issuance_jobs WHERE id = $1",
+            job_id,
+        )
+        if row is None:
+            raise errors.UnknownJob(f"no job has id {job_id!r}")
+        d = dict(row)
+        d["kind"] = "issuance"
+        d["selection"] = msgspec.json.decode(d["selection"])
+        d["counts"] = msgspec.json.decode(d["counts"])
+        d["rate"] = 0.0
+        return job_view(d)
+
+    # --- running -----------------------------------------------------------------------
+
+    async def _run(self, job: dict[str, Any], sel: Selection, chans: tuple[str, ...]) -> None:
+        assert self.pool is not None and self.redis is not None
+        counts = job["counts"]
+        cid = job["campaign_id"]
+        where, args = _where(sel)
+        n = len(args)
+        query = (
+            f"SELECT {_CUSTOMER_COLS} FROM customers WHERE {where}"
+            f" AND (${n + 1}::text IS NULL OR id > ${n + 1}) ORDER BY id LIMIT ${n + 2}"
+        )
+        started = time.perf_counter()
+        after: str | None = None
+        try:
+            campaign = await self.engine.campaign(cid)
+            while True:
+                rows = await self.pool.fetch(query, *args, after, self.settings.issuance_batch)
+                if not rows:
+                    break
+                after = rows[-1]["id"]
+                customers = [_customer(r) for r in rows]
+                counts["selected"] += len(customers)
+                # a customer no requested channel reaches gets no code (it would only
+                # drain the bank); consent and address are counted per channel
+                reachable: list[tuple[Customer, list[tuple[str, str]]]] = []
+                for cust in customers:
+                    targets, no_consent, no_address = route(cust, chans)
+                    counts["skipped_no_consent"] += no_consent
+                    counts["skipped_no_address"] += no_address
+                    if targets:
+                        reachable.append((cust, targets))
+                    else:
+                        counts["unreachable"] += 1
+                await self._refill_if_low(job, campaign)
+                codes = await self._assign(job, campaign, [c.id for c, _ in reachable])
+                messages = []
+                for cust, targets in reachable:
+                    code = codes.get(cust.id)
+                    if code is None:
+                        continue
+                    for channel, address in targets:
+                        messages.append(
+                            new_message(
+                                cid,
+                                cust.id,
+                                channel,  # type: ignore[arg-type]
+                                address,
+                                code,
+                                locale=cust.locale,
+                                name=cust.name,
+                                job_id=job["id"],
+                            )
+                        )
+                counts["messages"] += len(messages)
+                fresh = await self._not_yet_queued(messages)
+                counts["already_queued"] += len(messages) - len(fresh)
+                counts["enqueued"] += await enqueue(self.pool, self.redis, fresh)
+                job["rate"] = counts["selected"] / max(1e-9, time.perf_counter() - started)
+                await self._save(job)
+            job["state"] = "done"
+        except Exception as exc:
+            job["state"] = "failed"
+            job["error"] = getattr(exc, "message", None) or repr(exc)
+            log.exception("issuance job %s failed", job["id"], extra={"job_id": job["id"]})
+        job["finished_at"] = utcnow()
+        await self._save(job)
+        await self._after(job)
+
+    async def _not_yet_queued(self, messages: list[Any]) -> list[Any]:
+        """The messages a re-run must still queue: those without a delivery record, and
+        those recorded as queued by a job that did not finish (it may have died between
+        recording and queueing; the sender drops a duplicate by its idempotency key).
+        Messages of a finished job were queued, and sent/failed/dead ones are the
+        delivery service's: a re-run never queues those again."""
+        if not messages:
+            return []
+        assert self.pool is not None
+        done = {
+            r["id"]
+            for r in await self.pool.fetch(
+                "SELECT d.id FROM deliveries d LEFT JOIN issuance_jobs j ON j.id = d.job_id"
+                " WHERE d.id = ANY($1::text[]) AND (d.state <> 'queued'"
+                " OR j.state IN ('done', 'running'))",
+                [m.id for m in messages],
+            )
+        }
+        return [m for m in messages if m.id not in done]
+
+    async def _assign(self, job: dict[str, Any], campaign: Any, ids: list[str]) -> dict[str, str]:
+        """Codes of ``ids`` (new or earlier ones); customers the bank cannot serve wait for
+        a running refill and are tried once more, then count as ``exhausted``."""
+        counts = job["counts"]
+        codes: dict[str, str] = {}
+        todo = ids
+        for attempt in range(2):
+            outs = await self._assign_many(campaign.id, todo)
+            dry: list[str] = []
+            for cust, out in zip(todo, outs, strict=True):
+                if out.assignment is not None:
+                    codes[cust] = out.assignment.code
+                    counts["assigned"] += 1
+                    counts["new_codes"] += int(out.assignment.created)
+                elif out.rejection is not None and out.rejection.error == "bank_exhausted":
+                    dry.append(cust)
+                elif out.rejection is not None:
+                    raise errors.from_code(out.rejection.error, out.rejection.message)
+            if not dry:
+                break
+            if attempt == 0 and await self._wait_refill(job, campaign, len(dry)):
+                todo = dry
+                continue
+            counts["exhausted"] += len(dry)
+            break
+        return codes
+
+    async def _assign_many(self, campaign_id: str, ids: list[str]) -> list[Any]:
+        """``assign_many``, retried while a shard restarts (it is idempotent per campaign x
+        customer, so a retry of a batch whose answer was lost returns the same codes)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return list(await self.engine.assign_many(campaign_id, ids))
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("a shard is unavailable; retrying the assignment batch")
+                await asyncio.sleep(0.5)
+
+    async def _refill_if_low(self, job: dict[str, Any], campaign: Any, need: int = 0) -> None:
+        """Start a generation job ahead of need when the bank runs low."""
+        if campaign.is_shared or campaign.id in self._refills:
+            return
+        try:
+            stats = await self.engine.stats(campaign.id)
+        except errors.Unavailable:
+            log.warning("bank of %s not checked: a shard is unavailable", campaign.id)
+            return  # checked again with the next batch
+        counts = job["counts"]
+        left = max(need, counts["total"] - counts["selected"] + self.settings.issuance_batch)
+        if need == 0 and (
+            stats.available >= self.settings.bank_low_threshold or stats.available >= left
+        ):
+            return  # not low, or enough for every customer still to come
+        want = max(self.settings.refill_size, left - stats.available)
+        total = campaign.limits.total
+        if total is not None:
+            want = min(want, total - (stats.available + stats.assigned + stats.redeemed + stats.void))
+        if want <= 0:
+            return
+        try:
+            gen = await self.engine.start_generation(campaign.id, want)
+        except errors.VoucherError as exc:
+            log.warning("bank refill of %s not started: %s", campaign.id, exc.message)
+            return
+        self._refills[campaign.id] = gen["id"]
+        counts["refills"] += 1
+        log.info("bank of %s low (%d available): refill of %d codes started", campaign.id, stats.available, want)
+
+    async def _wait_refill(self, job: dict[str, Any], campaign: Any, need: int) -> bool:
+        """Wait for the campaign's refill (starting one if none runs); False if none."""
+        if campaign.id not in self._refills:
+            await self._refill_if_low(job, campaign, need)
+        gen_id = self._refills.get(campaign.id)
+        if gen_id is None:
+            return False
+        try:
+            while True:
+                gen = await self.engine.job(gen_id)
+                if gen["state"] != "running":
+                    return bool(gen["state"] == "done")
+                await asyncio.sleep(0.1)
+        finally:
+            self._refills.pop(campaign.id, None)
+
+    async def _after(self, job: dict[str, Any]) -> None:
+        """Notices: the job's end, and the bank/limit thresholds after it."""
+        assert self.pool is not None
+        c = job["counts"]
+        try:
+            if job["state"] == "done":
+                await record(
+                    self.pool,
+                    Notice(
+                        "job_finished",
+                        job["campaign_id"],
+                        f"issuance job {job['id']} finished: {c['assigned']} of {c['total']} "
+                        f"customers hold a code ({c['new_codes']} new, {c['exhausted']} without: "
+                        f"bank exhausted), {c['enqueued']} messages queued",
+                    ),
+                )
+            else:
+                await record(
+                    self.pool,
+                    Notice(
+                        "job_failed",
+                        job["campaign_id"],
+                        f"issuance job {job['id']} failed after {c['selected']} customers: "
+                        f"{job['error']}",
+                    ),
+                )
+            campaign = await self.engine.campaign(job["campaign_id"])
+            stats = await self.engine.stats(campaign.id)
+            await check_campaign(self.pool, campaign, stats, self.settings)
+        except Exception:
+            log.exception("notices after issuance job %s failed", job["id"])
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=1000, num_cpus=0)
+class Issuer:
+    """Ray face of :class:`IssuerCore`."""
+
+    def __init__(self, settings: bytes, dsn: str, redis_url: str) -> None:
+        from actors.client import attach_engine
+
+        decoded = msgspec.msgpack.decode(settings, type=Settings)
+        configure_json_logging(decoded.log_level)
+        self.core = IssuerCore(attach_engine(decoded), dsn, redis_url, decoded)
+
+    async def ready(self) -> bool:
+        await self.core.ready()
+        return True
+
+    async def start(self, campaign_id: str, selection: Any, channels: Any) -> Any:
+        from actors.calls import Failure
+
+        try:
+            return await self.core.start(campaign_id, selection, channels)
+        except errors.VoucherError as exc:
+            return Failure(exc.code, exc.message)
+
+    async def job(self, job_id: str) -> Any:
+        from actors.calls import Failure
+
+        try:
+            return await self.core.job(job_id)
+        except errors.VoucherError as exc:
+            return Failure(exc.code, exc.message)
+
+
+def issuer_handle(settings: Settings, dsn: str, redis_url: str) -> Any:
+    """Create (or attach to) the named issuer actor."""
+    return Issuer.options(  # type: ignore[attr-defined]
+        name="issuer", namespace=settings.namespace, get_if_exists=True, lifetime="detached"
+    ).remote(msgspec.msgpack.encode(settings), dsn, redis_url)
+
+
+async def issue(
+    handle: Any,
+    campaign_id: str,
+    selection: dict[str, Any],
+    channels: list[str],
+    progress: Any = None,
+    poll_s: float = 0.25,
+) -> dict[str, Any]:
+    """Start an issuance and wait for its end (``progress(job)`` after every poll)."""
+    from actors.calls import call
+
+    job: dict[str, Any] = await call(handle.start.remote(campaign_id, selection, channels))
+    while job["state"] == "running":
+        await asyncio.sleep(poll_s)
+        job = await call(handle.job.remote(job["id"]))
+        if progress is not None:
+            progress(job)
+    return job
