@@ -577,6 +577,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reports.read": _STAFF_READ,
     "notifications.read": _STAFF_WRITE,
     "metrics.read": frozenset({"admin"}),
+    "templates.write": _STAFF_WRITE,
+    "deliveries.read": _STAFF_READ,
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 
