@@ -253,16 +253,20 @@ class DeliveryCore:
     async def run(self) -> dict[str, int]:
         await self.open()
         tasks = [asyncio.create_task(self._flush_marks_loop())]
+        rounds = []
         for ch in self.cfg.channels:
             for _ in range(self.ROUNDS_PER_CHANNEL):
-                tasks.append(asyncio.create_task(self._read_loop(ch)))
+                rounds.append(asyncio.create_task(self._read_loop(ch)))
             tasks.append(asyncio.create_task(self._housekeeping_loop(ch)))
         try:
             await self.stopping.wait()
+            # A graceful stop lets the rounds in flight finish (send, record, ack), so a
+            # restart of the consumers interrupts no hand-over to a provider.
+            await asyncio.wait(rounds, timeout=self.s.delivery_send_timeout_s + 5)
         finally:
-            for t in tasks:
+            for t in tasks + rounds:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *rounds, return_exceptions=True)
             await self._flush_marks()
             await self.close()
         return dict(self.counts)
@@ -660,7 +664,7 @@ class DeliveryHandles:
     runs: list[Any]
     urls: dict[str, str]
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 25.0) -> None:
         with contextlib.suppress(Exception):
             ray.get([w.stop.remote() for w in self.workers], timeout=timeout_s)
         with contextlib.suppress(Exception):
