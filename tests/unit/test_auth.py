@@ -515,6 +515,8 @@ EXPECTED = {
     "reports.read": {"admin", "manager", "analyst"},
     "notifications.read": {"admin", "manager"},
     "metrics.read": {"admin"},
+    "templates.write": {"admin", "manager"},
+    "deliveries.read": {"admin", "manager", "analyst"},
 }
 
 
