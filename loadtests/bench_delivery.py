@@ -245,8 +245,9 @@ async def run_baseline(svc: Any, urls: dict[str, str], index: Path, n: int, work
     }
 
 
-def _other_load() -> float:
-    """Cores busy outside this benchmark's process tree over one second (other users)."""
+def _other_load() -> tuple[float, str]:
+    """Cores busy outside this benchmark's process tree over one second (other users of the
+    machine), and the busiest of those processes."""
     me = psutil.Process()
     mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
     procs = [p for p in psutil.process_iter() if p.pid not in mine]
@@ -254,11 +255,13 @@ def _other_load() -> float:
         with contextlib.suppress(psutil.Error):
             p.cpu_percent(None)
     time.sleep(1.0)
-    total = 0.0
+    seen: list[tuple[float, str]] = []
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            total += p.cpu_percent(None)
-    return total / 100
+            seen.append((p.cpu_percent(None), " ".join(p.cmdline()[:3])[:60] or p.name()))
+    seen.sort(reverse=True)
+    top = ", ".join(f"{name} {pct / 100:.2f}" for pct, name in seen[:3] if pct >= 5)
+    return sum(pct for pct, _ in seen) / 100, top or "nothing notable"
 
 
 async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -286,10 +289,10 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             delivery_connections=args.connections,
             delivery_rate_email=0.0,
         )
-        other_before = _other_load()
+        other_before, top_before = _other_load()
         pipe = await run_pipeline(svc, settings, urls, index, args.messages, args.workers)
         base = await run_baseline(svc, urls, index, args.baseline, args.workers, args.baseline_concurrency, settings.mail_from)
-        other_after = _other_load()
+        other_after, top_after = _other_load()
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -314,7 +317,8 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         f"seed baseline: {args.workers} worker processes x {args.baseline_concurrency} jobs in flight. "
         f"Machine busy during the pipeline run: {pipe['cpu_busy_cores']:.2f} of {os.cpu_count()} cores. "
         f"Other load on the machine (outside this benchmark's processes) before / after: "
-        f"{other_before:.2f} / {other_after:.2f} cores. Machine: {machine_summary()}.",
+        f"{other_before:.2f} / {other_after:.2f} cores (busiest before: {top_before}; after: {top_after}). "
+        f"Machine: {machine_summary()}.",
     ]
     return "\n".join(lines), {"pipeline": pipe, "baseline": base}
 
