@@ -632,11 +632,22 @@ class DeliveryWorker:
         self.cfg = cfg
         self.name = name
         self.core: DeliveryCore | None = None
+        self._stop_requested = False
         configure_json_logging(msgspec.convert(cfg.settings, Settings).log_level)
 
     async def run(self) -> dict[str, int]:
-        self.core = DeliveryCore(self.cfg, self.name)
-        return await self.core.run()
+        """Work until ``stop``. Ray retries this call after the actor dies; an error inside
+        (Postgres or Redis unreachable at start) is retried here, every second."""
+        while True:
+            self.core = DeliveryCore(self.cfg, self.name)
+            try:
+                return await self.core.run()
+            except Exception:
+                log.exception("delivery worker %s failed; starting again in 1 s", self.name)
+                await self.core.close()
+                if self._stop_requested:
+                    return dict(self.core.counts)
+                await asyncio.sleep(1.0)
 
     async def ready(self) -> str:
         for _ in range(200):
@@ -649,6 +660,7 @@ class DeliveryWorker:
         return dict(self.core.counts) if self.core is not None else {}
 
     async def stop(self) -> None:
+        self._stop_requested = True
         if self.core is not None:
             self.core.stopping.set()
 
