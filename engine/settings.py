@@ -53,8 +53,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     push_webhook_url: str | None = None
     mail_from: Annotated[str, msgspec.Meta(min_length=3, max_length=254)] = "vouchers@voucher-engine.local"
     delivery_workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
-    delivery_batch: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 250
-    delivery_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    delivery_batch: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    delivery_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
     delivery_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
     delivery_backoff_base_s: Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)] = 2.0
     delivery_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 600.0
