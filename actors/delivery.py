@@ -319,6 +319,7 @@ class DeliveryCore:
                 if now >= next_sweep:
                     next_sweep = now + self.s.delivery_claim_idle_s
                     await self._sweep(channel)
+                    await self._forget_dead_consumers(stream)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -344,6 +345,16 @@ class DeliveryCore:
             pipe.xadd(delivery.stream(channel), {delivery.FIELD: delivery.encode(m)})
         await pipe.execute()
         log.warning("sweep re-queued %d %s messages with no stream entry progress", len(rows), channel)
+
+    async def _forget_dead_consumers(self, stream: str) -> None:
+        """Remove consumers of the group that hold nothing and were silent for ten idle
+        periods (workers that died or were replaced), so the group does not grow forever."""
+        assert self.redis is not None
+        limit_ms = 10 * self.s.delivery_claim_idle_s * 1000
+        for c in await self.redis.xinfo_consumers(stream, delivery.GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > limit_ms:
+                await self.redis.xgroup_delconsumer(stream, delivery.GROUP, name)
 
     async def _flush_marks_loop(self) -> None:
         while True:

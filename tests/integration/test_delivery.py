@@ -180,3 +180,36 @@ async def test_rate_limit_is_shared_by_the_workers(pipeline, engine, services):
     elapsed = time.monotonic() - t0
     assert elapsed >= 1.8, f"120 SMS at 40/s (burst 40) took only {elapsed:.2f}s"
     print(f"120 SMS at 40/s took {elapsed:.2f}s")
+
+
+async def test_silent_consumers_holding_nothing_are_forgotten(services, engine_settings):
+    import msgspec
+
+    from actors.delivery import DeliveryCore, WorkerConfig
+    from engine import delivery
+    from tests.delivery_support import delivery_settings
+
+    s = delivery_settings(engine_settings, delivery_claim_idle_s=0.1)
+    cfg = WorkerConfig(
+        settings=msgspec.to_builtins(s),
+        dsn=services.database_url,
+        redis_url=services.redis_url,
+        urls={"push": "http://127.0.0.1:9/push"},
+        channels=("push",),
+    )
+    core = DeliveryCore(cfg, "cleanup-test")
+    await core.open()
+    try:
+        assert core.redis is not None
+        stream = delivery.stream("push")
+        ghost = f"ghost-{uid('c')}"
+        await core.redis.xgroup_createconsumer(stream, delivery.GROUP, ghost)
+        await core._forget_dead_consumers(stream)  # not silent long enough yet
+        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, delivery.GROUP)}
+        assert ghost.encode() in names
+        await asyncio.sleep(1.2)  # 10 idle periods of 0.1 s
+        await core._forget_dead_consumers(stream)
+        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, delivery.GROUP)}
+        assert ghost.encode() not in names
+    finally:
+        await core.close()
