@@ -136,7 +136,8 @@ class SmtpAdapter:
             hostname=self.cfg.host,
             port=self.cfg.port,
             use_tls=self.cfg.tls,
-            start_tls=False if not self.cfg.tls else None,
+            # smtps://: TLS from the first byte. smtp://: STARTTLS when the server offers it.
+            start_tls=False if self.cfg.tls else None,
             timeout=self.timeout_s,
             tls_context=ssl.create_default_context() if self.cfg.tls else None,
         )

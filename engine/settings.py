@@ -185,7 +185,8 @@ _ENV: dict[str, tuple[str, str]] = {
     ),
     "smtp_url": (
         "VOUCHER_SMTP_URL",
-        "SMTP server for email (smtp://[user:password@]host:port, smtps:// for TLS). Unset: "
+        "SMTP server for email (smtp://[user:password@]host:port, upgraded with STARTTLS when "
+        "offered; smtps:// for TLS from the start). Unset: "
         "`voucher-engine up` starts the embedded SMTP sink, which records what it receives.",
     ),
     "sms_webhook_url": (
