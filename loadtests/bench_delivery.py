@@ -315,7 +315,7 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         f"Enqueue of the {pipe['n']:,} messages (rows + stream entries) took {pipe['enqueue_s']:.1f} s of that; "
         f"workers: {args.workers} actors x {DeliveryCoreRounds} rounds, batch {args.batch}, {args.connections} SMTP connections each; "
         f"seed baseline: {args.workers} worker processes x {args.baseline_concurrency} jobs in flight. "
-        f"Machine busy during the pipeline run: {pipe['cpu_busy_cores']:.2f} of {os.cpu_count()} cores. "
+        f"Whole machine busy during the pipeline run (all processes, this benchmark and others): {pipe['cpu_busy_cores']:.2f} of {os.cpu_count()} cores. "
         f"Other load on the machine (outside this benchmark's processes) before / after: "
         f"{other_before:.2f} / {other_after:.2f} cores (busiest before: {top_before}; after: {top_after}). "
         f"Machine: {machine_summary()}.",
