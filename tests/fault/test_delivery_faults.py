@@ -150,7 +150,9 @@ async def test_provider_failing_30_percent_still_delivers_everything(pipeline, e
     got = receipts_of(pipeline.sinks, prefix)
     _accepted_once(got, {m.id for m in msgs})
     refused = sum(1 for r in got if r["status"] == "rejected_temporary")
-    assert 200 <= refused <= 450, refused  # ~30% of ~1430 attempts
+    # Refusals before each success are geometric: mean 0.3/0.7 per message, so ~429 for
+    # 1000 messages with a standard deviation of ~25; the bounds are +-5 sd.
+    assert 300 <= refused <= 560, refused
     rows = await fetch(db, "SELECT attempts, last_error FROM deliveries WHERE campaign_id = $1", cid)
     assert sum(r["attempts"] for r in rows) == 1000 + refused
     assert all(r["last_error"] is None for r in rows)
