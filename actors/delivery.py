@@ -16,7 +16,8 @@ One round of a worker, per channel (``engine.delivery`` has the stream layout):
 5. **Record** the outcomes in one transaction (``sent``; ``failed`` with ``last_error`` and
    ``next_attempt_at``; ``dead``), then schedule retries (sorted set per channel, score =
    due time; moved back to the stream when due by an atomic Lua script), add dead messages
-   to the dead-letter stream, insert ``delivery_dead`` notifications, and ``XACK``.
+   to the dead-letter stream and ``XACK``; admins get one ``delivery_dead`` notification
+   per campaign and failure window.
 
 Crash safety (a worker killed at any point):
 
@@ -450,18 +451,6 @@ class DeliveryCore:
                 )
             if dead:
                 await conn.execute(_DEAD, [m.id for m, _ in dead], [e for _, e in dead], self.consumer)
-                per: dict[str, list[tuple[DeliveryMessage, str]]] = {}
-                for m, e in dead:
-                    per.setdefault(m.campaign_id, []).append((m, e))
-                for cid, items in per.items():
-                    m0, e0 = items[0]
-                    await conn.execute(
-                        _NOTIFY,
-                        "delivery_dead",
-                        cid,
-                        f"{len(items)} {channel} message(s) of campaign {cid} moved to the dead-letter "
-                        f"stream, e.g. {m0.id} to {m0.recipient}: {e0}",
-                    )
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for m, _e, delay in retry:
@@ -479,6 +468,8 @@ class DeliveryCore:
         self.counts["dead_lettered"] += len(dead)
         self.counts["skipped"] += len(entries) - len(to_send) - len(recovered)
         self._observe(channel, sent=len(sent) + len(recovered), retried=len(retry), dead=len(dead))
+        if dead:
+            await self._notify_dead(channel, dead)
         if to_send:
             await self._failure_rate(
                 count_outcomes((m.campaign_id, err is not None) for m, err in zip(to_send, results))
@@ -525,6 +516,28 @@ class DeliveryCore:
             n -= int(granted)
             if n > 0:
                 await asyncio.sleep(max(0.001, float(wait)))
+
+    async def _notify_dead(self, channel: str, dead: list[tuple[DeliveryMessage, str]]) -> None:
+        """One ``delivery_dead`` notification per campaign and failure window (the first
+        batch that dead-letters something), not one per message or batch."""
+        assert self.redis is not None and self.db is not None
+        win = self.s.delivery_failure_window_s
+        idx = window_index(time.time(), win)
+        per: dict[str, list[tuple[DeliveryMessage, str]]] = {}
+        for m, e in dead:
+            per.setdefault(m.campaign_id, []).append((m, e))
+        for cid, items in per.items():
+            if not await self.redis.set(f"voucher:delivery:dead-alerted:{cid}:{idx}", 1, nx=True, ex=2 * win):
+                continue
+            m0, e0 = items[0]
+            await self.db.execute(
+                _NOTIFY,
+                "delivery_dead",
+                cid,
+                f"{len(items)} {channel} message(s) of campaign {cid} moved to the dead-letter "
+                f"stream, e.g. {m0.id} to {m0.recipient}: {e0}. Further ones in the next "
+                f"{win} s are not notified again: GET /v1/deliveries/dead?campaign_id={cid}",
+            )
 
     async def _failure_rate(self, per: dict[str, FailureWindow]) -> None:
         assert self.redis is not None and self.db is not None
