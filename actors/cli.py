@@ -205,6 +205,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from actors.services import start_services
 
     services = start_services(settings)
+    sinks = workers = None
     try:
         applied = asyncio.run(migrate(services.database_url))
         print(f"postgres: {services.database_url}" + (f" (applied {applied})" if applied else ""))
@@ -223,14 +224,19 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if not args.no_http:
             url = start_http(settings, services.database_url, services.redis_url)
             print(f"http:     {url}  (OpenAPI docs at {url}/docs, Serve mode {settings.serve_mode})")
+        sinks, workers = start_delivery_pipeline(settings, services.database_url, services.redis_url)
         from actors.issuance import issuer_handle
         from actors.notifier import start_notifier
 
         issuer_handle(settings, services.database_url, services.redis_url)
-        start_notifier(settings, services.database_url)
+        # Admin emails go where voucher emails go: the configured SMTP server, or the sink.
+        notify_settings = settings
+        if not settings.smtp_url and sinks is not None:
+            notify_settings = msgspec.structs.replace(settings, smtp_url=sinks.urls["smtp"])
+        start_notifier(notify_settings, services.database_url)
         print(
             "notify:   dispatcher running (email "
-            + (f"via {settings.smtp_url}" if settings.smtp_url else "off: no VOUCHER_SMTP_URL")
+            + (f"via {notify_settings.smtp_url}" if notify_settings.smtp_url else "off: no VOUCHER_SMTP_URL")
             + ", signed webhooks)"
         )
         if args.demo:
@@ -247,9 +253,59 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             pass
         return 0
     finally:
+        if workers is not None:
+            workers.stop()
         if ray.is_initialized():
             ray.shutdown()
+        if sinks is not None:
+            sinks.stop()
         services.stop()
+
+
+def start_delivery_pipeline(settings: Settings, dsn: str, redis_url: str) -> tuple[Any, Any]:
+    """The embedded sinks (for every channel without a configured provider) and the
+    delivery workers (``VOUCHER_DELIVERY_WORKERS``). Returns (sinks or None, handles or None)."""
+    from pathlib import Path
+
+    from actors.delivery import provider_urls, start_delivery
+    from actors.sinks import Sinks
+
+    sinks = None
+    if not (settings.smtp_url and settings.sms_webhook_url and settings.push_webhook_url):
+        outbox = Path(settings.data_dir) / "outbox"
+        sinks = Sinks(outbox, keep_in_memory=False).start()
+        print(
+            f"sinks:    SMTP {sinks.urls['smtp']}, webhooks {sinks.urls['page']}/sms|/push; "
+            f"outbox {outbox} (page {sinks.urls['page']}/, `voucher-engine outbox`)"
+        )
+    urls = provider_urls(settings, sinks.urls if sinks else None)
+    workers = None
+    if settings.delivery_workers:
+        workers = start_delivery(settings, dsn, redis_url, urls=urls)
+        print(f"delivery: {settings.delivery_workers} workers on the voucher:delivery:* streams")
+    return sinks, workers
+
+
+def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    """What the embedded sinks received (newest last), or one message in full."""
+    from pathlib import Path
+
+    from actors.sinks import outbox_rows
+
+    root = Path(args.dir or Path(settings.data_dir) / "outbox")
+    if args.show:
+        for sub, ext in (("email", "eml"), ("sms", "json"), ("push", "json")):
+            f = root / sub / f"{args.show}.{ext}"
+            if f.exists():
+                sys.stdout.write(f.read_bytes().decode("utf-8", "replace"))
+                return 0
+        print(f"error: no message {args.show!r} in {root}", file=sys.stderr)
+        return 2
+    rows = outbox_rows(root, args.limit)
+    for r in rows:
+        print(f"{r['at']:.3f}  {r['channel']:5}  {r['status']:18}  {r['to']:30}  {r.get('subject') or ''}  {r['key']}")
+    print(f"{len(rows)} receipt(s) shown from {root / 'index.jsonl'}", file=sys.stderr)
+    return 0
 
 
 async def _attached(args: argparse.Namespace, settings: Settings) -> Any:
@@ -381,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("rollback").add_argument("redemption")
     sub.add_parser("voucher").add_argument("code")
+    ob = sub.add_parser("outbox", help="list what the embedded SMTP/webhook sinks received")
+    ob.add_argument("--limit", type=int, default=50)
+    ob.add_argument("--show", metavar="MESSAGE_ID", help="print one received message")
+    ob.add_argument("--dir", help="outbox directory (default: <data dir>/outbox)")
     return p
 
 
@@ -392,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args, settings)
         if args.command == "deploy":
             return cmd_deploy(args, settings)
+        if args.command == "outbox":
+            return cmd_outbox(args, settings)
         _ray_init(settings, attach=True)
         _print(asyncio.run(_attached(args, settings)))
         return 0

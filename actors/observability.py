@@ -295,10 +295,8 @@ GATEWAY_INFLIGHT = Gauge(
     tag_keys=("shard", "op"),
 )
 
-# Fed by the delivery workers (email/SMS/push, a later issue): one ``inc`` per message
-# (or per batch with its count) with ``channel`` in {email, sms, push} and ``outcome`` in
-# {sent, retried, dead_lettered, failed}. Nothing records it yet, so it stays absent from
-# the export rather than showing made-up values.
+# Fed by the delivery workers (actors/delivery.py): one ``inc`` per batch with its count,
+# ``channel`` in {email, sms, push} and ``outcome`` in {sent, retried, dead_lettered}.
 DELIVERY_MESSAGES = Counter(
     "voucher_delivery_messages_total",
     "Messages handled by the delivery workers, by channel and outcome",

@@ -59,6 +59,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 6
     notify_retry_base_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600.0)] = 2.0
     notify_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 1.0
+    sms_webhook_url: str | None = None
+    push_webhook_url: str | None = None
+    mail_from: Annotated[str, msgspec.Meta(min_length=3, max_length=254)] = "vouchers@voucher-engine.local"
+    delivery_workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    delivery_batch: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    delivery_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    delivery_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
+    delivery_backoff_base_s: Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)] = 2.0
+    delivery_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 600.0
+    delivery_claim_idle_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400.0)] = 60.0
+    delivery_send_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=600.0)] = 15.0
+    delivery_rate_email: Annotated[float, msgspec.Meta(ge=0.0)] = 10000.0
+    delivery_rate_sms: Annotated[float, msgspec.Meta(ge=0.0)] = 100.0
+    delivery_rate_push: Annotated[float, msgspec.Meta(ge=0.0)] = 2000.0
+    delivery_failure_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    delivery_failure_window_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300
+    delivery_failure_min_attempts: Annotated[int, msgspec.Meta(ge=1)] = 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -184,7 +201,8 @@ _ENV: dict[str, tuple[str, str]] = {
     ),
     "smtp_url": (
         "VOUCHER_SMTP_URL",
-        "SMTP server for email (smtp://[user:password@]host:port, smtps:// for TLS). Unset: "
+        "SMTP server for email (smtp://[user:password@]host:port, upgraded with STARTTLS when "
+        "offered; smtps:// for TLS from the start). Unset: "
         "`voucher-engine up` starts the embedded SMTP sink, which records what it receives.",
     ),
     "import_max_bytes": (
@@ -223,6 +241,75 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_NOTIFY_POLL_S",
         "How often the notification dispatcher looks for new notifications and due retries.",
     ),
+    "sms_webhook_url": (
+        "VOUCHER_SMS_WEBHOOK_URL",
+        "SMS provider webhook (generic JSON POST, `Idempotency-Key` header). Unset: the "
+        "embedded webhook sink.",
+    ),
+    "push_webhook_url": (
+        "VOUCHER_PUSH_WEBHOOK_URL",
+        "Push provider webhook (generic JSON POST, `Idempotency-Key` header). Unset: the "
+        "embedded webhook sink.",
+    ),
+    "mail_from": ("VOUCHER_MAIL_FROM", "Sender address of voucher emails."),
+    "delivery_workers": (
+        "VOUCHER_DELIVERY_WORKERS",
+        "Delivery worker actors started by `voucher-engine up` (0: none).",
+    ),
+    "delivery_batch": (
+        "VOUCHER_DELIVERY_BATCH",
+        "Stream entries a worker reads, claims and records per round.",
+    ),
+    "delivery_connections": (
+        "VOUCHER_DELIVERY_CONNECTIONS",
+        "Concurrent provider connections per worker and channel (SMTP connections are reused).",
+    ),
+    "delivery_max_attempts": (
+        "VOUCHER_DELIVERY_MAX_ATTEMPTS",
+        "Send attempts before a message goes to the dead-letter stream.",
+    ),
+    "delivery_backoff_base_s": (
+        "VOUCHER_DELIVERY_BACKOFF_BASE_S",
+        "Retry delay after the first failure; doubles per attempt, with jitter.",
+    ),
+    "delivery_backoff_max_s": (
+        "VOUCHER_DELIVERY_BACKOFF_MAX_S",
+        "Longest retry delay.",
+    ),
+    "delivery_claim_idle_s": (
+        "VOUCHER_DELIVERY_CLAIM_IDLE_S",
+        "Idle time after which a message held by a silent worker is reclaimed (XAUTOCLAIM) "
+        "and its claim taken over. Keep it well above the send timeout.",
+    ),
+    "delivery_send_timeout_s": (
+        "VOUCHER_DELIVERY_SEND_TIMEOUT_S",
+        "Timeout of one provider call (SMTP transaction, webhook POST).",
+    ),
+    "delivery_rate_email": (
+        "VOUCHER_DELIVERY_RATE_EMAIL",
+        "Emails per second, shared by all workers (0: unlimited).",
+    ),
+    "delivery_rate_sms": (
+        "VOUCHER_DELIVERY_RATE_SMS",
+        "SMS per second, shared by all workers (0: unlimited).",
+    ),
+    "delivery_rate_push": (
+        "VOUCHER_DELIVERY_RATE_PUSH",
+        "Push messages per second, shared by all workers (0: unlimited).",
+    ),
+    "delivery_failure_rate": (
+        "VOUCHER_DELIVERY_FAILURE_RATE",
+        "Failed share of a campaign's send attempts in one window above which admins get a "
+        "`delivery_failure_rate` notification (once per window).",
+    ),
+    "delivery_failure_window_s": (
+        "VOUCHER_DELIVERY_FAILURE_WINDOW_S",
+        "Length of the failure-rate window in seconds.",
+    ),
+    "delivery_failure_min_attempts": (
+        "VOUCHER_DELIVERY_FAILURE_MIN_ATTEMPTS",
+        "Attempts a window needs before its failure rate can raise a notification.",
+    ),
 }
 _UPPER = frozenset({"log_level"})
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -238,6 +325,8 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgres://", "postgresql://"),
     "redis_url": ("redis://", "rediss://", "unix://"),
     "smtp_url": ("smtp://", "smtps://"),
+    "sms_webhook_url": ("http://", "https://"),
+    "push_webhook_url": ("http://", "https://"),
 }
 
 

@@ -63,7 +63,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ).bind(settings, dsn)
     delivery = Delivery.options(  # type: ignore[attr-defined]
         num_replicas=n("Delivery")
-    ).bind(settings)
+    ).bind(settings, dsn)
     reports = Reports.options(  # type: ignore[attr-defined]
         num_replicas=n("Reports")
     ).bind(settings)

@@ -597,6 +597,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "customers.write": _STAFF_WRITE,
     "issuance.create": _STAFF_WRITE,
     "webhooks.manage": _STAFF_WRITE,
+    "templates.write": _STAFF_WRITE,
+    "deliveries.read": _STAFF_READ,
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

@@ -211,25 +211,61 @@ class Reports:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Delivery:
-    """Delivery status per campaign. The delivery pipeline (queues, workers, channel
-    adapters) is not built yet; until it is, this reports that no channel is configured
-    and how many codes were issued (assigned) and so await delivery."""
+    """Delivery status and records per campaign (from ``deliveries``), the dead letters,
+    and the campaigns' message templates. The sending itself is done by the delivery
+    worker actors (``actors/delivery.py``)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], dsn: str) -> None:
         self.engine = attach_engine(_settings(settings))
+        self.dsn = dsn
+        self._db: asyncpg.Pool | None = None
+
+    async def _pool(self) -> asyncpg.Pool:
+        if self._db is None:
+            self._db = await _pool(self.dsn, 2)
+        return self._db
 
     @guarded
     async def status(self, campaign_id: str) -> dict[str, Any]:
-        stats = await self.engine.stats(campaign_id)
-        return {
-            "campaign_id": campaign_id,
-            "pipeline": "not_configured",
-            "issued": stats.assigned + stats.redeemed,
-            "queued": 0,
-            "sent": 0,
-            "failed": 0,
-            "dead": 0,
-        }
+        from actors import delivery_store
+
+        stats = await self.engine.stats(campaign_id)  # UnknownCampaign -> 404
+        out = await delivery_store.status(await self._pool(), campaign_id)
+        out["issued"] = stats.assigned + stats.redeemed
+        out["pipeline"] = "redis_streams"
+        return out
+
+    @guarded
+    async def put_template(
+        self, campaign_id: str, channel: str, locale: str, subject: str | None, body: str, default: bool
+    ) -> dict[str, Any]:
+        from actors import delivery_store
+
+        return await delivery_store.put_template(
+            await self._pool(), campaign_id, channel, locale, subject, body, default
+        )
+
+    @guarded
+    async def templates(self, campaign_id: str) -> dict[str, Any]:
+        from actors import delivery_store
+
+        return await delivery_store.list_templates(await self._pool(), campaign_id)
+
+    @guarded
+    async def deliveries(
+        self, campaign_id: str, state: str | None, channel: str | None, limit: int, offset: int
+    ) -> dict[str, Any]:
+        from actors import delivery_store
+
+        return await delivery_store.list_deliveries(
+            await self._pool(), campaign_id, state, channel, limit, offset
+        )
+
+    @guarded
+    async def dead(self, campaign_id: str | None, limit: int) -> dict[str, Any]:
+        from actors import delivery_store
+
+        return await delivery_store.list_dead(await self._pool(), campaign_id, limit)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -73,6 +73,7 @@ from serve.models import (
     RegisterIn,
     ReservationOut,
     RolesIn,
+    TemplateIn,
     TokenOut,
     UserOut,
     ValidationOut,
@@ -1091,3 +1092,78 @@ class Gateway:
         """Where a notification was sent (email, webhooks) and every attempt."""
         await self._guard(request, response, "notifications.read")
         return {"items": _unwrap(await self.issuance.sends.remote(notification_id))}
+
+    # --- delivery (issue 4: templates, delivery records, dead letters) ----------------
+
+    @api.put(
+        "/v1/campaigns/{campaign_id}/templates/{channel}",
+        tags=["delivery"],
+        responses=problem_responses(*_GUARDED, *_BODY, 404),
+    )
+    async def put_template(
+        self,
+        campaign_id: str,
+        body: TemplateIn,
+        request: Request,
+        response: Response,
+        channel: str = Path(pattern="^(email|sms|push)$"),
+    ) -> Any:
+        """Set the campaign's template for a channel and locale (validated now: a template
+        that does not compile or uses an unknown variable is a 422, never a send failure)."""
+        await self._guard(request, response, "templates.write")
+        return _unwrap(
+            await self.delivery.put_template.remote(
+                campaign_id, channel, body.locale, body.subject, body.body, body.default
+            )
+        )
+
+    @api.get(
+        "/v1/campaigns/{campaign_id}/templates",
+        tags=["delivery"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def list_templates(self, campaign_id: str, request: Request, response: Response) -> Any:
+        await self._guard(request, response, "deliveries.read")
+        return _unwrap(await self.delivery.templates.remote(campaign_id))
+
+    @api.get(
+        "/v1/campaigns/{campaign_id}/deliveries",
+        tags=["delivery"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def list_deliveries(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        state: str | None = Query(None, pattern="^(queued|sending|sent|failed|dead)$"),
+        channel: str | None = Query(None, pattern="^(email|sms|push)$"),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> Any:
+        """The campaign's delivery records (one per message), optionally by state/channel."""
+        await self._guard(request, response, "deliveries.read")
+        return _unwrap(await self.delivery.deliveries.remote(campaign_id, state, channel, limit, offset))
+
+    @api.get(
+        "/v1/campaigns/{campaign_id}/delivery",
+        tags=["delivery"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def delivery_status(self, campaign_id: str, request: Request, response: Response) -> Any:
+        """Counts of the campaign's messages per channel and state."""
+        await self._guard(request, response, "deliveries.read")
+        return _unwrap(await self.delivery.status.remote(campaign_id))
+
+    @api.get("/v1/deliveries/dead", tags=["delivery"], responses=problem_responses(*_GUARDED, 422))
+    async def dead_deliveries(
+        self,
+        request: Request,
+        response: Response,
+        campaign_id: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> Any:
+        """Messages that used up their attempts (newest first), with their last error."""
+        await self._guard(request, response, "deliveries.read")
+        return _unwrap(await self.delivery.dead.remote(campaign_id, limit))
+

@@ -336,3 +336,27 @@ class WebhookIn(Strict):
     url: str = Field(min_length=1, max_length=2048)
     secret: str | None = Field(None, description="16..256 characters; left out: one is made")
     kinds: list[str] | None = Field(None, description="notification kinds; left out: all")
+# --- delivery --------------------------------------------------------------------------
+
+
+class TemplateIn(Strict):
+    """A campaign's message template for one channel and locale (Jinja2; see the README's
+    delivery section for the variables)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "locale": "de",
+                    "subject": "Ihr Gutschein für {{ campaign_name }}",
+                    "body": "<p>Hallo {{ customer_name }}, Ihr Code: <b>{{ code }}</b> ({{ discount }})</p>",
+                    "default": True,
+                }
+            ]
+        },
+    )
+    locale: str = Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")
+    subject: str | None = Field(None, max_length=998)
+    body: str = Field(min_length=1, max_length=65536)
+    default: bool = False

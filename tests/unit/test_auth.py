@@ -519,6 +519,8 @@ EXPECTED = {
     "customers.write": {"admin", "manager"},
     "issuance.create": {"admin", "manager"},
     "webhooks.manage": {"admin", "manager"},
+    "templates.write": {"admin", "manager"},
+    "deliveries.read": {"admin", "manager", "analyst"},
 }
 
 
