@@ -49,6 +49,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
     shard_resource: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     smtp_url: str | None = None
+    report_refresh_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 1000
+    reports_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8501
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +172,15 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_SMTP_URL",
         "SMTP server for email (smtp://[user:password@]host:port, smtps:// for TLS). Unset: "
         "`voucher-engine up` starts the embedded SMTP sink, which records what it receives.",
+    ),
+    "report_refresh_ms": (
+        "VOUCHER_REPORT_REFRESH_MS",
+        "How often the reporting service folds new changes into its rollups (50 ms..10 min).",
+    ),
+    "reports_port": (
+        "VOUCHER_REPORTS_PORT",
+        "Port of the Streamlit reporting app that `voucher-engine up` and `voucher-engine "
+        "reports` start on the HTTP host (1..65535).",
     ),
 }
 _UPPER = frozenset({"log_level"})

@@ -18,6 +18,7 @@ FastAPI must resolve their annotations (``Request``...) as real objects.
 import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -701,3 +702,173 @@ class Gateway:
         await self._guard(request, response, "notifications.read")
         return _unwrap(await self.notifications.mark_read.remote(notification_id))
 
+
+    # --- reports (issue 5) ----------------------------------------------------------------
+    # Campaign effectiveness from the reporting rollups, live flash-sale counters, and CSV
+    # export of every report: `?format=csv` or `Accept: text/csv`. Role: analyst and up.
+
+    async def _report(
+        self,
+        request: Request,
+        response: Response,
+        fmt: str | None,
+        name: str,
+        call: Any,
+    ) -> Any:
+        await self._guard(request, response, "reports.read")
+        body = _unwrap(await call)
+        if _wants_csv(request, fmt):
+            from engine.reports import table_of, to_csv
+
+            return Response(
+                to_csv(table_of(body)),
+                media_type="text/csv; charset=utf-8",
+                headers={
+                    **dict(response.headers),
+                    "Content-Disposition": f'attachment; filename="{name}.csv"',
+                },
+            )
+        return body
+
+    @api.get(
+        "/v1/reports/campaigns",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 422),
+    )
+    async def report_overview(
+        self,
+        request: Request,
+        response: Response,
+        top: int = Query(10, ge=1, le=100),
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Every campaign's funnel and money figures, totals and the top campaigns by net
+        redemptions (rows: one per campaign)."""
+        return await self._report(
+            request, response, format, "campaigns", self.reports.overview.remote(top)
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_campaign(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Funnel (generated -> assigned -> delivered -> redeemed), rates, money, time to
+        first redemption and delivery success per channel of one campaign."""
+        return await self._report(
+            request, response, format, f"campaign-{campaign_id}",
+            self.reports.campaign.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/timeseries",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_timeseries(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        bucket: str = Query("hour", pattern="^(minute|hour|day)$"),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions per minute, or per hour/day of the campaign's time zone; empty
+        buckets included. ``since``/``until``: ISO 8601 with an offset; by default from the
+        start of activity (at most 6 h of minutes, 14 days of hours, a year of days) to now."""
+        for label, value in (("since", since), ("until", until)):
+            if value is not None and value.tzinfo is None:
+                raise errors.InvalidInput(f"{label} must carry a time zone offset")
+        return await self._report(
+            request, response, format, f"timeseries-{campaign_id}-{bucket}",
+            self.reports.timeseries.remote(campaign_id, bucket, since, until),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/hours",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_hours(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions by hour of day (0..23) in the campaign's time zone."""
+        return await self._report(
+            request, response, format, f"hours-{campaign_id}",
+            self.reports.hours.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/segments",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_segments(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions by customer segment (customer tag)."""
+        return await self._report(
+            request, response, format, f"segments-{campaign_id}",
+            self.reports.segments.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/channels",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_channels(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Deliveries per channel and state, and each channel's success rate."""
+        return await self._report(
+            request, response, format, f"channels-{campaign_id}",
+            self.reports.channels.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/live",
+        tags=["reports"],
+        responses=problem_responses(*_GUARDED, 404, 422),
+    )
+    async def report_live(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Live counters from the shards' memory: redemptions per second, quantity left and
+        the forecast time to sell-out of a flash sale."""
+        return await self._report(
+            request, response, format, f"live-{campaign_id}",
+            self.reports.live.remote(campaign_id),
+        )
+
+
+def _wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    accept = request.headers.get("accept", "")
+    return "text/csv" in accept.lower()
