@@ -717,7 +717,8 @@ class Gateway:
     ) -> Any:
         await self._guard(request, response, "reports.read")
         body = _unwrap(await call)
-        if _wants_csv(request, fmt):
+        wants_csv = fmt == "csv" if fmt is not None else "text/csv" in request.headers.get("accept", "").lower()
+        if wants_csv:
             from engine.reports import table_of, to_csv
 
             return Response(
@@ -865,10 +866,3 @@ class Gateway:
             request, response, format, f"live-{campaign_id}",
             self.reports.live.remote(campaign_id),
         )
-
-
-def _wants_csv(request: Request, fmt: str | None) -> bool:
-    if fmt is not None:
-        return fmt == "csv"
-    accept = request.headers.get("accept", "")
-    return "text/csv" in accept.lower()
