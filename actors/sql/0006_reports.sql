@@ -12,8 +12,9 @@
 -- transactions still open are invisible to it and are folded by a later refresh: there is
 -- no watermark that a late commit could fall behind.
 --
--- Delta rows are "sum over new rows minus sum over old rows", grouped by the keys that a
--- write never changes (campaign, redemption minute, customer, channel): no join needed.
+-- Delta rows are "sum over new rows minus sum over old rows", grouped by campaign (and
+-- redemption minute and customer, or channel and state): no join needed, and a row whose
+-- key changes (a redemption moved in time) moves its counts from the old key to the new.
 
 -- --- change logs -------------------------------------------------------------------------
 
@@ -32,7 +33,8 @@ CREATE TABLE report_redemption_log (
     campaign_id   text NOT NULL,
     customer_id   text,
     minute        timestamptz NOT NULL,   -- the redemption's created_at, to the minute
-    first_at      timestamptz,            -- earliest created_at among inserted rows
+    first_at      timestamptz,            -- earliest created_at among written rows (a row
+                                          -- moved back in time moves the first one back)
     redemptions   bigint NOT NULL,        -- redemptions recorded (rolled back or not)
     rolled_back   bigint NOT NULL,        -- of those, rolled back
     discount      bigint NOT NULL,        -- net of rollbacks
@@ -190,13 +192,13 @@ BEGIN
     SELECT campaign_id, customer_id, date_trunc('minute', created_at), min(first_at),
            sum(n), sum(rb), sum(d), sum(o)
     FROM (
-        SELECT campaign_id, customer_id, created_at, NULL::timestamptz AS first_at, 0 AS n,
+        SELECT campaign_id, customer_id, created_at, created_at AS first_at, 1 AS n,
                (status = 1)::int AS rb,
                CASE WHEN status = 0 THEN discount_amount ELSE 0 END AS d,
                CASE WHEN status = 0 THEN order_amount ELSE 0 END AS o
         FROM new_rows
         UNION ALL
-        SELECT campaign_id, customer_id, created_at, NULL::timestamptz AS first_at, 0 AS n,
+        SELECT campaign_id, customer_id, created_at, NULL::timestamptz AS first_at, -1 AS n,
                -(status = 1)::int AS rb,
                CASE WHEN status = 0 THEN -discount_amount ELSE 0 END AS d,
                CASE WHEN status = 0 THEN -order_amount ELSE 0 END AS o
