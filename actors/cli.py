@@ -121,7 +121,7 @@ def reports_command(settings: Settings, api_url: str | None = None) -> list[str]
         "--server.port", str(settings.reports_port),
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
-        "--global.developmentMode", "false",
+        "--global.developmentMode", "false", "--client.toolbarMode", "minimal",
     ]
 
 
