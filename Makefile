@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-# RUN_ARGS=--demo (default) creates a demo campaign, generates 100,000 codes and redeems some.
+# RUN_ARGS=--demo (default) creates a demo campaign, generates 100,000 codes and redeems some,
+# then the reporting demo data; `up` also starts the reporting app (--no-reports: not).
 RUN_ARGS ?= --demo
 run: venv
 	$(BIN)/voucher-engine up $(RUN_ARGS)
