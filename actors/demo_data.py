@@ -143,13 +143,13 @@ async def create_demo_data(
             {"name": "Newsletter 3 off", "type": "shared_code", "timezone": "UTC",
              "discount": {"kind": "amount", "value": 300}, "shared": f"NEWS3-{suffix}".upper(),
              "uses": n(400), "amount": (1000, 6000)},
-            {"name": "Flash sale 30% (weekly)", "type": "flash_sale", "timezone": "Europe/Berlin",
-             "discount": {"kind": "percent", "value": 30}, "shared": f"FLASH30-{suffix}".upper(),
-             "total": n(1500), "uses": n(600), "amount": (3000, 12000), "recent": True},
             {"name": "Flash sale 100 x 20 off", "type": "flash_sale", "timezone": "America/New_York",
              "discount": {"kind": "amount", "value": 2000}, "currency": "USD",
              "codes": n(100), "total": n(100), "assign": n(100), "redeem": 0.55,
              "amount": (5000, 9000), "recent": True},
+            {"name": "Flash sale 30% (weekly)", "type": "flash_sale", "timezone": "Europe/Berlin",
+             "discount": {"kind": "percent", "value": 30}, "shared": f"FLASH30-{suffix}".upper(),
+             "total": n(1500), "uses": n(600), "amount": (3000, 12000), "recent": True},
         ]
         flash_id: str | None = None
         for i, sp in enumerate(specs):

@@ -312,12 +312,25 @@ class Reports:
     ) -> dict[str, Any]:
         from datetime import timedelta
 
-        from actors import reports as store
         from engine import reports as rep
 
         spans = {"minute": timedelta(hours=6), "hour": timedelta(days=14), "day": timedelta(days=366)}
         if bucket not in spans:
             raise errors.InvalidInput(f"bucket must be one of {', '.join(rep.BUCKETS)}")
+        try:
+            return await self._timeseries(campaign_id, bucket, since, until, spans[bucket])
+        except OverflowError:
+            raise errors.InvalidInput("since/until are too close to the ends of the calendar") from None
+
+    async def _timeseries(
+        self, campaign_id: str, bucket: str, since: datetime | None, until: datetime | None,
+        span: Any,
+    ) -> dict[str, Any]:
+        from datetime import timedelta
+
+        from actors import reports as store
+        from engine import reports as rep
+
         db = await self._pool()
         async with db.acquire() as conn:
             c = await self._campaign(conn, campaign_id)
@@ -327,7 +340,7 @@ class Reports:
                 if until is None:
                     until = max(now, hi + timedelta(minutes=1)) if hi is not None else now
                 if since is None:
-                    since = until - spans[bucket]
+                    since = until - span
                     if lo is not None and lo > since:
                         since = lo
                     elif lo is None:

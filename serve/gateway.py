@@ -707,6 +707,13 @@ class Gateway:
     # Campaign effectiveness from the reporting rollups, live flash-sale counters, and CSV
     # export of every report: `?format=csv` or `Accept: text/csv`. Role: analyst and up.
 
+    _REPORT_OK: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "The report as JSON, or as CSV (`?format=csv` / `Accept: text/csv`)",
+            "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+        }
+    }
+
     async def _report(
         self,
         request: Request,
@@ -734,7 +741,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 422)},
     )
     async def report_overview(
         self,
@@ -752,7 +759,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_campaign(
         self,
@@ -771,7 +778,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}/timeseries",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_timeseries(
         self,
@@ -797,7 +804,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}/hours",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_hours(
         self,
@@ -815,7 +822,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}/segments",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_segments(
         self,
@@ -833,7 +840,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}/channels",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_channels(
         self,
@@ -851,7 +858,7 @@ class Gateway:
     @api.get(
         "/v1/reports/campaigns/{campaign_id}/live",
         tags=["reports"],
-        responses=problem_responses(*_GUARDED, 404, 422),
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
     )
     async def report_live(
         self,
