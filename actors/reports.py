@@ -38,6 +38,17 @@ WITH d AS (
         rolled_back = t.rolled_back + EXCLUDED.rolled_back,
         discount = t.discount + EXCLUDED.discount,
         order_amount = t.order_amount + EXCLUDED.order_amount
+), q AS (
+    INSERT INTO report_quarters AS t
+        (campaign_id, quarter, redemptions, rolled_back, discount, order_amount)
+    SELECT campaign_id, date_bin('15 minutes', minute, timestamptz '2000-01-01 00:00+00'),
+           sum(redemptions), sum(rolled_back), sum(discount), sum(order_amount)
+    FROM d GROUP BY 1, 2
+    ON CONFLICT (campaign_id, quarter) DO UPDATE SET
+        redemptions = t.redemptions + EXCLUDED.redemptions,
+        rolled_back = t.rolled_back + EXCLUDED.rolled_back,
+        discount = t.discount + EXCLUDED.discount,
+        order_amount = t.order_amount + EXCLUDED.order_amount
 ), tot AS (
     INSERT INTO report_totals AS t
         (campaign_id, redemptions, rolled_back, discount, order_amount, first_redemption_at)
@@ -237,20 +248,14 @@ async def overview_rows(conn: asyncpg.Connection) -> list[dict[str, Any]]:
 async def minute_points(
     conn: asyncpg.Connection, campaign_id: str, since: datetime, until: datetime, grain_s: int
 ) -> list[tuple[datetime, Counts]]:
-    """Rollup minutes in [since, until), summed to ``grain_s`` seconds (60 or 900)."""
+    """Rollup minutes (``grain_s`` 60) or quarter hours (900) in [since, until)."""
+    table, col = ("report_minutes", "minute") if grain_s == 60 else ("report_quarters", "quarter")
     rows = await conn.fetch(
-        """
-        SELECT to_timestamp(floor(extract(epoch FROM minute) / $4) * $4) AS t,
-               sum(redemptions) AS redemptions, sum(rolled_back) AS rolled_back,
-               sum(discount) AS discount, sum(order_amount) AS order_amount
-        FROM report_minutes
-        WHERE campaign_id = $1 AND minute >= $2 AND minute < $3
-        GROUP BY 1 ORDER BY 1
-        """,
+        f"SELECT {col} AS t, redemptions, rolled_back, discount, order_amount FROM {table}"
+        f" WHERE campaign_id = $1 AND {col} >= $2 AND {col} < $3 ORDER BY {col}",
         campaign_id,
         since,
         until,
-        grain_s,
     )
     return [(r["t"], _counts(r)) for r in rows]
 
@@ -259,12 +264,8 @@ async def all_quarter_points(
     conn: asyncpg.Connection, campaign_id: str
 ) -> list[tuple[datetime, Counts]]:
     rows = await conn.fetch(
-        """
-        SELECT to_timestamp(floor(extract(epoch FROM minute) / 900) * 900) AS t,
-               sum(redemptions) AS redemptions, sum(rolled_back) AS rolled_back,
-               sum(discount) AS discount, sum(order_amount) AS order_amount
-        FROM report_minutes WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
-        """,
+        "SELECT quarter AS t, redemptions, rolled_back, discount, order_amount"
+        " FROM report_quarters WHERE campaign_id = $1",
         campaign_id,
     )
     return [(r["t"], _counts(r)) for r in rows]
@@ -325,6 +326,16 @@ async def recount(conn: asyncpg.Connection, campaign_id: str) -> dict[str, Any]:
         """,
         campaign_id,
     )
+    quarters = await conn.fetch(
+        """
+        SELECT date_bin('15 minutes', created_at, timestamptz '2000-01-01 00:00+00') AS q,
+               count(*) AS redemptions, count(*) FILTER (WHERE status = 1) AS rolled_back,
+               coalesce(sum(discount_amount) FILTER (WHERE status = 0), 0) AS discount,
+               coalesce(sum(order_amount) FILTER (WHERE status = 0), 0) AS order_amount
+        FROM redemptions WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
+        """,
+        campaign_id,
+    )
     segs = await conn.fetch(
         """
         SELECT s.segment, count(*) AS redemptions,
@@ -351,6 +362,7 @@ async def recount(conn: asyncpg.Connection, campaign_id: str) -> dict[str, Any]:
         "totals": _counts(tot),
         "first_redemption_at": tot["first_redemption_at"],
         "minutes": [(r["minute"], _counts(r)) for r in minutes],
+        "quarters": [(r["q"], _counts(r)) for r in quarters],
         "segments": {r["segment"]: _counts(r) for r in segs},
         "channels": {(r["channel"], r["state"]): int(r["n"]) for r in chans},
     }
@@ -365,11 +377,18 @@ async def rollup(conn: asyncpg.Connection, campaign_id: str) -> dict[str, Any]:
         " OR order_amount <> 0) ORDER BY minute",
         campaign_id,
     )
+    quarters = await conn.fetch(
+        "SELECT quarter, redemptions, rolled_back, discount, order_amount FROM report_quarters"
+        " WHERE campaign_id = $1 AND (redemptions <> 0 OR rolled_back <> 0 OR discount <> 0"
+        " OR order_amount <> 0) ORDER BY quarter",
+        campaign_id,
+    )
     return {
         "codes": codes,
         "totals": totals,
         "first_redemption_at": first,
         "minutes": [(r["minute"], _counts(r)) for r in minutes],
+        "quarters": [(r["quarter"], _counts(r)) for r in quarters],
         "segments": await segments(conn, campaign_id),
         "channels": chans,
     }

@@ -194,7 +194,10 @@ class Reports:
         if self.dsn is None:
             raise errors.Unavailable("the reporting service has no database configured")
         if self._db is None:
-            self._db = await _pool(self.dsn, 4)
+            try:
+                self._db = await _pool(self.dsn, 4)
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise errors.Unavailable(f"reporting database unreachable: {exc}") from None
         self._start()
         return self._db
 
@@ -203,9 +206,14 @@ class Reports:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def check_health(self) -> None:
-        # Serve calls this every few seconds: it starts the refresher without traffic.
+        # Serve calls this every few seconds: it starts the refresher without traffic. A
+        # database that is down is not this replica's fault (restarting would not help):
+        # reports answer 503 meanwhile and the refresher retries.
         if self.dsn is not None:
-            await self._pool()
+            try:
+                await self._pool()
+            except Exception:
+                log.warning("reports: database not reachable yet", exc_info=True)
 
     async def _loop(self) -> None:
         from actors import reports as store

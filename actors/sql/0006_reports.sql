@@ -79,6 +79,18 @@ CREATE TABLE report_minutes (
     PRIMARY KEY (campaign_id, minute)
 );
 
+-- The same per quarter hour (every zone's offset is a multiple of 15 minutes, so local hours
+-- and days are sums of quarters): hour/day series and hour-of-day read 96 rows a day.
+CREATE TABLE report_quarters (
+    campaign_id   text NOT NULL,
+    quarter       timestamptz NOT NULL,
+    redemptions   bigint NOT NULL DEFAULT 0,
+    rolled_back   bigint NOT NULL DEFAULT 0,
+    discount      bigint NOT NULL DEFAULT 0,
+    order_amount  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (campaign_id, quarter)
+);
+
 -- segment: one of the customer's tags (a customer with two tags counts in both),
 -- '(untagged)' for a customer without tags or row, '(anonymous)' without a customer.
 -- The tag is the one the customer had when the redemption was folded in.
