@@ -263,3 +263,23 @@ def test_csv_of_a_table_and_of_a_single_report() -> None:
     (row,) = list(csv.DictReader(io.StringIO(rep.to_csv(rep.table_of(single)))))
     assert row == {"funnel.generated": "10", "funnel.assigned": "4", "campaign.name": 'He said "hi", ok'}
     assert rep.to_csv(rep.table_of({"rows": []})) == "\r\n"
+
+
+# --- the command line that starts the app -------------------------------------------------
+
+
+def test_reports_command_and_parser() -> None:
+    from actors.cli import build_parser, reports_command, reports_env
+    from engine.settings import Settings
+
+    s = Settings(http_host="127.0.0.1", http_port=8123, reports_port=8555)
+    cmd = reports_command(s)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("reporting/app.py")
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8555"
+    assert reports_env(s)["VOUCHER_API_URL"] == "http://127.0.0.1:8123"
+    assert reports_env(s, "http://10.0.0.5:9000")["VOUCHER_API_URL"] == "http://10.0.0.5:9000"
+    args = build_parser().parse_args(["demo-data", "--scale", "0.5", "--live", "30"])
+    assert (args.scale, args.days, args.live) == (0.5, 14, 30.0)
+    assert build_parser().parse_args(["up", "--no-reports"]).no_reports is True
+    assert build_parser().parse_args(["reports", "--api-url", "http://x:1"]).api_url == "http://x:1"
