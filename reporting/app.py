@@ -91,8 +91,9 @@ def overview_page(data: dict[str, Any]) -> None:
     cols = st.columns(4)
     cols[0].metric("Campaigns", data["campaigns"])
     cols[1].metric("Net redemptions", f"{t['net_redemptions']:,}")
-    cols[2].metric("Discount given", money(t["discount"], None))
-    cols[3].metric("Order value influenced", money(t["order_amount"], None))
+    by = sorted(t["by_currency"].items(), key=lambda kv: -kv[1]["order_amount"])
+    cols[2].metric("Discount given", " · ".join(money(v["discount"], c) for c, v in by) or "–")
+    cols[3].metric("Order value influenced", " · ".join(money(v["order_amount"], c) for c, v in by) or "–")
     if not data["rows"]:
         st.info("No campaigns yet. `voucher-engine demo-data` creates some.")
         return

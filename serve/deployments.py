@@ -284,10 +284,16 @@ class Reports:
         db = await self._pool()
         async with db.acquire() as conn:
             rows = await store.overview_rows(conn)
-        totals = {
+        totals: dict[str, Any] = {
             k: sum(r[k] or 0 for r in rows)
-            for k in ("redemptions", "rolled_back", "net_redemptions", "discount", "order_amount", "delivered")
+            for k in ("redemptions", "rolled_back", "net_redemptions", "delivered")
         }
+        money: dict[str, dict[str, int]] = {}  # amounts add up only within a currency
+        for r in rows:
+            m = money.setdefault(r["currency"] or "?", {"discount": 0, "order_amount": 0})
+            m["discount"] += r["discount"]
+            m["order_amount"] += r["order_amount"]
+        totals["by_currency"] = money
         by_state: dict[str, int] = {}
         for r in rows:
             by_state[r["state"]] = by_state.get(r["state"], 0) + 1

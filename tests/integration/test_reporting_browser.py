@@ -135,6 +135,13 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
                 page.get_by_role("textbox", name="Password").fill(password)
                 page.get_by_role("button", name="Log in").click()
                 expect(page.get_by_text("All campaigns")).to_be_visible(timeout=60_000)
+                page.wait_for_function(
+                    "document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] canvas,"
+                    " [data-testid=\"stVegaLiteChart\"] svg').length >= 1",
+                    timeout=60_000,
+                )
+                page.wait_for_timeout(1000)
+                assert page.locator('[data-testid="stException"]').count() == 0
                 page.screenshot(path=str(ARTIFACTS / "reporting-overview.png"), full_page=True)
 
                 page.get_by_test_id("stSidebar").get_by_test_id("stRadioGroup").get_by_text("Campaign", exact=True).click()

@@ -292,6 +292,9 @@ def test_reports_over_http(http_api, engine, services):
     overview = httpx.get(f"{url}/v1/reports/campaigns", headers=analyst).json()
     mine = [r for r in overview["rows"] if r["id"] == cid]
     assert mine and mine[0]["net_redemptions"] == 7 and mine[0]["generated"] == 30
+    # money adds up per currency only
+    assert overview["totals"]["by_currency"]["EUR"]["discount"] >= 1750
+    assert "discount" not in overview["totals"]
 
     # CSV: ?format=csv and Accept: text/csv, parsed back
     r = httpx.get(f"{url}/v1/reports/campaigns/{cid}/timeseries?bucket=minute&format=csv", headers=analyst)
