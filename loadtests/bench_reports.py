@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         ok = True
+        load_before = os.getloadavg()
         with httpx.Client(headers={"Authorization": f"Bearer {atoken}"}, timeout=30) as client:
             for label, path in reports:
                 lat, size = time_http(client, f"{base}{path}", args.calls)
@@ -325,6 +326,11 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             f"\n\nGroup commit of 2,048 redemptions (COPY + voucher UPDATE, `PgShardStore.write`), "
             f"median of {args.commit_batches} each, alternating: **{with_t:.1f} ms with the reporting "
             f"triggers, {without:.1f} ms without** ({(with_t / without - 1) * 100:+.0f} %)."
+        )
+        load_after = os.getloadavg()
+        extra += (
+            f" Load average (1 min) when the timing began / ended: {load_before[0]:.1f} / "
+            f"{load_after[0]:.1f} on {os.cpu_count()} cores."
         )
         print(extra.strip(), flush=True)
         table = "\n".join(lines) + extra
