@@ -64,11 +64,13 @@ WITH d AS (
 ), seg AS (
     INSERT INTO report_segments AS t
         (campaign_id, segment, redemptions, rolled_back, discount, order_amount)
-    SELECT d.campaign_id, s.segment, sum(d.redemptions), sum(d.rolled_back), sum(d.discount),
-           sum(d.order_amount)
-    FROM d LEFT JOIN customers c ON c.id = d.customer_id
+    SELECT d.campaign_id, s.segment, sum(u.n), sum(u.rb), sum(u.dc), sum(u.oa)
+    FROM d
+    CROSS JOIN LATERAL unnest(d.customers, d.c_redemptions, d.c_rolled_back, d.c_discount,
+                              d.c_order) AS u(customer_id, n, rb, dc, oa)
+    LEFT JOIN customers c ON c.id = u.customer_id
     CROSS JOIN LATERAL unnest(
-        CASE WHEN d.customer_id IS NULL THEN ARRAY['(anonymous)']
+        CASE WHEN u.customer_id IS NULL THEN ARRAY['(anonymous)']
              WHEN c.tags IS NULL OR cardinality(c.tags) = 0 THEN ARRAY['(untagged)']
              ELSE c.tags END
     ) AS s(segment)

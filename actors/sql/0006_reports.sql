@@ -28,17 +28,24 @@ CREATE TABLE report_voucher_log (
     d_balance    bigint NOT NULL   -- gift card balance on codes that are not void
 );
 
+-- One row per campaign and minute per statement (a group commit makes a handful, not one
+-- per redemption); the customers of the rows, with each row's figures, ride along in
+-- arrays for the segment rollup.
 CREATE TABLE report_redemption_log (
     id            bigserial PRIMARY KEY,
     campaign_id   text NOT NULL,
-    customer_id   text,
     minute        timestamptz NOT NULL,   -- the redemption's created_at, to the minute
     first_at      timestamptz,            -- earliest created_at among written rows (a row
                                           -- moved back in time moves the first one back)
     redemptions   bigint NOT NULL,        -- redemptions recorded (rolled back or not)
     rolled_back   bigint NOT NULL,        -- of those, rolled back
     discount      bigint NOT NULL,        -- net of rollbacks
-    order_amount  bigint NOT NULL         -- net of rollbacks
+    order_amount  bigint NOT NULL,        -- net of rollbacks
+    customers     text[] NOT NULL,        -- per written row: customer (NULL: anonymous)
+    c_redemptions bigint[] NOT NULL,      -- and that row's share of the four figures
+    c_rolled_back bigint[] NOT NULL,
+    c_discount    bigint[] NOT NULL,
+    c_order       bigint[] NOT NULL
 );
 
 CREATE TABLE report_delivery_log (
@@ -178,10 +185,12 @@ CREATE TRIGGER report_vouchers_delete AFTER DELETE ON vouchers
 CREATE FUNCTION report_redemptions_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO report_redemption_log
-        (campaign_id, customer_id, minute, first_at, redemptions, rolled_back, discount,
-         order_amount)
-    SELECT campaign_id, customer_id, date_trunc('minute', created_at), min(first_at),
-           sum(n), sum(rb), sum(d), sum(o)
+        (campaign_id, minute, first_at, redemptions, rolled_back, discount, order_amount,
+         customers, c_redemptions, c_rolled_back, c_discount, c_order)
+    SELECT campaign_id, date_trunc('minute', created_at), min(first_at),
+           sum(n), sum(rb), sum(d), sum(o),
+           array_agg(customer_id), array_agg(n::bigint), array_agg(rb::bigint),
+           array_agg(d::bigint), array_agg(o::bigint)
     FROM (
         SELECT campaign_id, customer_id, created_at, created_at AS first_at, 1 AS n,
                (status = 1)::int AS rb,
@@ -189,7 +198,7 @@ BEGIN
                CASE WHEN status = 0 THEN order_amount ELSE 0 END AS o
         FROM new_rows
     ) d
-    GROUP BY campaign_id, customer_id, date_trunc('minute', created_at)
+    GROUP BY campaign_id, date_trunc('minute', created_at)
     HAVING sum(n) <> 0 OR sum(rb) <> 0 OR sum(d) <> 0 OR sum(o) <> 0;
     RETURN NULL;
 END $$;
@@ -199,10 +208,12 @@ CREATE TRIGGER report_redemptions_insert AFTER INSERT ON redemptions
 CREATE FUNCTION report_redemptions_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO report_redemption_log
-        (campaign_id, customer_id, minute, first_at, redemptions, rolled_back, discount,
-         order_amount)
-    SELECT campaign_id, customer_id, date_trunc('minute', created_at), min(first_at),
-           sum(n), sum(rb), sum(d), sum(o)
+        (campaign_id, minute, first_at, redemptions, rolled_back, discount, order_amount,
+         customers, c_redemptions, c_rolled_back, c_discount, c_order)
+    SELECT campaign_id, date_trunc('minute', created_at), min(first_at),
+           sum(n), sum(rb), sum(d), sum(o),
+           array_agg(customer_id), array_agg(n::bigint), array_agg(rb::bigint),
+           array_agg(d::bigint), array_agg(o::bigint)
     FROM (
         SELECT campaign_id, customer_id, created_at, created_at AS first_at, 1 AS n,
                (status = 1)::int AS rb,
@@ -216,7 +227,7 @@ BEGIN
                CASE WHEN status = 0 THEN -order_amount ELSE 0 END AS o
         FROM old_rows
     ) d
-    GROUP BY campaign_id, customer_id, date_trunc('minute', created_at)
+    GROUP BY campaign_id, date_trunc('minute', created_at)
     HAVING sum(n) <> 0 OR sum(rb) <> 0 OR sum(d) <> 0 OR sum(o) <> 0;
     RETURN NULL;
 END $$;
@@ -226,10 +237,12 @@ CREATE TRIGGER report_redemptions_update AFTER UPDATE ON redemptions
 CREATE FUNCTION report_redemptions_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO report_redemption_log
-        (campaign_id, customer_id, minute, first_at, redemptions, rolled_back, discount,
-         order_amount)
-    SELECT campaign_id, customer_id, date_trunc('minute', created_at), min(first_at),
-           sum(n), sum(rb), sum(d), sum(o)
+        (campaign_id, minute, first_at, redemptions, rolled_back, discount, order_amount,
+         customers, c_redemptions, c_rolled_back, c_discount, c_order)
+    SELECT campaign_id, date_trunc('minute', created_at), min(first_at),
+           sum(n), sum(rb), sum(d), sum(o),
+           array_agg(customer_id), array_agg(n::bigint), array_agg(rb::bigint),
+           array_agg(d::bigint), array_agg(o::bigint)
     FROM (
         SELECT campaign_id, customer_id, created_at, NULL::timestamptz AS first_at, -1 AS n,
                -(status = 1)::int AS rb,
@@ -237,7 +250,7 @@ BEGIN
                CASE WHEN status = 0 THEN -order_amount ELSE 0 END AS o
         FROM old_rows
     ) d
-    GROUP BY campaign_id, customer_id, date_trunc('minute', created_at)
+    GROUP BY campaign_id, date_trunc('minute', created_at)
     HAVING sum(n) <> 0 OR sum(rb) <> 0 OR sum(d) <> 0 OR sum(o) <> 0;
     RETURN NULL;
 END $$;
@@ -297,12 +310,16 @@ SELECT campaign_id, count(*) FILTER (WHERE status = 0), count(*) FILTER (WHERE s
 FROM vouchers GROUP BY campaign_id;
 
 INSERT INTO report_redemption_log
-    (campaign_id, customer_id, minute, first_at, redemptions, rolled_back, discount, order_amount)
-SELECT campaign_id, customer_id, date_trunc('minute', created_at), min(created_at), count(*),
+    (campaign_id, minute, first_at, redemptions, rolled_back, discount, order_amount,
+     customers, c_redemptions, c_rolled_back, c_discount, c_order)
+SELECT campaign_id, date_trunc('minute', created_at), min(created_at), count(*),
        count(*) FILTER (WHERE status = 1),
        coalesce(sum(discount_amount) FILTER (WHERE status = 0), 0),
-       coalesce(sum(order_amount) FILTER (WHERE status = 0), 0)
-FROM redemptions GROUP BY campaign_id, customer_id, date_trunc('minute', created_at);
+       coalesce(sum(order_amount) FILTER (WHERE status = 0), 0),
+       array_agg(customer_id), array_agg(1::bigint), array_agg((status = 1)::int::bigint),
+       array_agg(CASE WHEN status = 0 THEN discount_amount ELSE 0 END),
+       array_agg(CASE WHEN status = 0 THEN order_amount ELSE 0 END)
+FROM redemptions GROUP BY campaign_id, date_trunc('minute', created_at);
 
 INSERT INTO report_delivery_log (campaign_id, channel, state, n)
 SELECT campaign_id, channel, state, count(*) FROM deliveries GROUP BY 1, 2, 3;

@@ -179,9 +179,10 @@ async def test_refresh_folds_the_log_not_the_base_tables(engine, services):
         ghost = uid("ghost")
         minute = datetime(2026, 3, 29, 0, 59, tzinfo=UTC)
         await conn.execute(
-            "INSERT INTO report_redemption_log (campaign_id, customer_id, minute, first_at,"
-            " redemptions, rolled_back, discount, order_amount)"
-            " VALUES ($1, NULL, $2, $2, 3, 1, 200, 9000)",
+            "INSERT INTO report_redemption_log (campaign_id, minute, first_at, redemptions,"
+            " rolled_back, discount, order_amount, customers, c_redemptions, c_rolled_back,"
+            " c_discount, c_order) VALUES ($1, $2, $2, 3, 1, 200, 9000, ARRAY[NULL, 'x'],"
+            " ARRAY[1, 2], ARRAY[0, 1], ARRAY[50, 150], ARRAY[4000, 5000])",
             ghost,
             minute,
         )
@@ -190,6 +191,7 @@ async def test_refresh_folds_the_log_not_the_base_tables(engine, services):
         rolled = await store.rollup(conn, ghost)
         assert rolled["minutes"] == [(minute, Counts(3, 1, 200, 9000))]
         assert rolled["totals"] == Counts(3, 1, 200, 9000)
+        assert rolled["segments"] == {"(anonymous)": Counts(1, 0, 50, 4000), "(untagged)": Counts(2, 1, 150, 5000)}
         assert (await store.recount(conn, ghost))["totals"] == Counts()
     finally:
         await conn.close()
