@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,16 +70,15 @@ def _free_port() -> int:
 
 
 def _start_app(api_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VOUCHER_API_URL": api_url}
+    """The app as `voucher-engine up` and `voucher-engine reports` start it."""
+    from actors.cli import reports_command, reports_env
+    from engine.settings import Settings
+
+    settings = Settings(http_host="127.0.0.1", reports_port=port)
     out = log.open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", str(ROOT / "reporting" / "app.py"),
-            "--server.address", "127.0.0.1", "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--global.developmentMode", "false", "--client.toolbarMode", "minimal",
-        ],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        reports_command(settings), env=reports_env(settings, api_url),
+        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
