@@ -158,6 +158,20 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
                 assert name in page.inner_text("body")
                 assert page.locator('[data-testid="stException"]').count() == 0
                 assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+
+                # the live flash-sale view refreshes itself (no click, no reload)
+                page.get_by_test_id("stSidebar").get_by_test_id("stRadioGroup").get_by_text(
+                    "Live flash sale", exact=True).click()
+                expect(page.get_by_role("heading", name="Live: ")).to_be_visible(timeout=60_000)
+                stamp = page.get_by_text("updated ")
+                first = stamp.inner_text()
+                page.wait_for_function(
+                    "t => !document.body.innerText.includes(t)", arg=first, timeout=20_000
+                )
+                assert f"Live: {name}" in page.inner_text("body")  # the ?campaign= one
+                page.screenshot(path=str(ARTIFACTS / "reporting-live.png"), full_page=True)
+                assert page.locator('[data-testid="stException"]').count() == 0
+                assert page.locator('[data-testid="stAlertContentError"]').count() == 0
             finally:
                 ctx.close()
     finally:
