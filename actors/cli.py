@@ -11,6 +11,8 @@
     voucher-engine stats CAMPAIGN
     voucher-engine issue CAMPAIGN (--tag T | --all | --customer C ...) --channel email
                                           (progress bar)
+    voucher-engine demo-data [--scale 1] [--days 14] [--live SECONDS]
+    voucher-engine reports [--api-url URL]  (the Streamlit reporting app)
 
 Every command but ``up`` attaches to the engine that ``up`` started (same machine, or
 ``RAY_ADDRESS``). Errors print as one line with their code, exit status 2.
@@ -126,6 +128,83 @@ async def _demo(engine: Any) -> None:
     _print(await engine.stats(c.id))
 
 
+def reports_command(settings: Settings, api_url: str | None = None) -> list[str]:
+    """The command line that serves the Streamlit reporting app on the HTTP host."""
+    import reporting
+
+    app = os.path.join(os.path.dirname(reporting.__file__), "app.py")
+    return [
+        sys.executable, "-m", "streamlit", "run", app,
+        "--server.address", settings.http_host,
+        "--server.port", str(settings.reports_port),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--global.developmentMode", "false", "--client.toolbarMode", "minimal",
+    ]
+
+
+def reports_env(settings: Settings, api_url: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VOUCHER_API_URL"] = api_url or f"http://{settings.http_host}:{settings.http_port}"
+    return env
+
+
+def start_reports(settings: Settings, api_url: str) -> Any:
+    """Start the reporting app as a child process next to the API; returns the Popen."""
+    import subprocess
+
+    proc = subprocess.Popen(reports_command(settings), env=reports_env(settings, api_url))
+    print(f"reports:  http://{settings.http_host}:{settings.reports_port}  (Streamlit; log in "
+          "with an analyst, manager or admin user)")
+    return proc
+
+
+def cmd_reports(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the reporting app in the foreground against a running API."""
+    import subprocess
+
+    cmd = reports_command(settings)
+    env = reports_env(settings, args.api_url)
+    print(f"reports:  http://{settings.http_host}:{settings.reports_port} -> API {env['VOUCHER_API_URL']}")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _demo_data(engine: Any, dsn: str, scale: float, days: int, live_s: float) -> None:
+    from actors.demo_data import create_demo_data, run_flash_sale
+
+    made = await create_demo_data(engine, dsn, scale=scale, days=days)
+    print(f"demo data: {len(made['campaigns'])} campaigns: {', '.join(made['campaigns'])}")
+    if live_s > 0 and made["flash"]:
+        print(f"demo data: redeeming flash sale {made['flash']} live for {live_s:.0f}s (Ctrl-C stops)")
+        n = await run_flash_sale(engine, made["flash"], live_s)
+        print(f"demo data: {n} live flash-sale redemptions")
+
+
+def _live_flash_thread(engine: Any, dsn: str, stop: threading.Event) -> threading.Thread:
+    """``up --demo``: demo data, then the flash sale keeps selling while the engine runs."""
+
+    def run() -> None:
+        from actors.demo_data import create_demo_data, run_flash_sale
+
+        async def go() -> None:
+            made = await create_demo_data(engine, dsn)
+            print(f"demo data: {len(made['campaigns'])} campaigns for the reporting app")
+            if made["flash"]:
+                await run_flash_sale(engine, made["flash"], 3600.0, stop=stop.is_set)
+
+        try:
+            asyncio.run(go())
+        except Exception as exc:  # the engine is stopping, or demo data failed: say so
+            print(f"demo data stopped: {exc!r}", file=sys.stderr)
+
+    t = threading.Thread(target=run, name="demo-data", daemon=True)
+    t.start()
+    return t
+
+
 def bootstrap(settings: Settings, dsn: str) -> None:
     """Create the first admin from configuration (idempotent)."""
     from serve.users import bootstrap_admin
@@ -206,6 +285,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     services = start_services(settings)
     sinks = workers = None
+    reports_proc: Any = None
     try:
         applied = asyncio.run(migrate(services.database_url))
         print(f"postgres: {services.database_url}" + (f" (applied {applied})" if applied else ""))
@@ -224,6 +304,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if not args.no_http:
             url = start_http(settings, services.database_url, services.redis_url)
             print(f"http:     {url}  (OpenAPI docs at {url}/docs, Serve mode {settings.serve_mode})")
+            if not args.no_reports:
+                reports_proc = start_reports(settings, url)
         sinks, workers = start_delivery_pipeline(settings, services.database_url, services.redis_url)
         from actors.issuance import issuer_handle
         from actors.notifier import start_notifier
@@ -239,12 +321,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             + (f"via {notify_settings.smtp_url}" if notify_settings.smtp_url else "off: no VOUCHER_SMTP_URL")
             + ", signed webhooks)"
         )
+        stop = threading.Event()
         if args.demo:
             asyncio.run(_demo(engine))
+            if args.exit:
+                asyncio.run(_demo_data(engine, services.database_url, 1.0, 14, 0.0))
+            else:
+                _live_flash_thread(engine, services.database_url, stop)
         if args.exit:
             return 0
         print("running; Ctrl-C stops the engine and the embedded servers")
-        stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(1.0):
@@ -255,6 +341,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if workers is not None:
             workers.stop()
+        stop_flag = locals().get("stop")
+        if stop_flag is not None:
+            stop_flag.set()
+        if reports_proc is not None:
+            reports_proc.terminate()
+            try:
+                reports_proc.wait(10)
+            except Exception:
+                reports_proc.kill()
         if ray.is_initialized():
             ray.shutdown()
         if sinks is not None:
@@ -379,6 +474,17 @@ async def _attached(args: argparse.Namespace, settings: Settings) -> Any:
         return await engine.campaigns()
     if c == "voucher":
         return await engine.voucher(args.code)
+    if c == "demo-data":
+        from actors.services import start_services
+
+        # the configured database, or the embedded one `up` runs in the same data dir
+        # (adopted, not restarted; stop() leaves a server it did not start alone)
+        services = start_services(settings)
+        try:
+            await _demo_data(engine, services.database_url, args.scale, args.days, args.live)
+        finally:
+            services.stop()
+        return {"ok": True}
     raise errors.InvalidInput(f"unknown command {c}")
 
 
@@ -389,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="create a demo campaign and use it")
     up.add_argument("--exit", action="store_true", help="stop after start-up (and the demo)")
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
+    up.add_argument(
+        "--no-reports", action="store_true", help="do not start the Streamlit reporting app"
+    )
     dep = sub.add_parser(
         "deploy", help="deploy onto a running Ray cluster (external Postgres/Redis) and exit"
     )
@@ -441,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     ob.add_argument("--limit", type=int, default=50)
     ob.add_argument("--show", metavar="MESSAGE_ID", help="print one received message")
     ob.add_argument("--dir", help="outbox directory (default: <data dir>/outbox)")
+    rp = sub.add_parser("reports", help="run the Streamlit reporting app against a running API")
+    rp.add_argument("--api-url", help="base URL of the HTTP API (default: VOUCHER_HTTP_HOST/PORT)")
+    dd = sub.add_parser(
+        "demo-data", help="create demo campaigns with two weeks of redemptions (additive)"
+    )
+    dd.add_argument("--scale", type=float, default=1.0, help="multiply the volumes (default 1)")
+    dd.add_argument("--days", type=int, default=14, help="days of history (default 14)")
+    dd.add_argument(
+        "--live", type=float, default=0.0, metavar="SECONDS",
+        help="then keep redeeming the flash sale for the live view this long",
+    )
     return p
 
 
@@ -454,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_deploy(args, settings)
         if args.command == "outbox":
             return cmd_outbox(args, settings)
+        if args.command == "reports":
+            return cmd_reports(args, settings)
         _ray_init(settings, attach=True)
         _print(asyncio.run(_attached(args, settings)))
         return 0

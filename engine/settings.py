@@ -76,6 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     delivery_failure_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
     delivery_failure_window_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300
     delivery_failure_min_attempts: Annotated[int, msgspec.Meta(ge=1)] = 20
+    report_refresh_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 1000
+    reports_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8501
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -309,6 +311,15 @@ _ENV: dict[str, tuple[str, str]] = {
     "delivery_failure_min_attempts": (
         "VOUCHER_DELIVERY_FAILURE_MIN_ATTEMPTS",
         "Attempts a window needs before its failure rate can raise a notification.",
+    ),
+    "report_refresh_ms": (
+        "VOUCHER_REPORT_REFRESH_MS",
+        "How often the reporting service folds new changes into its rollups (50 ms..10 min).",
+    ),
+    "reports_port": (
+        "VOUCHER_REPORTS_PORT",
+        "Port of the Streamlit reporting app that `voucher-engine up` and `voucher-engine "
+        "reports` start on the HTTP host (1..65535).",
     ),
 }
 _UPPER = frozenset({"log_level"})

@@ -66,7 +66,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ).bind(settings, dsn)
     reports = Reports.options(  # type: ignore[attr-defined]
         num_replicas=n("Reports")
-    ).bind(settings)
+    ).bind(settings, dsn)
     notifications = Notifications.options(  # type: ignore[attr-defined]
         num_replicas=n("Notifications")
     ).bind(dsn)

@@ -194,17 +194,286 @@ class Vouchers:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Reports:
-    """Live campaign counters (from the shards' memory)."""
+    """Campaign reports from the rollups (``actors/reports.py``; never a scan of the
+    vouchers or redemptions per request) and live flash-sale counters from the shards'
+    memory. Each replica folds new changes into the rollups every
+    ``report_refresh_ms`` (one at a time across replicas: an advisory lock) and samples
+    the live counters of the campaigns someone watches, for redemptions per second."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.engine = attach_engine(_settings(settings))
+    WATCH_S = 120.0  # sample a campaign's live counters this long after it was asked for
+
+    def __init__(self, settings: dict[str, Any], dsn: str | None = None) -> None:
+        from collections import deque
+
+        self.settings = _settings(settings)
+        self.engine = attach_engine(self.settings)
+        self.dsn = dsn
+        self._db: asyncpg.Pool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+        self._watched: dict[str, float] = {}
+        self.refreshes = 0
+
+    async def _pool(self) -> asyncpg.Pool:
+        if self.dsn is None:
+            raise errors.Unavailable("the reporting service has no database configured")
+        if self._db is None:
+            try:
+                self._db = await _pool(self.dsn, 4)
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise errors.Unavailable(f"reporting database unreachable: {exc}") from None
+        self._start()
+        return self._db
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def check_health(self) -> None:
+        # Serve calls this every few seconds: it starts the refresher without traffic. A
+        # database that is down is not this replica's fault (restarting would not help):
+        # reports answer 503 meanwhile and the refresher retries.
+        if self.dsn is not None:
+            try:
+                await self._pool()
+            except Exception:
+                log.warning("reports: database not reachable yet", exc_info=True)
+
+    async def _loop(self) -> None:
+        from actors import reports as store
+
+        period = self.settings.report_refresh_ms / 1000
+        while True:
+            try:
+                assert self._db is not None
+                async with self._db.acquire() as conn:
+                    await store.refresh(conn)
+                self.refreshes += 1
+                await self._sample_watched()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep refreshing: the next tick may find the database back
+                log.exception("report refresh failed")
+            await asyncio.sleep(period)
+
+    async def _sample_watched(self) -> None:
+        import time
+
+        now = time.monotonic()
+        for cid, at in list(self._watched.items()):
+            if now - at > self.WATCH_S:
+                self._watched.pop(cid, None)
+                self._samples.pop(cid, None)
+                continue
+            try:
+                await self._sample(cid)
+            except errors.VoucherError:
+                self._watched.pop(cid, None)
+
+    async def _sample(self, campaign_id: str) -> Any:
+        import time
+        from collections import deque
+
+        stats = await self.engine.stats(campaign_id)
+        q = self._samples.setdefault(campaign_id, deque(maxlen=600))
+        now = time.monotonic()
+        q.append((now, stats.redemptions - stats.rollbacks))
+        while q and now - q[0][0] > 300:
+            q.popleft()
+        return stats
+
+    async def _campaign(self, conn: Any, campaign_id: str) -> dict[str, Any]:
+        from actors import reports as store
+
+        c = await store.campaign_row(conn, campaign_id)
+        if c is None:
+            raise errors.UnknownCampaign(f"unknown campaign {campaign_id!r}")
+        return c
+
+    @guarded
+    async def refresh(self) -> dict[str, Any]:
+        """Fold pending changes now (the periodic job does the same)."""
+        from actors import reports as store
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            folded = await store.refresh(conn)
+        return {"folded": folded}
+
+    @guarded
+    async def overview(self, top: int) -> dict[str, Any]:
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            rows = await store.overview_rows(conn)
+        totals: dict[str, Any] = {
+            k: sum(r[k] or 0 for r in rows)
+            for k in ("redemptions", "rolled_back", "net_redemptions", "delivered")
+        }
+        money: dict[str, dict[str, int]] = {}  # amounts add up only within a currency
+        for r in rows:
+            m = money.setdefault(r["currency"] or "?", {"discount": 0, "order_amount": 0})
+            m["discount"] += r["discount"]
+            m["order_amount"] += r["order_amount"]
+        totals["by_currency"] = money
+        by_state: dict[str, int] = {}
+        for r in rows:
+            by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+        return {
+            "campaigns": len(rows),
+            "by_state": by_state,
+            "totals": totals,
+            "top": rep.top_campaigns(rows, "net_redemptions", top),
+            "rows": rows,
+        }
+
+    @guarded
+    async def campaign(self, campaign_id: str) -> dict[str, Any]:
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            c = await self._campaign(conn, campaign_id)
+            codes, totals, first, chans = await store.campaign_figures(conn, campaign_id)
+        channels = rep.channel_rows(chans)
+        delivered = sum(r["sent"] for r in channels)
+        out = rep.campaign_summary(c, codes, totals, first, delivered)
+        out["channels"] = channels
+        return out
+
+    @guarded
+    async def timeseries(
+        self, campaign_id: str, bucket: str, since: datetime | None, until: datetime | None
+    ) -> dict[str, Any]:
+        from datetime import timedelta
+
+        from engine import reports as rep
+
+        spans = {"minute": timedelta(hours=6), "hour": timedelta(days=14), "day": timedelta(days=366)}
+        if bucket not in spans:
+            raise errors.InvalidInput(f"bucket must be one of {', '.join(rep.BUCKETS)}")
+        try:
+            return await self._timeseries(campaign_id, bucket, since, until, spans[bucket])
+        except OverflowError:
+            raise errors.InvalidInput("since/until are too close to the ends of the calendar") from None
+
+    async def _timeseries(
+        self, campaign_id: str, bucket: str, since: datetime | None, until: datetime | None,
+        span: Any,
+    ) -> dict[str, Any]:
+        from datetime import timedelta
+
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            c = await self._campaign(conn, campaign_id)
+            if until is None or since is None:
+                lo, hi = await store.activity_range(conn, campaign_id)
+                now = datetime.now(UTC)
+                if until is None:
+                    until = max(now, hi + timedelta(minutes=1)) if hi is not None else now
+                if since is None:
+                    since = until - span
+                    if lo is not None and lo > since:
+                        since = lo
+                    elif lo is None:
+                        since = until - timedelta(hours=1)
+            if until <= since:
+                raise errors.InvalidInput("until must be after since")
+            tz = rep.zone(c["timezone"])
+            lo_b = rep.bucket_start(since, bucket, tz)
+            points = await store.minute_points(
+                conn, campaign_id, lo_b, until, 60 if bucket == "minute" else 900
+            )
+        rows = rep.time_series(points, bucket, c["timezone"], since, until)
+        return {
+            "campaign_id": campaign_id,
+            "bucket": bucket,
+            "timezone": c["timezone"],
+            "since": since,
+            "until": until,
+            "rows": rows,
+        }
+
+    @guarded
+    async def hours(self, campaign_id: str) -> dict[str, Any]:
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            c = await self._campaign(conn, campaign_id)
+            points = await store.all_quarter_points(conn, campaign_id)
+        return {
+            "campaign_id": campaign_id,
+            "timezone": c["timezone"],
+            "rows": rep.hours_of_day(points, c["timezone"]),
+        }
+
+    @guarded
+    async def segments(self, campaign_id: str) -> dict[str, Any]:
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            await self._campaign(conn, campaign_id)
+            segs = await store.segments(conn, campaign_id)
+        return {"campaign_id": campaign_id, "rows": rep.segment_rows(segs)}
+
+    @guarded
+    async def channels(self, campaign_id: str) -> dict[str, Any]:
+        from actors import reports as store
+        from engine import reports as rep
+
+        db = await self._pool()
+        async with db.acquire() as conn:
+            await self._campaign(conn, campaign_id)
+            _codes, _totals, _first, chans = await store.campaign_figures(conn, campaign_id)
+        return {"campaign_id": campaign_id, "rows": rep.channel_rows(chans)}
 
     @guarded
     async def live(self, campaign_id: str) -> dict[str, Any]:
-        stats = msgspec.to_builtins(await self.engine.stats(campaign_id))
+        """Counters from the shards' memory; for a flash sale also redemptions per second
+        (from samples of those counters), the quantity left and when it sells out."""
+        import time
+
+        from engine import reports as rep
+
+        campaign = await self.engine.campaign(campaign_id)
+        raw = await self._sample(campaign_id)
+        self._watched[campaign_id] = time.monotonic()
+        if self.dsn is not None:
+            await self._pool()  # starts the loop that keeps sampling while watched
+        stats = msgspec.to_builtins(raw)
         issued = stats["assigned"] + stats["redeemed"]
-        stats["redemption_rate"] = (
-            stats["redeemed"] / issued if issued else 0.0
+        stats["redemption_rate"] = stats["redeemed"] / issued if issued else 0.0
+        rate = rep.rate_per_second(list(self._samples.get(campaign_id, ())), time.monotonic())
+        remaining = rep.flash_remaining(
+            shared=campaign.shared_code is not None,
+            total=campaign.limits.total,
+            uses=raw.active_redemptions,
+            held=raw.held,
+            available=raw.available,
+            assigned=raw.assigned,
+        )
+        stats.update(
+            {
+                "name": campaign.name,
+                "type": campaign.type,
+                "state": campaign.state,
+                "limit": campaign.limits.total,
+                "redemptions_per_second": rate,
+                "remaining": remaining,
+                "sellout_in_s": rep.forecast_sellout_s(remaining, rate),
+                "ends_at": campaign.ends_at,
+                "at": datetime.now(UTC),
+            }
         )
         return stats
 

@@ -22,6 +22,7 @@ import hmac
 import logging
 import time
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
@@ -1167,3 +1168,173 @@ class Gateway:
         await self._guard(request, response, "deliveries.read")
         return _unwrap(await self.delivery.dead.remote(campaign_id, limit))
 
+    # --- reports (issue 5) ----------------------------------------------------------------
+    # Campaign effectiveness from the reporting rollups, live flash-sale counters, and CSV
+    # export of every report: `?format=csv` or `Accept: text/csv`. Role: analyst and up.
+
+    _REPORT_OK: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "The report as JSON, or as CSV (`?format=csv` / `Accept: text/csv`)",
+            "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+        }
+    }
+
+    async def _report(
+        self,
+        request: Request,
+        response: Response,
+        fmt: str | None,
+        name: str,
+        call: Any,
+    ) -> Any:
+        await self._guard(request, response, "reports.read")
+        body = _unwrap(await call)
+        wants_csv = fmt == "csv" if fmt is not None else "text/csv" in request.headers.get("accept", "").lower()
+        if wants_csv:
+            from engine.reports import table_of, to_csv
+
+            return Response(
+                to_csv(table_of(body)),
+                media_type="text/csv; charset=utf-8",
+                headers={
+                    **dict(response.headers),
+                    "Content-Disposition": f'attachment; filename="{name}.csv"',
+                },
+            )
+        return body
+
+    @api.get(
+        "/v1/reports/campaigns",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 422)},
+    )
+    async def report_overview(
+        self,
+        request: Request,
+        response: Response,
+        top: int = Query(10, ge=1, le=100),
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Every campaign's funnel and money figures, totals and the top campaigns by net
+        redemptions (rows: one per campaign)."""
+        return await self._report(
+            request, response, format, "campaigns", self.reports.overview.remote(top)
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_campaign(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Funnel (generated -> assigned -> delivered -> redeemed), rates, money, time to
+        first redemption and delivery success per channel of one campaign."""
+        return await self._report(
+            request, response, format, f"campaign-{campaign_id}",
+            self.reports.campaign.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/timeseries",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_timeseries(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        bucket: str = Query("hour", pattern="^(minute|hour|day)$"),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions per minute, or per hour/day of the campaign's time zone; empty
+        buckets included. ``since``/``until``: ISO 8601 with an offset; by default from the
+        start of activity (at most 6 h of minutes, 14 days of hours, a year of days) to now."""
+        for label, value in (("since", since), ("until", until)):
+            if value is not None and value.tzinfo is None:
+                raise errors.InvalidInput(f"{label} must carry a time zone offset")
+        return await self._report(
+            request, response, format, f"timeseries-{campaign_id}-{bucket}",
+            self.reports.timeseries.remote(campaign_id, bucket, since, until),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/hours",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_hours(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions by hour of day (0..23) in the campaign's time zone."""
+        return await self._report(
+            request, response, format, f"hours-{campaign_id}",
+            self.reports.hours.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/segments",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_segments(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Redemptions by customer segment (customer tag)."""
+        return await self._report(
+            request, response, format, f"segments-{campaign_id}",
+            self.reports.segments.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/channels",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_channels(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Deliveries per channel and state, and each channel's success rate."""
+        return await self._report(
+            request, response, format, f"channels-{campaign_id}",
+            self.reports.channels.remote(campaign_id),
+        )
+
+    @api.get(
+        "/v1/reports/campaigns/{campaign_id}/live",
+        tags=["reports"],
+        responses={**_REPORT_OK, **problem_responses(*_GUARDED, 404, 422)},
+    )
+    async def report_live(
+        self,
+        campaign_id: str,
+        request: Request,
+        response: Response,
+        format: str | None = Query(None, pattern="^(json|csv)$"),
+    ) -> Any:
+        """Live counters from the shards' memory: redemptions per second, quantity left and
+        the forecast time to sell-out of a flash sale."""
+        return await self._report(
+            request, response, format, f"live-{campaign_id}",
+            self.reports.live.remote(campaign_id),
+        )

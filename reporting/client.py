@@ -1,0 +1,91 @@
+"""The reporting app's only way to the data: the engine's HTTP API (httpx)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+def api_url() -> str:
+    """Base URL of the HTTP API: ``VOUCHER_API_URL`` (set by ``voucher-engine up``)."""
+    return os.environ.get("VOUCHER_API_URL", "").strip().rstrip("/") or DEFAULT_API_URL
+
+
+class ApiError(Exception):
+    """A problem answer (RFC 9457) or a connection failure, with a message to show."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Api:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.timeout = timeout
+
+    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+        h = {"Accept": accept}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = httpx.request(method, f"{self.base_url}{path}", timeout=self.timeout, **kw)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                detail = str(body.get("detail") or body.get("title") or r.text)
+            except ValueError:
+                detail = r.text or r.reason_phrase
+            raise ApiError(r.status_code, detail)
+        return r
+
+    def login(self, email: str, password: str) -> str:
+        r = self._send("POST", "/v1/auth/login", json={"email": email, "password": password})
+        token = str(r.json()["access_token"])
+        self.token = token
+        return token
+
+    def me(self) -> dict[str, Any]:
+        return dict(self._send("GET", "/v1/users/me", headers=self._headers()).json())
+
+    def get(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self._send("GET", path, params=clean, headers=self._headers()).json()
+
+    def csv(self, path: str, **params: Any) -> bytes:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self._send("GET", path, params=clean, headers=self._headers("text/csv")).content
+
+    # --- the reports ---------------------------------------------------------------------
+
+    def overview(self, top: int = 10) -> dict[str, Any]:
+        return dict(self.get("/v1/reports/campaigns", top=top))
+
+    def campaign(self, cid: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}"))
+
+    def timeseries(self, cid: str, bucket: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}/timeseries", bucket=bucket))
+
+    def hours(self, cid: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}/hours"))
+
+    def segments(self, cid: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}/segments"))
+
+    def channels(self, cid: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}/channels"))
+
+    def live(self, cid: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/reports/campaigns/{cid}/live"))
