@@ -2,8 +2,8 @@
 transaction, and every caller waiting for durability is released by that one commit.
 
 While a commit is in flight, new decisions pile up for the next one, so under load the
-batch grows by itself; when idle, a decision waits at most ``window_s`` before it is
-written. A batch that cannot be written after a few tries is fatal for the shard: its
+batch grows by itself and is written as soon as the commit before it returns; when idle, a
+decision waits at most ``window_s`` before it is written. A batch that cannot be written after a few tries is fatal for the shard: its
 memory is ahead of the database, so it must not answer again until it has reloaded.
 """
 
@@ -74,10 +74,15 @@ class WriteBehind:
         await self.durable()
 
     async def _run(self) -> None:
+        busy = False
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.window_s > 0 and len(self._waiters) < self.max_batch:
+            # The window gathers a batch when the shard was idle. Under load the decisions
+            # made during the last commit already form the next batch: waiting on top of
+            # the commit would only add latency (and, with a fixed number of callers,
+            # cost throughput).
+            if self.window_s > 0 and not busy and len(self._waiters) < self.max_batch:
                 await asyncio.sleep(self.window_s)
             waiters, self._waiters = self._waiters, []
             events = self._drain()
@@ -96,6 +101,7 @@ class WriteBehind:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+            busy = bool(events) and bool(self._waiters)
 
     async def _write(self, events: Sequence[Event]) -> None:
         delay = 0.05

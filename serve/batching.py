@@ -97,7 +97,7 @@ class MicroBatcher:
         engine: Any,
         *,
         max_batch: int = 256,
-        max_inflight: int = 2,
+        max_inflight: int = 4,
         metrics: BatcherMetrics | None = None,
     ) -> None:
         """``engine`` is an :class:`actors.client.VoucherEngine` (only ``.shards`` and ``.n``
