@@ -4,13 +4,17 @@ a sale is running.
 ``Manager`` users log in as managers (100 req/s each) and, in a loop: create a discount
 campaign, start a generation job (``POST /v1/campaigns/{id}/generate``), poll
 ``GET /v1/jobs/{id}`` until it is done, activate the campaign and read its overview, list
-campaigns, and now and then pause and resume one. Issuance to customers (assigning codes)
-has no HTTP endpoint yet, so "issuance" here is generation + job polling + the overview's
-counters. ``Shopper`` users are the background traffic: a checkout service redeeming a
-shared code (limit, one per customer) with a new customer per order.
+campaigns, and now and then pause and resume one; and they issue codes: create a few
+customers (``POST /v1/customers``) and a small campaign for them, run
+``POST /v1/campaigns/{id}/issuance`` on them by id (email), poll the job and run the same
+issuance again. ``Shopper`` users are the background
+traffic: a checkout service redeeming a shared code (limit, one per customer) with a new
+customer per order.
 
 At the end: every job generated exactly what was asked and each campaign's overview shows
-that many codes available; the background code's limits held and its count equals the 201s.
+that many codes; every issuance gave each of its customers one code and one queued email,
+and its re-run gave nothing new (each on its own campaign); the background code's limits held and its count equals the
+201s.
 """
 
 from __future__ import annotations
@@ -78,6 +82,64 @@ class Manager(ApiUser):
         self.mine.append(c["id"])
 
     @task(2)
+    def issue(self) -> None:
+        # Its own small campaign, capped by limits.total: the issuer's bank refill (which
+        # starts when the bank runs low) may not generate past the cap.
+        status, c = self.call(
+            "POST", "/v1/campaigns", name="POST /v1/campaigns", expected={201: None},
+            label="create", headers=self.auth,
+            body={"name": f"{self.plan['run']} issuance {next(SEQ)}", "type": "discount",
+                  "currency": "EUR", "discount": {"kind": "amount", "value": 500},
+                  "limits": {"total": 20}})
+        if status != 201 or not c:
+            return
+        cid = c["id"]
+        status, job = self.call(
+            "POST", f"/v1/campaigns/{cid}/generate", name="POST /v1/campaigns/{id}/generate",
+            expected={202: None}, label="generate", headers=self.auth, body={"count": 20})
+        if status != 202 or not job:
+            return
+        deadline = time.monotonic() + 60
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
+                                       expected={200: None}, label="job", headers=self.auth)
+            if status == 200 and polled:
+                job = polled
+        self.call("POST", f"/v1/campaigns/{cid}/activate",
+                  name="POST /v1/campaigns/{id}/activate", expected={200: None},
+                  label="activate", headers=self.auth)
+        run = self.plan["run"]
+        customers = [f"{run}-ic{next(SEQ)}" for _ in range(random.choice([3, 5, 8]))]
+        for cust in customers:
+            status, _ = self.call(
+                "POST", "/v1/customers", name="POST /v1/customers", expected={201: None},
+                label="customer", headers=self.auth,
+                body={"id": cust, "email": f"{cust}@shop.example", "consent_email": True,
+                      "tags": ["locust"]})
+            if status != 201:
+                return
+        outcome = []
+        for attempt in ("first", "again"):
+            status, job = self.call(
+                "POST", f"/v1/campaigns/{cid}/issuance", name="POST /v1/campaigns/{id}/issuance",
+                expected={202: None},
+                label="issuance", headers=self.auth,
+                body={"selection": {"customer_ids": customers}, "channels": ["email"]})
+            if status != 202 or not job:
+                return
+            deadline = time.monotonic() + 60
+            while job["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+                status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
+                                           expected={200: None}, label="job", headers=self.auth)
+                if status == 200 and polled:
+                    job = polled
+            outcome.append((attempt, job.get("state"), job.get("counts", {})))
+        TALLY.extra.setdefault("issuances", []).append(
+            {"campaign": cid, "customers": len(customers), "runs": outcome})
+
+    @task(2)
     def watch(self) -> None:
         self.call("GET", "/v1/campaigns?limit=20", name="GET /v1/campaigns", expected={200: None},
                   label="list", headers=self.auth)
@@ -122,6 +184,17 @@ def verify(plan: dict[str, Any], tally: common.Tally, admin: Any) -> list[tuple[
     checks.append(("every generation job made exactly the codes asked", not wrong,
                    f"{len(jobs)} campaigns; {wrong[:3]}"))
     checks.append(("campaigns were created during the traffic", bool(jobs), f"{len(jobs)}"))
+    bad = []
+    for iss in tally.extra.get("issuances", []):
+        (_, s1, first), (_, s2, again) = iss["runs"]
+        n = iss["customers"]
+        if not (s1 == s2 == "done" and first.get("assigned") == first.get("enqueued") == n
+                and again.get("assigned") == n and again.get("new_codes") == 0
+                and again.get("enqueued") == 0):
+            bad.append(iss)
+    issued = tally.extra.get("issuances", [])
+    checks.append(("every issuance gave each customer one code and one email, once",
+                   not bad, f"{len(issued)} issuances; {bad[:2]}"))
     return checks
 
 

@@ -124,9 +124,11 @@ def test_admin(http_api: Any, tmp_path: Path) -> None:
     plan, run = _run("admin", http_api, None, tmp_path)
     jobs = run.summary["extra"]["jobs"]
     assert jobs, "no campaign was created during the run"
+    # issuances ran (their one-code-one-email-once check is among the summary's checks)
+    assert run.summary["extra"].get("issuances"), run.summary["extra"].keys()
     headers = _admin_headers(http_api)
     for cid, job in list(jobs.items())[:3]:
-        assert _stats(http_api, headers, cid)["available"] == job["requested"]
+        assert _stats(http_api, headers, cid)["available"] == job["requested"]  # no issuance on these
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["active"]["shared"] == _stats(http_api, headers, plan["campaigns"]["shared"]["id"])[
         "active_redemptions"]
