@@ -57,6 +57,10 @@ def _when(rng: random.Random, now: datetime, tz: ZoneInfo, days: int) -> datetim
     local = datetime(local_day.year, local_day.month, local_day.day, hour, rng.randrange(60),
                      rng.randrange(60), tzinfo=tz)
     t = local.astimezone(UTC)
+    # An hour of today that is still to come moves to yesterday: clamping it to "now"
+    # would pile those redemptions up in the current hour of the hour-of-day chart.
+    if t > now - timedelta(minutes=2):
+        t -= timedelta(days=1)
     return min(t, now - timedelta(minutes=2))
 
 
