@@ -3,8 +3,9 @@ transaction, and every caller waiting for durability is released by that one com
 
 While a commit is in flight, new decisions pile up for the next one, so under load the
 batch grows by itself and is written as soon as the commit before it returns; when idle, a
-decision waits at most ``window_s`` before it is written. A batch that cannot be written after a few tries is fatal for the shard: its
-memory is ahead of the database, so it must not answer again until it has reloaded.
+decision waits at most ``window_s`` before it is written. A batch that cannot be written
+after a few tries is fatal for the shard: its memory is ahead of the database, so it must
+not answer again until it has reloaded.
 """
 
 from __future__ import annotations
