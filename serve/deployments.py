@@ -43,6 +43,24 @@ async def _pool(dsn: str, size: int = 4) -> asyncpg.Pool:
     return pool
 
 
+class LazyPool:
+    """A deployment's asyncpg pool, opened on first use (a Serve constructor cannot await)
+    and only once, even when the first calls arrive together."""
+
+    def __init__(self, dsn: str, size: int = 2) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> asyncpg.Pool:
+        if self.pool is None:
+            async with self._lock:
+                if self.pool is None:
+                    self.pool = await _pool(self.dsn, self.size)
+        return self.pool
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Users:
     """Registration, login (Argon2id is CPU-heavy: it runs here, not on the gateway's
@@ -171,8 +189,7 @@ class Vouchers:
 
     def __init__(self, settings: dict[str, Any], dsn: str) -> None:
         self.engine = attach_engine(_settings(settings))
-        self.dsn = dsn
-        self._db: asyncpg.Pool | None = None
+        self._pool = LazyPool(dsn, 2)
 
     @guarded
     async def get(self, code: str) -> dict[str, Any]:
@@ -180,9 +197,7 @@ class Vouchers:
 
     @guarded
     async def of_customer(self, customer_id: str, limit: int) -> list[dict[str, Any]]:
-        if self._db is None:
-            self._db = await _pool(self.dsn, 2)
-        rows = await self._db.fetch(
+        rows = await (await self._pool()).fetch(
             "SELECT code FROM vouchers WHERE customer_id = $1 ORDER BY updated_at DESC NULLS LAST"
             " LIMIT $2",
             customer_id,
@@ -208,22 +223,21 @@ class Reports:
         self.settings = _settings(settings)
         self.engine = attach_engine(self.settings)
         self.dsn = dsn
-        self._db: asyncpg.Pool | None = None
+        self._db = LazyPool(dsn, 4) if dsn is not None else None
         self._task: asyncio.Task[None] | None = None
         self._samples: dict[str, deque[tuple[float, int]]] = {}
         self._watched: dict[str, float] = {}
         self.refreshes = 0
 
     async def _pool(self) -> asyncpg.Pool:
-        if self.dsn is None:
-            raise errors.Unavailable("the reporting service has no database configured")
         if self._db is None:
-            try:
-                self._db = await _pool(self.dsn, 4)
-            except (OSError, asyncpg.PostgresError) as exc:
-                raise errors.Unavailable(f"reporting database unreachable: {exc}") from None
+            raise errors.Unavailable("the reporting service has no database configured")
+        try:
+            pool = await self._db()
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise errors.Unavailable(f"reporting database unreachable: {exc}") from None
         self._start()
-        return self._db
+        return pool
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
@@ -246,7 +260,7 @@ class Reports:
         while True:
             try:
                 assert self._db is not None
-                async with self._db.acquire() as conn:
+                async with (await self._db()).acquire() as conn:
                     await store.refresh(conn)
                 self.refreshes += 1
                 await self._sample_watched()
@@ -487,12 +501,7 @@ class Delivery:
     def __init__(self, settings: dict[str, Any], dsn: str) -> None:
         self.engine = attach_engine(_settings(settings))
         self.dsn = dsn
-        self._db: asyncpg.Pool | None = None
-
-    async def _pool(self) -> asyncpg.Pool:
-        if self._db is None:
-            self._db = await _pool(self.dsn, 2)
-        return self._db
+        self._pool = LazyPool(dsn, 2)
 
     @guarded
     async def status(self, campaign_id: str) -> dict[str, Any]:
@@ -543,12 +552,7 @@ class Notifications:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._db: asyncpg.Pool | None = None
-
-    async def _pool(self) -> asyncpg.Pool:
-        if self._db is None:
-            self._db = await _pool(self.dsn, 2)
-        return self._db
+        self._pool = LazyPool(dsn, 2)
 
     @guarded
     async def record(self, kind: str, campaign_id: str | None, message: str) -> None:
@@ -605,12 +609,7 @@ class Customers:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._db: asyncpg.Pool | None = None
-
-    async def _pool(self) -> asyncpg.Pool:
-        if self._db is None:
-            self._db = await _pool(self.dsn, 2)
-        return self._db
+        self._pool = LazyPool(dsn, 2)
 
     @guarded
     async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -642,12 +641,7 @@ class Issuance:
         self.settings = _settings(settings)
         self.dsn = dsn
         self.issuer = issuer_handle(self.settings, dsn, redis_url)
-        self._db: asyncpg.Pool | None = None
-
-    async def _pool(self) -> asyncpg.Pool:
-        if self._db is None:
-            self._db = await _pool(self.dsn, 2)
-        return self._db
+        self._pool = LazyPool(dsn, 2)
 
     async def start(self, campaign_id: str, selection: dict[str, Any], channels: list[str]) -> Any:
         return await self.issuer.start.remote(campaign_id, selection, channels)

@@ -38,6 +38,7 @@ from actors.observability import (
     BatcherMetrics,
     RequestIdMiddleware,
     configure_json_logging,
+    new_request_id,
     request_id_var,
 )
 from engine import errors
@@ -143,7 +144,7 @@ def _serve_fast_lane(gateway: Any) -> None:
 
 def _bind_request_id(sent: bytes | None) -> Any:
     """What RequestIdMiddleware does, for the fast lane (Serve supplies the header)."""
-    return request_id_var.set(sent.decode("latin-1")[:128] if sent else uuid.uuid4().hex)
+    return request_id_var.set(sent.decode("latin-1")[:128] if sent else new_request_id())
 
 
 def _unbind_request_id(token: Any) -> None:

@@ -42,6 +42,17 @@ class Manager(ApiUser):
         self.auth = self.login(account["email"], account["password"])
         self.mine: list[str] = []
 
+    def wait_job(self, job: dict[str, Any], timeout_s: float = 60) -> dict[str, Any]:
+        """Poll ``GET /v1/jobs/{id}`` until the job is no longer running (or the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
+                                       expected={200: None}, label="job", headers=self.auth)
+            if status == 200 and polled:
+                job = polled
+        return job
+
     @task(4)
     def launch_campaign(self) -> None:
         run = self.plan["run"]
@@ -59,13 +70,7 @@ class Manager(ApiUser):
             expected={202: None}, label="generate", headers=self.auth, body={"count": count})
         if status != 202 or not job:
             return
-        deadline = time.monotonic() + 60
-        while job["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
-                                       expected={200: None}, label="job", headers=self.auth)
-            if status == 200 and polled:
-                job = polled
+        job = self.wait_job(job)
         TALLY.extra.setdefault("jobs", {})[c["id"]] = {
             "requested": count, "generated": job.get("generated"), "state": job.get("state")}
         if job.get("state") != "done":
@@ -99,13 +104,7 @@ class Manager(ApiUser):
             expected={202: None}, label="generate", headers=self.auth, body={"count": 20})
         if status != 202 or not job:
             return
-        deadline = time.monotonic() + 60
-        while job["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
-                                       expected={200: None}, label="job", headers=self.auth)
-            if status == 200 and polled:
-                job = polled
+        job = self.wait_job(job)
         self.call("POST", f"/v1/campaigns/{cid}/activate",
                   name="POST /v1/campaigns/{id}/activate", expected={200: None},
                   label="activate", headers=self.auth)
@@ -128,13 +127,7 @@ class Manager(ApiUser):
                 body={"selection": {"customer_ids": customers}, "channels": ["email"]})
             if status != 202 or not job:
                 return
-            deadline = time.monotonic() + 60
-            while job["state"] == "running" and time.monotonic() < deadline:
-                time.sleep(0.2)
-                status, polled = self.call("GET", f"/v1/jobs/{job['id']}", name="GET /v1/jobs/{id}",
-                                           expected={200: None}, label="job", headers=self.auth)
-                if status == 200 and polled:
-                    job = polled
+            job = self.wait_job(job)
             outcome.append((attempt, job.get("state"), job.get("counts", {})))
         TALLY.extra.setdefault("issuances", []).append(
             {"campaign": cid, "customers": len(customers), "runs": outcome})
