@@ -86,7 +86,7 @@ class Manager(ApiUser):
             TALLY.violation(f"{c['id']}: generated {count}, overview shows {ov['stats']}")
         self.mine.append(c["id"])
 
-    @task(2)
+    @task(4)
     def issue(self) -> None:
         # Its own small campaign, capped by limits.total: the issuer's bank refill (which
         # starts when the bank runs low) may not generate past the cap.
