@@ -7,6 +7,7 @@ and :func:`call` raises the same typed error again on the caller's side.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -41,10 +42,30 @@ async def call(ref: Any) -> Any:
     actor as :class:`errors.Unavailable` (safe to retry with the same idempotency keys)."""
     try:
         result = await ref
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-        raise errors.Unavailable(f"actor unavailable, retry: {exc.__class__.__name__}") from None
-    except ray.exceptions.RayTaskError as exc:
-        raise errors.Unavailable(f"actor call failed: {exc.__class__.__name__}") from None
+    except Exception as exc:
+        raise _unavailable(exc) from None
+    return _unwrap(result)
+
+
+def settled(fut: concurrent.futures.Future[Any]) -> Any:
+    """:func:`call` for a finished ``ObjectRef.future()``: its result, or the same error
+    :func:`call` would raise."""
+    try:
+        result = fut.result(timeout=0)
+    except Exception as exc:
+        raise _unavailable(exc) from None
+    return _unwrap(result)
+
+
+def _unavailable(exc: Exception) -> Exception:
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return errors.Unavailable(f"actor unavailable, retry: {exc.__class__.__name__}")
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return errors.Unavailable(f"actor call failed: {exc.__class__.__name__}")
+    return exc
+
+
+def _unwrap(result: Any) -> Any:
     if isinstance(result, Failure):
         raise errors.from_code(result.code, result.message)
     return result

@@ -71,9 +71,22 @@ def _issue_bar(job: dict[str, Any]) -> None:
     sys.stderr.flush()
 
 
+def local_ray_environment() -> None:
+    """Environment a Ray started from this process should get (set before ``ray.init``;
+    an explicit value in the environment wins).
+
+    Ray starts its worker processes -- the gateway, the shards, every actor -- at nice 15
+    by default, beneath Postgres, Redis and anything else on the node at nice 0. On a busy
+    node each answer then waits for the scheduler behind them: at 64 connections on 2
+    cores, HTTP redemptions ran ~20 % slower and with a longer tail (BENCHMARKS.md). The
+    engine's workers are the latency-critical service: they run at the default priority."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def _ray_init(settings: Settings, *, attach: bool) -> None:
     import ray
 
+    local_ray_environment()
     address = settings.ray_address or ("auto" if attach else None)
     ray.init(
         address=address,

@@ -54,6 +54,70 @@ async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
     return pool
 
 
+# One batch's statements. ``{}`` marks a parameter; :func:`_numbered` turns them into
+# ``$1, $2...`` for a statement of its own, :func:`_one_statement` numbers them across the
+# CTEs of one combined statement.
+_UPDATE_VOUCHERS = (
+    "UPDATE vouchers AS t SET status = u.status, customer_id = u.customer_id,"
+    " balance = u.balance, uses = u.uses, updated_at = now()"
+    " FROM unnest({}::text[], {}::int2[], {}::text[], {}::int8[], {}::int4[])"
+    " AS u(code, status, customer_id, balance, uses) WHERE t.code = u.code"
+)
+_VOID_CODES = (
+    "UPDATE vouchers SET status = 3, updated_at = now()"
+    " WHERE campaign_id = ANY({}::text[]) AND bucket = ANY({}::int2[]) AND status IN (0, 1)"
+)
+_INSERT_REDEMPTIONS = (
+    "INSERT INTO redemptions (id, campaign_id, code, bucket, customer_id, order_id,"
+    " order_amount, currency, discount_amount, balance_after, status, created_at,"
+    " rolled_back_at)"
+    " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[], {}::text[],"
+    " {}::text[], {}::int8[], {}::text[], {}::int8[], {}::int8[], {}::int2[],"
+    " {}::timestamptz[], {}::timestamptz[])"
+)
+_ROLL_BACK = (
+    "UPDATE redemptions AS t SET status = 1, rolled_back_at = u.at"
+    " FROM unnest({}::text[], {}::timestamptz[]) AS u(id, at) WHERE t.id = u.id"
+)
+_UPSERT_RESERVATIONS = (
+    "INSERT INTO reservations (id, campaign_id, code, bucket, customer_id,"
+    " order_id, order_amount, currency, discount_amount, expires_at, state,"
+    " redemption_id)"
+    " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[],"
+    " {}::text[], {}::text[], {}::int8[], {}::text[], {}::int8[],"
+    " {}::timestamptz[], {}::int2[], {}::text[])"
+    " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
+    " redemption_id = EXCLUDED.redemption_id"
+)
+_INSERT_ASSIGNMENTS = (
+    "INSERT INTO assignments (campaign_id, customer_id, code, bucket)"
+    " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[])"
+    " ON CONFLICT (campaign_id, customer_id) DO NOTHING"
+)
+_INSERT_IDEMPOTENCY = (
+    "INSERT INTO idempotency_keys (key, bucket, fingerprint, response, created_at)"
+    " SELECT * FROM unnest({}::text[], {}::int2[], {}::bytea[], {}::bytea[],"
+    " {}::timestamptz[]) ON CONFLICT (key) DO NOTHING"
+)
+
+
+def _numbered(sql: str, first: int = 1) -> str:
+    n = sql.count("{}")
+    return sql.format(*[f"${i}" for i in range(first, first + n)])
+
+
+def _one_statement(parts: list[tuple[str, list[list[Any]]]]) -> tuple[str, list[list[Any]]]:
+    """``WITH w0 AS (...), w1 AS (...) SELECT 1``: every part as a data-modifying CTE of one
+    statement, which Postgres runs (and its statement-level triggers) atomically. Only for
+    parts that do not need to see each other's rows: all CTEs share one snapshot."""
+    ctes: list[str] = []
+    args: list[list[Any]] = []
+    for i, (sql, part_args) in enumerate(parts):
+        ctes.append(f"w{i} AS ({_numbered(sql, len(args) + 1)})")
+        args.extend(part_args)
+    return "WITH " + ", ".join(ctes) + " SELECT 1", args
+
+
 class PgShardStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -129,119 +193,87 @@ class PgShardStore:
                 voided.append(e.campaign_id)
             elif isinstance(e, AssignmentRecorded):
                 foreign.append(e)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if vouchers:
-                v = list(vouchers.values())
-                await conn.execute(
-                    "UPDATE vouchers AS t SET status = u.status, customer_id = u.customer_id,"
-                    " balance = u.balance, uses = u.uses, updated_at = now()"
-                    " FROM unnest($1::text[], $2::int2[], $3::text[], $4::int8[], $5::int4[])"
-                    " AS u(code, status, customer_id, balance, uses) WHERE t.code = u.code",
-                    [x.code for x in v],
-                    [x.status for x in v],
-                    [x.customer_id for x in v],
-                    [x.balance for x in v],
-                    [x.uses for x in v],
-                )
-            if voided:
-                # after the row updates: a void only turns unredeemed codes void, and
-                # nothing un-voids a code of an ended campaign
-                await conn.execute(
-                    "UPDATE vouchers SET status = 3, updated_at = now()"
-                    " WHERE campaign_id = ANY($1::text[]) AND bucket = ANY($2::int2[])"
-                    " AND status IN (0, 1)",
-                    voided,
-                    buckets,
-                )
-            if redemptions:
-                await conn.copy_records_to_table(
-                    "redemptions",
-                    records=[
-                        (
-                            r.id,
-                            r.campaign_id,
-                            r.code,
-                            bucket_of(r.code),
-                            r.customer_id,
-                            r.order_id,
-                            r.order_amount,
-                            r.currency,
-                            r.discount_amount,
-                            r.balance_after,
-                            r.status,
-                            r.created_at,
-                            r.rolled_back_at,
-                        )
-                        for r in redemptions
-                    ],
-                    columns=[
-                        "id",
-                        "campaign_id",
-                        "code",
-                        "bucket",
-                        "customer_id",
-                        "order_id",
-                        "order_amount",
-                        "currency",
-                        "discount_amount",
-                        "balance_after",
-                        "status",
-                        "created_at",
-                        "rolled_back_at",
-                    ],
-                )
-            if rollbacks:
-                await conn.execute(
-                    "UPDATE redemptions AS t SET status = 1, rolled_back_at = u.at"
-                    " FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at) WHERE t.id = u.id",
-                    [x.id for x in rollbacks],
-                    [x.at for x in rollbacks],
-                )
-            if reservations:
-                rs = list(reservations.values())
-                await conn.execute(
-                    "INSERT INTO reservations (id, campaign_id, code, bucket, customer_id,"
-                    " order_id, order_amount, currency, discount_amount, expires_at, state,"
-                    " redemption_id)"
-                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[],"
-                    " $5::text[], $6::text[], $7::int8[], $8::text[], $9::int8[],"
-                    " $10::timestamptz[], $11::int2[], $12::text[])"
-                    " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
-                    " redemption_id = EXCLUDED.redemption_id",
-                    [r.id for r in rs],
-                    [r.campaign_id for r in rs],
-                    [r.code for r in rs],
-                    [bucket_of(r.code) for r in rs],
-                    [r.customer_id for r in rs],
-                    [r.order_id for r in rs],
-                    [r.order_amount for r in rs],
-                    [r.currency for r in rs],
-                    [r.discount_amount for r in rs],
-                    [r.expires_at for r in rs],
-                    [r.state for r in rs],
-                    [r.redemption_id for r in rs],
-                )
-            if foreign:
-                await conn.execute(
-                    "INSERT INTO assignments (campaign_id, customer_id, code, bucket)"
-                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[])"
-                    " ON CONFLICT (campaign_id, customer_id) DO NOTHING",
-                    [x.campaign_id for x in foreign],
-                    [x.customer_id for x in foreign],
-                    [x.code for x in foreign],
-                    [x.bucket for x in foreign],
-                )
-            if idem:
-                await conn.execute(
-                    "INSERT INTO idempotency_keys (key, bucket, fingerprint, response, created_at)"
-                    " SELECT * FROM unnest($1::text[], $2::int2[], $3::bytea[], $4::bytea[],"
-                    " $5::timestamptz[]) ON CONFLICT (key) DO NOTHING",
-                    [x.key for x in idem],
-                    [x.bucket for x in idem],
-                    [x.fingerprint for x in idem],
-                    [x.response for x in idem],
-                    [x.at for x in idem],
-                )
+        parts: list[tuple[str, list[list[Any]]]] = []
+        if vouchers:
+            v = list(vouchers.values())
+            parts.append((_UPDATE_VOUCHERS, [
+                [x.code for x in v],
+                [x.status for x in v],
+                [x.customer_id for x in v],
+                [x.balance for x in v],
+                [x.uses for x in v],
+            ]))
+        if voided:
+            # after the row updates: a void only turns unredeemed codes void, and nothing
+            # un-voids a code of an ended campaign
+            parts.append((_VOID_CODES, [voided, buckets]))
+        if redemptions:
+            rd = redemptions
+            parts.append((_INSERT_REDEMPTIONS, [
+                [r.id for r in rd],
+                [r.campaign_id for r in rd],
+                [r.code for r in rd],
+                [bucket_of(r.code) for r in rd],
+                [r.customer_id for r in rd],
+                [r.order_id for r in rd],
+                [r.order_amount for r in rd],
+                [r.currency for r in rd],
+                [r.discount_amount for r in rd],
+                [r.balance_after for r in rd],
+                [r.status for r in rd],
+                [r.created_at for r in rd],
+                [r.rolled_back_at for r in rd],
+            ]))
+        if rollbacks:
+            # after the inserts: a batch may roll back a redemption it also records
+            parts.append((_ROLL_BACK, [[x.id for x in rollbacks], [x.at for x in rollbacks]]))
+        if reservations:
+            rs = list(reservations.values())
+            parts.append((_UPSERT_RESERVATIONS, [
+                [r.id for r in rs],
+                [r.campaign_id for r in rs],
+                [r.code for r in rs],
+                [bucket_of(r.code) for r in rs],
+                [r.customer_id for r in rs],
+                [r.order_id for r in rs],
+                [r.order_amount for r in rs],
+                [r.currency for r in rs],
+                [r.discount_amount for r in rs],
+                [r.expires_at for r in rs],
+                [r.state for r in rs],
+                [r.redemption_id for r in rs],
+            ]))
+        if foreign:
+            parts.append((_INSERT_ASSIGNMENTS, [
+                [x.campaign_id for x in foreign],
+                [x.customer_id for x in foreign],
+                [x.code for x in foreign],
+                [x.bucket for x in foreign],
+            ]))
+        if idem:
+            parts.append((_INSERT_IDEMPOTENCY, [
+                [x.key for x in idem],
+                [x.bucket for x in idem],
+                [x.fingerprint for x in idem],
+                [x.response for x in idem],
+                [x.at for x in idem],
+            ]))
+        if not parts:
+            return
+        async with self.pool.acquire() as conn:
+            if voided or rollbacks:
+                # These must see the batch's earlier changes: one statement after another,
+                # in one transaction.
+                async with conn.transaction():
+                    for sql, args in parts:
+                        await conn.execute(_numbered(sql), *args)
+            else:
+                # The usual batch (decisions on vouchers, new redemptions, reservations,
+                # assignments, idempotency records) touches each row once: one statement
+                # of data-modifying CTEs, committed on its own -- one round trip to the
+                # server instead of one per table plus BEGIN and COMMIT.
+                sql, args = _one_statement(parts)
+                await conn.execute(sql, *args)
 
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
         """Stream new available codes into the bank (one COPY, one transaction)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +33,7 @@ import ray
 
 from actors.calls import call as _call
 from actors.calls import guarded
+from actors.channel import ChannelServer
 from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, create_pool
 from actors.write_behind import WriteBehind
@@ -75,6 +77,10 @@ class ShardCore:
         self._housekeeping: asyncio.Task[None] | None = None
         self.loaded_at: datetime | None = None
         self.decisions = 0
+        # decision batches handled (redeem/validate/reserve) and their summed time inside
+        # this actor, from the method's start to its answer (includes the durable wait)
+        self.batch_calls = 0
+        self.batch_seconds = 0.0
         self.metrics = ShardMetrics(shard_id)
         # handle of peer shard k (for assignment fallback); set by the actor
         self.peer: Callable[[int], Any] | None = None
@@ -150,6 +156,7 @@ class ShardCore:
     async def redeem_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
+        t0 = time.perf_counter()
         try:
             await self.ready()
             outs = [self.state.redeem_one(r) for r in _req_list.decode(payload)]
@@ -159,11 +166,12 @@ class ShardCore:
         except Exception as exc:
             self._batch_failed("redeem", exc, request_ids)
             raise
-        return _enc.encode(outs)
+        return self._answer(outs, t0)
 
     async def validate_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
+        t0 = time.perf_counter()
         try:
             await self.ready()
             outs = [self.state.validate_one(r) for r in _req_list.decode(payload)]
@@ -171,11 +179,12 @@ class ShardCore:
         except Exception as exc:
             self._batch_failed("validate", exc, request_ids)
             raise
-        return _enc.encode(outs)
+        return self._answer(outs, t0)
 
     async def reserve_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
+        t0 = time.perf_counter()
         try:
             await self.ready()
             outs = [self.state.reserve_one(r) for r in _req_list.decode(payload)]
@@ -184,6 +193,11 @@ class ShardCore:
         except Exception as exc:
             self._batch_failed("reserve", exc, request_ids)
             raise
+        return self._answer(outs, t0)
+
+    def _answer(self, outs: list[Outcome], t0: float) -> bytes:
+        self.batch_calls += 1
+        self.batch_seconds += time.perf_counter() - t0
         return _enc.encode(outs)
 
     def _observe(self, op: str, outs: list[Outcome], request_ids: list[str | None] | None) -> None:
@@ -424,6 +438,8 @@ class ShardCore:
             "events_written": w.events_written,
             "max_batch": w.max_batch_seen,
             "commit_seconds": w.commit_seconds,
+            "batch_calls": self.batch_calls,
+            "batch_seconds": self.batch_seconds,
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         }
@@ -446,10 +462,29 @@ class VoucherShard:
             return peers[k]
 
         self.core.peer = peer
+        self._channel = ChannelServer(self._channel_call)
 
     async def ready(self) -> bool:
         await self.core.ready()
         return True
+
+    async def channel(self) -> tuple[str, str] | None:
+        """``(node id, socket path)`` of this shard's direct line for decision batches
+        (``actors/channel.py``), or None when ``VOUCHER_SHARD_CHANNEL`` is off."""
+        if not self.core.settings.shard_channel:
+            return None
+        await self.core.ready()
+        path = await self._channel.start(f"shard{self.core.shard_id}")
+        return ray.get_runtime_context().get_node_id(), path
+
+    async def _channel_call(
+        self, op: str, payload: bytes, request_ids: list[str | None] | None
+    ) -> bytes:
+        if op == "redeem":
+            return await self.core.redeem_many(payload, request_ids)
+        if op == "validate":
+            return await self.core.validate_many(payload, request_ids)
+        return await self.core.reserve_many(payload, request_ids)
 
     @guarded
     async def redeem_many(
@@ -509,7 +544,8 @@ class VoucherShard:
 
     @guarded
     async def info(self) -> dict[str, Any]:
-        return await self.core.info()
+        # gateways connected to this shard's direct line
+        return {**await self.core.info(), "channel_peers": len(self._channel.conns)}
 
 
 __all__ = ["VoucherShard", "ShardCore", "CampaignStats"]

@@ -179,6 +179,9 @@ async def run(args: argparse.Namespace) -> str:
     svc = embedded_for_tests(tmp)
     try:
         await migrate(svc.database_url)
+        from actors.cli import local_ray_environment
+
+        local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench")
         settings = Settings(shards=args.shards, namespace="bench", batch_window_ms=args.window_ms)
         engine = start_engine(settings, svc.database_url)

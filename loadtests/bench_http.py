@@ -367,7 +367,7 @@ def _setup_engine_campaign(base: str, email: str, password: str, code: str) -> t
 
 
 _METRIC_RE = re.compile(
-    r"^(voucher_gateway_batches|voucher_gateway_batch_items|"
+    r"^(voucher_gateway_batches|voucher_gateway_batch_items|voucher_gateway_call_seconds_total|"
     r"voucher_decision_seconds_(?:sum|count))(\{[^}]*op=\"redeem\"[^}]*\})?\s+(\S+)$",
     re.MULTILINE,
 )
@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     import ray
     from ray import serve
 
-    from actors.cli import start_http
+    from actors.cli import local_ray_environment, start_http
     from actors.client import start_engine
     from actors.migrations import migrate
     from actors.services import embedded_for_tests
@@ -477,6 +477,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         print(f"machine:  {machine_summary()}", flush=True)
         print(f"postgres: {pg}", flush=True)
 
+        local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="bench-http")
         port = _free_port()
@@ -656,13 +657,16 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 "voucher_decision_seconds_sum", 0)
             d_n = metrics_after.get("voucher_decision_seconds_count", 0) - metrics_before.get(
                 "voucher_decision_seconds_count", 0)
+            d_c = metrics_after.get("voucher_gateway_call_seconds_total", 0) - metrics_before.get(
+                "voucher_gateway_call_seconds_total", 0)
             if d_b > 0 and d_n > 0:
                 scope = "" if args.gateways == 1 else " (one replica of several)"
                 cpu_lines.append(
                     f"* gateway micro-batcher during the last engine window{scope}: "
                     f"{d_i / d_b:.1f} redemptions per actor call, mean decision time "
                     f"(batcher submit → shard answer, includes the group commit) "
-                    f"{1000 * d_s / d_n:.2f} ms"
+                    f"{1000 * d_s / d_n:.2f} ms, mean actor-call round trip "
+                    f"{1000 * d_c / d_b:.2f} ms"
                 )
         if shards_before and shards_after:
             commits = sum(a["batches"] - b["batches"] for a, b in zip(shards_after, shards_before))
@@ -670,6 +674,16 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                          for a, b in zip(shards_after, shards_before))
             secs = sum(a["commit_seconds"] - b["commit_seconds"]
                        for a, b in zip(shards_after, shards_before))
+            calls = sum(a.get("batch_calls", 0) - b.get("batch_calls", 0)
+                        for a, b in zip(shards_after, shards_before))
+            inside = sum(a.get("batch_seconds", 0) - b.get("batch_seconds", 0)
+                         for a, b in zip(shards_after, shards_before))
+            if calls:
+                cpu_lines.append(
+                    f"* shard side of those calls: {calls:,} decision calls, mean time inside "
+                    f"the shard (start of the call → answer, includes the durable wait) "
+                    f"{1000 * inside / calls:.2f} ms"
+                )
             if commits:
                 cpu_lines.append(
                     f"* shard group commits during the last engine window: {commits:,} "

@@ -262,6 +262,9 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         dsn = svc.database_url
         asyncio.run(migrate(dsn))
         print(f"machine:  {machine_summary()}", flush=True)
+        from actors.cli import local_ray_environment
+
+        local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="bench-reports")
         settings = Settings(

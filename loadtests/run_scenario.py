@@ -101,6 +101,9 @@ def local_engine(*, shards: int = 4, gateways: int = 1) -> Iterator[Target]:
     namespace = f"loadtest-{os.getpid()}"
     try:
         asyncio.run(migrate(svc.database_url))
+        from actors.cli import local_ray_environment
+
+        local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace=namespace)
         settings = Settings(

@@ -24,14 +24,20 @@ One batcher belongs to one event loop (the Serve replica's).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import ray
 
-from actors.calls import call
+from actors.calls import call, settled
+from actors.channel import ShardChannel, connect
 from actors.observability import BatcherMetrics, request_id_var
 from engine import errors
 from engine.pools import Outcome, RedeemRequest, route_bucket
@@ -40,6 +46,8 @@ from engine.routing import shard_of_bucket
 OPS = ("redeem", "validate", "reserve")
 
 _enc = msgspec.msgpack.Encoder()
+log = logging.getLogger(__name__)
+_REDIAL_S = 2.0  # between attempts to (re)connect a shard's socket
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
@@ -59,6 +67,8 @@ class BatcherStats:
     items: int = 0
     max_batch_size: int = 0
     failed_batches: int = 0
+    #: sum over actor calls of their round trip (send -> answer decoded), seconds
+    call_seconds: float = 0.0
     by_op: dict[str, OpStats] = field(default_factory=lambda: {op: OpStats() for op in OPS})
 
     @property
@@ -99,11 +109,15 @@ class MicroBatcher:
         max_batch: int = 256,
         max_inflight: int = 4,
         metrics: BatcherMetrics | None = None,
+        channels: bool = False,
     ) -> None:
         """``engine`` is an :class:`actors.client.VoucherEngine` (only ``.shards`` and ``.n``
         are used: anything with shard handles whose ``<op>_many.remote(blob)`` returns an
         awaitable will do; ``remote(blob, request_ids)`` when the requests carry ids).
-        ``metrics``: where to record batches and queue depths (none by default)."""
+        ``metrics``: where to record batches and queue depths (none by default).
+        ``channels``: send batches to shards on this node over their Unix socket
+        (:mod:`actors.channel`; asked for with ``shard.channel.remote()``), Ray calls
+        otherwise and while a socket is being (re)connected."""
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be >= 1")
         self.engine = engine
@@ -112,8 +126,12 @@ class MicroBatcher:
         self.counters = BatcherStats()
         self.metrics = metrics
         self._lanes: dict[tuple[int, str], _Lane] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Future[None]] = set()  # calls in flight
         self._closed = False
+        self.channels = channels
+        self._channels: dict[int, ShardChannel] = {}
+        self._dialing: dict[int, float] = {}  # shard -> when the last attempt started
+        self._dial_tasks: set[asyncio.Task[None]] = set()
 
     # --- public ------------------------------------------------------------------------
 
@@ -156,8 +174,10 @@ class MicroBatcher:
             "max_batch_size": c.max_batch_size,
             "failed_batches": c.failed_batches,
             "mean_batch_size": c.mean_batch_size,
+            "call_seconds": c.call_seconds,
             "queued": self.queued,
             "inflight": self.inflight,
+            "channels": sum(1 for c in self._channels.values() if c.usable),
             "by_op": {op: vars(s).copy() for op, s in c.by_op.items()},
         }
 
@@ -172,11 +192,16 @@ class MicroBatcher:
     async def close(self) -> None:
         """Refuse new requests and wait for everything queued or in flight to be answered."""
         self._closed = True
-        while self._tasks or self.queued:
-            if self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._calls or self.queued:
+            if self._calls:
+                await asyncio.gather(*list(self._calls), return_exceptions=True)
             else:
                 await asyncio.sleep(0)
+        for task in list(self._dial_tasks):
+            task.cancel()
+        for chan in list(self._channels.values()):
+            chan.close()
+        self._channels.clear()
 
     # --- machinery ---------------------------------------------------------------------
 
@@ -197,23 +222,96 @@ class MicroBatcher:
             if not batch:
                 continue
             lane.inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(lane, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # The call leaves now, not when a task would first run (a loop turn later,
+            # which under load is milliseconds); its answer settles the waiters by callback.
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            self._calls.add(done)
+            done.add_done_callback(self._calls.discard)
+            settle = functools.partial(self._settle_call, lane, batch, t0, done)
+            try:
+                blob = _enc.encode([w[0] for w in batch])
+                ids = [w[2] for w in batch]
+                chan = self._channel(lane.shard) if self.channels else None
+                if chan is not None:
+                    chan.call(lane.op, blob, ids if any(ids) else None, settle)
+                    continue
+                method = getattr(self.engine.shards[lane.shard], lane.method)
+                # ids only when there are some: the plain call shape otherwise
+                ref = method.remote(blob, ids) if any(ids) else method.remote(blob)
+            except Exception as exc:  # e.g. an unserialisable payload
+                settle(exc)
+                continue
+            if isinstance(ref, ray.ObjectRef):
+                # Ray's thread hands the answer to the loop, which settles the waiters right
+                # there: a task awaiting the ref would cost one more loop turn.
+                ref.future().add_done_callback(
+                    lambda cf, loop=loop, settle=settle: loop.call_soon_threadsafe(
+                        _settle_future, settle, cf
+                    )
+                )
+            else:  # any other awaitable (tests' fake shards)
+                task = loop.create_task(_await(ref, settle))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
         if self.metrics is not None:
             self.metrics.depth(lane.shard, lane.op, len(lane.queue), lane.inflight)
 
-    async def _send(self, lane: _Lane, batch: list[_Waiter]) -> None:
-        failed = True
-        t0 = time.perf_counter()
+    def _settle_call(
+        self, lane: _Lane, batch: list[_Waiter], t0: float, done: asyncio.Future[None], res: Any
+    ) -> None:
         try:
-            blob = _enc.encode([w[0] for w in batch])
-            method = getattr(self.engine.shards[lane.shard], lane.method)
-            ids = [w[2] for w in batch]
-            if any(ids):
-                res = await call(method.remote(blob, ids))
-            else:  # nothing to carry: the plain call shape
-                res = await call(method.remote(blob))
+            self._settle(lane, batch, res, t0)
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    # --- direct lines to shards on this node ---------------------------------------------
+
+    def _channel(self, shard: int) -> ShardChannel | None:
+        """The shard's socket when connected; else None (and a connection attempt starts,
+        at most one per shard every few seconds)."""
+        chan = self._channels.get(shard)
+        if chan is not None and chan.usable:
+            return chan
+        last = self._dialing.get(shard)
+        now = time.monotonic()
+        if last is None or (last > 0 and now - last > _REDIAL_S):
+            self._dialing[shard] = -1.0  # attempt running
+            task = asyncio.get_running_loop().create_task(self._dial(shard, now))
+            self._dial_tasks.add(task)
+            task.add_done_callback(self._dial_tasks.discard)
+        return None
+
+    async def _dial(self, shard: int, started: float) -> None:
+        try:
+            where = await call(self.engine.shards[shard].channel.remote())
+            if where is not None and where[0] == _node_id():
+                chan = await connect(where[1], on_lost=lambda c: self._lost(shard, c))
+                if self._closed:
+                    chan.close()
+                else:
+                    self._channels[shard] = chan
+                    log.info("shard %d: decisions over its Unix socket %s", shard, where[1])
+        except Exception as exc:  # Ray calls keep working meanwhile
+            log.warning("shard %d: no direct line (%s); using Ray calls", shard, exc)
+        finally:
+            self._dialing[shard] = started
+
+    def _lost(self, shard: int, chan: ShardChannel) -> None:
+        if self._channels.get(shard) is chan:
+            del self._channels[shard]
+            if not self._closed:
+                log.warning("shard %d: direct line lost; Ray calls until it reconnects", shard)
+
+    def _settle(self, lane: _Lane, batch: list[_Waiter], res: Any, t0: float) -> None:
+        """Hand each waiter its outcome (``res``: the shard's answer) or the call's error
+        (``res``: an exception); every waiter learns, none hangs. Then free the lane."""
+        failed = True
+        try:
+            if isinstance(res, BaseException):
+                raise res
             outs = _outs.decode(res)
             if len(outs) != len(batch):
                 raise errors.Unavailable(
@@ -228,24 +326,45 @@ class MicroBatcher:
                 if not fut.done():
                     # One instance per waiter: a shared one would pile up tracebacks.
                     fut.set_exception(_copy(exc))
-        except asyncio.CancelledError:
-            for _, fut, _ in batch:
-                fut.cancel()
-            raise
         except Exception as exc:
-            # A bug or an undecodable answer: every waiter learns, none hangs.
+            # A bug or an undecodable answer.
             for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc)
         finally:
+            took = time.perf_counter() - t0
+            self.counters.call_seconds += took
             self.counters.record(lane.op, len(batch), failed)
             lane.inflight -= 1
-            if lane.queue:
-                self._schedule(lane, asyncio.get_running_loop())
+            if lane.queue:  # what queued while the lane was full goes out at once
+                self._pump(lane)
             if self.metrics is not None:
                 m = self.metrics
-                m.sent(lane.shard, lane.op, len(batch), time.perf_counter() - t0, failed)
+                m.sent(lane.shard, lane.op, len(batch), took, failed)
                 m.depth(lane.shard, lane.op, len(lane.queue), lane.inflight)
+
+
+def _settle_future(settle: Callable[[Any], None], cf: concurrent.futures.Future[Any]) -> None:
+    try:
+        res: Any = settled(cf)
+    except Exception as exc:
+        res = exc
+    settle(res)
+
+
+async def _await(ref: Any, settle: Callable[[Any], None]) -> None:
+    try:
+        res: Any = await call(ref)
+    except asyncio.CancelledError:
+        settle(errors.Unavailable("gateway is shutting down"))
+        raise
+    except Exception as exc:
+        res = exc
+    settle(res)
+
+
+def _node_id() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _copy(exc: errors.VoucherError) -> errors.VoucherError:

@@ -316,7 +316,9 @@ class Gateway:
         self.reports = reports
         self.notifications = notifications
         self.engine = attach_engine(self.settings)
-        self.batcher = MicroBatcher(self.engine, metrics=BatcherMetrics())
+        self.batcher = MicroBatcher(
+            self.engine, metrics=BatcherMetrics(), channels=self.settings.shard_channel
+        )
         self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
         self.store = UserStore(dsn)
         self.limiter = RateLimiter(redis_url)

@@ -49,6 +49,16 @@ BATCHES = Gauge(
 BATCH_ITEMS = Gauge(
     "voucher_gateway_batch_items", "Requests carried by those actor calls", registry=REGISTRY
 )
+CALL_SECONDS = Gauge(
+    "voucher_gateway_call_seconds_total",
+    "Summed round trip of those actor calls (send to answer; includes the group commit)",
+    registry=REGISTRY,
+)
+CHANNELS = Gauge(
+    "voucher_gateway_shard_channels",
+    "Shards this replica reaches over their Unix socket (the others through Ray calls)",
+    registry=REGISTRY,
+)
 BATCH_MAX = Gauge(
     "voucher_gateway_batch_max", "Largest micro-batch so far", registry=REGISTRY
 )
@@ -70,6 +80,8 @@ def observe_batcher(batcher: Any) -> None:
     BATCHES.set(stats.get("batches", 0))
     BATCH_ITEMS.set(stats.get("items", 0))
     BATCH_MAX.set(stats.get("max_batch", 0))
+    CALL_SECONDS.set(stats.get("call_seconds", 0.0))
+    CHANNELS.set(stats.get("channels", 0))
 
 
 def render() -> bytes:

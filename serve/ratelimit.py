@@ -445,16 +445,15 @@ class RateLimiter:
         fut: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((keys, args, fut))
         if len(self._queued) == 1:
-            loop.call_soon(self._flush)
+            # The task's first step runs on the loop's next turn, after every check queued
+            # in this one (a call_soon'd flush starting a task would cost one turn more).
+            task = loop.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         return await fut
 
-    def _flush(self) -> None:
+    async def _send(self) -> None:
         batch, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]]) -> None:
         try:
             if len(batch) == 1:
                 answers = [await self._eval_one(batch[0][0], batch[0][1])]

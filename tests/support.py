@@ -55,6 +55,9 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     # ones so a second Ray on the machine cannot make HAProxy fail to start.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    from actors.cli import local_ray_environment
+
+    local_ray_environment()
     options: dict[str, Any] = {
         "namespace": RAY_NAMESPACE,
         "include_dashboard": False,
