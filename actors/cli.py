@@ -71,6 +71,10 @@ def _issue_bar(job: dict[str, Any]) -> None:
     sys.stderr.flush()
 
 
+#: Ray's system setting for its worker processes' nice level (read when Ray starts)
+RAY_NICENESS_VAR = "RAY_worker_niceness"
+
+
 def local_ray_environment() -> None:
     """Environment a Ray started from this process should get (set before ``ray.init``;
     an explicit value in the environment wins).
@@ -80,7 +84,7 @@ def local_ray_environment() -> None:
     node each answer then waits for the scheduler behind them: at 64 connections on 2
     cores, HTTP redemptions ran ~20 % slower and with a longer tail (BENCHMARKS.md). The
     engine's workers are the latency-critical service: they run at the default priority."""
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault(RAY_NICENESS_VAR, "0")
 
 
 def _ray_init(settings: Settings, *, attach: bool) -> None:

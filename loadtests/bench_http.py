@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     import ray
     from ray import serve
 
-    from actors.cli import local_ray_environment, start_http
+    from actors.cli import RAY_NICENESS_VAR, local_ray_environment, start_http
     from actors.client import start_engine
     from actors.migrations import migrate
     from actors.services import embedded_for_tests
@@ -477,6 +477,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         print(f"machine:  {machine_summary()}", flush=True)
         print(f"postgres: {pg}", flush=True)
 
+        if args.worker_niceness is not None:
+            os.environ[RAY_NICENESS_VAR] = str(args.worker_niceness)
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="bench-http")
@@ -486,6 +488,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             namespace="bench-http",
             ack_mode="durable",
             batch_window_ms=args.window_ms,
+            shard_channel=not args.ray_calls,
             http_port=port,
             admin_email="admin@bench.example",
             admin_password="bench-admin-password",
@@ -623,7 +626,11 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             f"{args.window_ms} ms; one shared code (one shard), limits.total 10^12; every "
             "request has its own customer id, order id"
             + ("" if args.no_idempotency_key else " and Idempotency-Key")
-            + ", and authenticates with an integration API key (one Postgres lookup per request).",
+            + ", and authenticates with an integration API key (verified once, then cached by "
+            "the replica for 30 s; its revocation flag is read in the rate limiter's Redis "
+            "call). Gateway -> shard: "
+            + ("Ray actor calls only" if args.ray_calls else "the shard's Unix socket (same node)")
+            + f"; Ray worker processes at nice {os.environ.get(RAY_NICENESS_VAR, '15')}.",
         ]
         if not args.keep_rate_limit:
             notes.append(
@@ -726,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=float, default=2.0, help="group-commit batch window")
     p.add_argument("--naive-pool", type=int, default=16, help="asyncpg pool of the naive service")
     p.add_argument("--no-idempotency-key", action="store_true")
+    p.add_argument("--ray-calls", action="store_true",
+                   help="gateway -> shard by Ray actor calls only (VOUCHER_SHARD_CHANNEL=false)")
+    p.add_argument("--worker-niceness", type=int, default=None,
+                   help="nice level of Ray's worker processes (engine default 0; Ray's own 15)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the default integration rate limit (2000/s per key)")
     p.add_argument("--only", nargs="+", choices=["noop", "engine", "naive"], default=[])
