@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from engine.errors import ConfigError
+from serve.resp import ReplyError, RespPipe, open_pipe, pipe_address
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,13 @@ class RateLimiter:
         max_connections: int = 64,
         coalesce: bool = True,
     ) -> None:
+        # The hot script call's own pipelined connection (serve/resp.py), when the URL
+        # allows one; redis-py serves everything else, and this call until it is up.
+        self._pipe_addr = pipe_address(redis) if isinstance(redis, str) else None
+        self._pipe: RespPipe | None = None
+        self._pipe_dialing = False
+        self._pipe_retry_at = 0.0
+        self.timeout_s = timeout_s
         if isinstance(redis, str):
             # A blocking pool: at peak, requests wait briefly for a connection instead of
             # failing (and so failing open) when the pool is momentarily all in use.
@@ -303,8 +311,12 @@ class RateLimiter:
         self._sending: set[asyncio.Task[None]] = set()
         self.calls = 0  # script calls made
         self.coalesced = 0  # checks answered by them
+        self.pipe_calls = 0  # of those, over the pipe
 
     async def aclose(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close(ConnectionError("rate limiter closed"))
+            self._pipe = None
         if self._owns_client:
             await self.redis.aclose(close_connection_pool=True)
 
@@ -445,15 +457,91 @@ class RateLimiter:
         fut: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((keys, args, fut))
         if len(self._queued) == 1:
-            # The task's first step runs on the loop's next turn, after every check queued
-            # in this one (a call_soon'd flush starting a task would cost one turn more).
-            task = loop.create_task(self._send())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            # Both run on the loop's next turn, after every check queued in this one.
+            pipe = self._ready_pipe(loop)
+            if pipe is not None:
+                loop.call_soon(self._flush_pipe, pipe)
+            else:
+                self._spawn(self._send())
         return await fut
 
-    async def _send(self) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    # The pipe: the batch is written from a loop callback and its reply settles the waiters
+    # in the protocol's data_received; no task in between.
+
+    def _ready_pipe(self, loop: asyncio.AbstractEventLoop) -> RespPipe | None:
+        pipe = self._pipe
+        if pipe is not None and pipe.usable:
+            return pipe
+        if (
+            self._pipe_addr is not None
+            and not self._pipe_dialing
+            and loop.time() >= self._pipe_retry_at
+        ):
+            self._pipe_dialing = True
+            self._spawn(self._dial_pipe(loop))
+        return None
+
+    async def _dial_pipe(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._pipe_addr is not None
+        try:
+            self._pipe = await open_pipe(self._pipe_addr, self.timeout_s * 4)
+        except (OSError, ReplyError) as exc:  # TimeoutError is an OSError
+            log.warning("rate limiter: no pipelined Redis connection (%s); using redis-py", exc)
+            self._pipe_retry_at = loop.time() + max(1.0, self.backoff_s)
+        finally:
+            self._pipe_dialing = False
+
+    def _flush_pipe(self, pipe: RespPipe) -> None:
         batch, self._queued = self._queued, []
+        if not batch:
+            return
+        if not pipe.usable:
+            self._spawn(self._send(batch))
+            return
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            cmd: list[Any] = ["EVALSHA", _GCRA_SHA, len(keys), *keys, *args]
+        else:
+            keys, margs = _multi_args([(k, a) for k, a, _ in batch])
+            cmd = ["EVALSHA", _GCRA_MULTI_SHA, len(keys), *keys, *margs]
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(
+            self.timeout_s,
+            pipe.close,
+            TimeoutError(f"redis did not answer within {self.timeout_s}s"),
+        )
+
+        def reply(res: Any) -> None:
+            timer.cancel()
+            if isinstance(res, ReplyError) and res.noscript:
+                # First call on this server (or after SCRIPT FLUSH / a failover): redis-py's
+                # path loads the script, and the pipe uses it from then on.
+                self._spawn(self._send(batch))
+                return
+            try:
+                if isinstance(res, BaseException):
+                    raise RedisError(str(res)) if isinstance(res, ReplyError) else res
+                answers = [list(res)] if len(batch) == 1 else _split_multi(res, len(batch))
+            except Exception as exc:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            self.pipe_calls += 1
+            self._answer(batch, answers)
+
+        pipe.send(cmd, reply)
+
+    async def _send(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]] | None = None
+    ) -> None:
+        if batch is None:
+            batch, self._queued = self._queued, []
         try:
             if len(batch) == 1:
                 answers = [await self._eval_one(batch[0][0], batch[0][1])]
@@ -466,6 +554,13 @@ class RateLimiter:
             if not isinstance(exc, Exception):
                 raise
             return
+        self._answer(batch, answers)
+
+    def _answer(
+        self,
+        batch: list[tuple[list[str], list[Any], asyncio.Future[list[Any]]]],
+        answers: list[list[Any]],
+    ) -> None:
         self.calls += 1
         self.coalesced += len(batch)
         for (_, _, fut), answer in zip(batch, answers, strict=True):
@@ -481,22 +576,12 @@ class RateLimiter:
         return list(res)
 
     async def _eval_many(self, groups: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
-        keys: list[str] = []
-        args: list[Any] = [len(groups)]
-        for k, a in groups:
-            keys += k
-            args += [len(k), len(a), *a]
+        keys, args = _multi_args(groups)
         try:
             raw = await self.redis.evalsha(_GCRA_MULTI_SHA, len(keys), *keys, *args)
         except NoScriptError:
             raw = await self.redis.eval(_GCRA_MULTI_LUA, len(keys), *keys, *args)
-        out: list[list[Any]] = []
-        i = 0
-        for _ in groups:
-            n = int(raw[i])
-            out.append(list(raw[i + 1 : i + 1 + n]))
-            i += 1 + n
-        return out
+        return _split_multi(raw, len(groups))
 
     def _fallback(
         self, checks: Sequence[Check], fail_open: bool, exc: BaseException | None
@@ -514,6 +599,26 @@ class RateLimiter:
             return Decision(True, burst, burst, 0.0, 0.0, degraded=True)
         wait = max(1.0, self.backoff_s)
         return Decision(False, burst, 0, wait, wait, degraded=True)
+
+
+def _multi_args(groups: list[tuple[list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the multi-group script: per group its key count, arg count, args."""
+    keys: list[str] = []
+    args: list[Any] = [len(groups)]
+    for k, a in groups:
+        keys += k
+        args += [len(k), len(a), *a]
+    return keys, args
+
+
+def _split_multi(raw: Any, groups: int) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    i = 0
+    for _ in range(groups):
+        n = int(raw[i])
+        out.append(list(raw[i + 1 : i + 1 + n]))
+        i += 1 + n
+    return out
 
 
 def _validate(key: str, rate: float, burst: int, cost: int) -> None:

@@ -286,3 +286,53 @@ async def test_coalescing_off_gives_the_same_answers(services: Services, ns: str
         assert rl.calls == 0  # every check made its own call
     finally:
         await rl.aclose()
+
+
+async def test_pipelined_connection_carries_the_checks_and_agrees_with_redis_py(
+    services: Services, ns: str
+) -> None:
+    """The limiter's own pipelined connection (serve/resp.py) answers the coalesced script
+    calls once it is up, and a concurrent burst gets exactly the answers one check at a
+    time through redis-py gets."""
+    piped = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}p:")
+    plain = RateLimiter(aioredis.from_url(services.redis_url), prefix=f"test:rl:{ns}q:")
+    try:
+        await piped.hit("warm", rate=1000, burst=1000)  # loads the scripts, dials the pipe
+        for _ in range(100):
+            if piped._pipe is not None and piped._pipe.usable:
+                break
+            await asyncio.sleep(0.01)
+        burst = [piped.hit("b", rate=0.01, burst=40) for _ in range(100)]
+        got = [d.allowed for d in await asyncio.gather(*burst)]
+        want = [(await plain.hit("b", rate=0.01, burst=40)).allowed for _ in range(100)]
+        assert got.count(True) == want.count(True) == 40
+        assert piped.pipe_calls >= 1 and piped.coalesced >= 100
+    finally:
+        await piped.aclose()
+        await plain.aclose()
+
+
+async def test_a_hung_redis_fails_open_through_the_pipe_too(services: Services, ns: str) -> None:
+    """A server that stops answering: the pipe's timeout ends the wait, the normal limits
+    fail open and the limiter backs off, as with redis-py."""
+    rl = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}", timeout_s=0.2, backoff_s=5.0)
+    try:
+        await rl.hit("warm", rate=1000, burst=1000)
+        for _ in range(100):
+            if rl._pipe is not None and rl._pipe.usable:
+                break
+            await asyncio.sleep(0.01)
+        assert rl._pipe is not None
+        admin = aioredis.from_url(services.redis_url)
+        try:
+            await admin.execute_command("CLIENT", "PAUSE", "600", "ALL")
+            t0 = time.monotonic()
+            d = await rl.hit("k", rate=1, burst=1)
+            assert d.allowed and d.degraded
+            assert time.monotonic() - t0 < 0.5
+        finally:
+            await asyncio.sleep(0.7)
+            await admin.aclose()
+        assert rl.redis_errors == 1
+    finally:
+        await rl.aclose()
