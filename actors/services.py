@@ -63,6 +63,11 @@ PG_SERVER_SETTINGS: Mapping[str, str] = {
     "min_wal_size": "512MB",
     "checkpoint_timeout": "15min",
     "checkpoint_completion_target": "0.9",
+    # A new 16 MB WAL segment is otherwise zero-filled by the backend that first needs it,
+    # inside someone's commit: measured, a 50-60 ms commit every ~4.5 s at 3,000
+    # redemptions/s until checkpoints start recycling old segments. Off, the file is
+    # created at full size by writing its last byte; every commit's fsync stays as it is.
+    "wal_init_zero": "off",
     "random_page_cost": "1.1",
     # The hot path is short statements; JIT compilation only adds latency to them.
     "jit": "off",

@@ -34,6 +34,7 @@ import ray
 from actors.calls import call as _call
 from actors.calls import guarded
 from actors.channel import ChannelServer
+from actors.gcpolicy import settle_heap
 from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, create_pool
 from actors.write_behind import WriteBehind
@@ -108,6 +109,9 @@ class ShardCore:
             await self.writer.durable()
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         self.loaded_at = utcnow()
+        # The loaded pool lives as long as the shard: out of the collector's sight, so a
+        # full collection does not walk every code (actors/gcpolicy.py).
+        settle_heap()
         log.info(
             "shard %d/%d loaded %d codes",
             self.shard_id,

@@ -16,7 +16,6 @@ FastAPI must resolve their annotations (``Request``...) as real objects.
 
 
 import asyncio
-import gc
 import hashlib
 import hmac
 import logging
@@ -33,6 +32,7 @@ from ray import serve
 
 from actors.calls import Failure
 from actors.client import attach_engine
+from actors.gcpolicy import settle_heap
 from actors.issuance import JOB_PREFIX as ISSUANCE_JOB_PREFIX
 from actors.observability import (
     BatcherMetrics,
@@ -338,8 +338,8 @@ class Gateway:
         self._keys: dict[str, tuple[bytes, Principal, float]] = {}
         _serve_fast_lane(self)
         # Everything built so far (Ray, FastAPI, the routes) lives as long as the replica:
-        # moved out of the collector's sight, full collections at peak stay short.
-        gc.freeze()
+        # out of the collector's sight, and full collections rare (actors/gcpolicy.py).
+        settle_heap()
 
     async def _open(self) -> None:
         if not self._opened:
