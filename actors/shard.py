@@ -71,6 +71,7 @@ class ShardCore:
             clock=utcnow,
             random_bytes=os.urandom,
             reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
+            owned=self.buckets,
         )
         self.store: PgShardStore | None = None
         self.writer: WriteBehind | None = None

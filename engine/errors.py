@@ -297,6 +297,26 @@ class Unavailable(VoucherError):
     code = "unavailable"
 
 
+class Fenced(Unavailable):
+    """A newer owner took over this writer's part (its epoch is stale): the old one stops
+    answering and exits; a retry reaches the new owner."""
+
+    code = "fenced"
+
+
+class NotOwner(Unavailable):
+    """The shard asked does not own the code's bucket (the shard count changed): retry,
+    the caller re-reads the topology."""
+
+    code = "not_owner"
+
+
+class TopologyMismatch(Conflict):
+    """The configured shard count differs from the one stored for this deployment."""
+
+    code = "topology_mismatch"
+
+
 def _all_subclasses(cls: type[VoucherError]) -> list[type[VoucherError]]:
     out: list[type[VoucherError]] = [cls]
     for sub in cls.__subclasses__():

@@ -49,7 +49,7 @@ from engine.events import (
     Validation,
     VoucherChanged,
 )
-from engine.routing import assignment_key, bucket_of, bucket_of_id, new_id
+from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
@@ -160,8 +160,18 @@ class ShardState:
         clock: Clock,
         random_bytes: RandomBytes,
         reservation_ttl: timedelta = timedelta(minutes=15),
+        owned: Iterable[int] | None = None,
     ) -> None:
+        """``owned``: the buckets this shard owns (every bucket when None). A code, a shared
+        code or a redemption id of another bucket is refused with ``not_owner``, so two
+        shards never decide for one code whatever their callers think the topology is."""
         self.clock = clock
+        self._owned: bytes | None = None
+        if owned is not None:
+            flags = bytearray(BUCKETS)
+            for b in owned:
+                flags[b] = 1
+            self._owned = bytes(flags)
         self.random_bytes = random_bytes
         self.reservation_ttl = reservation_ttl
         self.campaigns: dict[str, CampaignSlot] = {}
@@ -185,7 +195,8 @@ class ShardState:
             slot = CampaignSlot(campaign, len(self._slots))
             self._slots.append(slot)
             self.campaigns[campaign.id] = slot
-            if campaign.shared_code is not None:
+            if campaign.shared_code is not None and self.owns(bucket_of(campaign.shared_code)):
+                # a shared code lives only on the shard owning its bucket
                 self.codes[campaign.shared_code] = self._pack(slot.index, AVAILABLE)
         was_ended = slot.campaign.state == "ended"
         slot.campaign = campaign
@@ -206,6 +217,13 @@ class ShardState:
             if self.reservations[res_id].state == HELD:
                 self._close_reservation(res_id, RELEASED)
         self.events.append(CodesVoided(slot.campaign.id))
+
+    def owns(self, bucket: int) -> bool:
+        return self._owned is None or self._owned[bucket] == 1
+
+    def _check_owner(self, bucket: int) -> None:
+        if self._owned is not None and self._owned[bucket] != 1:
+            raise errors.NotOwner(f"bucket {bucket} belongs to another shard; retry")
 
     def campaign(self, campaign_id: str) -> Campaign:
         slot = self.campaigns.get(campaign_id)
@@ -328,6 +346,7 @@ class ShardState:
         code = normalize(raw_code)
         packed = self.codes.get(code)
         if packed is None:
+            self._check_owner(bucket_of(code))
             raise errors.UnknownCode(f"no voucher has code {code!r}")
         slot = self._slots[packed >> 2]
         return code, slot, packed & 3
@@ -665,7 +684,11 @@ class ShardState:
         """Run ``fn`` once per idempotency key: a replay gets the first answer back.
 
         ``route`` is the bucket the request was routed by (its code's or its id's), stored
-        with the key so the shard that owns that bucket reloads it after a restart."""
+        with the key so the shard that owns that bucket reloads it after a restart. A
+        request routed to a bucket this shard does not own is refused (``not_owner``,
+        not recorded): its caller's topology is stale."""
+        if self._owned is not None and self._owned[route] != 1:
+            return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
         if key is not None:
             if not isinstance(key, str) or not 1 <= len(key) <= 255:
                 return _reject(errors.InvalidInput("Idempotency-Key must be 1-255 characters"))
@@ -703,6 +726,9 @@ class ShardState:
         )
 
     def validate_one(self, req: RedeemRequest) -> Outcome:
+        route = route_bucket(req.code)
+        if self._owned is not None and self._owned[route] != 1:
+            return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
         return Outcome(validation=self.validate(req))
 
     def reserve_one(self, req: RedeemRequest) -> Outcome:
