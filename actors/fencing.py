@@ -107,11 +107,15 @@ async def claim_shard(
     :class:`errors.Fenced`) when the stored topology has another shard count: this process
     belongs to a topology that was replaced."""
     async with conn.transaction():
+        # a deployment's first shard stores the topology (start_engine usually did)
+        await conn.execute(
+            "INSERT INTO topology (deployment, shards) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            namespace,
+            shards,
+        )
         stored = await conn.fetchval(
             "SELECT shards FROM topology WHERE deployment = $1 FOR SHARE", namespace
         )
-        if stored is None:
-            raise errors.Unavailable(f"no topology stored for deployment {namespace!r}")
         if stored != shards or not 0 <= shard_id < shards:
             raise errors.Fenced(
                 f"shard {shard_id} of {shards} belongs to a replaced topology: "

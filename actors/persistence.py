@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 
+from actors.fencing import Fence, fenced_error
 from engine.campaigns import Campaign
 from engine.events import (
     AssignmentRecorded,
@@ -106,21 +107,33 @@ def _numbered(sql: str, first: int = 1) -> str:
     return sql.format(*[f"${i}" for i in range(first, first + n)])
 
 
-def _one_statement(parts: list[tuple[str, list[list[Any]]]]) -> tuple[str, list[list[Any]]]:
-    """``WITH w0 AS (...), w1 AS (...) SELECT 1``: every part as a data-modifying CTE of one
-    statement, which Postgres runs (and its statement-level triggers) atomically. Only for
-    parts that do not need to see each other's rows: all CTEs share one snapshot."""
+def _one_statement(
+    parts: list[tuple[str, list[list[Any]]]], fence: Fence | None = None
+) -> tuple[str, list[Any]]:
+    """``WITH w0 AS (...), w1 AS (...) SELECT voucher_fence(owner, epoch)``: every part as a
+    data-modifying CTE of one statement, which Postgres runs (and its statement-level
+    triggers) atomically, so a stale epoch refused by the final SELECT undoes every part.
+    Only for parts that do not need to see each other's rows: all CTEs share one snapshot.
+    Without a fence (tools, tests) the statement ends in ``SELECT 1``."""
     ctes: list[str] = []
-    args: list[list[Any]] = []
+    args: list[Any] = []
     for i, (sql, part_args) in enumerate(parts):
         ctes.append(f"w{i} AS ({_numbered(sql, len(args) + 1)})")
         args.extend(part_args)
-    return "WITH " + ", ".join(ctes) + " SELECT 1", args
+    if fence is None:
+        return "WITH " + ", ".join(ctes) + " SELECT 1", args
+    n = len(args)
+    args.extend(fence.args)
+    return "WITH " + ", ".join(ctes) + f" SELECT voucher_fence(${n + 1}, ${n + 2})", args
 
 
 class PgShardStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """``fence``: the shard's claimed epoch; every write checks it in its own statement or
+    transaction and raises :class:`engine.errors.Fenced` when a newer owner took over."""
+
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None) -> None:
         self.pool = pool
+        self.fence = fence
 
     async def close(self) -> None:
         await self.pool.close()
@@ -261,28 +274,41 @@ class PgShardStore:
         if not parts:
             return
         async with self.pool.acquire() as conn:
-            if voided or rollbacks:
-                # These must see the batch's earlier changes: one statement after another,
-                # in one transaction.
-                async with conn.transaction():
-                    for sql, args in parts:
-                        await conn.execute(_numbered(sql), *args)
-            else:
-                # The usual batch (decisions on vouchers, new redemptions, reservations,
-                # assignments, idempotency records) touches each row once: one statement
-                # of data-modifying CTEs, committed on its own -- one round trip to the
-                # server instead of one per table plus BEGIN and COMMIT.
-                sql, args = _one_statement(parts)
-                await conn.execute(sql, *args)
+            try:
+                if voided or rollbacks:
+                    # These must see the batch's earlier changes: one statement after
+                    # another, in one transaction that checks the fence first.
+                    async with conn.transaction():
+                        if self.fence is not None:
+                            await self.fence.check(conn)
+                        for sql, args in parts:
+                            await conn.execute(_numbered(sql), *args)
+                else:
+                    # The usual batch (decisions on vouchers, new redemptions, reservations,
+                    # assignments, idempotency records) touches each row once: one statement
+                    # of data-modifying CTEs ending in the fence check, committed on its
+                    # own -- one round trip to the server instead of one per table plus
+                    # BEGIN and COMMIT.
+                    sql, args = _one_statement(parts, self.fence)
+                    await conn.execute(sql, *args)
+            except asyncpg.PostgresError as exc:
+                raise fenced_error(exc) from None
 
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
-        """Stream new available codes into the bank (one COPY, one transaction)."""
+        """Stream new available codes into the bank (one COPY after the fence check, in one
+        transaction)."""
         async with self.pool.acquire() as conn:
-            await conn.copy_records_to_table(
-                "vouchers",
-                records=[(c, campaign_id, bucket_of(c), balance) for c in codes],
-                columns=["code", "campaign_id", "bucket", "balance"],
-            )
+            try:
+                async with conn.transaction():
+                    if self.fence is not None:
+                        await self.fence.check(conn)
+                    await conn.copy_records_to_table(
+                        "vouchers",
+                        records=[(c, campaign_id, bucket_of(c), balance) for c in codes],
+                        columns=["code", "campaign_id", "bucket", "balance"],
+                    )
+            except asyncpg.PostgresError as exc:
+                raise fenced_error(exc) from None
 
 
 # --- campaigns and jobs (the coordinator's tables) --------------------------------------

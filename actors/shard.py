@@ -34,6 +34,7 @@ import ray
 from actors.calls import call as _call
 from actors.calls import guarded
 from actors.channel import ChannelServer
+from actors.fencing import Fence, claim_shard, current_epoch
 from actors.gcpolicy import settle_heap
 from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, create_pool
@@ -42,7 +43,7 @@ from engine import errors
 from engine.campaigns import Campaign
 from engine.events import Rejection
 from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState
-from engine.routing import BUCKETS
+from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,38 @@ class ShardCore:
         # handle of peer shard k (for assignment fallback); set by the actor
         self.peer: Callable[[int], Any] | None = None
         self._inflight: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
+        # the epoch this process claimed; once fenced or failed, ``stopped`` says why and
+        # every call is refused at once
+        self.fence: Fence | None = None
+        self.stopped: errors.Unavailable | None = None
+        # how the process ends: 1 = crash (Ray restarts it and it reloads), 0 = retired (its
+        # topology was replaced: no restart); the Ray face and tests replace it
+        self.exit_process: Callable[[int], None] = os._exit
 
     async def ready(self) -> None:
+        if self.stopped is not None:
+            raise _copy(self.stopped)
         if self._ready is None:
             self._ready = asyncio.ensure_future(self._load())
         await asyncio.shield(self._ready)
 
     async def _load(self) -> None:
         pool = await create_pool(self.dsn, size=4)
-        self.store = PgShardStore(pool)
+        # Claim the shard before reading anything: the claim waits for the old owner's
+        # in-flight commit and fences it, so what we load is all it will ever commit.
+        try:
+            async with pool.acquire() as conn:
+                self.fence = await claim_shard(
+                    conn, self.settings.namespace, self.shard_id, self.shards
+                )
+        except errors.Fenced as exc:  # our topology was replaced: retire for good
+            await pool.close()
+            self._stop(exc, code=0)
+            raise
+        except BaseException:
+            await pool.close()
+            raise
+        self.store = PgShardStore(pool, self.fence)
         since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
         await self.store.load(self.state, self.buckets, since)
         self.writer = WriteBehind(
@@ -122,15 +146,27 @@ class ShardCore:
         )
 
     def _die(self, exc: BaseException) -> None:
-        # Memory is ahead of the database: never answer from it again. Exit so Ray
-        # restarts the actor, which reloads from Postgres.
+        # Memory is ahead of the database (or another owner's): never answer from it
+        # again. Exit so Ray restarts the actor, which claims anew and reloads.
+        self._stop(exc, code=1)
+
+    def _stop(self, exc: BaseException, *, code: int) -> None:
+        if self.stopped is not None:
+            return
+        if isinstance(exc, errors.Fenced):
+            self.stopped = errors.Fenced(f"shard {self.shard_id} was fenced: {exc}; retry")
+        else:
+            self.stopped = errors.Unavailable(
+                f"shard {self.shard_id} storage failed; the shard is restarting"
+            )
         log.error(
-            "shard %d exiting after storage failure: %r",
+            "shard %d stopping (%s): %r",
             self.shard_id,
+            "retired" if code == 0 else "exit",
             exc,
             extra={"shard": self.shard_id},
         )
-        asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+        asyncio.get_running_loop().call_later(0.05, self.exit_process, code)
 
     async def _housekeep(self) -> None:
         ttl = timedelta(seconds=self.settings.idempotency_ttl_s)
@@ -138,12 +174,28 @@ class ShardCore:
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
+            if ticks % 2 == 0:
+                await self._check_epoch()
             if self.writer is not None:
                 self.metrics.queues(len(self.state.events), self.writer.waiting)
             if self.state.expire_reservations():
                 self._commit_later()
             if ticks % 300 == 0:
                 self.state.prune_idempotency(utcnow() - ttl)
+
+    async def _check_epoch(self) -> None:
+        """An idle owner learns it was fenced without waiting for its next commit, and
+        exits: a process cut off from Ray stops holding a replaced shard's memory."""
+        if self.fence is None or self.store is None or self.stopped is not None:
+            return
+        try:
+            async with self.store.pool.acquire(timeout=5) as conn:
+                epoch = await current_epoch(conn, self.fence.owner)
+        except Exception as exc:  # the database is away: the next commit will tell
+            log.debug("epoch check failed: %r", exc, extra={"shard": self.shard_id})
+            return
+        if epoch != self.fence.epoch:
+            self._die(errors.Fenced(f"{self.fence.owner} is at epoch {epoch}, ours is {self.fence.epoch}"))
 
     def _commit_later(self) -> None:
         assert self.writer is not None
@@ -153,6 +205,8 @@ class ShardCore:
         assert self.writer is not None
         if self.settings.ack_mode == "durable":
             await self.writer.durable()
+        elif self.writer.failed:  # fast mode answers from memory: never once it failed
+            raise self.writer.failure()
         else:
             self.writer.poke()
 
@@ -300,7 +354,13 @@ class ShardCore:
         waits: dict[int, asyncio.Future[Outcome]] = {}
         for i, cust in enumerate(customers):
             fut = self._inflight.get((campaign_id, cust))
-            if fut is not None:
+            if fallback and isinstance(cust, str) and not self.state.owns(
+                bucket_of(assignment_key(campaign_id, cust))
+            ):
+                # the customer's assignments are decided by another shard (a caller with
+                # a stale topology); a peer's fallback call is the one exception
+                outs.append(_not_owner(cust))
+            elif fut is not None:
                 waits[i] = fut
                 outs.append(None)
             else:
@@ -398,6 +458,8 @@ class ShardCore:
         many were added (persisted with COPY before they become redeemable)."""
         await self.ready()
         campaign = self.state.campaign(campaign_id)
+        if not all(self.state.owns(bucket_of(c)) for c in codes):
+            raise errors.NotOwner(f"codes of buckets shard {self.shard_id} does not own; retry")
         fresh = self.state.claim_new_codes(codes)
         if not fresh:
             return 0
@@ -467,6 +529,7 @@ class VoucherShard:
             return peers[k]
 
         self.core.peer = peer
+        self.core.exit_process = _exit_actor
         self._channel = ChannelServer(self._channel_call)
 
     async def ready(self) -> bool:
@@ -551,6 +614,31 @@ class VoucherShard:
     async def info(self) -> dict[str, Any]:
         # gateways connected to this shard's direct line
         return {**await self.core.info(), "channel_peers": len(self._channel.conns)}
+
+
+def _exit_actor(code: int) -> None:
+    """Crash (Ray restarts the actor, which reloads) or, with code 0, retire: the actor's
+    topology was replaced, so Ray must not bring it back."""
+    if code == 0 and ray.is_initialized():
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            return
+        except Exception:
+            log.exception("retiring through Ray failed; exiting")
+    os._exit(code)
+
+
+def _not_owner(customer_id: str) -> Outcome:
+    return Outcome(
+        rejection=Rejection(
+            errors.NotOwner.code,
+            f"customer {customer_id}'s assignments belong to another shard; retry",
+        )
+    )
+
+
+def _copy(exc: errors.Unavailable) -> errors.Unavailable:
+    return type(exc)(exc.message)
 
 
 __all__ = ["VoucherShard", "ShardCore", "CampaignStats"]

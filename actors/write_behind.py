@@ -5,7 +5,8 @@ While a commit is in flight, new decisions pile up for the next one, so under lo
 batch grows by itself and is written as soon as the commit before it returns; when idle, a
 decision waits at most ``window_s`` before it is written. A batch that cannot be written
 after a few tries is fatal for the shard: its memory is ahead of the database, so it must
-not answer again until it has reloaded.
+not answer again until it has reloaded. A batch refused by the fence (a newer owner holds
+the shard) is fatal at once, without retries: this writer will never commit again.
 """
 
 from __future__ import annotations
@@ -56,11 +57,21 @@ class WriteBehind:
         """A future that resolves once everything decided so far is committed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._failed is not None:
-            fut.set_exception(errors.Unavailable("shard storage failed; the shard is restarting"))
+            fut.set_exception(self.failure())
             return fut
         self._waiters.append(fut)
         self._wake.set()
         return fut
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
+
+    def failure(self) -> errors.Unavailable:
+        """The error callers get once the writer has failed for good."""
+        if isinstance(self._failed, errors.Fenced):
+            return errors.Fenced("this shard was replaced by a newer owner; retry")
+        return errors.Unavailable("shard storage failed; the shard is restarting")
 
     @property
     def waiting(self) -> int:
@@ -90,13 +101,12 @@ class WriteBehind:
             try:
                 if events:
                     await self._write(events)
-            except Exception as exc:  # storage is gone: fail waiters, let the shard restart
+            except Exception as exc:  # storage is gone or fenced: fail waiters, stop
                 self._failed = exc
-                log.error("group commit failed after %d tries: %r", self.retries, exc)
-                err = errors.Unavailable("shard storage failed; the shard is restarting")
+                log.error("group commit failed: %r", exc)
                 for w in waiters + self._waiters:
                     if not w.done():
-                        w.set_exception(err)
+                        w.set_exception(self.failure())
                 self._on_fatal(exc)
                 return
             for w in waiters:
@@ -112,7 +122,7 @@ class WriteBehind:
                 await self._persist(events)
             except Exception as exc:
                 self._report(len(events), time.perf_counter() - t0, False)
-                if attempt + 1 == self.retries:
+                if attempt + 1 == self.retries or isinstance(exc, errors.Fenced):
                     raise
                 log.warning("group commit attempt %d failed: %r; retrying", attempt + 1, exc)
                 await asyncio.sleep(delay)

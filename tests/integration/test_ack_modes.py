@@ -36,7 +36,8 @@ async def _core(dsn: str, mode: str) -> tuple[ShardCore, str, str]:
         await insert_campaign(conn, c)
     finally:
         await conn.close()
-    core = ShardCore(0, 1, dsn, Settings(ack_mode=mode, batch_window_ms=WINDOW_MS))  # type: ignore[arg-type]
+    settings = Settings(namespace=uid("ack-ns"), ack_mode=mode, batch_window_ms=WINDOW_MS)  # type: ignore[arg-type]
+    core = ShardCore(0, 1, dsn, settings)
     await core.ready()
     code = uid("ACK").upper()
     assert await core.add_codes(c.id, [code]) == 1
