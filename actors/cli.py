@@ -293,6 +293,24 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_reshard(args: argparse.Namespace, settings: Settings) -> int:
+    """Move the running engine to ``args.shards`` shards (see ``actors.client.reshard``):
+    the new count is stored in Postgres, every old shard is fenced and retired, the new
+    shards load their buckets; gateways, the issuer and the notifier follow by themselves.
+    The new actors are detached: they outlive this command."""
+    from actors.client import reshard
+    from actors.services import start_services
+
+    services = start_services(settings)  # the configured database, or `up`'s embedded one
+    try:
+        _ray_init(settings, attach=True)
+        engine = reshard(settings, services.database_url, args.shards, detached=True)
+    finally:
+        services.stop()
+    print(f"engine:   {engine.n} shards in namespace {settings.namespace!r}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import ray
 
@@ -519,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy", help="deploy onto a running Ray cluster (external Postgres/Redis) and exit"
     )
     dep.add_argument("--no-http", action="store_true", help="do not deploy the HTTP API")
+    rs = sub.add_parser(
+        "reshard", help="change the running engine's shard count (fences every old shard)"
+    )
+    rs.add_argument("shards", type=int, help="the new number of shard actors (1..256)")
     cr = sub.add_parser("create", help="create a campaign")
     cr.add_argument("name")
     cr.add_argument("--id")
@@ -589,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args, settings)
         if args.command == "deploy":
             return cmd_deploy(args, settings)
+        if args.command == "reshard":
+            return cmd_reshard(args, settings)
         if args.command == "outbox":
             return cmd_outbox(args, settings)
         if args.command == "reports":

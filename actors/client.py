@@ -3,18 +3,29 @@
 Requests are routed to the shard that owns their code (or the bucket embedded in a
 redemption/reservation id). The ``*_many`` calls group requests per shard so one actor
 call carries many of them. Errors come back as the engine's own typed exceptions.
+
+The shard count (topology) is stored in Postgres per deployment (``actors/fencing.py``).
+:func:`start_engine` refuses a ``VOUCHER_SHARDS`` that differs from it; :func:`reshard`
+changes it: it fences every old shard in Postgres, retires the old actors and starts the
+new ones. Callers holding a :class:`VoucherEngine` learn the new count from the
+coordinator when a shard answers ``not_owner`` or dies (:meth:`VoucherEngine.refresh`),
+and requests a shard refused as ``not_owner`` (never decided) are routed again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
 import msgspec
 import ray
 
+from actors import fencing
 from actors.calls import call as _call
 from actors.coordinator import Coordinator
 from actors.shard import VoucherShard
@@ -30,10 +41,28 @@ _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _stats = msgspec.msgpack.Decoder(CampaignStats)
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+COORDINATOR = "coordinator"
+_REFRESH_EVERY_S = 1.0  # at most one topology look-up per engine handle per second
+_REROUTES = 3  # times a request refused as not_owner is routed again
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i}"
+
+
+def _sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code, even under a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _with_conn(dsn: str, fn: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]]) -> T:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await fn(conn)
+    finally:
+        await conn.close()
 
 
 def start_engine(
@@ -56,6 +85,8 @@ def start_engine(
     if settings.shard_resource:
         placement["resources"] = {settings.shard_resource: 1}
     lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
+    # the stored topology decides; a different VOUCHER_SHARDS is refused (use reshard)
+    _sync(_with_conn(dsn, lambda c: fencing.ensure_topology(c, settings.namespace, settings.shards)))
     shards = [
         VoucherShard.options(  # type: ignore[attr-defined]
             name=shard_name(i),
@@ -68,24 +99,103 @@ def start_engine(
     ]
     ray.get([s.ready.remote() for s in shards])
     coordinator = Coordinator.options(  # type: ignore[attr-defined]
-        name="coordinator", namespace=settings.namespace, get_if_exists=True, **lifetime
+        name=COORDINATOR, namespace=settings.namespace, get_if_exists=True, **lifetime
     ).remote([shard_name(i) for i in range(settings.shards)], settings.namespace, dsn, blob)
     ray.get(coordinator.ready.remote())
-    return VoucherEngine(shards, coordinator)
+    return VoucherEngine(shards, coordinator, settings.namespace)
 
 
 def attach_engine(settings: Settings) -> VoucherEngine:
-    """Handles to a running engine's actors (started by ``start_engine`` elsewhere)."""
-    shards = [ray.get_actor(shard_name(i), namespace=settings.namespace) for i in range(settings.shards)]
-    coordinator = ray.get_actor("coordinator", namespace=settings.namespace)
-    return VoucherEngine(shards, coordinator)
+    """Handles to a running engine's actors (started by ``start_engine`` elsewhere); the
+    shard count is the coordinator's."""
+    coordinator = ray.get_actor(COORDINATOR, namespace=settings.namespace)
+    n = int(ray.get(coordinator.shard_count.remote(), timeout=60))
+    shards = [ray.get_actor(shard_name(i), namespace=settings.namespace) for i in range(n)]
+    return VoucherEngine(shards, coordinator, settings.namespace)
+
+
+def reshard(settings: Settings, dsn: str, shards: int, *, detached: bool = False) -> VoucherEngine:
+    """Move a deployment to ``shards`` shards: store the new count and fence every old
+    shard in one Postgres transaction (it waits for their in-flight commits), retire the
+    old shard actors and the coordinator, then start the new ones, which load their
+    buckets from Postgres. Requests in flight meanwhile get ``unavailable`` / ``not_owner``
+    (503, retry with the same idempotency keys); none is decided twice."""
+    ns = settings.namespace
+    old = _sync(_with_conn(dsn, lambda c: fencing.stored_topology(c, ns)))
+    _sync(_with_conn(dsn, lambda c: fencing.reshard(c, ns, shards)))
+    names = [COORDINATOR] + [shard_name(i) for i in range(max(old[0] if old else 0, shards))]
+    doomed = []
+    for name in names:
+        try:
+            handle = ray.get_actor(name, namespace=ns)
+        except ValueError:
+            continue  # no such actor
+        ray.kill(handle, no_restart=True)
+        doomed.append((name, handle))
+    # The names must be free before the new actors take them: a name lookup can fail while
+    # the killed actor still answers, and `get_if_exists` would then hand back the old one.
+    deadline = time.monotonic() + 60
+    for name, handle in doomed:
+        while True:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                try:
+                    ray.get_actor(name, namespace=ns)
+                except ValueError:
+                    break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise errors.Unavailable(f"actor {name} did not stop within 60 s")
+            time.sleep(0.05)
+    new = msgspec.structs.replace(settings, shards=shards)
+    return start_engine(new, dsn, detached=detached)
 
 
 class VoucherEngine:
-    def __init__(self, shards: list[Any], coordinator: Any) -> None:
+    def __init__(self, shards: list[Any], coordinator: Any, namespace: str | None = None) -> None:
         self.shards = shards
         self.coordinator = coordinator
         self.n = len(shards)
+        self.namespace = namespace
+        self._refreshed = 0.0
+        self._refreshing: asyncio.Future[bool] | None = None
+        #: called with no arguments after the shard handles changed (gateway batchers)
+        self.on_topology: list[Callable[[], None]] = []
+
+    async def refresh(self) -> bool:
+        """Re-read the shard count from the coordinator (at most once a second; concurrent
+        callers share one look-up); True when the handles changed."""
+        if self.namespace is None:
+            return False
+        if self._refreshing is not None:
+            return await asyncio.shield(self._refreshing)
+        if time.monotonic() - self._refreshed < _REFRESH_EVERY_S:
+            return False
+        self._refreshed = time.monotonic()
+        self._refreshing = asyncio.ensure_future(self._refresh(self.namespace))
+        try:
+            return await asyncio.shield(self._refreshing)
+        finally:
+            self._refreshing = None
+
+    async def _refresh(self, ns: str) -> bool:
+        try:
+            coordinator = ray.get_actor(COORDINATOR, namespace=ns)
+            n = int(await _call(coordinator.shard_count.remote()))
+            shards = [ray.get_actor(shard_name(i), namespace=ns) for i in range(n)]
+        except (ValueError, errors.VoucherError) as exc:  # mid-reshard: try again later
+            log.info("topology look-up failed: %s", exc)
+            return False
+        changed = n != self.n
+        self.coordinator = coordinator
+        self.shards, self.n = shards, n
+        if changed:
+            log.warning("the engine now runs %d shards", n)
+            for listener in self.on_topology:
+                listener()
+        return changed
 
     # --- campaigns ---------------------------------------------------------------------
 
@@ -186,18 +296,37 @@ class VoucherEngine:
         self, method: str, keys: list[int], payloads: list[Any], *extra: Any
     ) -> list[Outcome]:
         """Group items by owning shard, one call per shard, answers in input order."""
-        groups: dict[int, list[int]] = {}
-        for i, b in enumerate(keys):
-            groups.setdefault(shard_of_bucket(b, self.n), []).append(i)
-        out: list[Outcome | None] = [None] * len(payloads)
+        return await self._routed(
+            keys,
+            lambda shard, idx: getattr(self.shards[shard], method).remote(
+                *extra, _enc.encode([payloads[i] for i in idx])
+            ),
+        )
 
-        async def one(shard: int, idx: list[int]) -> None:
-            blob = _enc.encode([payloads[i] for i in idx])
-            res = await _call(getattr(self.shards[shard], method).remote(*extra, blob))
-            for i, o in zip(idx, _outs.decode(res), strict=True):
-                out[i] = o
+    async def _routed(self, keys: list[int], send: Callable[[int, list[int]], Any]) -> list[Outcome]:
+        """``send(shard, indices)`` per owning shard of ``keys`` (buckets); answers in input
+        order. Items a shard refused as ``not_owner`` (never decided) go out again after a
+        topology refresh; a failed call refreshes the topology for the caller's retry."""
+        out: list[Outcome | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for attempt in range(_REROUTES + 1):
+            groups: dict[int, list[int]] = {}
+            for i in todo:
+                groups.setdefault(shard_of_bucket(keys[i], self.n), []).append(i)
 
-        await asyncio.gather(*[one(s, idx) for s, idx in groups.items()])
+            async def one(shard: int, idx: list[int]) -> None:
+                res = await _call(send(shard, idx))
+                for i, o in zip(idx, _outs.decode(res), strict=True):
+                    out[i] = o
+
+            try:
+                await asyncio.gather(*[one(s, idx) for s, idx in groups.items()])
+            except errors.Unavailable:
+                await self.refresh()
+                raise
+            todo = [i for i in todo if _not_owner(out[i])]
+            if not todo or attempt == _REROUTES or not await self.refresh():
+                break
         return [o for o in out if o is not None]
 
     async def redeem_many(self, reqs: Sequence[RedeemRequest]) -> list[Outcome]:
@@ -244,21 +373,12 @@ class VoucherEngine:
         for c in custs:
             if not isinstance(c, str) or not c:
                 raise errors.InvalidInput("customer ids must be non-empty strings")
-        groups: dict[int, list[int]] = {}
-        for i, c in enumerate(custs):
-            s = shard_of_bucket(bucket_of(assignment_key(campaign_id, c)), self.n)
-            groups.setdefault(s, []).append(i)
-        out: list[Outcome | None] = [None] * len(custs)
-
-        async def one(shard: int, idx: list[int]) -> None:
-            res = await _call(
-                self.shards[shard].assign_many.remote(campaign_id, [custs[i] for i in idx])
-            )
-            for i, o in zip(idx, _outs.decode(res), strict=True):
-                out[i] = o
-
-        await asyncio.gather(*[one(s, idx) for s, idx in groups.items()])
-        return [o for o in out if o is not None]
+        return await self._routed(
+            [bucket_of(assignment_key(campaign_id, c)) for c in custs],
+            lambda shard, idx: self.shards[shard].assign_many.remote(
+                campaign_id, [custs[i] for i in idx]
+            ),
+        )
 
     async def assign(self, campaign_id: str, customer_id: str) -> Assignment:
         a: Assignment = (await self.assign_many(campaign_id, [customer_id]))[0].unwrap()
@@ -296,6 +416,10 @@ class VoucherEngine:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+def _not_owner(out: Outcome | None) -> bool:
+    return out is not None and out.rejection is not None and out.rejection.error == errors.NotOwner.code
 
 
 def _conv(value: Any, typ: type[T]) -> T | None:

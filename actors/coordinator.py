@@ -288,3 +288,7 @@ class Coordinator:
     @guarded
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self.core.job(job_id)
+
+    async def shard_count(self) -> int:
+        """The number of shards this coordinator drives (the deployment's topology)."""
+        return len(self.core.shards)

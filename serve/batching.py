@@ -18,6 +18,10 @@ the msgpack payload, so the shard's logs name the HTTP requests. Per call, the b
 records its size, round trip and failure, and the lane's queue depth and calls in flight
 (Ray metrics, when given a :class:`~actors.observability.BatcherMetrics`).
 
+A request a shard refuses as ``not_owner`` (the shard count changed; it was not decided)
+is routed again after the engine re-reads the topology, a few times at most; a call that
+fails makes the engine re-read it too, so the client's retry goes to the new owner.
+
 One batcher belongs to one event loop (the Serve replica's).
 """
 
@@ -49,6 +53,7 @@ _enc = msgspec.msgpack.Encoder()
 log = logging.getLogger(__name__)
 _REDIAL_S = 2.0  # between attempts to (re)connect a shard's socket
 _outs = msgspec.msgpack.Decoder(list[Outcome])
+_REROUTES = 3  # times one request refused as not_owner is routed again
 
 
 @dataclass
@@ -132,6 +137,10 @@ class MicroBatcher:
         self._channels: dict[int, ShardChannel] = {}
         self._dialing: dict[int, float] = {}  # shard -> when the last attempt started
         self._dial_tasks: set[asyncio.Task[None]] = set()
+        self._reroutes: dict[asyncio.Future[Outcome], int] = {}
+        listeners = getattr(engine, "on_topology", None)
+        if listeners is not None:
+            listeners.append(self._topology_changed)
 
     # --- public ------------------------------------------------------------------------
 
@@ -148,15 +157,18 @@ class MicroBatcher:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
         if self._closed:
             raise errors.Unavailable("gateway is shutting down")
-        shard = shard_of_bucket(route_bucket(req.code), self.engine.n)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        self._enqueue(op, (req, fut, request_id or request_id_var.get()), loop)
+        return await fut
+
+    def _enqueue(self, op: str, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
+        shard = shard_of_bucket(route_bucket(waiter[0].code), self.engine.n)
         lane = self._lanes.get((shard, op))
         if lane is None:
             lane = self._lanes[(shard, op)] = _Lane(shard, op)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Outcome] = loop.create_future()
-        lane.queue.append((req, fut, request_id or request_id_var.get()))
+        lane.queue.append(waiter)
         self._schedule(lane, loop)
-        return await fut
 
     async def submit_many(self, op: str, reqs: list[RedeemRequest]) -> list[Outcome | BaseException]:
         """Submit several requests at once; answers (or the call's error) in input order."""
@@ -213,6 +225,11 @@ class MicroBatcher:
 
     def _pump(self, lane: _Lane) -> None:
         lane.scheduled = False
+        if lane.shard >= self.engine.n:  # a lane of a replaced, larger topology
+            loop = asyncio.get_running_loop()
+            while lane.queue:
+                self._enqueue(lane.op, lane.queue.popleft(), loop)
+            return
         while lane.inflight < self.max_inflight and lane.queue:
             batch: list[_Waiter] = []
             while lane.queue and len(batch) < self.max_batch:
@@ -299,6 +316,32 @@ class MicroBatcher:
         finally:
             self._dialing[shard] = started
 
+    def _topology_changed(self) -> None:
+        """The shard handles changed: the sockets lead to processes that own other buckets."""
+        for chan in list(self._channels.values()):
+            chan.close()
+        self._channels.clear()
+        self._dialing.clear()
+
+    def _refresh_topology(self) -> None:
+        refresh = getattr(self.engine, "refresh", None)
+        if refresh is None or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._dial_tasks.add(task)
+        task.add_done_callback(self._dial_tasks.discard)
+
+    async def _reroute(self, op: str, waiters: list[_Waiter]) -> None:
+        """Route requests refused as ``not_owner`` again, after a topology look-up."""
+        try:
+            await self.engine.refresh()
+        except Exception as exc:  # the look-up failing leaves the current handles
+            log.warning("topology refresh failed: %r", exc)
+        loop = asyncio.get_running_loop()
+        for waiter in waiters:
+            if not waiter[1].done():
+                self._enqueue(op, waiter, loop)
+
     def _lost(self, shard: int, chan: ShardChannel) -> None:
         if self._channels.get(shard) is chan:
             del self._channels[shard]
@@ -317,11 +360,28 @@ class MicroBatcher:
                 raise errors.Unavailable(
                     f"shard {lane.shard} answered {len(outs)} outcomes for {len(batch)} requests"
                 )
-            for (_, fut, _), out in zip(batch, outs, strict=True):
-                if not fut.done():
-                    fut.set_result(out)
+            again: list[_Waiter] = []
+            for waiter, out in zip(batch, outs, strict=True):
+                fut = waiter[1]
+                if fut.done():
+                    continue
+                if out.rejection is not None and out.rejection.error == errors.NotOwner.code:
+                    tries = self._reroutes.get(fut, 0)
+                    if tries < _REROUTES and not self._closed:
+                        if not tries:
+                            fut.add_done_callback(self._reroutes.pop)
+                        self._reroutes[fut] = tries + 1
+                        again.append(waiter)
+                        continue
+                fut.set_result(out)
+            if again:
+                task = asyncio.get_running_loop().create_task(self._reroute(lane.op, again))
+                self._dial_tasks.add(task)
+                task.add_done_callback(self._dial_tasks.discard)
             failed = False
         except errors.VoucherError as exc:
+            if isinstance(exc, errors.Unavailable):
+                self._refresh_topology()
             for _, fut, _ in batch:
                 if not fut.done():
                     # One instance per waiter: a shared one would pile up tracebacks.

@@ -1,0 +1,70 @@
+"""A checker over what clients were told and what Postgres holds, for the fault tests:
+every acknowledged redemption is persisted, no unique code is redeemed twice, no shared
+code passes its limits, no gift card goes below zero and each card's balance is its
+starting balance minus what its persisted redemptions spent."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from engine.events import Redemption
+from tests.engine_support import fetch
+
+
+async def check_redemptions(
+    dsn: str,
+    acked: Iterable[Redemption],
+    *,
+    unique: Iterable[str] = (),
+    shared: dict[str, tuple[int | None, int | None]] | None = None,
+    gift: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """``unique``: campaign ids whose codes redeem once; ``shared``: campaign id ->
+    (total, per_customer) limits; ``gift``: campaign id -> starting balance. Returns counts
+    of what was checked, for the test's own sanity checks."""
+    acked = list(acked)
+    shared = shared or {}
+    gift = gift or {}
+    campaigns = list({*unique, *shared, *gift})
+    rows = await fetch(
+        dsn,
+        "SELECT id, campaign_id, code, customer_id, discount_amount, status FROM redemptions"
+        " WHERE campaign_id = ANY($1)",
+        campaigns,
+    )
+    by_id = {r["id"]: r for r in rows}
+    missing = [a.id for a in acked if a.id not in by_id]
+    assert not missing, f"{len(missing)} acknowledged redemptions are not in Postgres: {missing[:5]}"
+    for a in acked:
+        r = by_id[a.id]
+        assert (r["code"], r["campaign_id"], r["discount_amount"]) == (
+            a.code,
+            a.campaign_id,
+            a.discount_amount,
+        ), f"redemption {a.id} was persisted differently"
+    active = [r for r in rows if r["status"] == 0]
+    for cid in unique:
+        per_code = Counter(r["code"] for r in active if r["campaign_id"] == cid)
+        twice = [code for code, n in per_code.items() if n > 1]
+        assert not twice, f"codes redeemed more than once in {cid}: {twice[:5]}"
+    for cid, (total, per_customer) in shared.items():
+        mine = [r for r in active if r["campaign_id"] == cid]
+        if total is not None:
+            assert len(mine) <= total, f"shared code of {cid}: {len(mine)} redemptions > {total}"
+        if per_customer is not None:
+            worst = Counter(r["customer_id"] for r in mine).most_common(1)
+            assert not worst or worst[0][1] <= per_customer, f"{cid}: per-customer limit passed"
+    for cid, start in gift.items():
+        spent = Counter()
+        for r in active:
+            if r["campaign_id"] == cid:
+                spent[r["code"]] += r["discount_amount"]
+        cards = await fetch(dsn, "SELECT code, balance FROM vouchers WHERE campaign_id = $1", cid)
+        for card in cards:
+            assert card["balance"] >= 0, f"gift card {card['code']} below zero"
+            assert card["balance"] == start - spent[card["code"]], (
+                f"gift card {card['code']}: balance {card['balance']} but redemptions spent"
+                f" {spent[card['code']]} of {start}"
+            )
+    return {"acked": len(acked), "rows": len(rows), "active": len(active)}
