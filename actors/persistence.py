@@ -47,9 +47,20 @@ class ShardStore(Protocol):
     async def close(self) -> None: ...
 
 
+# A writer frozen inside a transaction (a paused process, a partition) holds its fence's
+# share lock, and the new owner's claim waits for it: the server ends such a transaction
+# after this long, so a takeover waits at most that.
+IDLE_IN_TRANSACTION_MS = 15_000
+
+
 async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, command_timeout=60, statement_cache_size=256
+        dsn,
+        min_size=1,
+        max_size=size,
+        command_timeout=60,
+        statement_cache_size=256,
+        server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
     )
     assert pool is not None
     return pool
