@@ -2,7 +2,10 @@
 with a naive Postgres implementation and a Redis Lua check-and-decrement, plus code
 generation speed and resident memory per code held by a shard.
 
-    python -m loadtests.bench_core [--seconds 5] [--shards 2] [--record]
+    python -m loadtests.bench_core [--seconds 5] [--shards 2] [--fence-ab 3] [--record]
+
+``--fence-ab N`` adds N rounds of the two engine workloads with the fence check on and off
+(``loadtests/fence_ab.py``; the order alternates per round) and reports what fencing costs.
 
 Everything runs in one process tree on this machine, in one run, against the same
 embedded Postgres and Valkey, so the ratios are meaningful even when absolute figures move.
@@ -124,6 +127,37 @@ async def engine_unique_codes(
     return _scaled(f"engine durable, unique codes ({callers}x{batch} batched)", stats, batch, callers)
 
 
+async def fence_cost(engine: Any, dsn: str, args: argparse.Namespace) -> list[str]:
+    """Both engine workloads, fence on and off, ``args.fence_ab`` rounds; median ratios."""
+    from statistics import median
+
+    from loadtests.fence_ab import set_fence
+
+    rates: dict[tuple[str, bool], list[float]] = {}
+    for rnd in range(args.fence_ab):
+        for on in (True, False) if rnd % 2 == 0 else (False, True):
+            await set_fence(dsn, on=on)
+            shared = await engine_shared_code(engine, args.seconds, args.callers, args.batch)
+            unique = await engine_unique_codes(engine, args.seconds, args.callers, args.batch, dsn)
+            rates.setdefault(("shared", on), []).append(shared.ops_per_s)
+            rates.setdefault(("unique", on), []).append(unique.ops_per_s)
+            print(f"[fence {'on ' if on else 'off'} round {rnd + 1}] shared {shared.ops_per_s:,.0f}/s"
+                  f"  unique {unique.ops_per_s:,.0f}/s", flush=True)
+    await set_fence(dsn, on=True)
+    lines = [
+        "",
+        f"Fencing cost ({args.fence_ab} rounds, fence on/off alternating, median):",
+        "",
+        "| workload | fence on | fence off | on ÷ off |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for work in ("shared", "unique"):
+        on, off = median(rates[(work, True)]), median(rates[(work, False)])
+        lines.append(f"| engine durable, {work} code{'s' if work == 'unique' else ''} | "
+                     f"{on:,.0f}/s | {off:,.0f}/s | {on / off:.3f} |")
+    return lines
+
+
 async def generation(engine: Any, n: int) -> tuple[float, dict[str, Any]]:
     c = await engine.create_campaign(
         name="bench gen", type="discount", currency="EUR",
@@ -219,6 +253,8 @@ async def run(args: argparse.Namespace) -> str:
             f"{args.window_ms} ms, {args.callers} callers x {args.batch} redemptions per call; "
             f"baselines 32 clients, one redemption per request; {secs:.0f} s each.",
         ]
+        if args.fence_ab:
+            lines += await fence_cost(engine, svc.database_url, args)
         return "\n".join(lines)
     finally:
         if ray.is_initialized():
@@ -234,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--window-ms", type=float, default=2.0)
     p.add_argument("--generate", type=int, default=1_000_000)
+    p.add_argument("--fence-ab", type=int, default=0, metavar="ROUNDS",
+                   help="also measure the engine with the fence check on and off")
     p.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
     table = asyncio.run(run(args))

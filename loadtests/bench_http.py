@@ -465,6 +465,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     from actors.services import embedded_for_tests
     from engine.settings import Settings
     from loadtests import naive_service
+    from loadtests.fence_ab import set_fence
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))
     os.chmod(tmp, 0o755)  # the embedded Postgres may run as another user (under root)
@@ -525,6 +526,12 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             Target("naive", "naive FastAPI + asyncpg, 1 tx per redemption", naive_base,
                    ["post", "/v1/redemptions", naive_code, "-", "n", idem]),
         ]
+        if args.fence_ab:
+            # the same engine and requests with voucher_fence() swapped for a no-op
+            # (loadtests/fence_ab.py): what fencing costs, measured within each round
+            targets.insert(2, Target(
+                "nofence", "engine with the fence check off (A/B)", base,
+                ["post", "/v1/redemptions", code, api_key, "f", idem]))
         metrics_before = _gateway_metrics(base, admin_token)
         metrics_after = metrics_before
         shards_before: list[dict[str, Any]] = []
@@ -535,6 +542,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                     continue
                 wargs = [*t.script_args]
                 wargs[4] = f"{wargs[4]}{rnd}w"
+                if t.key == "nofence":
+                    asyncio.run(set_fence(dsn, on=False))
                 warm = None
                 if args.warmup > 0:
                     warm = run_wrk(script, t.url, wargs, seconds=args.warmup,
@@ -550,6 +559,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 if t.key == "engine":
                     metrics_after = _gateway_metrics(base, admin_token)
                     shards_after = asyncio.run(engine.shard_info())
+                if t.key == "nofence":
+                    asyncio.run(set_fence(dsn, on=True))
                 t.ok_total += res.ok
                 t.runs.append(res)
                 t.cpu.append(box.cpu)
@@ -602,6 +613,10 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             if "naive" in by:
                 x = eng.rps / by["naive"].median()[0].rps
                 check("engine ÷ naive service (req/s)", f"{x:.2f}×", "≥ 2×", x >= 2.0)
+            if "nofence" in by:
+                x = eng.rps / by["nofence"].median()[0].rps
+                check("engine ÷ engine with the fence check off (req/s)", f"{x:.3f}×",
+                      "≥ 0.95×", x >= 0.95)
             check(f"engine p99 at {args.connections} connections", f"{eng.p99_ms:.1f} ms",
                   "≤ 50 ms", eng.p99_ms <= 50.0)
             bad = sum(sum(r.non_2xx.values()) + sum(r.socket_errors.values())
@@ -610,7 +625,9 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         for key in ("engine", "naive"):
             if key in by:
                 answered = by[key].ok_total
-                slack = args.connections * 2 * args.rounds
+                if key == "engine" and "nofence" in by:  # one campaign for both targets
+                    answered += by["nofence"].ok_total
+                slack = args.connections * 2 * args.rounds * (2 if "nofence" in by else 1)
                 ok = answered <= db[key] <= answered + slack
                 check(f"{key}: redemptions in Postgres vs 2xx answers (warm-ups included)",
                       f"{db[key]:,} / {answered:,}", f"rows ≥ answers (≤ +{slack} unanswered "
@@ -739,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="nice level of Ray's worker processes (engine default 0; Ray's own 15)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the default integration rate limit (2000/s per key)")
-    p.add_argument("--only", nargs="+", choices=["noop", "engine", "naive"], default=[])
+    p.add_argument("--only", nargs="+", choices=["noop", "engine", "nofence", "naive"], default=[])
+    p.add_argument("--fence-ab", action="store_true",
+                   help="also run the engine with the fence check off, to measure its cost")
     p.add_argument("--record", action="store_true", help=f"write the table into BENCHMARKS.md "
                    f"under '{SECTION}'")
     args = p.parse_args(argv)
