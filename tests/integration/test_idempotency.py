@@ -18,9 +18,12 @@ import httpx
 import msgspec
 import pytest
 
+from actors.fencing import claim as claim_owner
 from actors.persistence import insert_campaign
 from actors.shard import ShardCore
+from engine import errors
 from engine.campaigns import Campaign, new_campaign, transition
+from engine.idempotency import Claim
 from engine.pools import Outcome, RedeemRequest, fingerprint
 from engine.routing import bucket_of
 from engine.settings import Settings
@@ -266,9 +269,10 @@ async def test_a_transient_rejection_is_answered_but_not_recorded(services) -> N
 
 async def test_expired_keys_are_deleted_and_a_reused_key_runs_again(services) -> None:
     dsn = services.database_url
-    settings = _settings(uid("idem"), 1, idempotency_ttl_s=1)
+    # a shard of 4 buckets: the 1-second TTL sweeps no other test's keys
+    settings = _settings(uid("idem"), 256, idempotency_ttl_s=1)
     c = await _gift_campaign(dsn)
-    [code] = _codes_on(1, 0, 1)
+    [code] = _codes_on(256, 0, 1)
     core = await _core(dsn, 0, settings)
     try:
         await core.add_codes(c.id, [code])
@@ -324,6 +328,37 @@ async def test_the_sweep_deletes_in_chunks_and_only_its_own_buckets(services) ->
             dsn, "SELECT key FROM idempotency_keys WHERE key = ANY($1::text[])", expired + list(kept)
         )}
         assert left == set(kept)
+    finally:
+        await _stop(core)
+
+
+async def test_claims_and_sweeps_check_the_writers_fence(services) -> None:
+    dsn = services.database_url
+    core = await _core(dsn, 0, _settings(uid("idem"), 1))
+    owner = f"{uid('idem')}/shard-0"
+    conn = await asyncpg.connect(dsn)
+    try:
+        stale_fence = await claim_owner(conn, owner)
+        fence = await claim_owner(conn, owner)  # a newer owner: the first one is fenced
+    finally:
+        await conn.close()
+    try:
+        assert core.store is not None
+        now = datetime.now(UTC)
+        fp = fingerprint("redeem", "body")
+        window = (core.buckets, now - timedelta(days=5), now - timedelta(seconds=10))
+        ok, refused = uid("fenced-ok"), uid("fenced-no")
+        old = now - timedelta(days=3)  # only rows this old are swept below: none but ours
+        [stored] = await core.store.claim_keys([Claim(ok, 3, fp, old)], *window, fence=fence)
+        assert stored.won and stored.response is None
+        with pytest.raises(errors.Fenced):
+            await core.store.claim_keys([Claim(refused, 3, fp, now)], *window, fence=stale_fence)
+        assert await _key_row(dsn, refused) is None  # the whole statement was refused
+        with pytest.raises(errors.Fenced):
+            await core.store.delete_expired_keys([3], old + timedelta(seconds=1), fence=stale_fence)
+        assert await _key_row(dsn, ok) is not None
+        assert await core.store.delete_expired_keys([3], old + timedelta(seconds=1), fence=fence) >= 1
+        assert await _key_row(dsn, ok) is None
     finally:
         await _stop(core)
 
