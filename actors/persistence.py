@@ -6,6 +6,7 @@ Batches are written set-based: one statement per kind of change, arrays through
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from engine.events import (
     ReservationChanged,
     VoucherChanged,
 )
+from engine.idempotency import Claim, Stored
 from engine.pools import ShardState
 from engine.routing import bucket_of
 
@@ -106,10 +108,59 @@ _INSERT_ASSIGNMENTS = (
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[])"
     " ON CONFLICT (campaign_id, customer_id) DO NOTHING"
 )
+# The answer goes into the row the shard claimed (actors/persistence.py claim_keys), and
+# only while that row still waits for this very request: a claim taken over meanwhile
+# (stale, another body) keeps its new holder's row.
 _INSERT_IDEMPOTENCY = (
-    "INSERT INTO idempotency_keys (key, bucket, fingerprint, response, created_at)"
+    "INSERT INTO idempotency_keys AS t (key, bucket, fingerprint, response, created_at)"
     " SELECT * FROM unnest({}::text[], {}::int2[], {}::bytea[], {}::bytea[],"
-    " {}::timestamptz[]) ON CONFLICT (key) DO NOTHING"
+    " {}::timestamptz[]) ON CONFLICT (key) DO UPDATE SET response = EXCLUDED.response,"
+    " created_at = EXCLUDED.created_at, claim_token = NULL"
+    " WHERE t.response IS NULL AND t.fingerprint = EXCLUDED.fingerprint"
+)
+
+# A claim takes a key's row over when the row can no longer answer for it: expired ($6),
+# or pending (no committed answer) and either in a bucket of the claiming shard ($7), whose
+# earlier owner can no longer commit and whose live claims the shard keeps in memory and
+# never re-claims, or older than the stale limit ($8).
+_TAKE_OVER = (
+    "(t.created_at < $6 OR (t.response IS NULL"
+    " AND (t.bucket = ANY($7::int2[]) OR t.created_at < $8)))"
+)
+# Every claimed key comes back: a new or taken-over row with this statement's token, any
+# other as it stands, read under its row lock (the always-taken DO UPDATE sees the latest
+# committed version, where a plain read could miss a concurrent claim's row).
+_CLAIM_ROWS = (
+    "INSERT INTO idempotency_keys AS t"
+    " (key, bucket, fingerprint, response, created_at, claim_token)"
+    " SELECT u.key, u.bucket, u.fingerprint, NULL, u.at, $5::bytea"
+    " FROM unnest($1::text[], $2::int2[], $3::bytea[], $4::timestamptz[])"
+    " AS u(key, bucket, fingerprint, at)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    + ", ".join(
+        f" {col} = CASE WHEN {_TAKE_OVER} THEN EXCLUDED.{col} ELSE t.{col} END"
+        for col in ("bucket", "fingerprint", "response", "created_at", "claim_token")
+    )
+    + " RETURNING t.key, t.claim_token = $5::bytea AS won, t.fingerprint, t.response,"
+    " t.created_at"
+)
+# A claim commits without waiting for its WAL flush (synchronous_commit off for this one
+# transaction; it is then as durable as the decision's own commit that follows it in the
+# WAL): a claim lost in a crash only held a key whose decision was not committed either,
+# and only committed answers are ever replayed. That saves a keyed batch one disk flush.
+_CLAIM_KEYS = (
+    f"WITH c AS ({_CLAIM_ROWS})"
+    " SELECT c.* FROM c CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS s"
+)
+# The fenced variant checks the writer's epoch in the same statement; every claimed key
+# returns a row, so the join evaluates the fence.
+_CLAIM_KEYS_FENCED = _CLAIM_KEYS + " CROSS JOIN (SELECT voucher_fence($9, $10)) AS f"
+# Expired keys of a shard's buckets, one chunk per statement; the outer condition is
+# checked again on a row a concurrent claim just took over, so a fresh claim survives.
+_DELETE_EXPIRED_KEYS = (
+    "DELETE FROM idempotency_keys WHERE key = ANY(ARRAY("
+    "SELECT key FROM idempotency_keys WHERE bucket = ANY($1::int2[]) AND created_at < $2"
+    " LIMIT $3)) AND created_at < $2"
 )
 
 
@@ -180,7 +231,8 @@ class PgShardStore:
                     state.load_reservation(Reservation(*r))
                 for r in await conn.fetch(
                     "SELECT key, fingerprint, response, created_at FROM idempotency_keys"
-                    " WHERE bucket = ANY($1::int2[]) AND created_at >= $2",
+                    " WHERE bucket = ANY($1::int2[]) AND created_at >= $2"
+                    " AND response IS NOT NULL",
                     buckets,
                     idem_since,
                 ):
@@ -275,6 +327,8 @@ class PgShardStore:
                 [x.bucket for x in foreign],
             ]))
         if idem:
+            # one row per key: an upsert may not touch a row twice in one statement
+            idem = list({x.key: x for x in idem}.values())
             parts.append((_INSERT_IDEMPOTENCY, [
                 [x.key for x in idem],
                 [x.bucket for x in idem],
@@ -304,6 +358,63 @@ class PgShardStore:
                     await conn.execute(sql, *args)
             except asyncpg.PostgresError as exc:
                 raise fenced_error(exc) from None
+
+    async def claim_keys(
+        self,
+        claims: Sequence[Claim],
+        buckets: list[int],
+        expired_before: datetime,
+        stale_before: datetime,
+        fence: Fence | None = None,
+    ) -> list[Stored]:
+        """Claim idempotency keys before deciding their requests: one statement for the
+        whole batch (see :mod:`engine.idempotency`). ``buckets``: the claiming shard's."""
+        token = os.urandom(16)
+        args: list[Any] = [
+            [c.key for c in claims],
+            [c.bucket for c in claims],
+            [c.fingerprint for c in claims],
+            [c.at for c in claims],
+            token,
+            expired_before,
+            buckets,
+            stale_before,
+        ]
+        sql = _CLAIM_KEYS
+        if fence is not None:
+            sql = _CLAIM_KEYS_FENCED
+            args.extend(fence.args)
+        async with self.pool.acquire() as conn:
+            try:
+                rows = await conn.fetch(sql, *args)
+            except asyncpg.PostgresError as exc:
+                raise fenced_error(exc) from None
+        return [
+            Stored(r[0], bool(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3]), r[4])
+            for r in rows
+        ]
+
+    async def delete_expired_keys(
+        self,
+        buckets: list[int],
+        before: datetime,
+        chunk: int = 5000,
+        fence: Fence | None = None,
+    ) -> int:
+        """Delete the idempotency keys of ``buckets`` created before ``before``, ``chunk``
+        rows per statement (each its own short transaction, so the table is never locked
+        for long); returns how many went."""
+        total = 0
+        async with self.pool.acquire() as conn:
+            while True:
+                async with conn.transaction():
+                    if fence is not None:
+                        await fence.check(conn)
+                    status = await conn.execute(_DELETE_EXPIRED_KEYS, buckets, before, chunk)
+                n = int(status.split()[-1])
+                total += n
+                if n < chunk:
+                    return total
 
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
         """Stream new available codes into the bank (one COPY after the fence check, in one

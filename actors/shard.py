@@ -59,6 +59,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# A pending idempotency claim (decided, answer not committed) older than this is taken
+# over by any shard: its holder died, or sits on a commit far past the group commit's few
+# milliseconds. Its own bucket's owner takes it over at once (engine/idempotency.py).
+CLAIM_STALE_AFTER = timedelta(seconds=10)
+# Expired idempotency keys deleted per statement by the housekeeping.
+EXPIRED_KEYS_CHUNK = 5000
+
+
 class ShardCore:
     """Everything the actor does, without Ray, so it can be driven in-process."""
 
@@ -73,6 +81,7 @@ class ShardCore:
             random_bytes=os.urandom,
             reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
             owned=self.buckets,
+            idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_s),
         )
         self.store: PgShardStore | None = None
         self.writer: WriteBehind | None = None
@@ -95,6 +104,8 @@ class ShardCore:
         # how the process ends: 1 = crash (Ray restarts it and it reloads), 0 = retired (its
         # topology was replaced: no restart); the Ray face and tests replace it
         self.exit_process: Callable[[int], None] = os._exit
+        # idempotency keys this shard is claiming in storage, resolved once decided
+        self._claiming: dict[str, asyncio.Future[None]] = {}
 
     async def ready(self) -> None:
         if self.stopped is not None:
@@ -181,7 +192,76 @@ class ShardCore:
             if self.state.expire_reservations():
                 self._commit_later()
             if ticks % 300 == 0:
-                self.state.prune_idempotency(utcnow() - ttl)
+                try:
+                    await self.expire_idempotency()
+                except Exception as exc:  # the next sweep deletes what this one left
+                    log.warning(
+                        "deleting expired idempotency keys failed: %r",
+                        exc,
+                        extra={"shard": self.shard_id},
+                    )
+                    self.state.prune_idempotency(utcnow() - ttl)
+
+    async def expire_idempotency(self) -> int:
+        """Forget the idempotency keys older than the TTL, in memory and in Postgres (this
+        shard's buckets only); returns how many rows were deleted."""
+        before = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
+        self.state.prune_idempotency(before)
+        assert self.store is not None
+        return await self.store.delete_expired_keys(
+            self.buckets, before, EXPIRED_KEYS_CHUNK, fence=self._fence()
+        )
+
+    def _fence(self) -> Fence | None:
+        """The store's fence (every write of a fenced shard checks it)."""
+        return self.store.fence if self.store is not None else None
+
+    async def _decide(self, op: str, items: list[Any], fn: Callable[[Any], Outcome]) -> list[Outcome]:
+        """Decide a batch, its idempotency keys claimed first: a batch without keys goes
+        straight to memory, one with keys costs one statement before its decision."""
+        keys = await self._claim_keys(op, items)
+        try:
+            return [fn(x) for x in items]
+        finally:
+            self.state.end_claims(keys)
+            for k in keys:
+                fut = self._claiming.pop(k, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _claim_keys(self, op: str, items: list[Any]) -> list[str]:
+        """Claim the batch's keys this shard does not remember, with one statement; a key
+        another batch of this shard is claiming is left to it (waited for, then looked up
+        again), so a shard never claims a key twice at once."""
+        while True:
+            claims = self.state.claims_for(op, items)
+            if not claims:
+                return []
+            busy = [self._claiming[c.key] for c in claims if c.key in self._claiming]
+            if not busy:
+                break
+            await asyncio.wait(busy)
+        loop = asyncio.get_running_loop()
+        keys = [c.key for c in claims]
+        for k in keys:
+            self._claiming[k] = loop.create_future()
+        try:
+            assert self.store is not None
+            now = utcnow()
+            stored = await self.store.claim_keys(
+                claims,
+                self.buckets,
+                now - timedelta(seconds=self.settings.idempotency_ttl_s),
+                now - CLAIM_STALE_AFTER,
+                fence=self._fence(),
+            )
+            self.state.accept_claims(claims, stored)
+        except BaseException:
+            self.state.end_claims(keys)
+            for k in keys:
+                self._claiming.pop(k).set_result(None)
+            raise
+        return keys
 
     async def _check_epoch(self) -> None:
         """An idle owner learns it was fenced without waiting for its next commit, and
@@ -218,7 +298,7 @@ class ShardCore:
         t0 = time.perf_counter()
         try:
             await self.ready()
-            outs = [self.state.redeem_one(r) for r in _req_list.decode(payload)]
+            outs = await self._decide("redeem", _req_list.decode(payload), self.state.redeem_one)
             self.decisions += len(outs)
             await self._ack()
             self._observe("redeem", outs, request_ids)
@@ -246,7 +326,7 @@ class ShardCore:
         t0 = time.perf_counter()
         try:
             await self.ready()
-            outs = [self.state.reserve_one(r) for r in _req_list.decode(payload)]
+            outs = await self._decide("reserve", _req_list.decode(payload), self.state.reserve_one)
             await self._ack()
             self._observe("reserve", outs, request_ids)
         except Exception as exc:
@@ -332,7 +412,7 @@ class ShardCore:
         }.get(op)
         if fn is None:
             raise errors.InvalidInput(f"unknown operation {op!r}")
-        outs = [fn(ref, key) for ref, key in _ref_list.decode(payload)]
+        outs = await self._decide(op, _ref_list.decode(payload), lambda item: fn(*item))
         await self._ack()
         self._observe(op, outs, None)
         return _enc.encode(outs)

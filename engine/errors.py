@@ -7,11 +7,16 @@ rebuilt with :func:`from_code`, so callers can ``except`` the same classes every
 
 from __future__ import annotations
 
+import functools
+
 
 class VoucherError(Exception):
     """Base of every error the engine raises on purpose."""
 
     code: str = "voucher_error"
+    #: the answer only means "not now": a retry with the same request may succeed, so an
+    #: idempotency key never stores it (the operation did not really run)
+    transient: bool = False
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -120,6 +125,14 @@ class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
 
 
+class IdempotencyInProgress(Conflict):
+    """Another request with this idempotency key and body is being decided right now
+    (on this shard or another): retry shortly to get its answer."""
+
+    code = "idempotency_in_progress"
+    transient = True
+
+
 class AlreadyRolledBack(Conflict):
     """The redemption was rolled back already."""
 
@@ -214,6 +227,7 @@ class CampaignNotStarted(NotRedeemable):
     """The campaign's start time has not come yet."""
 
     code = "not_started"
+    transient = True
 
 
 class CampaignExpired(NotRedeemable):
@@ -226,12 +240,14 @@ class CampaignNotActive(NotRedeemable):
     """The campaign is a draft: not activated yet."""
 
     code = "campaign_not_active"
+    transient = True
 
 
 class CampaignPaused(NotRedeemable):
     """The campaign is paused."""
 
     code = "campaign_paused"
+    transient = True
 
 
 class CampaignEnded(NotRedeemable):
@@ -244,6 +260,7 @@ class OutsideSaleWindow(NotRedeemable):
     """A flash sale outside its recurring window (days of week / hours)."""
 
     code = "outside_window"
+    transient = True
 
 
 class Exhausted(NotRedeemable):
@@ -286,6 +303,7 @@ class CodeReserved(NotRedeemable):
     """The code is held by an open reservation."""
 
     code = "code_reserved"
+    transient = True
 
 
 # --- infrastructure --------------------------------------------------------------------
@@ -295,6 +313,7 @@ class Unavailable(VoucherError):
     """The engine cannot answer now (a shard is recovering, the database is down)."""
 
     code = "unavailable"
+    transient = True
 
 
 class Fenced(Unavailable):
@@ -327,6 +346,13 @@ def _all_subclasses(cls: type[VoucherError]) -> list[type[VoucherError]]:
 def registry() -> dict[str, type[VoucherError]]:
     """Every error class by its code."""
     return {c.code: c for c in _all_subclasses(VoucherError)}
+
+
+@functools.cache
+def is_transient(code: str) -> bool:
+    """Whether the error with this code only means "not now" (see ``VoucherError.transient``)."""
+    cls = registry().get(code)
+    return cls is not None and cls.transient
 
 
 def from_code(code: str, message: str) -> VoucherError:

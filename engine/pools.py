@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,12 +49,16 @@ from engine.events import (
     Validation,
     VoucherChanged,
 )
+from engine.idempotency import Claim, Settled, Stored, Verdict, settle
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
 MAX_CODE_LEN = 128
 MAX_ID_LEN = 128
+# A key as the shard sees it: the caller's key (at most 255 characters) behind the
+# gateway's caller scope.
+MAX_KEY_LEN = 512
 
 
 class RedeemRequest(msgspec.Struct, frozen=True):
@@ -161,11 +165,15 @@ class ShardState:
         random_bytes: RandomBytes,
         reservation_ttl: timedelta = timedelta(minutes=15),
         owned: Iterable[int] | None = None,
+        idempotency_ttl: timedelta | None = None,
     ) -> None:
         """``owned``: the buckets this shard owns (every bucket when None). A code, a shared
         code or a redemption id of another bucket is refused with ``not_owner``, so two
-        shards never decide for one code whatever their callers think the topology is."""
+        shards never decide for one code whatever their callers think the topology is.
+        ``idempotency_ttl``: how long a key replays its answer (forever when None); an
+        older key runs again."""
         self.clock = clock
+        self.idempotency_ttl = idempotency_ttl
         self._owned: bytes | None = None
         if owned is not None:
             flags = bytearray(BUCKETS)
@@ -184,6 +192,8 @@ class ShardState:
         self.held: dict[str, str] = {}
         self._expiry: list[tuple[datetime, str]] = []  # heap of open holds by expiry
         self.idem: dict[str, tuple[bytes, bytes, datetime]] = {}
+        # storage's verdicts on the keys of the batches being decided (see accept_claims)
+        self._claims: dict[str, Settled] = {}
         self.events: list[Event] = []
 
     # --- campaigns ---------------------------------------------------------------------
@@ -686,44 +696,95 @@ class ShardState:
         ``route`` is the bucket the request was routed by (its code's or its id's), stored
         with the key so the shard that owns that bucket reloads it after a restart. A
         request routed to a bucket this shard does not own is refused (``not_owner``,
-        not recorded): its caller's topology is stale."""
+        not recorded): its caller's topology is stale.
+
+        Keys this shard does not remember are decided by storage first (the actor's
+        claim, applied with :meth:`accept_claims`); without a claim the key is decided
+        by memory alone. Only final answers are recorded: a transient rejection ("not
+        now") is answered, and a retry with the same key runs for real."""
         if self._owned is not None and self._owned[route] != 1:
             return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
         if key is not None:
-            if not isinstance(key, str) or not 1 <= len(key) <= 255:
-                return _reject(errors.InvalidInput("Idempotency-Key must be 1-255 characters"))
+            if not _valid_key(key):
+                return _reject(
+                    errors.InvalidInput(f"an idempotency key must be 1-{MAX_KEY_LEN} characters")
+                )
             fp = fingerprint(op, req)
-            seen = self.idem.get(key)
+            seen = self._remembered(key)
             if seen is not None:
                 if seen[0] != fp:
+                    return _reject(_conflict(key))
+                return _outcome_decoder.decode(seen[1])
+            held = self._claims.get(key)
+            if held is not None:
+                if held.fingerprint != fp:
+                    return _reject(_conflict(key))
+                if held.verdict is not Verdict.MINE:
                     return _reject(
-                        errors.IdempotencyConflict(
-                            f"idempotency key {key!r} was used with a different request"
+                        errors.IdempotencyInProgress(
+                            f"a request with idempotency key {key!r} is being decided; retry"
                         )
                     )
-                return _outcome_decoder.decode(seen[1])
         try:
             out = fn()
         except errors.Unavailable:
             raise
         except errors.VoucherError as exc:
             out = _reject(exc)
-        if key is not None:
+        if key is not None and not (
+            out.rejection is not None and errors.is_transient(out.rejection.error)
+        ):
             now = self.clock()
             body = _outcome_encoder.encode(out)
             self.idem[key] = (fp, body, now)
             self.events.append(IdempotencyRecorded(key, route, fp, body, now))
         return out
 
+    def _remembered(self, key: str) -> tuple[bytes, bytes, datetime] | None:
+        seen = self.idem.get(key)
+        ttl = self.idempotency_ttl
+        if seen is not None and ttl is not None and seen[2] < self.clock() - ttl:
+            del self.idem[key]  # expired: the key may run again
+            return None
+        return seen
+
+    def claims_for(self, op: str, items: Iterable[Any]) -> list[Claim]:
+        """The keys of a batch that storage must decide before this shard may: keyed,
+        well-formed, routed to a bucket owned here, not remembered (each key once)."""
+        out: list[Claim] = []
+        seen: set[str] = set()
+        now = self.clock()
+        for item in items:
+            body, key, route = _spec(op, item)
+            if key is None or key in seen or not _valid_key(key):
+                continue
+            if self._owned is not None and self._owned[route] != 1:
+                continue
+            if self._remembered(key) is not None:
+                continue
+            seen.add(key)
+            out.append(Claim(key, route, fingerprint(op, body), now))
+        return out
+
+    def accept_claims(self, claims: Sequence[Claim], stored: Iterable[Stored]) -> None:
+        """Apply storage's answer to :meth:`claims_for`'s claims until :meth:`end_claims`.
+        A committed answer found there is remembered like one decided here."""
+        for key, settled in settle(claims, stored).items():
+            if settled.verdict is Verdict.FINAL:
+                assert settled.response is not None and settled.at is not None
+                self.idem[key] = (settled.fingerprint, settled.response, settled.at)
+            else:
+                self._claims[key] = settled
+
+    def end_claims(self, keys: Iterable[str]) -> None:
+        """Forget the verdicts of a decided batch: what it recorded is remembered now, and
+        a key it left unrecorded (a transient answer) must be claimed again."""
+        for key in keys:
+            self._claims.pop(key, None)
+
     def redeem_one(self, req: RedeemRequest) -> Outcome:
-        body = msgspec.structs.replace(req, idempotency_key=None)
-        return self.run(
-            "redeem",
-            body,
-            req.idempotency_key,
-            route_bucket(req.code),
-            lambda: Outcome(redemption=self.redeem(req)),
-        )
+        body, key, route = _spec("redeem", req)
+        return self.run("redeem", body, key, route, lambda: Outcome(redemption=self.redeem(req)))
 
     def validate_one(self, req: RedeemRequest) -> Outcome:
         route = route_bucket(req.code)
@@ -732,40 +793,25 @@ class ShardState:
         return Outcome(validation=self.validate(req))
 
     def reserve_one(self, req: RedeemRequest) -> Outcome:
-        body = msgspec.structs.replace(req, idempotency_key=None)
-        return self.run(
-            "reserve",
-            body,
-            req.idempotency_key,
-            route_bucket(req.code),
-            lambda: Outcome(reservation=self.reserve(req)),
-        )
+        body, key, route = _spec("reserve", req)
+        return self.run("reserve", body, key, route, lambda: Outcome(reservation=self.reserve(req)))
 
     def rollback_one(self, redemption_id: str, key: str | None = None) -> Outcome:
+        body, key, route = _spec("rollback", (redemption_id, key))
         return self.run(
-            "rollback",
-            redemption_id,
-            key,
-            bucket_of_id(redemption_id) or 0,
-            lambda: Outcome(redemption=self.rollback(redemption_id)),
+            "rollback", body, key, route, lambda: Outcome(redemption=self.rollback(redemption_id))
         )
 
     def confirm_one(self, reservation_id: str, key: str | None = None) -> Outcome:
+        body, key, route = _spec("confirm", (reservation_id, key))
         return self.run(
-            "confirm",
-            reservation_id,
-            key,
-            bucket_of_id(reservation_id) or 0,
-            lambda: Outcome(redemption=self.confirm(reservation_id)),
+            "confirm", body, key, route, lambda: Outcome(redemption=self.confirm(reservation_id))
         )
 
     def release_one(self, reservation_id: str, key: str | None = None) -> Outcome:
+        body, key, route = _spec("release", (reservation_id, key))
         return self.run(
-            "release",
-            reservation_id,
-            key,
-            bucket_of_id(reservation_id) or 0,
-            lambda: Outcome(reservation=self.release(reservation_id)),
+            "release", body, key, route, lambda: Outcome(reservation=self.release(reservation_id))
         )
 
     def assign_one(self, campaign_id: str, customer_id: str) -> Outcome:
@@ -841,6 +887,25 @@ def bucket_of_reference(ident: str) -> int:
     if b is None:
         raise errors.InvalidInput(f"{ident!r} is not a redemption or reservation id")
     return b
+
+
+def _spec(op: str, item: Any) -> tuple[Any, str | None, int]:
+    """``(body, key, route)`` of one request of a batch: the body its fingerprint covers
+    (without the key), its idempotency key, and the bucket it is routed by. ``item`` is a
+    :class:`RedeemRequest` for ``redeem``/``reserve``, an ``(id, key)`` pair otherwise."""
+    if op in ("redeem", "reserve"):
+        body = msgspec.structs.replace(item, idempotency_key=None)
+        return body, item.idempotency_key, route_bucket(item.code)
+    ref, key = item
+    return ref, key, (bucket_of_id(ref) if isinstance(ref, str) else None) or 0
+
+
+def _valid_key(key: Any) -> bool:
+    return isinstance(key, str) and 1 <= len(key) <= MAX_KEY_LEN
+
+
+def _conflict(key: str) -> errors.IdempotencyConflict:
+    return errors.IdempotencyConflict(f"idempotency key {key!r} was used with a different request")
 
 
 def _check_ids(customer_id: str | None, order_id: str | None) -> None:

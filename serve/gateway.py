@@ -57,6 +57,7 @@ from serve.auth import (
     parse_api_key,
 )
 from serve.batching import MicroBatcher
+from serve.idempotency import scoped_key
 from serve.models import (
     ApiKeyIn,
     ApiKeyOut,
@@ -752,16 +753,13 @@ class Gateway:
             if customer is not None and customer != p.user_id:
                 raise Forbidden("forbidden", "customers act only for themselves")
             customer = p.user_id
-        if key is not None and not (1 <= len(key) <= 255):
-            raise errors.InvalidInput("Idempotency-Key must be 1-255 characters")
         return RedeemRequest(
             code=body.code,
             amount=body.order.amount,
             currency=body.order.currency,
             customer_id=customer,
             order_id=body.order.id,
-            # keys are scoped to the caller: two clients cannot collide on the same key
-            idempotency_key=f"{p.user_id}:{key}" if key else None,
+            idempotency_key=scoped_key(p, key),
         )
 
     async def _checkout_answer(
@@ -905,7 +903,7 @@ class Gateway:
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Any:
         p = await self._guard(request, response, "redemptions.rollback")
-        key = f"{p.user_id}:{idempotency_key}" if idempotency_key else None
+        key = scoped_key(p, idempotency_key)
         return _redemption(await self.engine.rollback(redemption_id, key))
 
     @api.post(
@@ -923,7 +921,7 @@ class Gateway:
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Any:
         p = await self._guard(request, response, "reservations.write")
-        key = f"{p.user_id}:{idempotency_key}" if idempotency_key else None
+        key = scoped_key(p, idempotency_key)
         return _redemption(await self.engine.confirm(reservation_id, key))
 
     @api.post(
@@ -940,7 +938,7 @@ class Gateway:
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Any:
         p = await self._guard(request, response, "reservations.write")
-        key = f"{p.user_id}:{idempotency_key}" if idempotency_key else None
+        key = scoped_key(p, idempotency_key)
         return _reservation(await self.engine.release(reservation_id, key))
 
     # --- notifications ----------------------------------------------------------------

@@ -251,7 +251,8 @@ class PoolMachine(RuleBasedStateMachine):
         expected = m.why_not(raw, cust, amount, self.now)
         m.expire(self.now)  # the decision sweeps due holds first, whatever its answer
         out = state.redeem_one(req)
-        if key is not None:
+        # only a final answer is kept for the key: "not now" leaves it free for a retry
+        if key is not None and not (out.rejection and errors.is_transient(out.rejection.error)):
             self.replies[key] = (body, out)
         if expected is not None:
             assert out.rejection is not None, out
