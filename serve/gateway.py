@@ -77,6 +77,7 @@ from serve.models import (
     RolesIn,
     TemplateIn,
     TokenOut,
+    TransitionOut,
     UserOut,
     ValidationOut,
     WebhookIn,
@@ -666,7 +667,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/activate",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )
@@ -675,7 +676,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/pause",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )
@@ -684,7 +685,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/end",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )
