@@ -290,3 +290,33 @@ async def test_a_replaced_coordinator_stops(services: Any) -> None:
     finally:
         await old.close()
         await new.close()
+
+
+async def test_a_replaced_issuer_stops(services: Any) -> None:
+    from actors.issuance import IssuerCore
+
+    settings = Settings(namespace=uid("issuer-ns"))
+    exits: list[BaseException] = []
+    old = IssuerCore(None, services.database_url, services.redis_url, settings, on_fenced=exits.append)
+    new = IssuerCore(None, services.database_url, services.redis_url, settings)
+    try:
+        await old.ready()
+        await new.ready()  # claims the issuer's epoch: the old one's job rows are refused
+        job = {
+            "id": uid("iss"), "campaign_id": "c", "selection": {}, "channels": ["email"],
+            "state": "running", "error": None, "counts": {}, "created_at": datetime.now(UTC),
+            "finished_at": None,
+        }
+        with pytest.raises(errors.Fenced):
+            await old._save(job)
+        assert len(exits) == 1
+        with pytest.raises(errors.Fenced):
+            await old.job(job["id"])
+        await new._save(job)
+        assert await fetchval(services.database_url, "SELECT state FROM issuance_jobs WHERE id = $1", job["id"]) == "running"
+    finally:
+        for core in (old, new):
+            if core.pool is not None:
+                await core.pool.close()
+            if core.redis is not None:
+                await core.redis.aclose()
