@@ -27,7 +27,7 @@ import ray
 
 from actors import fencing
 from actors.calls import call as _call
-from actors.coordinator import Coordinator
+from actors.coordinator import Coordinator, TransitionResult
 from actors.shard import VoucherShard
 from engine import errors
 from engine.campaigns import Campaign, Discount, Limits, Window
@@ -249,7 +249,14 @@ class VoucherEngine:
         return await self.transition(campaign_id, "end")
 
     async def transition(self, campaign_id: str, action: str) -> Campaign:
-        result: Campaign = await _call(self.coordinator.transition.remote(campaign_id, action))
+        return (await self.transition_result(campaign_id, action)).campaign
+
+    async def transition_result(self, campaign_id: str, action: str) -> TransitionResult:
+        """A lifecycle move, answered once every shard applied it; the answer also names
+        the shards that did not confirm in time and were fenced (they restart and reload)."""
+        result: TransitionResult = await _call(
+            self.coordinator.transition.remote(campaign_id, action)
+        )
         return result
 
     async def campaign(self, campaign_id: str) -> Campaign:
@@ -262,9 +269,13 @@ class VoucherEngine:
 
     # --- generation --------------------------------------------------------------------
 
-    async def start_generation(self, campaign_id: str, count: int) -> dict[str, Any]:
+    async def start_generation(
+        self, campaign_id: str, count: int, up_to: bool = False
+    ) -> dict[str, Any]:
+        """Start a generation job of ``count`` codes (``up_to``: of as many of them as the
+        campaign's ``limits.total`` still allows, instead of refusing)."""
         job: dict[str, Any] = await _call(
-            self.coordinator.start_generation.remote(campaign_id, count)
+            self.coordinator.start_generation.remote(campaign_id, count, up_to)
         )
         return job
 

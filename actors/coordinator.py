@@ -1,10 +1,21 @@
 """The coordinator actor: the single writer of campaigns and generation jobs.
 
-Campaign definitions and lifecycle moves are persisted here first, then pushed to every
-shard's replica; a shard that misses a push reloads campaigns from Postgres when it
-restarts. Generation jobs run here: codes are drawn in chunks with a CSPRNG, split by
-owning shard, and each shard COPYs its part (deduplicating against every code it knows)
-before the codes become redeemable.
+It claims its ownership epoch when it loads and checks it in every write
+(``actors/fencing.py``); a replaced coordinator stops answering and exits.
+
+Campaign definitions and lifecycle moves are persisted here first (each change a new
+version), then pushed to every shard's replica. A move answers only once every shard has
+confirmed it; a shard that has not confirmed within ``campaign_confirm_timeout_s`` is
+fenced (its owner epoch is bumped, so its next commit is refused and it exits, and its
+restart reloads the campaign from Postgres) and the answer names it. Shards that missed a
+change get it again in the background, and every shard also pulls changed campaigns from
+Postgres by itself. When the coordinator starts it re-sends every campaign to every shard.
+
+Generation jobs run here: codes are drawn in chunks with a CSPRNG, split by owning shard,
+and each shard COPYs its part (deduplicating against every code it knows) before the codes
+become redeemable. A job reserves its count against ``limits.total`` under the campaign's
+lock (codes admitted plus what running jobs still may add never exceed it), and stops when
+the campaign ends.
 """
 
 from __future__ import annotations
@@ -13,18 +24,23 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 import ray
 
+from actors import fencing
+from actors.calls import call as _call
 from actors.calls import guarded
 from actors.observability import configure_json_logging
 from actors.persistence import (
     create_pool,
+    fence_owner,
     insert_campaign,
+    insert_notification,
     load_campaigns,
     load_jobs,
     update_campaign,
@@ -37,32 +53,76 @@ from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()
+T = TypeVar("T")
+
+# backoff of the background re-sends to a shard that missed campaign changes
+_CATCH_UP_FIRST_S = 0.5
+_CATCH_UP_MAX_S = 5.0
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class TransitionResult(msgspec.Struct, frozen=True):
+    """A lifecycle move's answer: the campaign, and which shards confirmed it and which
+    were fenced (they exit, restart and reload it; the coordinator keeps re-sending it)."""
+
+    campaign: Campaign
+    confirmed: tuple[int, ...] = ()
+    fenced: tuple[int, ...] = ()
+
+
+def _exit_soon(exc: BaseException) -> None:
+    # Let the refusal's answer leave first; Ray restarts the actor, which claims anew.
+    asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+
+
 class CoordinatorCore:
-    def __init__(self, shards: list[Any], dsn: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        shards: list[Any],
+        dsn: str,
+        settings: Settings,
+        *,
+        on_fenced: Callable[[BaseException], None] = _exit_soon,
+    ) -> None:
         self.shards = shards
         self.dsn = dsn
         self.settings = settings
         self.campaigns: dict[str, Campaign] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.fence: fencing.Fence | None = None
         self._pool: asyncpg.Pool | None = None
         self._ready: asyncio.Future[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._on_fenced = on_fenced
+        self._fenced: BaseException | None = None
+        # campaigns each shard has not confirmed yet, and the task re-sending them
+        self._unconfirmed: dict[int, set[str]] = {}
+        self._catching_up: dict[int, asyncio.Task[None]] = {}
+        # codes in the bank per campaign, as counted when no job of it was running and
+        # advanced by every chunk since (the limit check needs it without a shard round)
+        self._admitted: dict[str, int] = {}
 
     async def ready(self) -> None:
         if self._ready is None:
             self._ready = asyncio.ensure_future(self._load())
         await asyncio.shield(self._ready)
+        self._alive()
+
+    def _alive(self) -> None:
+        if self._fenced is not None:
+            raise errors.Fenced(f"this coordinator was replaced and stops: {self._fenced}")
 
     async def _load(self) -> None:
         self._pool = await create_pool(self.dsn, size=4)
         async with self._pool.acquire() as conn:
+            # claimed (and committed) before anything is read: an older coordinator's
+            # writes are either in what follows or refused
+            owner = fencing.owner_name(self.settings.namespace, "coordinator")
+            self.fence = await fencing.claim(conn, owner)
             for c in await load_campaigns(conn):
                 self.campaigns[c.id] = c
             for job in await load_jobs(conn):
@@ -71,15 +131,132 @@ class CoordinatorCore:
                     job["state"] = "failed"
                     job["error"] = "interrupted by a coordinator restart"
                     job["finished_at"] = utcnow()
-                    await upsert_job(conn, job)
+                    await self._fenced_write(upsert_job(conn, job, fence=self.fence))
                 self.jobs[job["id"]] = job
+        # A previous coordinator may have died between persisting a change and pushing it:
+        # every shard gets every campaign again (in the background: a down shard must not
+        # keep this one from starting).
+        for i in range(len(self.shards)):
+            self._unconfirmed[i] = set(self.campaigns)
+            self._catch_up(i)
+
+    async def close(self) -> None:
+        """Stop the background work and close the pool (in-process use)."""
+        for task in list(self._tasks) + list(self._catching_up.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._catching_up.values(), return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.close()
+
+    # --- fenced writes -----------------------------------------------------------------
+
+    async def _fenced_write(self, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except errors.Fenced as exc:
+            self._die(exc)
+            raise
+
+    async def _write(self, op: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+        """``op(conn, *args, fence=..., **kw)`` on a pooled connection; a refusal by the
+        fence stops this coordinator."""
+        self._alive()
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            return await self._fenced_write(op(conn, *args, fence=self.fence, **kw))
+
+    def _die(self, exc: BaseException) -> None:
+        if self._fenced is not None:
+            return
+        self._fenced = exc
+        log.error("coordinator fenced, exiting: %s", exc)
+        for task in list(self._tasks) + list(self._catching_up.values()):
+            task.cancel()
+        self._on_fenced(exc)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _lock(self, campaign_id: str) -> asyncio.Lock:
         return self._locks.setdefault(campaign_id, asyncio.Lock())
 
-    async def _broadcast(self, c: Campaign) -> None:
-        payload = _enc.encode(c)
-        await asyncio.gather(*[s.put_campaign.remote(payload) for s in self.shards])
+    # --- pushing campaigns to the shards -----------------------------------------------
+
+    async def _push(self, i: int, c: Campaign) -> bool:
+        """Whether shard ``i`` confirmed holding ``c`` (or newer) in time."""
+        try:
+            held = await asyncio.wait_for(
+                _call(self.shards[i].put_campaign.remote(_enc.encode(c))),
+                self.settings.campaign_confirm_timeout_s,
+            )
+        except (TimeoutError, errors.VoucherError) as exc:
+            log.warning(
+                "shard %d did not confirm campaign %s v%d: %r",
+                i,
+                c.id,
+                c.version,
+                exc,
+                extra={"shard": i, "campaign_id": c.id},
+            )
+            return False
+        return int(held) >= c.version
+
+    async def _deliver(self, c: Campaign, *, fence_late: bool) -> TransitionResult:
+        """Push ``c`` to every shard; with ``fence_late``, fence the ones that did not
+        confirm before answering. Either way they get it again in the background."""
+        oks = await asyncio.gather(*[self._push(i, c) for i in range(len(self.shards))])
+        late = tuple(i for i, ok in enumerate(oks) if not ok)
+        for i, ok in enumerate(oks):
+            if ok:
+                self._unconfirmed.get(i, set()).discard(c.id)
+        if late and fence_late:
+            ns = self.settings.namespace
+            epochs = await asyncio.gather(
+                *[self._write(fence_owner, fencing.shard_owner(ns, i)) for i in late]
+            )
+            for i, epoch in zip(late, epochs, strict=True):
+                log.warning(
+                    "shard %d fenced (epoch %d): it missed campaign %s v%d (%s)",
+                    i,
+                    epoch,
+                    c.id,
+                    c.version,
+                    c.state,
+                    extra={"shard": i, "campaign_id": c.id},
+                )
+        for i in late:
+            self._unconfirmed.setdefault(i, set()).add(c.id)
+            self._catch_up(i)
+        confirmed = tuple(i for i, ok in enumerate(oks) if ok)
+        return TransitionResult(c, confirmed, late if fence_late else ())
+
+    def _catch_up(self, i: int) -> None:
+        task = self._catching_up.get(i)
+        if task is None or task.done():
+            self._catching_up[i] = asyncio.ensure_future(self._resend(i))
+
+    async def _resend(self, i: int) -> None:
+        """Re-send shard ``i`` the current version of every campaign it has not confirmed,
+        until it confirms them all (a restarted shard does, after its reload)."""
+        delay = _CATCH_UP_FIRST_S
+        while self._unconfirmed.get(i):
+            pending = [self.campaigns[cid] for cid in sorted(self._unconfirmed[i])]
+            try:
+                await asyncio.wait_for(
+                    _call(self.shards[i].put_campaigns.remote(_enc.encode(pending))),
+                    max(self.settings.campaign_confirm_timeout_s, 10.0),
+                )
+            except (TimeoutError, errors.VoucherError) as exc:
+                log.info("re-sending campaigns to shard %d: %r; retrying", i, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _CATCH_UP_MAX_S)
+                continue
+            for c in pending:
+                # a newer change made meanwhile stays pending until it is confirmed too
+                if self.campaigns[c.id] is c:
+                    self._unconfirmed[i].discard(c.id)
 
     def get(self, campaign_id: str) -> Campaign:
         c = self.campaigns.get(campaign_id)
@@ -103,29 +280,30 @@ class CoordinatorCore:
         async with self._lock(c.id):
             if c.id in self.campaigns:
                 raise errors.DuplicateCampaign(f"campaign {c.id} exists already")
-            assert self._pool is not None
-            async with self._pool.acquire() as conn:
-                try:
-                    await insert_campaign(conn, c)
-                except asyncpg.UniqueViolationError as exc:
-                    what = "code" if "vouchers" in str(exc) else "id"
-                    raise errors.DuplicateCampaign(
-                        f"campaign {what} already in use: {c.shared_code if what == 'code' else c.id}"
-                    ) from exc
+            try:
+                await self._write(insert_campaign, c)
+            except asyncpg.UniqueViolationError as exc:
+                what = "code" if "vouchers" in str(exc) else "id"
+                raise errors.DuplicateCampaign(
+                    f"campaign {what} already in use: {c.shared_code if what == 'code' else c.id}"
+                ) from exc
             self.campaigns[c.id] = c
-            await self._broadcast(c)
+            # A draft sells nothing, so a shard that misses it is not fenced: it gets it
+            # in the background or from its own re-sync.
+            await self._deliver(c, fence_late=False)
         return c
 
-    async def transition(self, campaign_id: str, action: str) -> Campaign:
+    async def transition(self, campaign_id: str, action: str) -> TransitionResult:
+        """Persist a lifecycle move, then answer once every shard applied it or was
+        fenced. A repeated move changes nothing and is pushed again all the same."""
         await self.ready()
         async with self._lock(campaign_id):
-            c = transition(self.get(campaign_id), action, utcnow())
-            assert self._pool is not None
-            async with self._pool.acquire() as conn:
-                await update_campaign(conn, c)
-            self.campaigns[c.id] = c
-            await self._broadcast(c)
-        return c
+            current = self.get(campaign_id)
+            c = transition(current, action, utcnow())
+            if c is not current:
+                await self._write(update_campaign, c, was=current.version)
+                self.campaigns[c.id] = c
+            return await self._deliver(c, fence_late=True)
 
     async def campaign(self, campaign_id: str) -> Campaign:
         await self.ready()
@@ -139,109 +317,159 @@ class CoordinatorCore:
 
     async def _count_codes(self, campaign_id: str) -> int:
         counts = await asyncio.gather(
-            *[s.codes_in_campaign.remote(campaign_id) for s in self.shards]
+            *[_call(s.codes_in_campaign.remote(campaign_id)) for s in self.shards]
         )
         return int(sum(counts))
 
-    async def start_generation(self, campaign_id: str, count: int) -> dict[str, Any]:
-        """Check the request, then generate in the background; returns the job."""
+    def _running(self, campaign_id: str) -> list[dict[str, Any]]:
+        return [
+            j
+            for j in self.jobs.values()
+            if j["campaign_id"] == campaign_id and j["state"] == "running"
+        ]
+
+    def _reserved(self, campaign_id: str, but: str | None = None) -> int:
+        """Codes the running jobs of the campaign (but ``but``) may still add."""
+        return sum(
+            j["requested"] - j["generated"] for j in self._running(campaign_id) if j["id"] != but
+        )
+
+    async def start_generation(
+        self, campaign_id: str, count: int, up_to: bool = False
+    ) -> dict[str, Any]:
+        """Check the request, reserve its count, then generate in the background; returns
+        the job. ``up_to``: generate as many of ``count`` as ``limits.total`` still allows
+        instead of refusing (a bank refill)."""
         await self.ready()
-        c = self.get(campaign_id)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise errors.InvalidInput("count must be a positive integer")
         if count > 50_000_000:
             raise errors.InvalidInput("count must be at most 50,000,000 per job")
-        if c.state == "ended":
-            raise errors.CannotGenerateEnded(f"campaign {campaign_id} has ended")
-        if c.is_shared:
-            raise errors.InvalidInput(f"campaign {campaign_id} uses one shared code")
-        existing = await self._count_codes(campaign_id)
-        pending = sum(
-            j["requested"] - j["generated"]
-            for j in self.jobs.values()
-            if j["campaign_id"] == campaign_id and j["state"] == "running"
-        )
-        total = c.limits.total
-        if total is not None and existing + pending + count > total:
-            raise errors.InvalidInput(
-                f"campaign {campaign_id} allows {total} codes; {existing + pending} exist or "
-                f"are being generated, so at most {max(0, total - existing - pending)} more"
-            )
-        plan = codes.plan(c.code_spec, count, existing=existing + pending)
-        job = {
-            "id": new_id("job", 0, os.urandom)[4:],
-            "campaign_id": campaign_id,
-            "requested": count,
-            "generated": 0,
-            "state": "running",
-            "error": None,
-            "created_at": utcnow(),
-            "finished_at": None,
-            "plan": msgspec.to_builtins(plan),
-            "rate": 0.0,
-        }
-        self.jobs[job["id"]] = job
-        assert self._pool is not None
-        async with self._pool.acquire() as conn:
-            await upsert_job(conn, job)
-        task = asyncio.ensure_future(self._generate(job, c))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        async with self._lock(campaign_id):
+            # Check and reservation under the campaign's lock: a concurrent job, refill or
+            # end sees this job's reservation, or this job sees theirs.
+            c = self.get(campaign_id)
+            if c.state == "ended":
+                raise errors.CannotGenerateEnded(f"campaign {campaign_id} has ended")
+            if c.is_shared:
+                raise errors.InvalidInput(f"campaign {campaign_id} uses one shared code")
+            if not self._running(campaign_id):
+                self._admitted[campaign_id] = await self._count_codes(campaign_id)
+            used = self._admitted[campaign_id] + self._reserved(campaign_id)
+            total = c.limits.total
+            if total is not None and used + count > total:
+                room = max(0, total - used)
+                if not up_to or room == 0:
+                    raise errors.InvalidInput(
+                        f"campaign {campaign_id} allows {total} codes; {used} exist or are "
+                        f"being generated, so at most {room} more"
+                    )
+                count = room
+            plan = codes.plan(c.code_spec, count, existing=used)
+            job = {
+                "id": new_id("job", 0, os.urandom)[4:],
+                "campaign_id": campaign_id,
+                "requested": count,
+                "generated": 0,
+                "state": "running",
+                "error": None,
+                "created_at": utcnow(),
+                "finished_at": None,
+                "plan": msgspec.to_builtins(plan),
+                "rate": 0.0,
+            }
+            await self._write(upsert_job, job)
+            self.jobs[job["id"]] = job
+        self._spawn(self._generate(job, c))
         return dict(job)
+
+    async def _next_chunk(self, job: dict[str, Any]) -> tuple[Campaign, int]:
+        """The campaign as it is now and the size of the job's next chunk, capped by what
+        ``limits.total`` still allows; raises when the campaign ended."""
+        cid = job["campaign_id"]
+        async with self._lock(cid):
+            c = self.get(cid)
+            if c.state == "ended":
+                raise errors.CannotGenerateEnded(f"campaign {cid} has ended")
+            want = min(self.settings.generation_chunk, job["requested"] - job["generated"])
+            if c.limits.total is not None:
+                room = c.limits.total - self._admitted.get(cid, 0) - self._reserved(cid, job["id"])
+                if room <= 0:
+                    raise errors.InvalidInput(
+                        f"campaign {cid} reached its limit of {c.limits.total} codes"
+                    )
+                want = min(want, room)
+            return c, want
 
     async def _generate(self, job: dict[str, Any], c: Campaign) -> None:
         n_shards = len(self.shards)
-        chunk = self.settings.generation_chunk
         started = time.perf_counter()
         stalls = 0
-        assert self._pool is not None
+        cid = job["campaign_id"]
         try:
             while job["generated"] < job["requested"]:
-                want = min(chunk, job["requested"] - job["generated"])
+                c, want = await self._next_chunk(job)
                 batch = codes.generate(c.code_spec, want, os.urandom)
                 parts: list[list[str]] = [[] for _ in range(n_shards)]
                 for code in batch:
                     parts[shard_of(code, n_shards)].append(code)
                 added = await asyncio.gather(
                     *[
-                        self.shards[i].add_codes.remote(c.id, part)
+                        _call(self.shards[i].add_codes.remote(c.id, part))
                         for i, part in enumerate(parts)
                         if part
-                    ]
+                    ],
+                    return_exceptions=True,
                 )
-                got = int(sum(added))
+                got = sum(a for a in added if isinstance(a, int))
+                # count what went in before raising what did not
                 job["generated"] += got
+                self._admitted[cid] = self._admitted.get(cid, 0) + got
                 job["rate"] = job["generated"] / max(1e-9, time.perf_counter() - started)
+                failed = [a for a in added if isinstance(a, BaseException)]
+                if failed:
+                    raise failed[0]
                 stalls = stalls + 1 if got < want // 100 else 0
                 if stalls >= 5:
                     raise errors.InfeasibleGeneration(
                         "the code space is too crowded: new codes keep colliding"
                     )
-                async with self._pool.acquire() as conn:
-                    await upsert_job(conn, job)
+                await self._write(upsert_job, job)
             job["state"] = "done"
+        except errors.Fenced:
+            return  # a newer coordinator owns the job's row now
+        except errors.CannotGenerateEnded as exc:
+            job["state"] = "cancelled"
+            job["error"] = exc.message
+            log.info(
+                "generation job %s cancelled: %s",
+                job["id"],
+                exc.message,
+                extra={"job_id": job["id"], "campaign_id": cid},
+            )
         except Exception as exc:
             job["state"] = "failed"
             job["error"] = getattr(exc, "message", None) or repr(exc)
             log.exception(
                 "generation job %s failed",
                 job["id"],
-                extra={"job_id": job["id"], "campaign_id": job["campaign_id"]},
+                extra={"job_id": job["id"], "campaign_id": cid},
             )
         job["finished_at"] = utcnow()
-        async with self._pool.acquire() as conn:
-            await upsert_job(conn, job)
+        try:
+            await self._write(upsert_job, job)
             # admins hear about it (the notification dispatcher fans it out)
-            try:
-                await conn.execute(
-                    "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
-                    "job_finished" if job["state"] == "done" else "job_failed",
-                    job["campaign_id"],
-                    f"generation job {job['id']} {job['state']}: {job['generated']} of "
-                    f"{job['requested']} codes" + (f" ({job['error']})" if job["error"] else ""),
-                )
-            except Exception:
-                log.exception("recording the notification of job %s failed", job["id"])
+            await self._write(
+                insert_notification,
+                "job_finished" if job["state"] == "done" else "job_failed",
+                cid,
+                f"generation job {job['id']} {job['state']}: {job['generated']} of "
+                f"{job['requested']} codes" + (f" ({job['error']})" if job["error"] else ""),
+            )
+        except errors.Fenced:
+            pass
+        except Exception:
+            log.exception("recording the end of job %s failed", job["id"])
 
     async def job(self, job_id: str) -> dict[str, Any]:
         await self.ready()
@@ -270,7 +498,7 @@ class Coordinator:
         return await self.core.create_campaign(fields)
 
     @guarded
-    async def transition(self, campaign_id: str, action: str) -> Campaign:
+    async def transition(self, campaign_id: str, action: str) -> TransitionResult:
         return await self.core.transition(campaign_id, action)
 
     @guarded
@@ -282,8 +510,10 @@ class Coordinator:
         return await self.core.list_campaigns()
 
     @guarded
-    async def start_generation(self, campaign_id: str, count: int) -> dict[str, Any]:
-        return await self.core.start_generation(campaign_id, count)
+    async def start_generation(
+        self, campaign_id: str, count: int, up_to: bool = False
+    ) -> dict[str, Any]:
+        return await self.core.start_generation(campaign_id, count, up_to)
 
     @guarded
     async def job(self, job_id: str) -> dict[str, Any]:

@@ -10,6 +10,10 @@ nothing). Codes come from the bank; when the bank runs low the job starts a gene
 job ahead of need (a refill) and keeps issuing from what is left, and customers the bank
 could not serve wait for the refill and are tried once more.
 
+The issuer is a single writer: it claims its ownership epoch when it loads and checks it
+in every write of its job rows (``actors/fencing.py``); a replaced issuer stops answering
+and exits.
+
 Progress counters (``GET /v1/jobs/{id}``): ``total`` (selected at start), ``selected``
 (read so far), ``assigned`` (customers holding a code: ``new_codes`` + earlier ones),
 ``exhausted`` (no code left and none could be made), ``skipped_no_consent`` /
@@ -25,6 +29,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +38,7 @@ import msgspec
 import ray
 from redis.asyncio import Redis
 
+from actors import fencing
 from actors.delivery_queue import enqueue
 from actors.notifier import check_campaign, record
 from actors.observability import configure_json_logging
@@ -94,6 +100,11 @@ def _customer(r: asyncpg.Record) -> Customer:
     )
 
 
+def _exit_soon(exc: BaseException) -> None:
+    # Let the refusal's answer leave first; Ray restarts the actor, which claims anew.
+    asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+
+
 def job_view(job: dict[str, Any]) -> dict[str, Any]:
     """The job as ``GET /v1/jobs/{id}`` shows it (with its ETA)."""
     out = {k: v for k, v in job.items() if not k.startswith("_")}
@@ -105,7 +116,15 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
 
 
 class IssuerCore:
-    def __init__(self, engine: Any, dsn: str, redis_url: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        dsn: str,
+        redis_url: str,
+        settings: Settings,
+        *,
+        on_fenced: Callable[[BaseException], None] = _exit_soon,
+    ) -> None:
         self.engine = engine
         self.dsn = dsn
         self.redis_url = redis_url
@@ -116,22 +135,50 @@ class IssuerCore:
         self._ready: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refills: dict[str, str] = {}  # campaign -> running generation job id
+        self.fence: fencing.Fence | None = None
+        self._on_fenced = on_fenced
+        self._fenced: BaseException | None = None
 
     async def ready(self) -> None:
         if self._ready is None:
             self._ready = asyncio.ensure_future(self._load())
         await asyncio.shield(self._ready)
+        if self._fenced is not None:
+            raise errors.Fenced(f"this issuer was replaced and stops: {self._fenced}")
 
     async def _load(self) -> None:
         self.pool = await create_pool(self.dsn, size=4)
         self.redis = Redis.from_url(self.redis_url)
+        async with self.pool.acquire() as conn:
+            # claimed (and committed) before anything else: an older issuer's job writes
+            # are either done by now or refused
+            owner = fencing.owner_name(self.settings.namespace, "issuer")
+            self.fence = await fencing.claim(conn, owner)
         # A job marked running belonged to an issuer process that is gone. Re-running the
         # issuance finishes it (idempotent); say so instead of guessing.
-        await self.pool.execute(
+        await self._write(
             "UPDATE issuance_jobs SET state = 'failed', finished_at = now(), error ="
             " 'interrupted by an issuer restart; run the issuance again (re-runs add nothing"
             " twice)' WHERE state = 'running'"
         )
+
+    async def _write(self, sql: str, *args: Any) -> None:
+        """One fenced write; a refusal stops this issuer (every later call is refused)."""
+        assert self.pool is not None and self.fence is not None
+        try:
+            await self.fence.execute(self.pool, sql, *args)
+        except errors.Fenced as exc:
+            self._die(exc)
+            raise
+
+    def _die(self, exc: BaseException) -> None:
+        if self._fenced is not None:
+            return
+        self._fenced = exc
+        log.error("issuer fenced, exiting: %s", exc)
+        for task in list(self._tasks):
+            task.cancel()
+        self._on_fenced(exc)
 
     # --- starting ----------------------------------------------------------------------
 
@@ -182,8 +229,7 @@ class IssuerCore:
         return job_view(job)
 
     async def _save(self, job: dict[str, Any]) -> None:
-        assert self.pool is not None
-        await self.pool.execute(
+        await self._write(
             "INSERT INTO issuance_jobs (id, campaign_id, selection, channels, state, counts,"
             " error, created_at, finished_at) VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb,"
             " $7, $8, $9) ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
@@ -281,12 +327,17 @@ class IssuerCore:
                 job["rate"] = counts["selected"] / max(1e-9, time.perf_counter() - started)
                 await self._save(job)
             job["state"] = "done"
+        except errors.Fenced:
+            return  # a newer issuer owns the job's row now
         except Exception as exc:
             job["state"] = "failed"
             job["error"] = getattr(exc, "message", None) or repr(exc)
             log.exception("issuance job %s failed", job["id"], extra={"job_id": job["id"]})
         job["finished_at"] = utcnow()
-        await self._save(job)
+        try:
+            await self._save(job)
+        except errors.Fenced:
+            return
         await self._after(job)
 
     async def _not_yet_queued(self, messages: list[Any]) -> list[Any]:
@@ -371,7 +422,9 @@ class IssuerCore:
         if want <= 0:
             return
         try:
-            gen = await self.engine.start_generation(campaign.id, want)
+            # up_to: the coordinator cuts it to what limits.total allows once every other
+            # running job's reservation is counted (this look at the bank is already old)
+            gen = await self.engine.start_generation(campaign.id, want, up_to=True)
         except errors.VoucherError as exc:
             log.warning("bank refill of %s not started: %s", campaign.id, exc.message)
             return

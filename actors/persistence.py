@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from actors.fencing import Fence, fenced_error
+from engine import errors
 from engine.campaigns import Campaign
 from engine.events import (
     AssignmentRecorded,
@@ -434,40 +435,70 @@ class PgShardStore:
 
 
 # --- campaigns and jobs (the coordinator's tables) --------------------------------------
+#
+# Every write here is the coordinator's and checks its fence first, in the same
+# transaction (``fence=None`` only for tools and tests writing outside any engine).
 
 _campaign_encoder = msgspec.json.Encoder()
 
 
-async def insert_campaign(conn: asyncpg.Connection, c: Campaign) -> None:
-    async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)",
-            c.id,
-            c.name,
-            c.type,
-            c.state,
-            _campaign_encoder.encode(c).decode(),
-            c.created_at,
-            c.updated_at,
-        )
-        if c.shared_code is not None:
+async def _fenced(conn: asyncpg.Connection, fence: Fence | None) -> None:
+    if fence is not None:
+        await fence.check(conn)
+
+
+async def insert_campaign(conn: asyncpg.Connection, c: Campaign, *, fence: Fence | None) -> None:
+    try:
+        async with conn.transaction():
+            await _fenced(conn, fence)
             await conn.execute(
-                "INSERT INTO vouchers (code, campaign_id, bucket, status) VALUES ($1, $2, $3, 0)",
-                c.shared_code,
+                "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at,"
+                " version) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
                 c.id,
-                bucket_of(c.shared_code),
+                c.name,
+                c.type,
+                c.state,
+                _campaign_encoder.encode(c).decode(),
+                c.created_at,
+                c.updated_at,
+                c.version,
             )
+            if c.shared_code is not None:
+                await conn.execute(
+                    "INSERT INTO vouchers (code, campaign_id, bucket, status)"
+                    " VALUES ($1, $2, $3, 0)",
+                    c.shared_code,
+                    c.id,
+                    bucket_of(c.shared_code),
+                )
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
 
 
-async def update_campaign(conn: asyncpg.Connection, c: Campaign) -> None:
-    await conn.execute(
-        "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4 WHERE id = $1",
-        c.id,
-        c.state,
-        _campaign_encoder.encode(c).decode(),
-        c.updated_at,
-    )
+async def update_campaign(
+    conn: asyncpg.Connection, c: Campaign, *, was: int, fence: Fence | None
+) -> None:
+    """Store ``c`` over the row at version ``was``; raises :class:`errors.Unavailable` when
+    the row moved on (another writer: this one must reload rather than overwrite it)."""
+    try:
+        async with conn.transaction():
+            await _fenced(conn, fence)
+            status = await conn.execute(
+                "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5"
+                " WHERE id = $1 AND version = $6",
+                c.id,
+                c.state,
+                _campaign_encoder.encode(c).decode(),
+                c.updated_at,
+                c.version,
+                was,
+            )
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
+    if status != "UPDATE 1":
+        raise errors.Unavailable(
+            f"campaign {c.id} changed in storage since version {was}; not overwritten"
+        )
 
 
 async def load_campaigns(conn: asyncpg.Connection) -> list[Campaign]:
@@ -475,21 +506,72 @@ async def load_campaigns(conn: asyncpg.Connection) -> list[Campaign]:
     return [_campaign_decoder.decode(r["spec"]) for r in rows]
 
 
-async def upsert_job(conn: asyncpg.Connection, job: dict[str, Any]) -> None:
-    await conn.execute(
-        "INSERT INTO generation_jobs (id, campaign_id, requested, generated, state, error,"
-        " created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (id) DO UPDATE SET generated = EXCLUDED.generated,"
-        " state = EXCLUDED.state, error = EXCLUDED.error, finished_at = EXCLUDED.finished_at",
-        job["id"],
-        job["campaign_id"],
-        job["requested"],
-        job["generated"],
-        job["state"],
-        job["error"],
-        job["created_at"],
-        job["finished_at"],
+async def campaigns_since(conn: asyncpg.Connection, revision: int) -> list[tuple[int, Campaign]]:
+    """``(revision, campaign)`` of every campaign changed after ``revision``, in change
+    order (``0010_campaign_versions.sql`` makes revisions visible in that order)."""
+    rows = await conn.fetch(
+        "SELECT revision, spec FROM campaigns WHERE revision > $1 ORDER BY revision", revision
     )
+    return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
+
+
+async def fence_owner(conn: asyncpg.Connection, owner: str, *, fence: Fence | None) -> int:
+    """Bump ``owner``'s epoch (a shard that did not confirm a campaign change): its next
+    commit is refused, so it exits and reloads. The update waits for the owner's in-flight
+    commit, so when this returns that commit is either done or will be refused."""
+    try:
+        async with conn.transaction():
+            await _fenced(conn, fence)
+            epoch = await conn.fetchval(
+                "INSERT INTO owners (name, epoch) VALUES ($1, 1) ON CONFLICT (name)"
+                " DO UPDATE SET epoch = owners.epoch + 1, claimed_at = now() RETURNING epoch",
+                owner,
+            )
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
+    return int(epoch)
+
+
+async def upsert_job(
+    conn: asyncpg.Connection, job: dict[str, Any], *, fence: Fence | None
+) -> None:
+    try:
+        async with conn.transaction():
+            await _fenced(conn, fence)
+            await conn.execute(
+                "INSERT INTO generation_jobs (id, campaign_id, requested, generated, state,"
+                " error, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (id) DO UPDATE SET generated = EXCLUDED.generated,"
+                " state = EXCLUDED.state, error = EXCLUDED.error,"
+                " finished_at = EXCLUDED.finished_at",
+                job["id"],
+                job["campaign_id"],
+                job["requested"],
+                job["generated"],
+                job["state"],
+                job["error"],
+                job["created_at"],
+                job["finished_at"],
+            )
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
+
+
+async def insert_notification(
+    conn: asyncpg.Connection, kind: str, campaign_id: str | None, message: str, *,
+    fence: Fence | None,
+) -> None:
+    try:
+        async with conn.transaction():
+            await _fenced(conn, fence)
+            await conn.execute(
+                "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
+                kind,
+                campaign_id,
+                message,
+            )
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
 
 
 async def load_jobs(conn: asyncpg.Connection) -> list[dict[str, Any]]:

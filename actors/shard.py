@@ -20,10 +20,11 @@ with the batch's ids when a batch fails as a whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,7 +38,7 @@ from actors.channel import ChannelServer
 from actors.fencing import Fence, claim_shard, current_epoch
 from actors.gcpolicy import settle_heap
 from actors.observability import ShardMetrics, configure_json_logging
-from actors.persistence import PgShardStore, create_pool
+from actors.persistence import PgShardStore, campaigns_since, create_pool
 from actors.write_behind import WriteBehind
 from engine import errors
 from engine.campaigns import Campaign
@@ -53,6 +54,9 @@ _ref_list = msgspec.msgpack.Decoder(list[tuple[str, str | None]])
 _enc = msgspec.msgpack.Encoder()
 _campaign_dec = msgspec.msgpack.Decoder(Campaign)
 _outs = msgspec.msgpack.Decoder(list[Outcome])
+_campaigns_dec = msgspec.msgpack.Decoder(list[Campaign])
+# a re-sync that hangs must not hold up the rest of housekeeping
+_SYNC_TIMEOUT_S = 10.0
 
 
 def utcnow() -> datetime:
@@ -65,6 +69,29 @@ def utcnow() -> datetime:
 CLAIM_STALE_AFTER = timedelta(seconds=10)
 # Expired idempotency keys deleted per statement by the housekeeping.
 EXPIRED_KEYS_CHUNK = 5000
+
+
+class _Answering:
+    """Decision batches between their decision and their answer. A campaign change is
+    confirmed only after every batch decided before it has answered, so once the change
+    is confirmed no answer decided under the old state is still to come."""
+
+    def __init__(self) -> None:
+        self._open: set[asyncio.Future[None]] = set()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._open.add(done)
+        try:
+            yield
+        finally:
+            self._open.discard(done)
+            done.set_result(None)
+
+    async def settled(self) -> None:
+        if self._open:
+            await asyncio.wait(list(self._open))
 
 
 class ShardCore:
@@ -106,6 +133,9 @@ class ShardCore:
         self.exit_process: Callable[[int], None] = os._exit
         # idempotency keys this shard is claiming in storage, resolved once decided
         self._claiming: dict[str, asyncio.Future[None]] = {}
+        self._answering = _Answering()
+        # highest campaigns.revision applied by sync_campaigns (0: none yet)
+        self._campaign_revision = 0
 
     async def ready(self) -> None:
         if self.stopped is not None:
@@ -182,11 +212,15 @@ class ShardCore:
     async def _housekeep(self) -> None:
         ttl = timedelta(seconds=self.settings.idempotency_ttl_s)
         ticks = 0
+        next_sync = time.monotonic() + self.settings.campaign_sync_s
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
             if ticks % 2 == 0:
                 await self._check_epoch()
+            if time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + self.settings.campaign_sync_s
+                await self._sync_quietly()
             if self.writer is not None:
                 self.metrics.queues(len(self.state.events), self.writer.waiting)
             if self.state.expire_reservations():
@@ -296,16 +330,17 @@ class ShardCore:
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
         t0 = time.perf_counter()
-        try:
-            await self.ready()
-            outs = await self._decide("redeem", _req_list.decode(payload), self.state.redeem_one)
-            self.decisions += len(outs)
-            await self._ack()
-            self._observe("redeem", outs, request_ids)
-        except Exception as exc:
-            self._batch_failed("redeem", exc, request_ids)
-            raise
-        return self._answer(outs, t0)
+        with self._answering.batch():
+            try:
+                await self.ready()
+                outs = await self._decide("redeem", _req_list.decode(payload), self.state.redeem_one)
+                self.decisions += len(outs)
+                await self._ack()
+                self._observe("redeem", outs, request_ids)
+            except Exception as exc:
+                self._batch_failed("redeem", exc, request_ids)
+                raise
+            return self._answer(outs, t0)
 
     async def validate_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
@@ -324,15 +359,16 @@ class ShardCore:
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
         t0 = time.perf_counter()
-        try:
-            await self.ready()
-            outs = await self._decide("reserve", _req_list.decode(payload), self.state.reserve_one)
-            await self._ack()
-            self._observe("reserve", outs, request_ids)
-        except Exception as exc:
-            self._batch_failed("reserve", exc, request_ids)
-            raise
-        return self._answer(outs, t0)
+        with self._answering.batch():
+            try:
+                await self.ready()
+                outs = await self._decide("reserve", _req_list.decode(payload), self.state.reserve_one)
+                await self._ack()
+                self._observe("reserve", outs, request_ids)
+            except Exception as exc:
+                self._batch_failed("reserve", exc, request_ids)
+                raise
+            return self._answer(outs, t0)
 
     def _answer(self, outs: list[Outcome], t0: float) -> bytes:
         self.batch_calls += 1
@@ -412,10 +448,11 @@ class ShardCore:
         }.get(op)
         if fn is None:
             raise errors.InvalidInput(f"unknown operation {op!r}")
-        outs = await self._decide(op, _ref_list.decode(payload), lambda item: fn(*item))
-        await self._ack()
-        self._observe(op, outs, None)
-        return _enc.encode(outs)
+        with self._answering.batch():
+            outs = await self._decide(op, _ref_list.decode(payload), lambda item: fn(*item))
+            await self._ack()
+            self._observe(op, outs, None)
+            return _enc.encode(outs)
 
     async def assign_many(
         self, campaign_id: str, customers: list[str], fallback: bool = True
@@ -526,18 +563,67 @@ class ShardCore:
 
     # --- campaigns and the bank ---------------------------------------------------------
 
-    async def put_campaign(self, payload: bytes) -> None:
+    async def put_campaign(self, payload: bytes) -> int:
+        """Apply a campaign change (a newer version only; ended stays ended) and confirm
+        it: returns the version held here, once the change's voids are committed and every
+        batch decided before it has answered."""
         await self.ready()
-        self.state.put_campaign(_campaign_dec.decode(payload))
+        c = _campaign_dec.decode(payload)
+        self.state.put_campaign(c)
+        await self._settle()
+        return self.state.campaign(c.id).version
+
+    async def put_campaigns(self, payload: bytes) -> int:
+        """:meth:`put_campaign` for many campaigns (the coordinator's re-broadcast when it
+        starts); returns how many changed here."""
+        await self.ready()
+        changed = sum(self.state.put_campaign(c) for c in _campaigns_dec.decode(payload))
+        await self._settle()
+        return changed
+
+    async def _settle(self) -> None:
         assert self.writer is not None
         if self.state.events:
             await self.writer.durable()
+        await self._answering.settled()
+
+    async def sync_campaigns(self) -> int:
+        """Pull the campaigns changed in Postgres since the last pull and apply them, so a
+        shard that missed a broadcast catches up by itself; returns how many changed."""
+        await self.ready()
+        assert self.store is not None
+        async with self.store.pool.acquire() as conn:
+            rows = await campaigns_since(conn, self._campaign_revision)
+        changed = sum(self.state.put_campaign(c) for _, c in rows)
+        if rows:
+            self._campaign_revision = rows[-1][0]
+        if self.state.events:
+            self._commit_later()
+        return changed
+
+    async def _sync_quietly(self) -> None:
+        try:
+            changed = await asyncio.wait_for(self.sync_campaigns(), _SYNC_TIMEOUT_S)
+        except Exception as exc:  # storage away or slow: the next pull retries
+            log.warning(
+                "campaign re-sync failed: %r", exc, extra={"shard": self.shard_id}
+            )
+            return
+        if changed:
+            log.info(
+                "re-sync applied %d campaign change(s) this shard had not heard of",
+                changed,
+                extra={"shard": self.shard_id},
+            )
 
     async def add_codes(self, campaign_id: str, codes: list[str]) -> int:
         """Add new codes to the bank; duplicates of known codes are skipped. Returns how
-        many were added (persisted with COPY before they become redeemable)."""
+        many were added (persisted with COPY before they become redeemable). An ended
+        campaign takes no new codes."""
         await self.ready()
         campaign = self.state.campaign(campaign_id)
+        if campaign.state == "ended":
+            raise errors.CannotGenerateEnded(f"campaign {campaign_id} has ended")
         if not all(self.state.owns(bucket_of(c)) for c in codes):
             raise errors.NotOwner(f"codes of buckets shard {self.shard_id} does not own; retry")
         fresh = self.state.claim_new_codes(codes)
@@ -667,8 +753,12 @@ class VoucherShard:
         return await self.core.assignments_of(campaign_id, customers)
 
     @guarded
-    async def put_campaign(self, payload: bytes) -> None:
-        await self.core.put_campaign(payload)
+    async def put_campaign(self, payload: bytes) -> int:
+        return await self.core.put_campaign(payload)
+
+    @guarded
+    async def put_campaigns(self, payload: bytes) -> int:
+        return await self.core.put_campaigns(payload)
 
     @guarded
     async def add_codes(self, campaign_id: str, codes: list[str]) -> int:

@@ -74,6 +74,8 @@ class Campaign(msgspec.Struct, frozen=True):
     shared_code: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: bumped by every change; replicas apply only a newer version (see :func:`supersedes`)
+    version: int = 0
 
     @property
     def is_shared(self) -> bool:
@@ -210,6 +212,7 @@ def new_campaign(
         shared_code=shared_code,
         created_at=now,
         updated_at=now,
+        version=1,
     )
 
 
@@ -227,12 +230,9 @@ def _check_discount(d: Discount) -> None:
 # --- lifecycle -------------------------------------------------------------------------
 
 _ILLEGAL: dict[tuple[str, str], type[errors.IllegalTransition]] = {
-    ("active", "activate"): errors.CannotActivateActive,
     ("ended", "activate"): errors.CannotActivateEnded,
     ("draft", "pause"): errors.CannotPauseDraft,
-    ("paused", "pause"): errors.CannotPausePaused,
     ("ended", "pause"): errors.CannotPauseEnded,
-    ("ended", "end"): errors.CannotEndEnded,
 }
 _NEXT: dict[tuple[str, str], State] = {
     ("draft", "activate"): "active",
@@ -242,16 +242,35 @@ _NEXT: dict[tuple[str, str], State] = {
     ("active", "end"): "ended",
     ("paused", "end"): "ended",
 }
+# A repeated move (a client retrying an answer it never got, or re-sending an end to make
+# sure every replica heard it) is not an error: it answers with the campaign as it is.
+_ALREADY: frozenset[tuple[str, str]] = frozenset(
+    {("active", "activate"), ("paused", "pause"), ("ended", "end")}
+)
 
 
 def transition(campaign: Campaign, action: str, now: datetime) -> Campaign:
-    """Apply a lifecycle action; each illegal move raises its own error class."""
+    """Apply a lifecycle action; each illegal move raises its own error class. A move to
+    the state the campaign is already in returns ``campaign`` itself (same version)."""
     key = (campaign.state, action)
+    if key in _ALREADY:
+        return campaign
     if key in _ILLEGAL:
         raise _ILLEGAL[key](f"cannot {action} campaign {campaign.id}: it is {campaign.state}")
     if key not in _NEXT:
         raise errors.InvalidInput(f"unknown action {action!r}; use activate, pause or end")
-    return msgspec.structs.replace(campaign, state=_NEXT[key], updated_at=now)
+    return msgspec.structs.replace(
+        campaign, state=_NEXT[key], updated_at=now, version=campaign.version + 1
+    )
+
+
+def supersedes(incoming: Campaign, current: Campaign) -> bool:
+    """Whether a replica holding ``current`` must apply ``incoming``: only a newer version,
+    and nothing takes a campaign out of ``ended`` (its codes are void, its end announced),
+    so a late or replayed copy can never revive it."""
+    if incoming.version <= current.version:
+        return False
+    return not (current.state == "ended" and incoming.state != "ended")
 
 
 # --- rules at redemption time ----------------------------------------------------------

@@ -166,12 +166,6 @@ class IllegalTransition(Conflict):
     code = "illegal_transition"
 
 
-class CannotActivateActive(IllegalTransition):
-    """``activate`` on a campaign that is active already."""
-
-    code = "cannot_activate_active"
-
-
 class CannotActivateEnded(IllegalTransition):
     """``activate`` on an ended campaign: ending is final."""
 
@@ -184,22 +178,10 @@ class CannotPauseDraft(IllegalTransition):
     code = "cannot_pause_draft"
 
 
-class CannotPausePaused(IllegalTransition):
-    """``pause`` on a campaign that is paused already."""
-
-    code = "cannot_pause_paused"
-
-
 class CannotPauseEnded(IllegalTransition):
     """``pause`` on an ended campaign."""
 
     code = "cannot_pause_ended"
-
-
-class CannotEndEnded(IllegalTransition):
-    """``end`` on a campaign that is ended already."""
-
-    code = "cannot_end_ended"
 
 
 class CannotIssueEnded(IllegalTransition):

@@ -23,7 +23,13 @@ from typing import Any
 import msgspec
 
 from engine import errors
-from engine.campaigns import Campaign, check_order, check_redeemable_now, discount_for
+from engine.campaigns import (
+    Campaign,
+    check_order,
+    check_redeemable_now,
+    discount_for,
+    supersedes,
+)
 from engine.codes import normalize
 from engine.events import (
     ASSIGNED,
@@ -198,9 +204,15 @@ class ShardState:
 
     # --- campaigns ---------------------------------------------------------------------
 
-    def put_campaign(self, campaign: Campaign) -> None:
-        """Install or update this shard's replica of a campaign."""
+    def put_campaign(self, campaign: Campaign) -> bool:
+        """Install or update this shard's replica of a campaign; returns whether it changed.
+
+        Copies arrive from the coordinator's broadcast, its re-broadcasts and this shard's
+        own re-sync from Postgres, in any order and more than once: only a newer version
+        applies, and an ended campaign stays ended (:func:`engine.campaigns.supersedes`)."""
         slot = self.campaigns.get(campaign.id)
+        if slot is not None and not supersedes(campaign, slot.campaign):
+            return False
         if slot is None:
             slot = CampaignSlot(campaign, len(self._slots))
             self._slots.append(slot)
@@ -212,6 +224,7 @@ class ShardState:
         slot.campaign = campaign
         if campaign.state == "ended" and not was_ended:
             self._void_unredeemed(slot)
+        return True
 
     def _void_unredeemed(self, slot: CampaignSlot) -> None:
         void = self._pack(slot.index, VOID)
@@ -267,17 +280,24 @@ class ShardState:
             self._pending = set()  # a set never shrinks its table; drop the big one
 
     def admit_codes(self, campaign_id: str, codes: list[str]) -> None:
-        """Add claimed codes, already persisted as available, to the bank."""
+        """Add claimed codes, already persisted as available, to the bank. Codes of a
+        campaign that ended while they were being persisted enter void, and their rows are
+        voided again by the next commit (the end's void may have committed before them)."""
         slot = self.campaigns[campaign_id]
-        packed = self._pack(slot.index, AVAILABLE)
+        ended = slot.campaign.state == "ended"
+        status = VOID if ended else AVAILABLE
+        packed = self._pack(slot.index, status)
         gift = slot.campaign.gift_balance if slot.campaign.is_gift_card else None
         for code in codes:
             self.codes[code] = packed
             if gift is not None:
                 slot.balances[code] = gift
         self._release_claims(codes)
-        slot.available.extend(codes)
-        slot.counts[AVAILABLE] += len(codes)
+        slot.counts[status] += len(codes)
+        if ended:
+            self.events.append(CodesVoided(campaign_id))
+        else:
+            slot.available.extend(codes)
 
     def codes_in_campaign(self, campaign_id: str) -> int:
         slot = self.campaigns.get(campaign_id)

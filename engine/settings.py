@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ray_address: str | None = None
     namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "voucher"
     generation_chunk: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
+    campaign_confirm_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 3.0
+    campaign_sync_s: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 2.0
     log_level: LogLevel = "INFO"
     jwt_secret: Annotated[str, msgspec.Meta(min_length=32)] | None = None
     token_ttl_s: Annotated[int, msgspec.Meta(ge=30, le=86400)] = 900
@@ -160,6 +162,16 @@ _ENV: dict[str, tuple[str, str]] = {
     "generation_chunk": (
         "VOUCHER_GENERATION_CHUNK",
         "Codes generated and stored per chunk of a generation job.",
+    ),
+    "campaign_confirm_timeout_s": (
+        "VOUCHER_CAMPAIGN_CONFIRM_TIMEOUT_S",
+        "Seconds a campaign change waits for every shard to confirm it; a shard that has not "
+        "by then is fenced (it exits and reloads) before the change is answered.",
+    ),
+    "campaign_sync_s": (
+        "VOUCHER_CAMPAIGN_SYNC_S",
+        "Seconds between a shard's pulls of campaigns changed in Postgres (a missed "
+        "broadcast is caught up within this).",
     ),
     "log_level": ("VOUCHER_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
     "jwt_secret": (

@@ -172,7 +172,8 @@ class Campaigns:
 
     @guarded
     async def transition(self, campaign_id: str, action: str) -> dict[str, Any]:
-        return campaign_json(await self.engine.transition(campaign_id, action))
+        result = await self.engine.transition_result(campaign_id, action)
+        return campaign_json(result.campaign) | {"fenced_shards": list(result.fenced)}
 
     @guarded
     async def start_generation(self, campaign_id: str, count: int) -> dict[str, Any]:

@@ -78,6 +78,7 @@ from serve.models import (
     RolesIn,
     TemplateIn,
     TokenOut,
+    TransitionOut,
     UserOut,
     ValidationOut,
     WebhookIn,
@@ -667,7 +668,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/activate",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )
@@ -676,7 +677,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/pause",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )
@@ -685,7 +686,7 @@ class Gateway:
 
     @api.post(
         "/v1/campaigns/{campaign_id}/end",
-        response_model=CampaignOut,
+        response_model=TransitionOut,
         tags=["campaigns"],
         responses=problem_responses(*_GUARDED, 404, 409, 422),
     )

@@ -238,6 +238,15 @@ class CampaignOut(BaseModel):
     shared_code: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    version: int = 0
+
+
+class TransitionOut(CampaignOut):
+    """A lifecycle move's answer: it is sent once every shard applied the move. Shards that
+    did not confirm in time were fenced: they restart and reload the campaign before they
+    take traffic again."""
+
+    fenced_shards: list[int] = Field(default_factory=list)
 
 
 class JobOut(BaseModel):

@@ -33,7 +33,7 @@ async def _core(dsn: str, mode: str) -> tuple[ShardCore, str, str]:
     c = transition(c, "activate", now)
     conn = await asyncpg.connect(dsn)
     try:
-        await insert_campaign(conn, c)
+        await insert_campaign(conn, c, fence=None)
     finally:
         await conn.close()
     settings = Settings(namespace=uid("ack-ns"), ack_mode=mode, batch_window_ms=WINDOW_MS)  # type: ignore[arg-type]
