@@ -36,7 +36,7 @@ async def _campaign(dsn: str, **fields: Any) -> str:
     c = transition(c, "activate", now)
     conn = await asyncpg.connect(dsn)
     try:
-        await insert_campaign(conn, c)
+        await insert_campaign(conn, c, fence=None)
     finally:
         await conn.close()
     return c.id

@@ -46,7 +46,7 @@ async def _gift_campaign(dsn: str, *, paused: bool = False) -> Campaign:
         c = transition(c, "pause", now)
     conn = await asyncpg.connect(dsn)
     try:
-        await insert_campaign(conn, c)
+        await insert_campaign(conn, c, fence=None)
     finally:
         await conn.close()
     return c
