@@ -122,6 +122,8 @@ def reshard(settings: Settings, dsn: str, shards: int, *, detached: bool = False
     (503, retry with the same idempotency keys); none is decided twice."""
     ns = settings.namespace
     old = _sync(_with_conn(dsn, lambda c: fencing.stored_topology(c, ns)))
+    if old is not None and old[0] == shards:
+        raise errors.InvalidInput(f"deployment {ns!r} runs {shards} shards already")
     _sync(_with_conn(dsn, lambda c: fencing.reshard(c, ns, shards)))
     names = [COORDINATOR] + [shard_name(i) for i in range(max(old[0] if old else 0, shards))]
     doomed = []
@@ -161,6 +163,7 @@ class VoucherEngine:
         self.namespace = namespace
         self._refreshed = 0.0
         self._refreshing: asyncio.Future[bool] | None = None
+        self._retained: list[tuple[Any, list[Any]]] = []
         #: called with no arguments after the shard handles changed (gateway batchers)
         self.on_topology: list[Callable[[], None]] = []
 
@@ -181,13 +184,22 @@ class VoucherEngine:
             self._refreshing = None
 
     async def _refresh(self, ns: str) -> bool:
+        coordinator = self.coordinator
         try:
-            coordinator = ray.get_actor(COORDINATOR, namespace=ns)
-            n = int(await _call(coordinator.shard_count.remote()))
+            try:
+                n = int(await _call(coordinator.shard_count.remote()))
+            except errors.Unavailable:  # replaced by a reshard: look it up by name
+                coordinator = ray.get_actor(COORDINATOR, namespace=ns)
+                n = int(await _call(coordinator.shard_count.remote()))
+            if n == self.n and coordinator is self.coordinator:
+                return False
             shards = [ray.get_actor(shard_name(i), namespace=ns) for i in range(n)]
         except (ValueError, errors.VoucherError) as exc:  # mid-reshard: try again later
             log.info("topology look-up failed: %s", exc)
             return False
+        # Keep the handles this one replaces: a process that created the actors owns them,
+        # and Ray destroys an owned, non-detached actor once its owner drops every handle.
+        self._retained.append((self.coordinator, self.shards))
         changed = n != self.n
         self.coordinator = coordinator
         self.shards, self.n = shards, n
