@@ -37,6 +37,7 @@ from actors.calls import guarded
 from actors.channel import ChannelServer
 from actors.fencing import Fence, claim_shard, current_epoch
 from actors.gcpolicy import settle_heap
+from actors.key_claims import KeyClaims
 from actors.observability import ShardMetrics, configure_json_logging
 from actors.persistence import PgShardStore, campaigns_since, create_pool
 from actors.write_behind import WriteBehind
@@ -61,14 +62,6 @@ _SYNC_TIMEOUT_S = 10.0
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-# A pending idempotency claim (decided, answer not committed) older than this is taken
-# over by any shard: its holder died, or sits on a commit far past the group commit's few
-# milliseconds. Its own bucket's owner takes it over at once (engine/idempotency.py).
-CLAIM_STALE_AFTER = timedelta(seconds=10)
-# Expired idempotency keys deleted per statement by the housekeeping.
-EXPIRED_KEYS_CHUNK = 5000
 
 
 class _Answering:
@@ -131,8 +124,9 @@ class ShardCore:
         # how the process ends: 1 = crash (Ray restarts it and it reloads), 0 = retired (its
         # topology was replaced: no restart); the Ray face and tests replace it
         self.exit_process: Callable[[int], None] = os._exit
-        # idempotency keys this shard is claiming in storage, resolved once decided
-        self._claiming: dict[str, asyncio.Future[None]] = {}
+        self.keys = KeyClaims(
+            self.state, self.buckets, timedelta(seconds=settings.idempotency_ttl_s)
+        )
         self._answering = _Answering()
         # highest campaigns.revision applied by sync_campaigns (0: none yet)
         self._campaign_revision = 0
@@ -239,63 +233,8 @@ class ShardCore:
     async def expire_idempotency(self) -> int:
         """Forget the idempotency keys older than the TTL, in memory and in Postgres (this
         shard's buckets only); returns how many rows were deleted."""
-        before = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
-        self.state.prune_idempotency(before)
         assert self.store is not None
-        return await self.store.delete_expired_keys(
-            self.buckets, before, EXPIRED_KEYS_CHUNK, fence=self._fence()
-        )
-
-    def _fence(self) -> Fence | None:
-        """The store's fence (every write of a fenced shard checks it)."""
-        return self.store.fence if self.store is not None else None
-
-    async def _decide(self, op: str, items: list[Any], fn: Callable[[Any], Outcome]) -> list[Outcome]:
-        """Decide a batch, its idempotency keys claimed first: a batch without keys goes
-        straight to memory, one with keys costs one statement before its decision."""
-        keys = await self._claim_keys(op, items)
-        try:
-            return [fn(x) for x in items]
-        finally:
-            self.state.end_claims(keys)
-            for k in keys:
-                fut = self._claiming.pop(k, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-
-    async def _claim_keys(self, op: str, items: list[Any]) -> list[str]:
-        """Claim the batch's keys this shard does not remember, with one statement; a key
-        another batch of this shard is claiming is left to it (waited for, then looked up
-        again), so a shard never claims a key twice at once."""
-        while True:
-            claims = self.state.claims_for(op, items)
-            if not claims:
-                return []
-            busy = [self._claiming[c.key] for c in claims if c.key in self._claiming]
-            if not busy:
-                break
-            await asyncio.wait(busy)
-        loop = asyncio.get_running_loop()
-        keys = [c.key for c in claims]
-        for k in keys:
-            self._claiming[k] = loop.create_future()
-        try:
-            assert self.store is not None
-            now = utcnow()
-            stored = await self.store.claim_keys(
-                claims,
-                self.buckets,
-                now - timedelta(seconds=self.settings.idempotency_ttl_s),
-                now - CLAIM_STALE_AFTER,
-                fence=self._fence(),
-            )
-            self.state.accept_claims(claims, stored)
-        except BaseException:
-            self.state.end_claims(keys)
-            for k in keys:
-                self._claiming.pop(k).set_result(None)
-            raise
-        return keys
+        return await self.keys.expire(self.store)
 
     async def _check_epoch(self) -> None:
         """An idle owner learns it was fenced without waiting for its next commit, and
@@ -333,7 +272,7 @@ class ShardCore:
         with self._answering.batch():
             try:
                 await self.ready()
-                outs = await self._decide("redeem", _req_list.decode(payload), self.state.redeem_one)
+                outs = await self.keys.decide(self.store, "redeem", _req_list.decode(payload), self.state.redeem_one)
                 self.decisions += len(outs)
                 await self._ack()
                 self._observe("redeem", outs, request_ids)
@@ -362,7 +301,7 @@ class ShardCore:
         with self._answering.batch():
             try:
                 await self.ready()
-                outs = await self._decide("reserve", _req_list.decode(payload), self.state.reserve_one)
+                outs = await self.keys.decide(self.store, "reserve", _req_list.decode(payload), self.state.reserve_one)
                 await self._ack()
                 self._observe("reserve", outs, request_ids)
             except Exception as exc:
@@ -449,7 +388,7 @@ class ShardCore:
         if fn is None:
             raise errors.InvalidInput(f"unknown operation {op!r}")
         with self._answering.batch():
-            outs = await self._decide(op, _ref_list.decode(payload), lambda item: fn(*item))
+            outs = await self.keys.decide(self.store, op, _ref_list.decode(payload), lambda item: fn(*item))
             await self._ack()
             self._observe(op, outs, None)
             return _enc.encode(outs)

@@ -1,15 +1,72 @@
 """A checker over what clients were told and what Postgres holds, for the fault tests:
 every acknowledged redemption is persisted, no unique code is redeemed twice, no shared
 code passes its limits, no gift card goes below zero and each card's balance is its
-starting balance minus what its persisted redemptions spent."""
+starting balance minus what its persisted redemptions spent. :class:`Mixed` is the load
+those tests drive: unique codes, a shared code with a limit and gift cards."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from engine.events import Redemption
-from tests.engine_support import fetch
+from engine.pools import RedeemRequest
+from tests.engine_support import campaign_codes, discount_campaign, fetch, later, uid
+
+GIFT = 10_000
+SHARED_LIMIT = 120
+
+
+@dataclass
+class Mixed:
+    """Three campaigns of one engine and the requests that hit them."""
+
+    dsn: str
+    unique: str
+    shared: str
+    shared_code: str
+    gift: str
+    codes: list[str]
+    cards: list[str]
+
+    @classmethod
+    async def create(cls, engine: Any, dsn: str, *, codes: int, cards: int) -> Mixed:
+        unique = await discount_campaign(engine, codes)
+        shared = await engine.create_campaign(
+            id=uid("mixed-shared"), name="shared", type="shared_code", currency="EUR",
+            discount={"kind": "amount", "value": 100}, shared_code=uid("MX").upper(),
+            limits={"total": SHARED_LIMIT}, ends_at=later(),
+        )
+        await engine.activate(shared.id)
+        gift = await engine.create_campaign(
+            id=uid("mixed-gift"), name="gift", type="gift_card", currency="EUR",
+            gift_balance=GIFT, ends_at=later(),
+        )
+        await engine.generate(gift.id, cards)
+        await engine.activate(gift.id)
+        return cls(
+            dsn, unique, shared.id, shared.shared_code, gift.id,
+            await campaign_codes(dsn, unique), await campaign_codes(dsn, gift.id),
+        )
+
+    def request(self, rng: random.Random, key: str, customer: str) -> RedeemRequest:
+        """Half unique codes, 30 % the shared code, 20 % a 2,500 spend on a gift card."""
+        pick = rng.random()
+        if pick < 0.5:
+            return RedeemRequest(code=rng.choice(self.codes), amount=5000, currency="EUR", idempotency_key=key)
+        if pick < 0.8:
+            return RedeemRequest(code=self.shared_code, amount=5000, currency="EUR",
+                                 customer_id=customer, idempotency_key=key)
+        return RedeemRequest(code=rng.choice(self.cards), amount=2500, currency="EUR", idempotency_key=key)
+
+    async def check(self, acked: Iterable[Redemption]) -> dict[str, int]:
+        return await check_redemptions(
+            self.dsn, acked, unique=[self.unique],
+            shared={self.shared: (SHARED_LIMIT, None)}, gift={self.gift: GIFT},
+        )
 
 
 async def check_redemptions(

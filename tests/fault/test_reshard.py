@@ -17,14 +17,10 @@ from actors.client import VoucherEngine, reshard, start_engine
 from engine import errors
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
-from tests.engine_support import campaign_codes, discount_campaign, later, uid
-from tests.invariants import check_redemptions
+from tests.engine_support import uid
+from tests.invariants import Mixed
 
 pytestmark = pytest.mark.fault
-
-GIFT = 10_000
-SHARED_LIMIT = 150
-
 
 async def _answer(engine: VoucherEngine, req: RedeemRequest) -> Outcome:
     """The engine's answer, retrying (same idempotency key) while it is unavailable or the
@@ -46,21 +42,7 @@ async def test_reshard_4_8_3_under_load(services, ray_cluster) -> None:
     dsn = services.database_url
     settings = Settings(shards=4, namespace=uid("reshard"), batch_window_ms=1.0)
     engine = await asyncio.to_thread(start_engine, settings, dsn)
-    disc = await discount_campaign(engine, 400)
-    shared = await engine.create_campaign(
-        id=uid("rs-shared"), name="shared", type="shared_code", currency="EUR",
-        discount={"kind": "amount", "value": 100}, shared_code=uid("RS").upper(),
-        limits={"total": SHARED_LIMIT}, ends_at=later(),
-    )
-    await engine.activate(shared.id)
-    gift = await engine.create_campaign(
-        id=uid("rs-gift"), name="gift", type="gift_card", currency="EUR",
-        gift_balance=GIFT, ends_at=later(),
-    )
-    await engine.generate(gift.id, 12)
-    await engine.activate(gift.id)
-    codes = await campaign_codes(dsn, disc)
-    cards = await campaign_codes(dsn, gift.id)
+    load = await Mixed.create(engine, dsn, codes=400, cards=12)
 
     sent: dict[str, RedeemRequest] = {}
     answers: dict[str, Outcome] = {}
@@ -72,14 +54,7 @@ async def test_reshard_4_8_3_under_load(services, ray_cluster) -> None:
             if stop.is_set():
                 return
             key = f"{settings.namespace}-{k}-{n}"
-            pick = rng.random()
-            if pick < 0.5:
-                req = RedeemRequest(code=rng.choice(codes), amount=5000, currency="EUR", idempotency_key=key)
-            elif pick < 0.8:
-                req = RedeemRequest(code=shared.shared_code or "", amount=5000, currency="EUR",
-                                    customer_id=f"cust-{k}", idempotency_key=key)
-            else:
-                req = RedeemRequest(code=rng.choice(cards), amount=1500, currency="EUR", idempotency_key=key)
+            req = load.request(rng, key, f"cust-{k}")
             sent[key] = req
             answers[key] = await _answer(engine, req)
 
@@ -97,13 +72,7 @@ async def test_reshard_4_8_3_under_load(services, ray_cluster) -> None:
     assert before > 0 and len(answers) > before, "no load ran across the reshards"
     assert (eight.n, three.n, engine.n) == (8, 3, 3), "the clients' engine followed the topology"
     acked = [o.redemption for o in answers.values() if o.redemption is not None]
-    counts = await check_redemptions(
-        dsn,
-        acked,
-        unique=[disc],
-        shared={shared.id: (SHARED_LIMIT, None)},
-        gift={gift.id: GIFT},
-    )
+    counts = await load.check(acked)
     assert counts["acked"] > 50
     # every answer is final: a replay after both reshards answers exactly as the first time
     keys = list(sent)

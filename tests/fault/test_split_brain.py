@@ -25,14 +25,10 @@ from actors.shard import VoucherShard
 from engine import errors
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
-from tests.engine_support import campaign_codes, discount_campaign, later, uid
-from tests.invariants import check_redemptions
+from tests.engine_support import uid
+from tests.invariants import Mixed
 
 pytestmark = pytest.mark.fault
-
-GIFT = 10_000
-SHARED_LIMIT = 120
-
 
 async def _try(engine: VoucherEngine, req: RedeemRequest) -> Outcome | None:
     """One attempt; None when the owner did not answer in time or is unavailable."""
@@ -46,21 +42,7 @@ async def test_frozen_owner_and_its_replacement(services, ray_cluster) -> None:
     dsn = services.database_url
     settings = Settings(shards=1, namespace=uid("split"), batch_window_ms=1.0)
     engine = await asyncio.to_thread(start_engine, settings, dsn)
-    disc = await discount_campaign(engine, 300)
-    shared = await engine.create_campaign(
-        id=uid("sb-shared"), name="shared", type="shared_code", currency="EUR",
-        discount={"kind": "amount", "value": 100}, shared_code=uid("SB").upper(),
-        limits={"total": SHARED_LIMIT}, ends_at=later(),
-    )
-    await engine.activate(shared.id)
-    gift = await engine.create_campaign(
-        id=uid("sb-gift"), name="gift", type="gift_card", currency="EUR",
-        gift_balance=GIFT, ends_at=later(),
-    )
-    await engine.generate(gift.id, 6)
-    await engine.activate(gift.id)
-    codes = await campaign_codes(dsn, disc)
-    cards = await campaign_codes(dsn, gift.id)
+    load = await Mixed.create(engine, dsn, codes=300, cards=6)
     old_pid = (await engine.shard_info())[0]["pid"]
 
     owners: list[VoucherEngine] = [engine]  # clients try these in turn
@@ -72,15 +54,8 @@ async def test_frozen_owner_and_its_replacement(services, ray_cluster) -> None:
         for n in range(2000):  # bounded; stopped long before
             if stop.is_set():
                 return
-            pick = rng.random()
             key = f"{settings.namespace}-{k}-{n}"
-            if pick < 0.5:
-                req = RedeemRequest(code=rng.choice(codes), amount=5000, currency="EUR", idempotency_key=key)
-            elif pick < 0.8:
-                req = RedeemRequest(code=shared.shared_code or "", amount=5000, currency="EUR",
-                                    customer_id=f"c{k}", idempotency_key=key)
-            else:
-                req = RedeemRequest(code=rng.choice(cards), amount=2500, currency="EUR", idempotency_key=key)
+            req = load.request(rng, key, f"c{k}")
             for attempt in range(200):  # same key on whichever owner answers
                 out = await _try(owners[(k + attempt) % len(owners)], req)
                 if out is not None:
@@ -107,13 +82,7 @@ async def test_frozen_owner_and_its_replacement(services, ray_cluster) -> None:
     await asyncio.gather(*clients)
 
     acked = [o.redemption for o in answers.values() if o.redemption is not None]
-    counts = await check_redemptions(
-        dsn,
-        acked,
-        unique=[disc],
-        shared={shared.id: (SHARED_LIMIT, None)},
-        gift={gift.id: GIFT},
-    )
+    counts = await load.check(acked)
     assert counts["acked"] > 100, counts
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, (
         "the fenced owner kept running"
