@@ -260,7 +260,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     """One-shot deployment onto a running Ray cluster (``RAY_ADDRESS`` or ``auto``): apply
     migrations, start the shard actors and the coordinator as detached actors, deploy the
     Serve app, and exit; everything keeps running in the cluster."""
-    from actors.client import start_engine
+    from actors.client import adopt_stored_topology, start_engine
     from actors.migrations import migrate
 
     if not settings.database_url or not settings.redis_url:
@@ -272,23 +272,26 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
         raise errors.ConfigError(
             "deploy needs VOUCHER_JWT_SECRET: every node must sign and verify with one key"
         )
-    applied = asyncio.run(migrate(settings.database_url))
+    dsn, redis_url = settings.database_url, settings.redis_url
+    applied = asyncio.run(migrate(dsn))
     print(f"postgres: migrations applied: {applied or 'none (up to date)'}")
+    if not os.environ.get("VOUCHER_SHARDS"):
+        settings = adopt_stored_topology(settings, dsn)
     _ray_init(settings, attach=True)
-    start_engine(settings, settings.database_url, detached=True)
+    start_engine(settings, dsn, detached=True)
     print(f"engine:   {settings.shards} detached shard actors + coordinator, namespace {settings.namespace!r}")
     from actors.issuance import issuer_handle
     from actors.notifier import start_notifier
 
-    issuer_handle(settings, settings.database_url, settings.redis_url)
-    start_notifier(settings, settings.database_url)  # detached, like the engine
+    issuer_handle(settings, dsn, redis_url)
+    start_notifier(settings, dsn)  # detached, like the engine
     print("notify:   issuer and notification dispatcher (detached)")
     if args.no_http:
         # the Serve app comes from `serve deploy serve/config.cluster.yaml`; the admin
         # must exist either way
-        bootstrap(settings, settings.database_url)
+        bootstrap(settings, dsn)
     else:
-        url = start_http(settings, settings.database_url, settings.redis_url)
+        url = start_http(settings, dsn, redis_url)
         print(f"http:     Serve app deployed ({url} on the head; every node's proxy serves it)")
     return 0
 
@@ -314,7 +317,7 @@ def cmd_reshard(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import ray
 
-    from actors.client import start_engine
+    from actors.client import adopt_stored_topology, start_engine
     from actors.migrations import migrate
     from actors.services import start_services
 
@@ -329,6 +332,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             # Must be in the environment before Ray starts: Serve's proxies read them.
             os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        if not os.environ.get("VOUCHER_SHARDS"):
+            settings = adopt_stored_topology(settings, services.database_url)
         _ray_init(settings, attach=False)
         engine = start_engine(settings, services.database_url)
         print(

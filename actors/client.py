@@ -114,6 +114,13 @@ def attach_engine(settings: Settings) -> VoucherEngine:
     return VoucherEngine(shards, coordinator, settings.namespace)
 
 
+def adopt_stored_topology(settings: Settings, dsn: str) -> Settings:
+    """``settings`` with the shard count stored for its deployment, when one is stored (for
+    a start where ``VOUCHER_SHARDS`` was not given: the last reshard decides)."""
+    found = _sync(_with_conn(dsn, lambda c: fencing.stored_topology(c, settings.namespace)))
+    return settings if found is None else msgspec.structs.replace(settings, shards=found[0])
+
+
 def reshard(settings: Settings, dsn: str, shards: int, *, detached: bool = False) -> VoucherEngine:
     """Move a deployment to ``shards`` shards: store the new count and fence every old
     shard in one Postgres transaction (it waits for their in-flight commits), retire the
@@ -409,27 +416,48 @@ class VoucherEngine:
 
     # --- reads ---------------------------------------------------------------------------
 
+    async def _everywhere(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every shard; answers in shard order. A read: when a shard is
+        unavailable, the topology is looked up and the call made once more."""
+        for attempt in (0, 1):
+            try:
+                return list(
+                    await asyncio.gather(
+                        *[_call(getattr(s, method).remote(*args)) for s in self.shards]
+                    )
+                )
+            except errors.Unavailable:
+                if attempt or not await self.refresh():
+                    raise
+        raise AssertionError("unreachable")
+
     async def stats(self, campaign_id: str) -> CampaignStats:
         await self.campaign(campaign_id)
-        parts = await asyncio.gather(*[_call(s.stats.remote(campaign_id)) for s in self.shards])
         total = CampaignStats(campaign_id)
-        for p in parts:
+        for p in await self._everywhere("stats", campaign_id):
             total = total.merge(_stats.decode(p))
         return total
 
     async def voucher(self, code: str) -> dict[str, Any]:
-        shard = self.shards[shard_of_bucket(route_bucket(code), self.n)]
-        result: dict[str, Any] = await _call(shard.voucher.remote(code))
-        return result
+        for attempt in (0, 1):
+            shard = self.shards[shard_of_bucket(route_bucket(code), self.n)]
+            try:
+                result: dict[str, Any] = await _call(shard.voucher.remote(code))
+                return result
+            except errors.Unavailable:
+                if attempt or not await self.refresh():
+                    raise
+        raise AssertionError("unreachable")
 
     async def flush(self) -> None:
-        await asyncio.gather(*[_call(s.flush.remote()) for s in self.shards])
+        await self._everywhere("flush")
 
     async def shard_info(self) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*[_call(s.info.remote()) for s in self.shards]))
+        return await self._everywhere("info")
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Wait until every shard answers (after a restart it reloads first)."""
+        """Wait until every shard answers (after a restart it reloads first; after a
+        reshard the new shards are looked up)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -438,6 +466,7 @@ class VoucherEngine:
             except errors.Unavailable:
                 if time.monotonic() > deadline:
                     raise
+                await self.refresh()
                 await asyncio.sleep(0.2)
 
 
