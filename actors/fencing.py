@@ -72,12 +72,6 @@ class Fence:
                 raise fenced_error(exc) from None
 
 
-def is_fenced(exc: BaseException) -> bool:
-    return isinstance(exc, errors.Fenced) or (
-        isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == FENCED_SQLSTATE
-    )
-
-
 def fenced_error(exc: BaseException) -> BaseException:
     """``exc`` as :class:`errors.Fenced` when it is the fence's refusal, else unchanged."""
     if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:

@@ -297,3 +297,57 @@ async def test_sustained_load_batches_naturally() -> None:
     assert stats["items"] == 2000
     assert stats["batches"] < 2000 / 10  # mean batch well above 10
     assert stats["by_op"]["validate"]["items"] == 2000
+
+
+class ReplacedShard(FakeShard):
+    """A shard of a replaced topology: it refuses every request as not_owner."""
+
+    async def respond(self, op: str, reqs: list[RedeemRequest]) -> Any:
+        await asyncio.sleep(0.001)
+        return _enc.encode(
+            [Outcome(rejection=Rejection(errors.NotOwner.code, "retry")) for _ in reqs]
+        )
+
+
+class ReshardedEngine(FakeEngine):
+    """Four shards that were replaced by two; ``refresh`` finds the two (once allowed)."""
+
+    def __init__(self, moves: bool = True) -> None:
+        self.shards = [ReplacedShard(i) for i in range(4)]
+        self.n = 4
+        self.moves = moves
+        self.refreshes = 0
+        self.on_topology: list[Callable[[], None]] = []
+
+    async def refresh(self) -> bool:
+        self.refreshes += 1
+        if not self.moves or self.n == 2:
+            return False
+        self.shards = [FakeShard(i) for i in range(2)]
+        self.n = 2
+        for listener in self.on_topology:
+            listener()
+        return True
+
+
+async def test_requests_refused_as_not_owner_follow_the_new_topology() -> None:
+    engine = ReshardedEngine()
+    batcher = MicroBatcher(engine, max_inflight=1)
+    codes = [f"R{i:04d}" for i in range(60)]
+    outs = await asyncio.gather(*[batcher.submit("redeem", req(c)) for c in codes])
+    # every request was decided once, by the shard of the new topology that owns it
+    assert [o.rejection.message for o in outs if o.rejection] == codes
+    assert all(o.rejection.error == "redeem_echo" for o in outs if o.rejection)
+    assert sorted(c for s in engine.shards for _, batch in s.calls for c in batch) == sorted(codes)
+    for s in engine.shards:
+        assert all(shard_of_bucket(route_bucket(c), 2) == s.index for _, b in s.calls for c in b)
+    # lanes of shards 2 and 3 (gone) were emptied into the new ones
+    assert batcher.queued == 0 and batcher.inflight == 0
+
+
+async def test_not_owner_is_answered_after_a_few_reroutes_when_nothing_moves() -> None:
+    engine = ReshardedEngine(moves=False)
+    batcher = MicroBatcher(engine)
+    out = await asyncio.wait_for(batcher.submit("redeem", req("STUCK1")), 5)
+    assert out.rejection is not None and out.rejection.error == errors.NotOwner.code
+    assert engine.refreshes == 3  # bounded: the caller gets a 503 and retries later
