@@ -64,6 +64,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# backoff between load attempts while the database is away
+_LOAD_RETRY_FIRST_S = 0.2
+_LOAD_RETRY_MAX_S = 5.0
+
+
 class _Answering:
     """Decision batches between their decision and their answer. A campaign change is
     confirmed only after every batch decided before it has answered, so once the change
@@ -96,16 +101,14 @@ class ShardCore:
         self.dsn = dsn
         self.settings = settings
         self.buckets = [b for b in range(BUCKETS) if b % shards == shard_id]
-        self.state = ShardState(
-            clock=utcnow,
-            random_bytes=os.urandom,
-            reservation_ttl=timedelta(seconds=settings.reservation_ttl_s),
-            owned=self.buckets,
-            idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_s),
-        )
+        self.state = self._new_state()
         self.store: PgShardStore | None = None
         self.writer: WriteBehind | None = None
+        # resolves once loaded (fails only when the shard retires); while loading keeps
+        # failing, ``_load_error`` says why and callers are answered at once
         self._ready: asyncio.Future[None] | None = None
+        self._attempt: asyncio.Future[None] | None = None
+        self._load_error: str | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.loaded_at: datetime | None = None
         self.decisions = 0
@@ -131,14 +134,67 @@ class ShardCore:
         # highest campaigns.revision applied by sync_campaigns (0: none yet)
         self._campaign_revision = 0
 
+    def _new_state(self) -> ShardState:
+        return ShardState(
+            clock=utcnow,
+            random_bytes=os.urandom,
+            reservation_ttl=timedelta(seconds=self.settings.reservation_ttl_s),
+            owned=self.buckets,
+            idempotency_ttl=timedelta(seconds=self.settings.idempotency_ttl_s),
+        )
+
     async def ready(self) -> None:
+        """Return once loaded. While a load attempt runs, wait for it; while loading keeps
+        failing (the database is away), raise ``unavailable`` at once: the loader goes on
+        retrying by itself, so a failed start is never kept as the answer."""
         if self.stopped is not None:
             raise _copy(self.stopped)
         if self._ready is None:
-            self._ready = asyncio.ensure_future(self._load())
-        await asyncio.shield(self._ready)
+            self._attempt = asyncio.get_running_loop().create_future()
+            self._ready = asyncio.ensure_future(self._load_until_loaded())
+        while not self._ready.done():
+            if self._load_error is not None:
+                raise errors.Unavailable(
+                    f"shard {self.shard_id} is not loaded yet ({self._load_error}); retry"
+                )
+            assert self._attempt is not None
+            await asyncio.shield(self._attempt)
+        failed = self._ready.exception()
+        if failed is not None:
+            raise _copy(self.stopped) if self.stopped is not None else failed
+
+    async def _load_until_loaded(self) -> None:
+        delay = _LOAD_RETRY_FIRST_S
+        while True:
+            attempt = self._attempt
+            assert attempt is not None
+            try:
+                await self._load()
+                self._load_error = None
+                return
+            except errors.Fenced:
+                raise  # retired: never loads
+            except Exception as exc:
+                self._load_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning(
+                    "shard %d load failed (%s); retrying in %.1f s",
+                    self.shard_id,
+                    self._load_error,
+                    delay,
+                    extra={"shard": self.shard_id},
+                )
+                self._attempt = asyncio.get_running_loop().create_future()
+            finally:
+                attempt.set_result(None)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LOAD_RETRY_MAX_S)
 
     async def _load(self) -> None:
+        # every attempt starts from empty memory: a failed one may have loaded half
+        self.state = self._new_state()
+        self.keys = KeyClaims(
+            self.state, self.buckets, timedelta(seconds=self.settings.idempotency_ttl_s)
+        )
         pool = await create_pool(self.dsn, size=4)
         # Claim the shard before reading anything: the claim waits for the old owner's
         # in-flight commit and fences it, so what we load is all it will ever commit.
@@ -147,16 +203,17 @@ class ShardCore:
                 self.fence = await claim_shard(
                     conn, self.settings.namespace, self.shard_id, self.shards
                 )
+            self.store = PgShardStore(pool, self.fence)
+            since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
+            await self.store.load(self.state, self.buckets, since)
         except errors.Fenced as exc:  # our topology was replaced: retire for good
             await pool.close()
             self._stop(exc, code=0)
             raise
         except BaseException:
-            await pool.close()
+            self.store = self.fence = None
+            pool.terminate()
             raise
-        self.store = PgShardStore(pool, self.fence)
-        since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
-        await self.store.load(self.state, self.buckets, since)
         self.writer = WriteBehind(
             drain=self.state.drain,
             persist=lambda evs: self.store.write(evs, self.buckets),  # type: ignore[union-attr]
