@@ -46,6 +46,7 @@ from actors.persistence import (
     update_campaign,
     upsert_job,
 )
+from actors.startup import Startup
 from engine import codes, errors
 from engine.campaigns import Campaign, new_campaign, transition
 from engine.routing import new_id, shard_of
@@ -94,7 +95,7 @@ class CoordinatorCore:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.fence: fencing.Fence | None = None
         self._pool: asyncpg.Pool | None = None
-        self._ready: asyncio.Future[None] | None = None
+        self._startup = Startup("the coordinator", self._load, self._unload)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_fenced = on_fenced
@@ -107,9 +108,7 @@ class CoordinatorCore:
         self._admitted: dict[str, int] = {}
 
     async def ready(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._load())
-        await asyncio.shield(self._ready)
+        await self._startup()
         self._alive()
 
     def _alive(self) -> None:
@@ -139,6 +138,19 @@ class CoordinatorCore:
         for i in range(len(self.shards)):
             self._unconfirmed[i] = set(self.campaigns)
             self._catch_up(i)
+
+    async def _unload(self) -> None:
+        """Undo a failed load (the next call loads again from scratch)."""
+        for task in list(self._catching_up.values()):
+            task.cancel()
+        self._catching_up.clear()
+        self._unconfirmed.clear()
+        self.campaigns.clear()
+        self.jobs.clear()
+        self.fence = None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
 
     async def close(self) -> None:
         """Stop the background work and close the pool (in-process use)."""

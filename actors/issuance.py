@@ -43,6 +43,7 @@ from actors.delivery_queue import enqueue
 from actors.notifier import check_campaign, record
 from actors.observability import configure_json_logging
 from actors.persistence import create_pool
+from actors.startup import Startup
 from engine import errors
 from engine.customers import Customer, Selection, check_selection, route
 from engine.delivery import new_message
@@ -132,7 +133,7 @@ class IssuerCore:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.pool: asyncpg.Pool | None = None
         self.redis: Redis | None = None
-        self._ready: asyncio.Future[None] | None = None
+        self._startup = Startup("the issuer", self._load, self._unload)
         self._tasks: set[asyncio.Task[None]] = set()
         self._refills: dict[str, str] = {}  # campaign -> running generation job id
         self.fence: fencing.Fence | None = None
@@ -140,11 +141,20 @@ class IssuerCore:
         self._fenced: BaseException | None = None
 
     async def ready(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._load())
-        await asyncio.shield(self._ready)
+        await self._startup()
         if self._fenced is not None:
             raise errors.Fenced(f"this issuer was replaced and stops: {self._fenced}")
+
+    async def _unload(self) -> None:
+        """Undo a failed load (the next call loads again from scratch)."""
+        self.jobs.clear()
+        self.fence = None
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
 
     async def _load(self) -> None:
         self.pool = await create_pool(self.dsn, size=4)

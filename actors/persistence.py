@@ -63,6 +63,7 @@ async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
         max_size=size,
         command_timeout=60,
         statement_cache_size=256,
+        timeout=10,  # to connect: a database that is away answers unavailable in bounded time
         server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
     )
     assert pool is not None

@@ -1,6 +1,7 @@
-"""A shard that starts while Postgres is down answers ``unavailable`` in bounded time, and
-loads and serves by itself once Postgres is back: a failed start is never kept as the
-answer. Runs on a Postgres of its own (the session's shared one must stay up)."""
+"""A shard and a coordinator that start while Postgres is down answer ``unavailable`` in
+bounded time, and load and serve by themselves once Postgres is back: a failed start is
+never kept as the answer. Runs on a Postgres of its own (the session's shared one must
+stay up)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from actors.coordinator import CoordinatorCore
 from actors.migrations import migrate
 from actors.persistence import insert_campaign
 from actors.services import embedded_for_tests
@@ -67,10 +69,13 @@ async def test_a_shard_started_during_an_outage_recovers_by_itself(tmp_path: Pat
         await asyncio.to_thread(svc.stop)  # the database goes away
         core = ShardCore(0, 1, dsn, settings)
         core.exit_process = lambda code: None
+        coordinator = CoordinatorCore([], dsn, settings, on_fenced=lambda exc: None)
         for _ in range(3):  # answered in bounded time, every time, never a hang
             t0 = time.monotonic()
             with pytest.raises(errors.Unavailable):
                 await asyncio.wait_for(_redeem(core, codes[1]), 10)
+            with pytest.raises(errors.Unavailable):
+                await asyncio.wait_for(coordinator.list_campaigns(), 10)
             assert time.monotonic() - t0 < 5
             await asyncio.sleep(0.3)
 
@@ -89,6 +94,8 @@ async def test_a_shard_started_during_an_outage_recovers_by_itself(tmp_path: Pat
         again = await _redeem(core, codes[0])
         assert again.rejection is not None and again.rejection.error == "already_redeemed"
         assert core.state.stats(c.id).redeemed == 2
+        assert c.id in {x.id for x in await coordinator.list_campaigns()}
         await _close(core)
+        await coordinator.close()
     finally:
         await asyncio.to_thread(svc.stop)
