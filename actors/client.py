@@ -28,7 +28,7 @@ import ray
 from actors import fencing
 from actors.calls import call as _call
 from actors.coordinator import Coordinator, TransitionResult
-from actors.shard import VoucherShard
+from actors.shard_actor import VoucherShard
 from engine import errors
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec

@@ -86,12 +86,18 @@ _CLAIM = (
 )
 
 
+async def bump(conn: asyncpg.Connection, owner: str) -> int:
+    """A new epoch for ``owner`` in the caller's transaction (waits for the owner's
+    in-flight commit); the owner's next write is refused once this commits."""
+    return int(await conn.fetchval(_CLAIM, owner))
+
+
 async def claim(conn: asyncpg.Connection, owner: str) -> Fence:
     """Take ownership: a new epoch, committed before this returns (waits for the old
     owner's in-flight commit to finish)."""
     async with conn.transaction():
-        epoch = await conn.fetchval(_CLAIM, owner)
-    return Fence(owner, int(epoch))
+        epoch = await bump(conn, owner)
+    return Fence(owner, epoch)
 
 
 async def claim_shard(
@@ -115,8 +121,8 @@ async def claim_shard(
                 f"shard {shard_id} of {shards} belongs to a replaced topology: "
                 f"deployment {namespace!r} has {stored} shards"
             )
-        epoch = await conn.fetchval(_CLAIM, shard_owner(namespace, shard_id))
-    return Fence(shard_owner(namespace, shard_id), int(epoch))
+        epoch = await bump(conn, shard_owner(namespace, shard_id))
+    return Fence(shard_owner(namespace, shard_id), epoch)
 
 
 async def current_epoch(conn: asyncpg.Connection, owner: str) -> int | None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 
-from actors.fencing import Fence, fenced_error
+from actors.fencing import Fence, bump, fenced_error
 from engine import errors
 from engine.campaigns import Campaign
 from engine.events import (
@@ -523,14 +523,10 @@ async def fence_owner(conn: asyncpg.Connection, owner: str, *, fence: Fence | No
     try:
         async with conn.transaction():
             await _fenced(conn, fence)
-            epoch = await conn.fetchval(
-                "INSERT INTO owners (name, epoch) VALUES ($1, 1) ON CONFLICT (name)"
-                " DO UPDATE SET epoch = owners.epoch + 1, claimed_at = now() RETURNING epoch",
-                owner,
-            )
+            epoch = await bump(conn, owner)
     except asyncpg.PostgresError as exc:
         raise fenced_error(exc) from None
-    return int(epoch)
+    return epoch
 
 
 async def upsert_job(

@@ -11,8 +11,28 @@ from typing import Any
 import asyncpg
 
 from actors.client import VoucherEngine
+from actors.persistence import insert_campaign
 from engine import errors
+from engine.campaigns import Campaign, new_campaign, transition
 from engine.pools import Outcome, RedeemRequest
+
+
+async def stored_campaign(dsn: str, *, paused: bool = False, **fields: Any) -> Campaign:
+    """An active (or paused) campaign written straight to Postgres, for shards driven
+    in-process without a coordinator."""
+    now = datetime.now(UTC)
+    fields.setdefault("id", uid("stored"))
+    fields.setdefault("name", "stored")
+    fields.setdefault("currency", "EUR")
+    c = transition(new_campaign(now=now, **fields), "activate", now)
+    if paused:
+        c = transition(c, "pause", now)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await insert_campaign(conn, c, fence=None)
+    finally:
+        await conn.close()
+    return c
 
 
 def uid(prefix: str) -> str:

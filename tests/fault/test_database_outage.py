@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import msgspec
 import pytest
 
 from actors.coordinator import CoordinatorCore
 from actors.migrations import migrate
-from actors.persistence import insert_campaign
 from actors.services import embedded_for_tests
 from actors.shard import ShardCore
 from engine import errors
-from engine.campaigns import Discount, new_campaign, transition
+from engine.campaigns import Discount
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
-from tests.engine_support import uid
+from tests.engine_support import stored_campaign, uid
 
 pytestmark = pytest.mark.fault
 
@@ -47,18 +44,7 @@ async def test_a_shard_started_during_an_outage_recovers_by_itself(tmp_path: Pat
     try:
         dsn = svc.database_url
         await migrate(dsn)
-        now = datetime.now(UTC)
-        c = transition(
-            new_campaign(id=uid("outage"), name="o", type="discount", currency="EUR", now=now,
-                         discount=Discount("amount", 100)),
-            "activate",
-            now,
-        )
-        conn = await asyncpg.connect(dsn)
-        try:
-            await insert_campaign(conn, c, fence=None)
-        finally:
-            await conn.close()
+        c = await stored_campaign(dsn, id=uid("outage"), type="discount", discount=Discount("amount", 100))
         settings = Settings(namespace=uid("outage-ns"), shards=1, batch_window_ms=1.0)
         first = ShardCore(0, 1, dsn, settings)
         codes = [uid("OUT").upper() for _ in range(3)]

@@ -21,7 +21,7 @@ import pytest
 import ray
 
 from actors.client import VoucherEngine, start_engine
-from actors.shard import VoucherShard
+from actors.shard_actor import VoucherShard
 from engine import errors
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings

@@ -4,18 +4,14 @@ commits within the batch window (its documented loss window)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-import asyncpg
 import msgspec
 import pytest
 
-from actors.persistence import insert_campaign
 from actors.shard import ShardCore
-from engine.campaigns import Discount, new_campaign, transition
+from engine.campaigns import Discount
 from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
-from tests.engine_support import fetchval, uid
+from tests.engine_support import fetchval, stored_campaign, uid
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +21,7 @@ WINDOW_MS = 300.0
 
 
 async def _core(dsn: str, mode: str) -> tuple[ShardCore, str, str]:
-    now = datetime.now(UTC)
-    c = new_campaign(
-        id=uid(f"ack-{mode}"), name="ack", type="discount", currency="EUR", now=now,
-        discount=Discount("amount", 100),
-    )
-    c = transition(c, "activate", now)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await insert_campaign(conn, c, fence=None)
-    finally:
-        await conn.close()
+    c = await stored_campaign(dsn, id=uid(f"ack-{mode}"), type="discount", discount=Discount("amount", 100))
     settings = Settings(namespace=uid("ack-ns"), ack_mode=mode, batch_window_ms=WINDOW_MS)  # type: ignore[arg-type]
     core = ShardCore(0, 1, dsn, settings)
     await core.ready()

@@ -8,7 +8,6 @@ topology never touch the session engine's shards."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,14 +15,13 @@ import msgspec
 import pytest
 
 from actors import fencing
-from actors.persistence import insert_campaign
 from actors.shard import ShardCore
 from engine import errors
-from engine.campaigns import Discount, Limits, new_campaign, transition
+from engine.campaigns import Discount, Limits
 from engine.pools import Outcome, RedeemRequest
 from engine.routing import shard_of
 from engine.settings import Settings
-from tests.engine_support import fetch, fetchval, uid
+from tests.engine_support import fetch, fetchval, stored_campaign, uid
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,7 @@ _outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 async def _campaign(dsn: str, **fields: Any) -> str:
-    now = datetime.now(UTC)
-    c = new_campaign(id=uid("fence"), name="fence", currency="EUR", now=now, **fields)
-    c = transition(c, "activate", now)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await insert_campaign(conn, c, fence=None)
-    finally:
-        await conn.close()
-    return c.id
+    return (await stored_campaign(dsn, id=uid("fence"), **fields)).id
 
 
 class Owner:

@@ -19,15 +19,14 @@ import msgspec
 import pytest
 
 from actors.fencing import claim as claim_owner
-from actors.persistence import insert_campaign
 from actors.shard import ShardCore
 from engine import errors
-from engine.campaigns import Campaign, new_campaign, transition
+from engine.campaigns import Campaign, transition
 from engine.idempotency import Claim
 from engine.pools import Outcome, RedeemRequest, fingerprint
 from engine.routing import bucket_of
 from engine.settings import Settings
-from tests.engine_support import fetch, fetchval, uid
+from tests.engine_support import fetch, fetchval, stored_campaign, uid
 from tests.integration.test_http_api import _auth, _campaign, _codes_of, _generate, _login
 
 pytestmark = pytest.mark.integration
@@ -36,20 +35,9 @@ _outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 async def _gift_campaign(dsn: str, *, paused: bool = False) -> Campaign:
-    now = datetime.now(UTC)
-    c = new_campaign(
-        id=uid("idem-gift"), name="idem", type="gift_card", currency="EUR", now=now,
-        gift_balance=5000,
+    return await stored_campaign(
+        dsn, paused=paused, id=uid("idem-gift"), type="gift_card", gift_balance=5000
     )
-    c = transition(c, "activate", now)
-    if paused:
-        c = transition(c, "pause", now)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await insert_campaign(conn, c, fence=None)
-    finally:
-        await conn.close()
-    return c
 
 
 def _settings(namespace: str, shards: int, **kw: Any) -> Settings:
