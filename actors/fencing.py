@@ -28,6 +28,7 @@ import asyncpg
 from engine import errors
 
 FENCED_SQLSTATE = "VF001"
+CLAIM_LOST_SQLSTATE = "VF002"
 #: a statement (or a CTE statement's final SELECT) that checks the fence: ``$1`` owner, ``$2`` epoch
 FENCE_SQL = "SELECT voucher_fence($1, $2)"
 
@@ -74,8 +75,11 @@ class Fence:
 
 def fenced_error(exc: BaseException) -> BaseException:
     """``exc`` as :class:`errors.Fenced` when it is the fence's refusal, else unchanged."""
-    if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    if state == FENCED_SQLSTATE:
         return errors.Fenced(str(exc))
+    if state == CLAIM_LOST_SQLSTATE:
+        return errors.ClaimLost(str(exc))
     return exc
 
 

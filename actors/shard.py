@@ -25,9 +25,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psutil
@@ -57,6 +57,9 @@ _outs = msgspec.msgpack.Decoder(list[Outcome])
 _campaigns_dec = msgspec.msgpack.Decoder(list[Campaign])
 # a re-sync that hangs must not hold up the rest of housekeeping
 _SYNC_TIMEOUT_S = 10.0
+
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -132,6 +135,12 @@ class ShardCore:
         self._answering = _Answering()
         # highest campaigns.revision applied by sync_campaigns (0: none yet)
         self._campaign_revision = 0
+        # one per load: a batch decided under an earlier one is never acknowledged
+        self.incarnation = 0
+        self.reloads = 0
+        # the database server we loaded from (its start time): another one means a
+        # restart or a failover, after which memory may hold what the server lost
+        self._server: datetime | None = None
 
     def _new_state(self) -> ShardState:
         return ShardState(
@@ -149,8 +158,8 @@ class ShardCore:
         if self.stopped is not None:
             raise _copy(self.stopped)
         if self._ready is None:
-            self._attempt = asyncio.get_running_loop().create_future()
-            self._ready = asyncio.ensure_future(self._load_until_loaded())
+            self._begin_load()
+        assert self._ready is not None
         while not self._ready.done():
             if self._load_error is not None:
                 raise errors.Unavailable(
@@ -161,6 +170,12 @@ class ShardCore:
         failed = self._ready.exception()
         if failed is not None:
             raise _copy(self.stopped) if self.stopped is not None else failed
+
+    def _begin_load(self) -> None:
+        self._attempt = asyncio.get_running_loop().create_future()
+        self._ready = asyncio.ensure_future(self._load_until_loaded())
+        # a retired shard's failed load is answered by ``stopped``; never "unretrieved"
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _load_until_loaded(self) -> None:
         delay = _LOAD_RETRY_FIRST_S
@@ -202,6 +217,7 @@ class ShardCore:
                 self.fence = await claim_shard(
                     conn, self.settings.namespace, self.shard_id, self.shards
                 )
+                self._server = await conn.fetchval("SELECT pg_postmaster_start_time()")
             self.store = PgShardStore(pool, self.fence)
             since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
             await self.store.load(self.state, self.buckets, since)
@@ -213,14 +229,18 @@ class ShardCore:
             self.store = self.fence = None
             pool.terminate()
             raise
+        state, store = self.state, self.store
         self.writer = WriteBehind(
-            drain=self.state.drain,
-            persist=lambda evs: self.store.write(evs, self.buckets),  # type: ignore[union-attr]
-            on_fatal=self._die,
+            drain=state.drain,
+            pending=lambda: len(state.events),
+            persist=lambda evs: store.write(evs, self.buckets),
+            on_fatal=self._writer_failed,
             window_s=self.settings.batch_window_ms / 1000.0,
             max_batch=self.settings.batch_max,
+            commit_timeout_s=self.settings.commit_timeout_s,
             observe=self.metrics.commit,
         )
+        self.incarnation += 1
         if self.state.events:  # recovery found voids to re-apply
             await self.writer.durable()
         self._housekeeping = asyncio.ensure_future(self._housekeep())
@@ -235,6 +255,35 @@ class ShardCore:
             len(self.state.codes),
             extra={"shard": self.shard_id, "codes": len(self.state.codes)},
         )
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, errors.Fenced) and not isinstance(exc, errors.ClaimLost):
+            self._die(exc)  # a newer owner holds the shard
+        else:
+            self._reload(exc)
+
+    def _reload(self, exc: BaseException) -> None:
+        """Memory may be ahead of the database (a commit failed or its outcome is unknown,
+        or the server restarted or failed over): forget it and load again, in this
+        process. Callers get ``unavailable`` at once until the load is done."""
+        if self.stopped is not None or self._ready is None or not self._ready.done():
+            return
+        self.reloads += 1
+        log.error(
+            "shard %d reloading its memory from Postgres: %r",
+            self.shard_id,
+            exc,
+            extra={"shard": self.shard_id},
+        )
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
+        store, self.store, self.writer, self.fence = self.store, None, None, None
+        self.incarnation += 1  # batches decided so far are never acknowledged
+        if store is not None:
+            store.pool.terminate()
+        self._load_error = f"reloading after {type(exc).__name__}"
+        self._begin_load()
 
     def _die(self, exc: BaseException) -> None:
         # Memory is ahead of the database (or another owner's): never answer from it
@@ -300,70 +349,122 @@ class ShardCore:
         try:
             async with self.store.pool.acquire(timeout=5) as conn:
                 epoch = await current_epoch(conn, self.fence.owner)
+                server = await conn.fetchval("SELECT pg_postmaster_start_time()", timeout=5)
         except Exception as exc:  # the database is away: the next commit will tell
             log.debug("epoch check failed: %r", exc, extra={"shard": self.shard_id})
             return
-        if epoch != self.fence.epoch:
+        if server != self._server:
+            self._reload(errors.Unavailable("the database server restarted or failed over"))
+        elif epoch is None or epoch < self.fence.epoch:
+            self._reload(errors.ClaimLost(f"the database lost {self.fence.owner}'s claim"))
+        elif epoch != self.fence.epoch:
             self._die(errors.Fenced(f"{self.fence.owner} is at epoch {epoch}, ours is {self.fence.epoch}"))
 
     def _commit_later(self) -> None:
-        assert self.writer is not None
-        self.writer.poke()
-
-    async def _ack(self) -> None:
-        assert self.writer is not None
-        if self.settings.ack_mode == "durable":
-            await self.writer.durable()
-        elif self.writer.failed:  # fast mode answers from memory: never once it failed
-            raise self.writer.failure()
-        else:
+        if self.writer is not None:
             self.writer.poke()
+
+    def _loaded(self) -> tuple[ShardState, WriteBehind]:
+        """The memory and writer of the current load (right after :meth:`ready`)."""
+        if self.writer is None:  # a reload began since ready() returned
+            raise errors.Unavailable(f"shard {self.shard_id} is reloading; retry")
+        return self.state, self.writer
+
+    def _units(self, fn: Callable[[T], Outcome], writer: WriteBehind) -> Callable[[T], Outcome]:
+        """``fn`` marking where each decision's events end (the group commit cuts and
+        isolates batches only there)."""
+
+        def one(item: T) -> Outcome:
+            out = fn(item)
+            writer.mark()
+            return out
+
+        return one
+
+    async def _ack(self, writer: WriteBehind) -> None:
+        """Acknowledge what was decided with ``writer`` (the load it was decided in)."""
+        if writer.failed:
+            raise writer.failure()
+        if writer is not self.writer:
+            raise errors.Unavailable(f"shard {self.shard_id} reloaded; retry")
+        if self.settings.ack_mode == "durable":
+            await writer.durable()
+        elif writer.behind() * 1000.0 > self.settings.fast_max_lag_ms:
+            # Fast mode answers from memory only while the writer keeps up: behind a
+            # stalled commit it waits for durability like durable mode, so a crash loses
+            # at most the decisions of the lag bound.
+            await writer.durable()
+        else:
+            writer.poke()
+
+    async def _deadline(self, work: Awaitable[T]) -> T:
+        """``work``'s result, or ``unavailable`` once the decision deadline passes. The
+        work goes on (its decision stays decided and is committed if it can be), so a
+        retry with the same idempotency key gets its answer."""
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), self.settings.decision_deadline_s
+            )
+        except TimeoutError:
+            task.add_done_callback(_retrieve)
+            raise errors.Unavailable(
+                f"shard {self.shard_id} could not decide within"
+                f" {self.settings.decision_deadline_s:g} s (storage is slow or away); the"
+                " outcome is unknown: retry with the same Idempotency-Key"
+            ) from None
 
     # --- batches -------------------------------------------------------------------------
 
     async def redeem_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
+        return await self._decided("redeem", payload, request_ids)
+
+    async def reserve_many(
+        self, payload: bytes, request_ids: list[str | None] | None = None
+    ) -> bytes:
+        return await self._decided("reserve", payload, request_ids)
+
+    async def _decided(
+        self, op: str, payload: bytes, request_ids: list[str | None] | None
+    ) -> bytes:
+        """A redeem or reserve batch: decided, acknowledged, answered within the
+        decision deadline."""
         t0 = time.perf_counter()
+        try:
+            outs = await self._deadline(self._decide(op, payload))
+            self._observe(op, outs, request_ids)
+        except Exception as exc:
+            self._batch_failed(op, exc, request_ids)
+            raise
+        return self._answer(outs, t0)
+
+    async def _decide(self, op: str, payload: bytes) -> list[Outcome]:
         with self._answering.batch():
-            try:
-                await self.ready()
-                outs = await self.keys.decide(self.store, "redeem", _req_list.decode(payload), self.state.redeem_one)
+            await self.ready()
+            state, writer = self._loaded()
+            fn = state.redeem_one if op == "redeem" else state.reserve_one
+            outs = await self.keys.decide(
+                self.store, op, _req_list.decode(payload), self._units(fn, writer)
+            )
+            if op == "redeem":
                 self.decisions += len(outs)
-                await self._ack()
-                self._observe("redeem", outs, request_ids)
-            except Exception as exc:
-                self._batch_failed("redeem", exc, request_ids)
-                raise
-            return self._answer(outs, t0)
+            await self._ack(writer)
+            return outs
 
     async def validate_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
         t0 = time.perf_counter()
         try:
-            await self.ready()
+            await self._deadline(self.ready())
             outs = [self.state.validate_one(r) for r in _req_list.decode(payload)]
             self._observe("validate", outs, request_ids)
         except Exception as exc:
             self._batch_failed("validate", exc, request_ids)
             raise
         return self._answer(outs, t0)
-
-    async def reserve_many(
-        self, payload: bytes, request_ids: list[str | None] | None = None
-    ) -> bytes:
-        t0 = time.perf_counter()
-        with self._answering.batch():
-            try:
-                await self.ready()
-                outs = await self.keys.decide(self.store, "reserve", _req_list.decode(payload), self.state.reserve_one)
-                await self._ack()
-                self._observe("reserve", outs, request_ids)
-            except Exception as exc:
-                self._batch_failed("reserve", exc, request_ids)
-                raise
-            return self._answer(outs, t0)
 
     def _answer(self, outs: list[Outcome], t0: float) -> bytes:
         self.batch_calls += 1
@@ -435,19 +536,22 @@ class ShardCore:
 
     async def refs_many(self, op: str, payload: bytes) -> bytes:
         """``rollback`` / ``confirm`` / ``release`` of ``[(id, idempotency_key)]``."""
-        await self.ready()
-        fn = {
-            "rollback": self.state.rollback_one,
-            "confirm": self.state.confirm_one,
-            "release": self.state.release_one,
-        }.get(op)
-        if fn is None:
+        if op not in ("rollback", "confirm", "release"):
             raise errors.InvalidInput(f"unknown operation {op!r}")
+        outs = await self._deadline(self._refs(op, payload))
+        self._observe(op, outs, None)
+        return _enc.encode(outs)
+
+    async def _refs(self, op: str, payload: bytes) -> list[Outcome]:
         with self._answering.batch():
-            outs = await self.keys.decide(self.store, op, _ref_list.decode(payload), lambda item: fn(*item))
-            await self._ack()
-            self._observe(op, outs, None)
-            return _enc.encode(outs)
+            await self.ready()
+            state, writer = self._loaded()
+            fn = getattr(state, f"{op}_one")
+            outs = await self.keys.decide(
+                self.store, op, _ref_list.decode(payload), self._units(lambda item: fn(*item), writer)
+            )
+            await self._ack(writer)
+            return outs
 
     async def assign_many(
         self, campaign_id: str, customers: list[str], fallback: bool = True
@@ -462,6 +566,7 @@ class ShardCore:
         customer's fallback is in flight, other requests for them wait for its answer.
         """
         await self.ready()
+        state, writer = self._loaded()
         outs: list[Outcome | None] = []
         waits: dict[int, asyncio.Future[Outcome]] = {}
         for i, cust in enumerate(customers):
@@ -476,7 +581,8 @@ class ShardCore:
                 waits[i] = fut
                 outs.append(None)
             else:
-                outs.append(self.state.assign_one(campaign_id, cust))
+                outs.append(state.assign_one(campaign_id, cust))
+                writer.mark()
         dry: dict[str, list[int]] = {}
         for i, o in enumerate(outs):
             if o is not None and o.rejection is not None and o.rejection.error == "bank_exhausted":
@@ -503,7 +609,7 @@ class ShardCore:
                     outs[i] = out
         for i, fut in waits.items():
             outs[i] = await asyncio.shield(fut)
-        await self._ack()
+        await self._ack(writer)
         done = [o for o in outs if o is not None]
         self._observe("assign", done, None)
         return _enc.encode(done)
@@ -577,9 +683,9 @@ class ShardCore:
         return changed
 
     async def _settle(self) -> None:
-        assert self.writer is not None
+        _, writer = self._loaded()
         if self.state.events:
-            await self.writer.durable()
+            await writer.durable()
         await self._answering.settled()
 
     async def sync_campaigns(self) -> int:
@@ -648,13 +754,12 @@ class ShardCore:
 
     async def flush(self) -> None:
         await self.ready()
-        assert self.writer is not None
-        await self.writer.durable()
+        _, writer = self._loaded()
+        await writer.durable()
 
     async def info(self) -> dict[str, Any]:
         await self.ready()
-        w = self.writer
-        assert w is not None
+        _, w = self._loaded()
         return {
             "shard_id": self.shard_id,
             "pid": os.getpid(),
@@ -666,6 +771,8 @@ class ShardCore:
             "events_written": w.events_written,
             "max_batch": w.max_batch_seen,
             "commit_seconds": w.commit_seconds,
+            "refused": w.refused,
+            "reloads": self.reloads,
             "batch_calls": self.batch_calls,
             "batch_seconds": self.batch_seconds,
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
@@ -684,6 +791,12 @@ def _not_owner(customer_id: str) -> Outcome:
 
 def _copy(exc: errors.Unavailable) -> errors.Unavailable:
     return type(exc)(exc.message)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a late result's exception as seen (its caller was answered already)."""
+    if not task.cancelled():
+        task.exception()
 
 
 __all__ = ["ShardCore", "CampaignStats"]

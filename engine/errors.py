@@ -305,6 +305,14 @@ class Fenced(Unavailable):
     code = "fenced"
 
 
+class ClaimLost(Fenced):
+    """The database holds an older epoch than this writer's, or none: it went back in time
+    (a failover to a standby that missed commits, a restore). The writer is not stale but
+    its memory may hold what the server lost: it claims and loads again."""
+
+    code = "claim_lost"
+
+
 class NotOwner(Unavailable):
     """The shard asked does not own the code's bucket (the shard count changed): retry,
     the caller re-reads the topology."""

@@ -888,8 +888,13 @@ class ShardState:
             out["limit"] = c.limits.total
         return out
 
-    def drain(self) -> list[Event]:
-        out, self.events = self.events, []
+    def drain(self, limit: int | None = None) -> list[Event]:
+        """Take the pending events, the oldest ``limit`` of them when given."""
+        if limit is None or limit >= len(self.events):
+            out, self.events = self.events, []
+            return out
+        out = self.events[:limit]
+        del self.events[:limit]
         return out
 
 
@@ -932,6 +937,8 @@ def _check_ids(customer_id: str | None, order_id: str | None) -> None:
     for name, value in (("customer_id", customer_id), ("order_id", order_id)):
         if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_LEN):
             raise errors.InvalidInput(f"{name} must be a string of at most {MAX_ID_LEN} characters")
+        if value is not None and "\x00" in value:  # Postgres text cannot hold it
+            raise errors.InvalidInput(f"{name} must not contain NUL characters")
 
 
 def _safe_code(raw: Any) -> str:

@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ack_mode: AckMode = "durable"
     batch_window_ms: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 2.0
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2048
+    decision_deadline_s: Annotated[float, msgspec.Meta(ge=0.1, le=120.0)] = 5.0
+    commit_timeout_s: Annotated[float, msgspec.Meta(ge=0.5, le=600.0)] = 10.0
+    fast_max_lag_ms: Annotated[float, msgspec.Meta(ge=1.0, le=60_000.0)] = 100.0
     reservation_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] = 900
     idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=365 * 86400)] = 86400
     ray_address: str | None = None
@@ -145,7 +148,25 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_BATCH_WINDOW_MS",
         "Longest a shard holds events before a group commit (0..100 ms).",
     ),
-    "batch_max": ("VOUCHER_BATCH_MAX", "Events per group commit at most."),
+    "batch_max": (
+        "VOUCHER_BATCH_MAX",
+        "Events per group commit at most (a batch is cut between decisions).",
+    ),
+    "decision_deadline_s": (
+        "VOUCHER_DECISION_DEADLINE_S",
+        "Seconds a redemption, validation or reservation may take before the client gets "
+        "503 with Retry-After (outcome unknown: retry with the same Idempotency-Key).",
+    ),
+    "commit_timeout_s": (
+        "VOUCHER_COMMIT_TIMEOUT_S",
+        "Seconds a group commit may take; a slower one counts as failed and the shard "
+        "reloads its memory from Postgres.",
+    ),
+    "fast_max_lag_ms": (
+        "VOUCHER_FAST_MAX_LAG_MS",
+        "Fast ack mode answers from memory only while the oldest uncommitted decision is "
+        "younger than this; beyond it, answers wait for the commit (the loss window).",
+    ),
     "reservation_ttl_s": (
         "VOUCHER_RESERVATION_TTL_S",
         "Seconds a reservation holds a code before it expires.",

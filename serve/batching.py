@@ -18,6 +18,13 @@ the msgpack payload, so the shard's logs name the HTTP requests. Per call, the b
 records its size, round trip and failure, and the lane's queue depth and calls in flight
 (Ray metrics, when given a :class:`~actors.observability.BatcherMetrics`).
 
+Deadline: a request waits at most ``deadline_s`` for its answer, then gets
+``unavailable`` (503, Retry-After; its outcome unknown, so a retry must carry the same
+idempotency key); a call unanswered for that long (a frozen shard process) frees its lane
+slot, and its late answer is dropped. Shards answer ``unavailable`` themselves a little
+earlier (``decision_deadline_s``), so this bound only fires when a shard cannot answer at
+all.
+
 A request a shard refuses as ``not_owner`` (the shard count changed; it was not decided)
 is routed again after the engine re-reads the topology, a few times at most; a call that
 fails makes the engine re-read it too, so the client's retry goes to the new owner.
@@ -115,6 +122,7 @@ class MicroBatcher:
         max_inflight: int = 4,
         metrics: BatcherMetrics | None = None,
         channels: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         """``engine`` is an :class:`actors.client.VoucherEngine` (only ``.shards`` and ``.n``
         are used: anything with shard handles whose ``<op>_many.remote(blob)`` returns an
@@ -122,9 +130,11 @@ class MicroBatcher:
         ``metrics``: where to record batches and queue depths (none by default).
         ``channels``: send batches to shards on this node over their Unix socket
         (:mod:`actors.channel`; asked for with ``shard.channel.remote()``), Ray calls
-        otherwise and while a socket is being (re)connected."""
+        otherwise and while a socket is being (re)connected. ``deadline_s``: the longest a
+        request waits for its answer (None: no bound)."""
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be >= 1")
+        self.deadline_s = deadline_s
         self.engine = engine
         self.max_batch = max_batch
         self.max_inflight = max_inflight
@@ -159,6 +169,9 @@ class MicroBatcher:
             raise errors.Unavailable("gateway is shutting down")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outcome] = loop.create_future()
+        if self.deadline_s is not None:
+            timer = loop.call_later(self.deadline_s, _expire, fut, self.deadline_s)
+            fut.add_done_callback(functools.partial(_cancel, timer))
         self._enqueue(op, (req, fut, request_id or request_id_var.get()), loop)
         return await fut
 
@@ -247,6 +260,17 @@ class MicroBatcher:
             self._calls.add(done)
             done.add_done_callback(self._calls.discard)
             settle = functools.partial(self._settle_call, lane, batch, t0, done)
+            if self.deadline_s is not None:
+                # a shard that never answers (a frozen process) must not hold the slot
+                timer = loop.call_later(
+                    self.deadline_s,
+                    settle,
+                    errors.Unavailable(
+                        f"shard {lane.shard} did not answer within {self.deadline_s:g} s; the"
+                        " outcome is unknown: retry with the same Idempotency-Key"
+                    ),
+                )
+                done.add_done_callback(functools.partial(_cancel, timer))
             try:
                 blob = _enc.encode([w[0] for w in batch])
                 ids = [w[2] for w in batch]
@@ -278,6 +302,8 @@ class MicroBatcher:
     def _settle_call(
         self, lane: _Lane, batch: list[_Waiter], t0: float, done: asyncio.Future[None], res: Any
     ) -> None:
+        if done.done():  # the call's deadline answered it already: a late answer is dropped
+            return
         try:
             self._settle(lane, batch, res, t0)
         finally:
@@ -421,6 +447,20 @@ async def _await(ref: Any, settle: Callable[[Any], None]) -> None:
     except Exception as exc:
         res = exc
     settle(res)
+
+
+def _cancel(timer: asyncio.TimerHandle, _: Any) -> None:
+    timer.cancel()
+
+
+def _expire(fut: asyncio.Future[Outcome], deadline_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(
+            errors.Unavailable(
+                f"no answer within {deadline_s:g} s; the outcome is unknown: retry with the"
+                " same Idempotency-Key"
+            )
+        )
 
 
 def _node_id() -> str | None:

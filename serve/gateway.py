@@ -319,7 +319,11 @@ class Gateway:
         self.notifications = notifications
         self.engine = attach_engine(self.settings)
         self.batcher = MicroBatcher(
-            self.engine, metrics=BatcherMetrics(), channels=self.settings.shard_channel
+            self.engine,
+            metrics=BatcherMetrics(),
+            channels=self.settings.shard_channel,
+            # the shard answers by its decision deadline; this fires only when it cannot
+            deadline_s=self.settings.decision_deadline_s + 1.0,
         )
         self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
         self.store = UserStore(dsn)

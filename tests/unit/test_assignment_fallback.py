@@ -61,6 +61,13 @@ class FakeWriter:
     def __init__(self, state: ShardState) -> None:
         self.state = state
         self.written: list[Any] = []
+        self.failed = False
+
+    def mark(self) -> None:
+        pass
+
+    def behind(self) -> float:
+        return 0.0
 
     async def durable(self) -> None:
         self.written += self.state.drain()

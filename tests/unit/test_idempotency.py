@@ -66,6 +66,7 @@ def test_every_not_now_error_is_transient_and_final_ones_are_not() -> None:
         "code_reserved",
         "unavailable",
         "fenced",
+        "claim_lost",
         "not_owner",
         "idempotency_in_progress",
     }

@@ -337,32 +337,38 @@ def test_shard_logs_a_failed_batch_with_its_ids(caplog: pytest.LogCaptureFixture
 def test_write_behind_reports_each_commit_attempt() -> None:
     seen: list[tuple[int, bool]] = []
     attempts = {"n": 0}
+    fatal: list[BaseException] = []
 
     async def persist(events: Any) -> None:
         attempts["n"] += 1
-        if attempts["n"] == 1:
-            raise OSError("transient")
+        if attempts["n"] == 2:
+            raise OSError("connection lost")
 
     async def main() -> None:
-        pending = ["e1", "e2"]
+        pending: list[Any] = []
 
-        def drain() -> list[Any]:
-            out, pending[:] = list(pending), []
+        def drain(n: int) -> list[Any]:
+            out, pending[:] = pending[:n], pending[n:]
             return out
 
         w = WriteBehind(
             drain=drain,
+            pending=lambda: len(pending),
             persist=persist,
-            on_fatal=lambda exc: None,
+            on_fatal=fatal.append,
             window_s=0,
             observe=lambda n, s, ok: seen.append((n, ok)),
         )
+        pending.extend(["e1", "e2"])
         await w.durable()
-        assert w.waiting == 0
+        pending.append("e3")
+        with pytest.raises(Exception, match="reloading"):
+            await w.durable()  # an unknown outcome is never retried: the shard reloads
         await w.close()
 
     asyncio.run(main())
-    assert seen == [(2, False), (2, True)]
+    assert seen == [(2, True), (1, False)]
+    assert [type(e) for e in fatal] == [OSError]
 
 
 def test_write_behind_survives_a_broken_observer() -> None:
@@ -373,8 +379,14 @@ def test_write_behind_survives_a_broken_observer() -> None:
         raise RuntimeError("metrics bug")
 
     async def main() -> None:
+        pending = ["e"]
         w = WriteBehind(
-            drain=lambda: ["e"], persist=persist, on_fatal=lambda exc: None, window_s=0, observe=broken
+            drain=lambda n: [pending.pop()] if pending else [],
+            pending=lambda: len(pending),
+            persist=persist,
+            on_fatal=lambda exc: None,
+            window_s=0,
+            observe=broken,
         )
         await asyncio.wait_for(w.durable(), 2)  # committed despite the observer
         await w.close()
