@@ -41,7 +41,9 @@ class ShardStore(Protocol):
 
     async def load(self, state: ShardState, buckets: list[int], idem_since: datetime) -> None: ...
 
-    async def write(self, events: Sequence[Event], buckets: list[int]) -> None: ...
+    async def write(self, events: Sequence[Event], buckets: list[int]) -> list[str]: ...
+
+    async def void_chunk(self, campaign_id: str, buckets: list[int], chunk: int) -> int: ...
 
     async def copy_codes(
         self, campaign_id: str, codes: list[str], balance: int | None
@@ -79,9 +81,13 @@ _UPDATE_VOUCHERS = (
     " FROM unnest({}::text[], {}::int2[], {}::text[], {}::int8[], {}::int4[])"
     " AS u(code, status, customer_id, balance, uses) WHERE t.code = u.code"
 )
-_VOID_CODES = (
-    "UPDATE vouchers SET status = 3, updated_at = now()"
-    " WHERE campaign_id = ANY({}::text[]) AND bucket = ANY({}::int2[]) AND status IN (0, 1)"
+# One chunk of an ended campaign's void: the next unredeemed rows of the shard's buckets,
+# found through the partial index of unsold codes (0012), so each chunk costs its own rows
+# whatever the campaign's size and however much of it is void already.
+_VOID_CHUNK = (
+    "UPDATE vouchers SET status = 3, updated_at = now() WHERE code = ANY(ARRAY("
+    "SELECT code FROM vouchers WHERE campaign_id = $1 AND bucket = ANY($2::int2[])"
+    " AND status IN (0, 1) LIMIT $3)) AND status IN (0, 1)"
 )
 _INSERT_REDEMPTIONS = (
     "INSERT INTO redemptions (id, campaign_id, code, bucket, customer_id, order_id,"
@@ -191,6 +197,11 @@ def _one_statement(
     return "WITH " + ", ".join(ctes) + f" SELECT voucher_fence(${n + 1}, ${n + 2})", args
 
 
+# Rows per round trip of a load's cursors: each fetch is its own short command (never one
+# statement for a whole table under the command timeout).
+_LOAD_PREFETCH = 20_000
+
+
 class PgShardStore:
     """``fence``: the shard's claimed epoch; every write checks it in its own statement or
     transaction and raises :class:`engine.errors.Fenced` when a newer owner took over."""
@@ -213,42 +224,51 @@ class PgShardStore:
                     "SELECT code, campaign_id, status, customer_id, balance, uses FROM vouchers"
                     " WHERE bucket = ANY($1::int2[])",
                     buckets,
-                    prefetch=20000,
+                    prefetch=_LOAD_PREFETCH,
                 )
                 async for r in cur:
                     state.load_voucher(r[0], r[1], r[2], r[3], r[4], r[5])
-                for r in await conn.fetch(
+                # Redemptions in the order they were made (a rollback's counters follow
+                # its redemption); the table's own order is close to it, so the sort is
+                # cheap, and rows stream through a cursor like everything else here.
+                async for r in conn.cursor(
                     "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
                     " discount_amount, balance_after, created_at, status, rolled_back_at"
                     " FROM redemptions WHERE bucket = ANY($1::int2[]) ORDER BY created_at",
                     buckets,
+                    prefetch=_LOAD_PREFETCH,
                 ):
                     state.load_redemption(Redemption(*r))
-                for r in await conn.fetch(
+                async for r in conn.cursor(
                     "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
                     " discount_amount, expires_at, state, redemption_id"
                     " FROM reservations WHERE bucket = ANY($1::int2[])",
                     buckets,
+                    prefetch=_LOAD_PREFETCH,
                 ):
                     state.load_reservation(Reservation(*r))
-                for r in await conn.fetch(
+                async for r in conn.cursor(
                     "SELECT key, fingerprint, response, created_at FROM idempotency_keys"
                     " WHERE bucket = ANY($1::int2[]) AND created_at >= $2"
                     " AND response IS NOT NULL",
                     buckets,
                     idem_since,
+                    prefetch=_LOAD_PREFETCH,
                 ):
                     state.load_idempotency(r[0], bytes(r[1]), bytes(r[2]), r[3])
-                for r in await conn.fetch(
+                async for r in conn.cursor(
                     "SELECT campaign_id, customer_id, code FROM assignments"
                     " WHERE bucket = ANY($1::int2[])",
                     buckets,
+                    prefetch=_LOAD_PREFETCH,
                 ):
                     state.load_assignment(r[0], r[1], r[2])
         state.finish_recovery()
 
-    async def write(self, events: Sequence[Event], buckets: list[int]) -> None:
-        """Persist one batch of events in one transaction."""
+    async def write(self, events: Sequence[Event], buckets: list[int]) -> list[str]:
+        """Persist one batch of events in one transaction. Returns the campaigns whose
+        codes the batch voided: their rows are voided by :meth:`void_chunk`, chunk by
+        chunk, off the group commit."""
         vouchers: dict[str, VoucherChanged] = {}
         redemptions: list[Redemption] = []
         rollbacks: list[RedemptionRolledBack] = []
@@ -281,10 +301,6 @@ class PgShardStore:
                 [x.balance for x in v],
                 [x.uses for x in v],
             ]))
-        if voided:
-            # after the row updates: a void only turns unredeemed codes void, and nothing
-            # un-voids a code of an ended campaign
-            parts.append((_VOID_CODES, [voided, buckets]))
         if redemptions:
             rd = redemptions
             parts.append((_INSERT_REDEMPTIONS, [
@@ -339,10 +355,10 @@ class PgShardStore:
                 [x.at for x in idem],
             ]))
         if not parts:
-            return
+            return voided
         async with self.pool.acquire() as conn:
             try:
-                if voided or rollbacks:
+                if rollbacks:
                     # These must see the batch's earlier changes: one statement after
                     # another, in one transaction that checks the fence first.
                     async with conn.transaction():
@@ -360,6 +376,20 @@ class PgShardStore:
                     await conn.execute(sql, *args)
             except asyncpg.PostgresError as exc:
                 raise fenced_error(exc) from None
+        return voided
+
+    async def void_chunk(self, campaign_id: str, buckets: list[int], chunk: int) -> int:
+        """Void up to ``chunk`` unredeemed codes of an ended campaign in ``buckets``, in a
+        transaction of its own that checks the fence; returns how many."""
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    if self.fence is not None:
+                        await self.fence.check(conn)
+                    status = await conn.execute(_VOID_CHUNK, campaign_id, buckets, chunk)
+            except asyncpg.PostgresError as exc:
+                raise fenced_error(exc) from None
+        return int(status.split()[-1])
 
     async def claim_keys(
         self,

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from actors.persistence import PgShardStore, campaigns_since, create_pool
 from actors.write_behind import WriteBehind
 from engine import errors
 from engine.campaigns import Campaign
-from engine.events import Rejection
+from engine.events import Event, Rejection
 from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
@@ -66,6 +66,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# rows per transaction of an ended campaign's background void
+VOID_CHUNK = 20_000
 # backoff between load attempts while the database is away
 _LOAD_RETRY_FIRST_S = 0.2
 _LOAD_RETRY_MAX_S = 5.0
@@ -135,6 +137,8 @@ class ShardCore:
         self._answering = _Answering()
         # highest campaigns.revision applied by sync_campaigns (0: none yet)
         self._campaign_revision = 0
+        # ended campaigns whose rows are being voided in the background (this load's)
+        self._voiding: dict[str, asyncio.Task[int]] = {}
         # one per load: a batch decided under an earlier one is never acknowledged
         self.incarnation = 0
         self.reloads = 0
@@ -233,7 +237,7 @@ class ShardCore:
         self.writer = WriteBehind(
             drain=state.drain,
             pending=lambda: len(state.events),
-            persist=lambda evs: store.write(evs, self.buckets),
+            persist=lambda evs: self._persist(store, evs),
             on_fatal=self._writer_failed,
             window_s=self.settings.batch_window_ms / 1000.0,
             max_batch=self.settings.batch_max,
@@ -255,6 +259,62 @@ class ShardCore:
             len(self.state.codes),
             extra={"shard": self.shard_id, "codes": len(self.state.codes)},
         )
+
+    async def _persist(self, store: PgShardStore, events: Sequence[Event]) -> None:
+        voided = await store.write(events, self.buckets)
+        for campaign_id in voided:
+            self._void_later(store, campaign_id)
+
+    def _void_later(self, store: PgShardStore, campaign_id: str) -> None:
+        """Void an ended campaign's unredeemed rows in the background, chunk by chunk (its
+        codes are void in memory already). Resumable: a load voids what is left."""
+        running = self._voiding.get(campaign_id)
+        if running is not None and not running.done():
+            return
+        task = asyncio.ensure_future(self._void(store, campaign_id))
+        self._voiding[campaign_id] = task
+        task.add_done_callback(_retrieve)
+
+    async def _void(self, store: PgShardStore, campaign_id: str) -> int:
+        total, delay, t0 = 0, _LOAD_RETRY_FIRST_S, time.monotonic()
+        while self.store is store:  # a reload starts its own void
+            try:
+                n = await store.void_chunk(campaign_id, self.buckets, VOID_CHUNK)
+            except errors.Fenced as exc:
+                self._writer_failed(exc)
+                raise
+            except Exception as exc:  # the database is away: go on when it is back
+                log.warning(
+                    "voiding campaign %s: %r; retrying in %.1f s",
+                    campaign_id,
+                    exc,
+                    delay,
+                    extra={"shard": self.shard_id, "campaign_id": campaign_id},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LOAD_RETRY_MAX_S)
+                continue
+            total += n
+            if n < VOID_CHUNK:
+                break
+            await asyncio.sleep(0)  # decisions go first
+        if total:
+            log.info(
+                "voided %d codes of ended campaign %s in %.1f s",
+                total,
+                campaign_id,
+                time.monotonic() - t0,
+                extra={"shard": self.shard_id, "campaign_id": campaign_id},
+            )
+        return total
+
+    async def voids_done(self) -> None:
+        """Wait until the background voids of ended campaigns have finished."""
+        while True:
+            running = [t for t in self._voiding.values() if not t.done()]
+            if not running:
+                return
+            await asyncio.wait(running)
 
     def _writer_failed(self, exc: BaseException) -> None:
         if isinstance(exc, errors.Fenced) and not isinstance(exc, errors.ClaimLost):
@@ -753,9 +813,12 @@ class ShardCore:
         return self.state.voucher(code)
 
     async def flush(self) -> None:
+        """Return once everything decided so far is in Postgres, ended campaigns' voids
+        included."""
         await self.ready()
         _, writer = self._loaded()
         await writer.durable()
+        await self.voids_done()
 
     async def info(self) -> dict[str, Any]:
         await self.ready()

@@ -227,14 +227,12 @@ class ShardState:
         return True
 
     def _void_unredeemed(self, slot: CampaignSlot) -> None:
-        void = self._pack(slot.index, VOID)
-        for code, packed in self.codes.items():
-            if packed >> 2 == slot.index and packed & 3 in (AVAILABLE, ASSIGNED):
-                if slot.campaign.shared_code == code:
-                    continue
-                slot.counts[packed & 3] -= 1
-                slot.counts[VOID] += 1
-                self.codes[code] = void
+        """End: every unredeemed code is void. O(1) however many codes the campaign has:
+        the counts move at once, and a code of an ended campaign still packed available or
+        assigned *reads* as void (:meth:`_status`); its row is voided in Postgres by the
+        shard's background void (the ``CodesVoided`` event), chunk by chunk."""
+        slot.counts[VOID] += slot.counts[AVAILABLE] + slot.counts[ASSIGNED]
+        slot.counts[AVAILABLE] = slot.counts[ASSIGNED] = 0
         slot.available.clear()
         for res_id in [r for r, res in self.reservations.items() if res.campaign_id == slot.campaign.id]:
             if self.reservations[res_id].state == HELD:
@@ -379,7 +377,7 @@ class ShardState:
             self._check_owner(bucket_of(code))
             raise errors.UnknownCode(f"no voucher has code {code!r}")
         slot = self._slots[packed >> 2]
-        return code, slot, packed & 3
+        return code, slot, _status(packed, slot)
 
     def _check(
         self, req: RedeemRequest, *, reservation: Reservation | None = None
@@ -513,7 +511,7 @@ class ShardState:
                 slot.per_customer[r.customer_id] -= 1
             self.events.append(VoucherChanged(r.code, AVAILABLE, None, None, slot.uses))
         else:
-            status = self.codes[r.code] & 3
+            status = _status(self.codes[r.code], slot)
             balance: int | None = None
             uses = 0
             if c.is_gift_card:
@@ -867,7 +865,7 @@ class ShardState:
             gift_balance_outstanding=sum(
                 b for c, b in slot.balances.items() if self.codes.get(c, VOID) & 3 != VOID
             )
-            if slot.campaign.is_gift_card
+            if slot.campaign.is_gift_card and slot.campaign.state != "ended"
             else 0,
         )
 
@@ -931,6 +929,14 @@ def _valid_key(key: Any) -> bool:
 
 def _conflict(key: str) -> errors.IdempotencyConflict:
     return errors.IdempotencyConflict(f"idempotency key {key!r} was used with a different request")
+
+
+def _status(packed: int, slot: CampaignSlot) -> int:
+    """A code's status: an unredeemed code of an ended campaign is void."""
+    status = packed & 3
+    if status < REDEEMED and slot.campaign.state == "ended":
+        return VOID
+    return status
 
 
 def _check_ids(customer_id: str | None, order_id: str | None) -> None:

@@ -8,6 +8,7 @@ topology never touch the session engine's shards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -108,8 +109,10 @@ async def test_fast_mode_owner_stops_acknowledging_once_fenced(services) -> None
     codes = [uid("F").upper() for _ in range(3)]
     assert await old.core.add_codes(cid, codes) == 3
     new = await Owner(dsn, ns).start()
-    # fast mode answers from memory: this one is inside the documented loss window...
-    assert (await old.redeem(codes[0])).redemption is not None
+    # fast mode answers from memory: this one is inside the documented loss window (unless
+    # the idle epoch check, every 2 s, found the new owner first)...
+    with contextlib.suppress(errors.Fenced):
+        assert (await old.redeem(codes[0])).redemption is not None
     await asyncio.sleep(0.2)  # ...its batch reaches the fence and fails
     assert old.core.stopped is not None and old.exits == [1]
     with pytest.raises(errors.Fenced):

@@ -256,6 +256,7 @@ async def test_ending_voids_unredeemed_codes_in_memory_and_db(engine, services):
         await engine.redeem(RedeemRequest(code=codes[1], amount=1000, currency="EUR"))
     stats = await engine.stats(cid)
     assert (stats.redeemed, stats.void) == (1, 19)
+    await engine.flush()  # the rows are voided in the background, chunk by chunk
     rows = await fetch(
         db, "SELECT status, count(*) AS n FROM vouchers WHERE campaign_id=$1 GROUP BY status", cid
     )

@@ -351,3 +351,26 @@ async def test_not_owner_is_answered_after_a_few_reroutes_when_nothing_moves() -
     out = await asyncio.wait_for(batcher.submit("redeem", req("STUCK1")), 5)
     assert out.rejection is not None and out.rejection.error == errors.NotOwner.code
     assert engine.refreshes == 3  # bounded: the caller gets a 503 and retries later
+
+
+async def test_a_shard_that_never_answers_gets_its_callers_unavailable_by_the_deadline() -> None:
+    engine = FakeEngine(1)
+    shard = engine.shards[0]
+    frozen = shard.gate = asyncio.Event()  # a frozen shard process: calls never return
+    b = MicroBatcher(engine, max_inflight=1, deadline_s=0.2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    got = await asyncio.gather(
+        *[b.submit("redeem", req(f"C{i}")) for i in range(3)], return_exceptions=True
+    )
+    assert all(isinstance(g, errors.Unavailable) for g in got), got
+    assert "retry with the same Idempotency-Key" in str(got[0])
+    assert loop.time() - t0 < 0.6
+    # the stuck call gave its lane slot back: once the shard answers again, so does the lane
+    shard.gate = None
+    out = await asyncio.wait_for(b.submit("redeem", req("D1")), 2)
+    assert out.rejection is not None and out.rejection.message == "D1"
+    # the frozen calls' late answers are dropped without touching anyone
+    frozen.set()
+    await asyncio.sleep(0.05)
+    assert b.inflight == 0
