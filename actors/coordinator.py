@@ -377,6 +377,7 @@ class CoordinatorCore:
                         f"being generated, so at most {room} more"
                     )
                 count = room
+            count = await self._fits(campaign_id, count, up_to)
             plan = codes.plan(c.code_spec, count, existing=used)
             job = {
                 "id": new_id("job", 0, os.urandom)[4:],
@@ -394,6 +395,27 @@ class CoordinatorCore:
             self.jobs[job["id"]] = job
         self._spawn(self._generate(job, c))
         return dict(job)
+
+    async def _fits(self, campaign_id: str, count: int, up_to: bool) -> int:
+        """``count``, or as much of it as the shards' memory still holds (``up_to``);
+        refuses a generation that would not fit."""
+        per_shard = self.settings.max_codes_per_shard
+        capacity = per_shard * len(self.shards)
+        held = sum(await asyncio.gather(*[_call(s.codes_held.remote()) for s in self.shards]))
+        coming = sum(
+            j["requested"] - j["generated"] for j in self.jobs.values() if j["state"] == "running"
+        )
+        room = max(0, capacity - held - coming)
+        if count <= room:
+            return count
+        if up_to and room > 0:
+            return room
+        raise errors.CapacityExceeded(
+            f"{count} more codes do not fit: the shards hold {held} codes and {coming} are"
+            f" being generated, of {capacity} at most ({len(self.shards)} shards x"
+            f" {per_shard}, about 100 bytes of shard memory per code), so at most {room}"
+            " more; add shards (voucher-engine reshard) or raise VOUCHER_MAX_CODES_PER_SHARD"
+        )
 
     async def _next_chunk(self, job: dict[str, Any]) -> tuple[Campaign, int]:
         """The campaign as it is now and the size of the job's next chunk, capped by what

@@ -268,14 +268,17 @@ class ShardCore:
     def _void_later(self, store: PgShardStore, campaign_id: str) -> None:
         """Void an ended campaign's unredeemed rows in the background, chunk by chunk (its
         codes are void in memory already). Resumable: a load voids what is left."""
-        running = self._voiding.get(campaign_id)
-        if running is not None and not running.done():
-            return
-        task = asyncio.ensure_future(self._void(store, campaign_id))
+        # after a void already running (it may have passed rows committed since)
+        before = self._voiding.get(campaign_id)
+        task = asyncio.ensure_future(self._void(store, campaign_id, before))
         self._voiding[campaign_id] = task
         task.add_done_callback(_retrieve)
 
-    async def _void(self, store: PgShardStore, campaign_id: str) -> int:
+    async def _void(
+        self, store: PgShardStore, campaign_id: str, before: asyncio.Task[int] | None
+    ) -> int:
+        if before is not None and not before.done():
+            await asyncio.wait([before])
         total, delay, t0 = 0, _LOAD_RETRY_FIRST_S, time.monotonic()
         while self.store is store:  # a reload starts its own void
             try:
@@ -799,6 +802,11 @@ class ShardCore:
             raise
         self.state.admit_codes(campaign_id, fresh)
         return len(fresh)
+
+    async def codes_held(self) -> int:
+        """Codes in this shard's memory (every campaign, void ones included)."""
+        await self.ready()
+        return len(self.state.codes)
 
     async def codes_in_campaign(self, campaign_id: str) -> int:
         await self.ready()

@@ -110,6 +110,10 @@ class VoucherShard:
         return await self.core.codes_in_campaign(campaign_id)
 
     @guarded
+    async def codes_held(self) -> int:
+        return await self.core.codes_held()
+
+    @guarded
     async def stats(self, campaign_id: str) -> bytes:
         return await self.core.stats(campaign_id)
 

@@ -47,6 +47,13 @@ class InfeasibleGeneration(InvalidInput):
     code = "infeasible_generation"
 
 
+class CapacityExceeded(InvalidInput):
+    """The codes asked for would not fit in the shards' memory (every code lives in its
+    shard's memory, about 100 bytes each): fewer, more shards, or a higher per-shard cap."""
+
+    code = "capacity_exceeded"
+
+
 class MalformedCode(InvalidInput):
     """The code is not well-formed for its campaign (wrong length, charset, check char)."""
 

@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ray_address: str | None = None
     namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "voucher"
     generation_chunk: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
+    max_codes_per_shard: Annotated[int, msgspec.Meta(ge=1000, le=1_000_000_000)] = 20_000_000
     campaign_confirm_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 3.0
     campaign_sync_s: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 2.0
     log_level: LogLevel = "INFO"
@@ -183,6 +184,11 @@ _ENV: dict[str, tuple[str, str]] = {
     "generation_chunk": (
         "VOUCHER_GENERATION_CHUNK",
         "Codes generated and stored per chunk of a generation job.",
+    ),
+    "max_codes_per_shard": (
+        "VOUCHER_MAX_CODES_PER_SHARD",
+        "Codes one shard holds at most (about 100 bytes of shard memory each); generation "
+        "beyond shards x this is refused with capacity_exceeded.",
     ),
     "campaign_confirm_timeout_s": (
         "VOUCHER_CAMPAIGN_CONFIRM_TIMEOUT_S",

@@ -70,6 +70,7 @@ class BankShard:
         self.put_campaign = _Method(self._put)
         self.put_campaigns = _Method(self._put_many)
         self.codes_in_campaign = _Method(self._count)
+        self.codes_held = _Method(self._held)
         self.add_codes = _Method(self._add)
 
     async def _put(self, payload: bytes) -> int:
@@ -90,6 +91,11 @@ class BankShard:
         ))
         await asyncio.sleep(self.count_delay)
         return n
+
+    async def _held(self) -> int:
+        return int(await fetchval(
+            self.dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = ANY($1)", list(self.held)
+        ))
 
     async def _add(self, campaign_id: str, codes: list[str]) -> int:
         self.adds += 1
@@ -181,6 +187,39 @@ async def test_jobs_and_a_refill_never_exceed_the_total(services: Any) -> None:
         jobs = [await _wait(core, i) for i in ids]
         assert sum(j["requested"] for j in jobs) <= 100, jobs
         assert await fetchval(dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = $1", cid2) <= 100
+    finally:
+        await core.close()
+
+
+async def test_generation_beyond_the_shards_memory_is_refused(services: Any) -> None:
+    dsn = services.database_url
+    settings = Settings(
+        shards=1, namespace=uid("gen-ns"), generation_chunk=500, max_codes_per_shard=1000
+    )
+    bank = BankShard(dsn)
+    core = CoordinatorCore([bank], dsn, settings)
+    try:
+        fields = {"name": "capacity", "type": "discount", "currency": "EUR",
+                  "discount": Discount("percent", 5)}
+        cid = uid("cap")
+        await core.create_campaign({**fields, "id": cid})
+        base = await bank._held()  # codes of campaigns other tests left in this database
+        assert base <= 300
+        room = 1000 - base
+        with pytest.raises(errors.CapacityExceeded, match=f"at most {room} more"):
+            await core.start_generation(cid, room + 1)
+        running = await core.start_generation(cid, 500)
+        # what is being generated counts as well as what is held
+        with pytest.raises(errors.CapacityExceeded, match="500 are being generated"):
+            await core.start_generation(cid, room - 499)
+        assert (await _wait(core, running["id"]))["state"] == "done"
+        with pytest.raises(errors.CapacityExceeded, match=f"hold {base + 500} codes"):
+            await core.start_generation(cid, room)
+        # a refill takes what still fits
+        refill = await core.start_generation(cid, room, up_to=True)
+        assert refill["requested"] == room - 500
+        assert (await _wait(core, refill["id"]))["state"] == "done"
+        assert await bank._held() == 1000
     finally:
         await core.close()
 
