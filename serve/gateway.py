@@ -21,12 +21,12 @@ import hmac
 import logging
 import time
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
 import msgspec
-from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
@@ -57,8 +57,9 @@ from serve.auth import (
     parse_api_key,
 )
 from serve.batching import MicroBatcher
-from serve.idempotency import scoped_key
+from serve.idempotency import MAX_KEY_LEN, scoped_key
 from serve.models import (
+    MAX_INT64,
     ApiKeyIn,
     ApiKeyOut,
     CampaignIn,
@@ -68,6 +69,7 @@ from serve.models import (
     CustomerOut,
     GenerateIn,
     ImportOut,
+    IsoDateTime,
     IssuanceIn,
     IssuanceJobOut,
     JobOut,
@@ -82,6 +84,8 @@ from serve.models import (
     UserOut,
     ValidationOut,
     WebhookIn,
+    unstorable,
+    unstorable_params,
 )
 from serve.problems import (
     BodySizeLimit,
@@ -89,6 +93,7 @@ from serve.problems import (
     from_engine_error,
     install_problem_handlers,
     internal_error_problem,
+    path_methods,
     problem,
     problem_responses,
 )
@@ -154,7 +159,12 @@ def _unbind_request_id(token: Any) -> None:
 
 
 def _decode_checkout(raw: bytes) -> _Checkout:
-    return _checkout_decoder.decode(raw)
+    """The fast lane's body; raises ``msgspec.ValidationError`` for one it does not take
+    (what the FastAPI route then answers), unstorable text included."""
+    body = _checkout_decoder.decode(raw)
+    if unstorable((body.code, body.customer_id, body.order.id)):
+        raise msgspec.ValidationError("unstorable text")
+    return body
 
 
 def _encode(payload: Any) -> bytes:
@@ -179,22 +189,39 @@ def _ip(request: Request) -> str:
 
 class _GatewayAPI(FastAPI):
     """FastAPI with a fast lane in front of its whole middleware stack: well-formed POSTs to
-    the checkout endpoints go to ``Gateway._hot`` (see there)."""
+    the checkout endpoints go to ``Gateway._hot`` (see there). Concrete paths shadow the
+    templated ones for every method (serve.problems.PathMethods)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = _HOT_ROUTES.get(scope["path"])
-            if route is not None and _HOT_GATEWAY is not None:
-                await _HOT_GATEWAY._hot(self, route, scope, receive, send)
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                route = _HOT_ROUTES.get(scope["path"])
+                if route is not None and _HOT_GATEWAY is not None:
+                    await _HOT_GATEWAY._hot(self, route, scope, receive, send)
+                    return
+            refusal = path_methods(self).refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
 
+async def _storable_params(request: Request) -> None:
+    """Every route's path and query parameters (and stored headers) must be text Postgres
+    can store; request bodies are checked by their models (serve/models.py)."""
+    found = unstorable_params(request.path_params, request.query_params, request.headers)
+    if found:
+        raise RequestValidationError(found)
+
+
 api = _GatewayAPI(
+    dependencies=[Depends(_storable_params)],
     title="Voucher engine",
     version="1.0",
     description="Campaigns, voucher codes and exactly-once redemption. Amounts are integers "
-    "in minor units. Errors are RFC 9457 problems.",
+    "in minor units. Errors are RFC 9457 problems. No string of a request (body field, path "
+    "or query parameter) may contain a NUL character (U+0000) or an unpaired surrogate: "
+    "such a request is refused with 422.",
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
@@ -387,7 +414,7 @@ class Gateway:
         self,
         body: CheckoutIn,
         request: Request,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN),
     ) -> Any:
         return await self._checkout_answer(
             "redeem",
@@ -410,7 +437,7 @@ class Gateway:
         self,
         body: CheckoutIn,
         request: Request,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN),
     ) -> Any:
         return await self._checkout_answer(
             "reserve",
@@ -646,7 +673,7 @@ class Gateway:
         response: Response,
         state: str | None = Query(None, pattern="^(draft|active|paused|ended)$"),
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_INT64),
     ) -> Any:
         await self._guard(request, response, "campaigns.read")
         return _unwrap(await self.campaigns.list.remote(state, limit, offset))
@@ -864,6 +891,9 @@ class Gateway:
                 await FastAPI.__call__(app, scope, _replay(raw, receive), send)
                 return
             idem = h.get(b"idempotency-key")
+            if idem is not None and b"\x00" in idem:
+                await FastAPI.__call__(app, scope, _replay(raw, receive), send)
+                return
             auth = h.get(b"authorization")
             key = h.get(b"x-api-key")
             client = scope.get("client")
@@ -905,7 +935,7 @@ class Gateway:
         redemption_id: str,
         request: Request,
         response: Response,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN),
     ) -> Any:
         p = await self._guard(request, response, "redemptions.rollback")
         key = scoped_key(p, idempotency_key)
@@ -923,7 +953,7 @@ class Gateway:
         reservation_id: str,
         request: Request,
         response: Response,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN),
     ) -> Any:
         p = await self._guard(request, response, "reservations.write")
         key = scoped_key(p, idempotency_key)
@@ -940,7 +970,7 @@ class Gateway:
         reservation_id: str,
         request: Request,
         response: Response,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN),
     ) -> Any:
         p = await self._guard(request, response, "reservations.write")
         key = scoped_key(p, idempotency_key)
@@ -964,7 +994,9 @@ class Gateway:
         tags=["notifications"],
         responses=problem_responses(*_GUARDED, 404, 422),
     )
-    async def read_notification(self, notification_id: int, request: Request, response: Response) -> Any:
+    async def read_notification(
+        self, request: Request, response: Response, notification_id: int = Path(ge=1, le=MAX_INT64)
+    ) -> Any:
         await self._guard(request, response, "notifications.read")
         return _unwrap(await self.notifications.mark_read.remote(notification_id))
 
@@ -1094,7 +1126,7 @@ class Gateway:
         self,
         request: Request,
         response: Response,
-        notification_id: int = Path(ge=1, le=2**63 - 1),
+        notification_id: int = Path(ge=1, le=MAX_INT64),
     ) -> Any:
         """Where a notification was sent (email, webhooks) and every attempt."""
         await self._guard(request, response, "notifications.read")
@@ -1146,7 +1178,7 @@ class Gateway:
         state: str | None = Query(None, pattern="^(queued|sending|sent|failed|dead)$"),
         channel: str | None = Query(None, pattern="^(email|sms|push)$"),
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_INT64),
     ) -> Any:
         """The campaign's delivery records (one per message), optionally by state/channel."""
         await self._guard(request, response, "deliveries.read")
@@ -1257,8 +1289,8 @@ class Gateway:
         request: Request,
         response: Response,
         bucket: str = Query("hour", pattern="^(minute|hour|day)$"),
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: IsoDateTime | None = None,
+        until: IsoDateTime | None = None,
         format: str | None = Query(None, pattern="^(json|csv)$"),
     ) -> Any:
         """Redemptions per minute, or per hour/day of the campaign's time zone; empty

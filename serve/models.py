@@ -2,18 +2,134 @@
 
 Every request model forbids unknown fields, so a typo in a field name is a 422 that names
 the field instead of being silently ignored. Amounts are integers in minor units.
+
+Request models are strict: a field the schema calls an integer takes a JSON integer (``3``
+or ``3.0``), not ``1.5``, ``"3"`` or ``true``, and a boolean takes ``true``/``false``, not
+``0``, so what the API accepts is what its OpenAPI document says. Every string of a request -- body
+fields, path and query parameters, the idempotency key -- must be text Postgres can store:
+no NUL character and no unpaired surrogate (a JSON ``"\\ud800"``). Postgres refuses both
+when it writes them, which would fail a whole group commit instead of one request, so they
+are refused here, as a 422 naming the field.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# --- text Postgres can store -----------------------------------------------------------
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_TEXT = "unstorable_text"
+UNSTORABLE_MSG = "text must not contain NUL (U+0000) or unpaired surrogate characters"
+# The largest value of a Postgres bigint: every integer path or query parameter is bounded
+# by it, so none can overflow a query (a 422 instead of a 500).
+MAX_INT64 = 2**63 - 1
+
+
+def unstorable(value: Any) -> bool:
+    """Whether ``value`` (a string, or a list/dict of them, keys included) holds a
+    character Postgres cannot store in a text or jsonb column."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item):
+                return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return False
+
+
+def storable(value: Any) -> Any:
+    """``value`` itself, or a validation error when it holds unstorable text."""
+    if unstorable(value):
+        raise PydanticCustomError(UNSTORABLE_TEXT, UNSTORABLE_MSG)
+    return value
+
+
+def _iso_datetime(value: Any) -> Any:
+    # Lax pydantic reads a number (or "0.5") as a Unix time; the schema says an ISO 8601
+    # date-time string, so that is what is accepted.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("datetime_type", "Input should be an ISO 8601 date-time string")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "datetime_from_date_parsing", "Input should be an ISO 8601 date-time, e.g. 2030-01-31T12:00:00Z"
+        ) from None
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime)]
+
+# The one header whose value is stored (scoped, with the redemption it keys).
+_STORED_HEADERS = ("idempotency-key",)
+
+
+def unstorable_params(
+    path: Mapping[str, Any], query: Any, headers: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Validation errors (pydantic's shape) for every path parameter, query parameter and
+    stored header that holds unstorable text; ``query`` is a multi-dict (``multi_items``)."""
+    found: list[dict[str, Any]] = []
+    for name, value in path.items():
+        if unstorable(value):
+            found.append({"loc": ("path", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
+    for name, value in query.multi_items():
+        if unstorable(name) or unstorable(value):
+            found.append({"loc": ("query", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
+    for name in _STORED_HEADERS:
+        value = headers.get(name)
+        if value is not None and unstorable(value):
+            found.append({"loc": ("header", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
+    return found
+
+Role = Literal["admin", "manager", "analyst", "integration", "customer"]
+
+
+def _json_integers(value: Any) -> Any:
+    """JSON Schema's integer is any number without a fraction: ``3.0`` is the integer 3
+    (``1.5`` stays a float, refused where an integer is expected)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_json_integers(v) for v in value]
+    return value
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """The base of every request model: unknown fields, values of the wrong JSON type and
+    unstorable text are all refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers(cls, value: Any) -> Any:
+        return _json_integers(value)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
+        return storable(value)
 
 
 # --- problems --------------------------------------------------------------------------
@@ -53,7 +169,7 @@ class RegisterIn(Strict):
     )
 
     email: str = Field(max_length=254)
-    password: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=8, max_length=128)
     name: str = Field(min_length=1, max_length=200)
 
 
@@ -68,9 +184,13 @@ class TokenOut(BaseModel):
     expires_in: int
 
 
+def _integration_role() -> list[Role]:
+    return ["integration"]
+
+
 class ApiKeyIn(Strict):
     name: str = Field(min_length=1, max_length=100)
-    roles: list[str] = Field(default_factory=lambda: ["integration"], min_length=1, max_length=5)
+    roles: list[Role] = Field(default_factory=_integration_role, min_length=1, max_length=5)
 
 
 class ApiKeyOut(BaseModel):
@@ -81,7 +201,7 @@ class ApiKeyOut(BaseModel):
 
 
 class RolesIn(Strict):
-    roles: list[str] = Field(min_length=1, max_length=5)
+    roles: list[Role] = Field(min_length=1, max_length=5)
 
 
 class UserOut(BaseModel):
@@ -144,8 +264,8 @@ class CampaignIn(Strict):
     discount: DiscountIn | None = None
     gift_balance: int | None = Field(default=None, ge=1, le=10**12)
     min_order: int = Field(default=0, ge=0, le=10**12)
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
+    starts_at: IsoDateTime | None = None
+    ends_at: IsoDateTime | None = None
     timezone: str = Field(default="UTC", max_length=64)
     limits: LimitsIn | None = None
     windows: list[WindowIn] = Field(default_factory=list, max_length=28)
@@ -280,7 +400,7 @@ class CustomerIn(Strict):
     consent_email: bool | None = None
     consent_sms: bool | None = None
     consent_push: bool | None = None
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(None, max_length=50)
 
 
 class CustomerOut(BaseModel):
@@ -316,7 +436,7 @@ class ImportOut(BaseModel):
 class SelectionIn(Strict):
     """Exactly one of: ``customer_ids`` (up to 10,000), ``tag``, ``all: true``."""
 
-    customer_ids: list[str] | None = None
+    customer_ids: list[str] | None = Field(None, min_length=1, max_length=10_000)
     tag: str | None = None
     all: bool | None = None
 
@@ -367,5 +487,6 @@ class TemplateIn(Strict):
     )
     locale: str = Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,8}([_-][A-Za-z0-9]{1,8})*$")
     subject: str | None = Field(None, max_length=998)
-    body: str = Field(min_length=1, max_length=65536)
+    # The whole request must fit the 64 KiB body limit (VOUCHER_MAX_BODY_BYTES).
+    body: str = Field(min_length=1, max_length=60_000)
     default: bool = False

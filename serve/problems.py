@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -228,6 +229,80 @@ def http_problem(exc: HTTPException) -> Response:
     return problem(status, slug, _phrase(status), detail, headers=exc.headers)
 
 
+# --- methods a path supports (405 and its Allow header) ----------------------------------
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _template_regex(path: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}/]+\})", path)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts) + "$")
+
+
+class PathMethods:
+    """The methods each path supports, from the OpenAPI document (plus the app's own plain
+    routes: /docs, /openapi.json), for 405 answers and their ``Allow`` header.
+
+    Starlette answers a 405 with the methods of the first route whose path matched, so a
+    path served by two routes (GET and POST of ``/v1/campaigns``) advertised only one of
+    them. Here every operation of the path counts. And, as OpenAPI reads paths, a concrete
+    path shadows the templated ones that also match it, for every method:
+    ``/v1/customers/import`` is not the customer ``import`` of ``/v1/customers/{customer_id}``.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._concrete: dict[str, frozenset[str]] | None = None
+        self._templated: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+    def _table(self) -> dict[str, frozenset[str]]:
+        if self._concrete is None:
+            paths: dict[str, set[str]] = {}
+            for path, item in self.app.openapi().get("paths", {}).items():
+                paths.setdefault(path, set()).update(m.upper() for m in item if m in _HTTP_METHODS)
+            for route in self.app.router.routes:
+                path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+                if isinstance(path, str) and methods:
+                    paths.setdefault(path, set()).update(methods)
+            self._templated = [
+                (_template_regex(path), frozenset(m)) for path, m in paths.items() if "{" in path
+            ]
+            self._concrete = {path: frozenset(m) for path, m in paths.items() if "{" not in path}
+        return self._concrete
+
+    def allowed(self, path: str) -> list[str]:
+        concrete = self._table().get(path)
+        if concrete is not None:
+            return sorted(concrete)
+        found: set[str] = set()
+        for regex, methods in self._templated:
+            if regex.match(path):
+                found |= methods
+        return sorted(found)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """A 405 problem for a method the concrete path of the request does not support
+        (None for anything else: routing decides)."""
+        methods = self._table().get(get_route_path(scope))
+        if methods is None or scope["method"] in methods:
+            return None
+        return method_not_allowed_problem(sorted(methods))
+
+
+def path_methods(app: Any) -> PathMethods:
+    """The app's PathMethods, built on first use (the routes are all declared by then)."""
+    found = getattr(app.state, "path_methods", None)
+    if found is None:
+        found = app.state.path_methods = PathMethods(app)
+    return found
+
+
+def method_not_allowed_problem(allowed: list[str]) -> JSONResponse:
+    return problem(
+        405, "method-not-allowed", _phrase(405), "Method Not Allowed", headers={"Allow": ", ".join(allowed)}
+    )
+
+
 def payload_too_large_problem(max_bytes: int) -> JSONResponse:
     return problem(
         413,
@@ -261,6 +336,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         if isinstance(exc, PayloadTooLarge):
             return payload_too_large_problem(exc.max_bytes)
+        if exc.status_code == 405:
+            methods = path_methods(app).allowed(get_route_path(request.scope))
+            return method_not_allowed_problem(methods)
         return http_problem(exc)
 
     async def on_json_error(request: Request, exc: Exception) -> Response:
