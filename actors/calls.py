@@ -61,6 +61,9 @@ def _unavailable(exc: Exception) -> Exception:
     if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
         return errors.Unavailable(f"actor unavailable, retry: {exc.__class__.__name__}")
     if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, errors.VoucherError):  # an unguarded method's engine error
+            return errors.from_code(cause.code, getattr(cause, "message", None) or str(cause))
         return errors.Unavailable(f"actor call failed: {exc.__class__.__name__}")
     return exc
 

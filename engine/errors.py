@@ -341,8 +341,14 @@ def _all_subclasses(cls: type[VoucherError]) -> list[type[VoucherError]]:
 
 
 def registry() -> dict[str, type[VoucherError]]:
-    """Every error class by its code."""
-    return {c.code: c for c in _all_subclasses(VoucherError)}
+    """Every error class by its code (where subclasses share one, the last defined).
+    Classes with a base outside this tree are left out: Ray derives one per remote failure
+    (``RayTaskError(Unavailable)``), which must never be what a code rebuilds."""
+    return {
+        c.code: c
+        for c in _all_subclasses(VoucherError)
+        if c is VoucherError or all(issubclass(b, VoucherError) for b in c.__bases__)
+    }
 
 
 @functools.cache

@@ -468,7 +468,5 @@ def _node_id() -> str | None:
 
 
 def _copy(exc: errors.VoucherError) -> errors.VoucherError:
-    try:
-        return type(exc)(exc.message)
-    except Exception:
-        return exc
+    # by code, not type(exc): a class Ray derived for a remote failure is no engine error
+    return errors.from_code(exc.code, getattr(exc, "message", None) or str(exc))

@@ -143,10 +143,11 @@ def from_engine_error(exc: errors.VoucherError) -> JSONResponse:
     headers: dict[str, str] = {}
     if status == 503:
         headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
-    detail = exc.message
+    # getattr: an error class Ray derived for a remote failure has no message of its own
+    detail = getattr(exc, "message", None) or str(exc)
     if status >= 500 and not isinstance(exc, errors.Unavailable):
         # ConfigError & co. are bugs or misconfiguration: log them, do not describe them.
-        log.error("engine error answered as %d: %s: %s", status, exc.code, exc.message)
+        log.error("engine error answered as %d: %s: %s", status, exc.code, detail)
         detail = "internal error"
     return problem(status, slug_for(exc), title_for(exc), detail, headers=headers, code=exc.code)
 
@@ -314,6 +315,40 @@ def payload_too_large_problem(max_bytes: int) -> JSONResponse:
     )
 
 
+# SQLSTATE classes of a database that is away or overloaded, not of a bad request:
+# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
+# cannot connect now), 58 system error.
+_DOWN_SQLSTATE = ("08", "53", "57", "58")
+
+
+def dependency_down(exc: BaseException) -> bool:
+    """Whether ``exc`` means a dependency (Postgres, Valkey, an actor) is away or slow,
+    which the client should retry, rather than a bug."""
+    import asyncpg
+    import ray
+    import redis.exceptions
+
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(state, str) and state[:2] in _DOWN_SQLSTATE
+    return isinstance(
+        exc,
+        asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | ConnectionError
+        | TimeoutError
+        | redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | ray.exceptions.RayActorError
+        | ray.exceptions.ActorUnavailableError
+        | ray.exceptions.GetTimeoutError,
+    )
+
+
+def unavailable_problem(detail: str) -> JSONResponse:
+    return from_engine_error(errors.Unavailable(detail))
+
+
 def internal_error_problem(incident: str) -> JSONResponse:
     # The incident id is logged with the traceback, so support can find it; nothing else
     # about the failure leaves the server.
@@ -345,6 +380,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         return malformed_json_problem()
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
+        if dependency_down(exc):
+            log.warning(
+                "%s %s: a dependency is away: %r", request.method, request.url.path, exc
+            )
+            return unavailable_problem("a service the engine needs is away or slow; retry")
         incident = uuid.uuid4().hex
         log.error(
             "unhandled error on %s %s (incident %s)",

@@ -231,6 +231,26 @@ def make_app(max_bytes: int | None = None) -> FastAPI:
     async def down() -> None:
         raise errors.Unavailable("shard reloading")
 
+    @app.get("/pg-down")
+    async def pg_down() -> None:
+        import asyncpg
+
+        raise asyncpg.CannotConnectNowError("the database system is starting up")
+
+    @app.get("/pg-bug")
+    async def pg_bug() -> None:
+        import asyncpg
+
+        raise asyncpg.UndefinedColumnError("column x does not exist")
+
+    @app.get("/ray-error")
+    async def ray_error() -> None:
+        import ray
+
+        raise ray.exceptions.RayTaskError(
+            "channel", "traceback", errors.Unavailable("shard 1 is reloading")
+        ).as_instanceof_cause()
+
     @app.get("/boom")
     async def boom() -> None:
         raise RuntimeError("database password is hunter2")
@@ -262,6 +282,34 @@ async def test_engine_errors_become_problems() -> None:
     reply, _ = await asgi_request(app, "GET", "/down")
     assert_problem(reply, 503, "unavailable")
     assert reply.headers["retry-after"] == "1"
+
+
+async def test_a_dependency_that_is_away_is_503_and_a_bug_is_500() -> None:
+    app = make_app()
+    reply, _ = await asgi_request(app, "GET", "/pg-down")
+    assert_problem(reply, 503, "unavailable")
+    assert reply.headers["retry-after"] == "1"
+    reply, _ = await asgi_request(app, "GET", "/pg-bug")
+    assert_problem(reply, 500, "internal-error")
+
+
+async def test_an_engine_error_ray_wrapped_is_answered_as_itself() -> None:
+    # A class Ray derives for a remote failure is an engine error without its attributes.
+    reply, _ = await asgi_request(make_app(), "GET", "/ray-error")
+    body = assert_problem(reply, 503, "unavailable")
+    assert "shard 1 is reloading" in body["detail"]
+
+
+def test_a_ray_task_error_crossing_a_call_comes_back_as_the_engine_error() -> None:
+    import ray
+
+    from actors.calls import _unavailable
+
+    wrapped = ray.exceptions.RayTaskError(
+        "channel", "traceback", errors.Fenced("shard 0 was fenced")
+    ).as_instanceof_cause()
+    got = _unavailable(wrapped)
+    assert type(got) is errors.Fenced and got.message == "shard 0 was fenced"
 
 
 async def test_validation_error_lists_fields_without_echoing_input() -> None:
