@@ -234,6 +234,22 @@ def digest(status: int | None, body: Any) -> Any:
     return (status, body.get("type"))
 
 
+def _code(body: Any) -> str | None:
+    return body.get("code") if isinstance(body, dict) else None
+
+
+def _in_progress(body: Any) -> bool:
+    """409 idempotency_in_progress: the key's first request is still being decided."""
+    return _code(body) == "idempotency_in_progress"
+
+
+def _transient(body: Any) -> bool:
+    from engine.errors import is_transient
+
+    code = _code(body)
+    return code is not None and is_transient(code)
+
+
 @dataclass
 class Acked:
     id: str
@@ -313,7 +329,7 @@ class Run:
         while time.monotonic() < self.hard_stop:
             op.attempts += 1
             status, data = await self.attempt(http, op)
-            if status is not None and status not in RETRY_STATUSES:
+            if status is not None and status not in RETRY_STATUSES and not _in_progress(data):
                 op.status, op.answer = status, data
                 return op
             op.unanswered += 1
@@ -381,11 +397,14 @@ class Run:
             answered.append(then)
 
     async def replay(self, http: httpx.AsyncClient, first: Op) -> None:
-        """The same request with the same key, once it is answered: the first answer again."""
+        """The same request with the same key, once it is answered: the first answer again
+        (unless that was a "not now" rejection, which is not kept and runs again)."""
+        if _transient(first.answer):
+            return
         again = Op(first.kind, first.method, first.path, first.body, first.key)
         for _ in range(20):
             status, data = await self.attempt(http, again)
-            if status is not None and status not in RETRY_STATUSES:
+            if status is not None and status not in RETRY_STATUSES and not _in_progress(data):
                 self.replays += 1
                 if digest(status, data) != digest(first.status, first.answer):
                     self.anomalies.append(
@@ -592,9 +611,23 @@ async def zombie(run: Run, fault: Fault) -> str:
             ray.kill(replacement, no_restart=True)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    await asyncio.sleep(1.0)
-    alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    return f"shard {i} pid {pid}; replacement redeemed {served}; old process {'alive' if alive else 'exited'}"
+    thawed = time.monotonic()
+    while _running(pid) and time.monotonic() - thawed < run.args.recovery_timeout:
+        await asyncio.sleep(0.1)
+    if _running(pid):
+        run.anomalies.append(
+            f"zombie_shard #{fault.n}: the fenced process {pid} of shard {i} still runs"
+            f" {run.args.recovery_timeout:.0f}s after it was thawed")
+        return f"shard {i} pid {pid}; replacement redeemed {served}; fenced process still running"
+    return (f"shard {i} pid {pid}; replacement redeemed {served}; fenced process exited"
+            f" {time.monotonic() - thawed:.1f}s after the thaw")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 async def _actor_back(run: Run, fault: Fault) -> None:
@@ -805,9 +838,10 @@ async def check_deliveries(run: Run) -> dict[str, int]:
         run.anomalies.append(f"{len(missing)} issued customers have no delivery: {sorted(missing)[:5]}")
     if twice:
         run.anomalies.append(f"{len(twice)} customers got more than one email row: {twice[:5]}")
-    stuck = Counter(r["state"] for r in rows if r["state"] != "sent")
-    if stuck:
-        run.anomalies.append(f"deliveries not sent {run.args.recovery_timeout + 30:.0f}s after the run: {dict(stuck)}")
+    stuck = Counter((r["customer_id"].rsplit("-", 1)[0], r["state"]) for r in rows if r["state"] != "sent")
+    for (tag, state), n in sorted(stuck.items()):
+        run.anomalies.append(
+            f"issuance {tag}: {n} deliveries still {state!r} {run.args.recovery_timeout + 30:.0f}s after the run")
     ids = {r["id"] for r in rows}
     accepted = Counter(x["key"] for x in list(run.sinks.outbox.receipts)
                        if x["status"] == "accepted" and x["key"] in ids)
