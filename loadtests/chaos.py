@@ -297,6 +297,7 @@ class Run:
     probe_ok: list[tuple[float, float]] = field(default_factory=list)  # full rounds (start, end)
     ready_ok: list[float] = field(default_factory=list)
     issuances: list[dict[str, Any]] = field(default_factory=list)
+    server_errors: list[tuple[float, str, int, str]] = field(default_factory=list)  # never a 500
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     hard_stop: float = float("inf")
 
@@ -320,7 +321,7 @@ class Run:
         except ValueError:
             data = r.text[:200]
         if r.status_code >= 500 and r.status_code not in (502, 503, 504):
-            self.anomalies.append(f"{op.kind} {op.path}: answered {r.status_code}: {str(data)[:200]}")
+            self.server_errors.append((self.now(), op.kind, r.status_code, str(data)[:120]))
         return r.status_code, data
 
     async def perform(self, http: httpx.AsyncClient, op: Op) -> Op:
@@ -474,7 +475,8 @@ class Run:
     async def issue_once(self, http: httpx.AsyncClient, m: int) -> None:
         tag = f"chaos{m}"
         n = self.args.customers
-        record: dict[str, Any] = {"tag": tag, "customers": n, "runs": 0, "state": None}
+        record: dict[str, Any] = {"tag": tag, "customers": n, "runs": 0, "state": None,
+                                  "started": round(self.now(), 1), "finished": None}
         self.issuances.append(record)
         body = "\n".join(json.dumps({"id": f"{tag}-{i}", "email": f"{tag}-{i}@shop.example",
                                      "consent_email": True, "tags": [tag]}) for i in range(n))
@@ -501,6 +503,7 @@ class Run:
                 if status == 404:
                     break  # the job was lost with its process: issue again
             if record["state"] == "done":
+                record["finished"] = round(self.now(), 1)
                 return
 
 
@@ -884,11 +887,31 @@ def recovery_table(faults: list[Fault], timeout_s: float) -> list[dict[str, Any]
     return table
 
 
+def server_error_anomalies(run: Run, faults: list[Fault]) -> list[str]:
+    """500s, grouped by the fault they came during or after (up to the recovery timeout)."""
+    groups: dict[str, list[tuple[float, str, int, str]]] = defaultdict(list)
+    for e in run.server_errors:
+        t = e[0]
+        near = [f for f in faults if f.started is not None and f.ended is not None
+                and f.started <= t <= f.ended + run.args.recovery_timeout]
+        label = f"during/after fault {near[-1].describe()}" if near else "with no fault near"
+        groups[label].append(e)
+    out = []
+    for label, es in groups.items():
+        kinds = Counter(e[1] for e in es)
+        bodies = Counter(f"{e[2]} {e[3]}" for e in es)
+        out.append(f"{len(es)} answers 5xx {label}, at {es[0][0]:.1f}-{es[-1][0]:.1f}s"
+                   f" ({', '.join(f'{k} {v}' for k, v in kinds.items())}):"
+                   f" {bodies.most_common(1)[0][0]}")
+    return out
+
+
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def report(run: Run, faults: list[Fault], checked: dict[str, Any]) -> dict[str, Any]:
+    run.anomalies.extend(server_error_anomalies(run, faults))
     answered = [op for op in run.ops if op.status is not None]
     kinds = Counter(op.kind for op in answered)
     acks = Counter(op.kind for op in answered if 200 <= (op.status or 0) < 300)
@@ -901,7 +924,7 @@ def report(run: Run, faults: list[Fault], checked: dict[str, Any]) -> dict[str, 
         "faults": [asdict(f) for f in faults],
         "operations": {"answered": dict(kinds), "acknowledged": dict(acks), "retried": retried,
                        "never_answered": len(never), "replays_checked": run.replays},
-        "checked": checked, "anomalies": run.anomalies, "recovery": table,
+        "checked": checked, "issuances": run.issuances, "anomalies": run.anomalies, "recovery": table,
         "not_recovered": [f.describe() for f in failed],
     }
     print()
@@ -915,6 +938,9 @@ def report(run: Run, faults: list[Fault], checked: dict[str, Any]) -> dict[str, 
           f" answered {sum(kinds.values())}; sent again after no answer: {retried};"
           f" never answered: {len(never)}; replays checked: {run.replays}")
     print(f"deliveries: {checked.get('deliveries')}")
+    for r in run.issuances:
+        print(f"  issuance {r['tag']}: {r['customers']} customers, {r['runs']} run(s), {r['state']},"
+              f" {r['started']}s -> {r['finished']}s")
     print(f"anomalies: {len(run.anomalies)}")
     for a in run.anomalies[:50]:
         print(f"  - {a}")
@@ -1051,7 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = start_delivery(settings, dsn, backends.redis_url, urls=provider_urls(settings, sinks.urls))
         asyncio.run(_wait_http(url))
         world = asyncio.run(create_world(args, engine, dsn, url, msgspec.structs.replace(settings)))
-        print(f"engine up: {engine.n} shards, {url}, {len(world.codes)} codes, {len(world.cards)} cards",
+        print(f"engine up: {engine.n} shards, {url}, {len(world.codes)} codes, {len(world.cards)} cards;"
+              f" Ray logs in {ray._private.worker.global_worker.node.get_session_dir_path()}/logs",
               flush=True)
 
         async def go() -> int:
