@@ -108,14 +108,14 @@ class Fault:
         return f"#{self.n} {self.kind}{hold} target {self.target} after {self.gap_s:.1f}s"
 
 
-def plan(seed: int, kinds: list[str], duration_s: float) -> list[Fault]:
+def plan(seed: int, kinds: list[str], duration_s: float, gaps: tuple[float, float] = (2.0, 6.0)) -> list[Fault]:
     """The faults of a run, drawn from the seed alone (more than the run will reach)."""
     rng = random.Random(seed)
     faults: list[Fault] = []
     budget = 0.0
     while budget < duration_s * 3 and len(faults) < 10_000:
         kind = rng.choice(kinds)
-        gap = rng.uniform(2.0, 6.0)
+        gap = rng.uniform(*gaps)
         hold = {
             "pg_freeze": rng.uniform(2.0, 8.0),
             "pg_restart": rng.uniform(1.0, 5.0),
@@ -989,6 +989,7 @@ async def drive(run: Run, faults: list[Fault]) -> list[Fault]:
 
 async def _amain(args: argparse.Namespace, run: Run, faults: list[Fault]) -> int:
     done = await drive(run, faults)
+    phase("load stopped; checking")
     for f in faults:  # a fault that began but did not end before a timeout
         if f.started is not None and f not in done:
             done.append(f)
@@ -1017,21 +1018,31 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds after a fault by which the engine must serve again")
     p.add_argument("--http-timeout", type=float, default=10.0, help="seconds a client waits for an answer")
+    p.add_argument("--gaps", default="2,6", help="seconds between a recovery and the next fault: min,max")
     p.add_argument("--dir", help="data directory (default: a new temp dir, removed afterwards)")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
     args.faults = [k for k in args.faults.split(",") if k]
+    low, high = (float(x) for x in args.gaps.split(","))
+    args.gaps = (low, high)
     unknown = set(args.faults) - set(FAULT_KINDS)
     if unknown:
         p.error(f"unknown fault kinds {sorted(unknown)}; known: {','.join(FAULT_KINDS)}")
     return args
 
 
+_BEGAN = time.monotonic()
+
+
+def phase(what: str) -> None:
+    print(f"[{time.monotonic() - _BEGAN:6.1f}s since start] {what}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    faults = plan(args.seed, args.faults, args.duration) if args.faults else []
+    faults = plan(args.seed, args.faults, args.duration, args.gaps) if args.faults else []
     print(f"chaos: seed {args.seed}, duration {args.duration:.0f}s, faults {','.join(args.faults) or 'none'}",
           flush=True)
     print("planned: " + "; ".join(f.describe() for f in faults[:12]) + (" ..." if len(faults) > 12 else ""),
@@ -1056,11 +1067,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="chaos-", dir="/tmp")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)  # the embedded Postgres may run as another user (under root)
-    backends = sinks = pipeline = None
+    backends = sinks = None
     try:
         backends = Backends(root)
         dsn = backends.database_url
         asyncio.run(migrate(dsn))
+        phase("postgres and valkey up")
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  namespace=NAMESPACE)
@@ -1070,12 +1082,14 @@ def main(argv: list[str] | None = None) -> int:
             delivery_workers=2, delivery_claim_idle_s=3.0, delivery_backoff_base_s=0.05,
             delivery_backoff_max_s=0.5, delivery_send_timeout_s=5.0,
         )
+        phase("ray up")
         engine = start_engine(settings, dsn)
         url = start_http(settings, dsn, backends.redis_url, replicas={"Gateway": 1})
         issuer_handle(settings, dsn, backends.redis_url)
         sinks = Sinks(root / "outbox").start()
         pipeline = start_delivery(settings, dsn, backends.redis_url, urls=provider_urls(settings, sinks.urls))
         asyncio.run(_wait_http(url))
+        phase("http app, issuer and delivery up")
         world = asyncio.run(create_world(args, engine, dsn, url, msgspec.structs.replace(settings)))
         print(f"engine up: {engine.n} shards, {url}, {len(world.codes)} codes, {len(world.cards)} cards;"
               f" Ray logs in {ray._private.worker.global_worker.node.get_session_dir_path()}/logs",
@@ -1087,11 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(go())
     finally:
+        phase("stopping")
         if backends is not None:
             backends.thaw()
-        if pipeline is not None:
-            with contextlib.suppress(Exception):
-                pipeline.stop(timeout_s=5)
         if ray.is_initialized():
             ray.shutdown()
         if sinks is not None:
@@ -1100,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             backends.stop()
         if owned_dir:
             shutil.rmtree(root, ignore_errors=True)
+        phase("stopped")
 
 
 if __name__ == "__main__":
