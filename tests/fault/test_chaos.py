@@ -4,9 +4,11 @@ the clients' log, Postgres and the SMTP sink must find no anomaly, and the engin
 serve again within the recovery timeout after every fault.
 
 Fault kinds included here: shard_kill, coordinator_kill, zombie_shard, issuer_kill,
-worker_kill. The Postgres and Valkey outages (pg_freeze, pg_restart, valkey_restart,
-valkey_wipe) run with the full command (``python -m loadtests.chaos``); see
-BENCHMARKS.md.
+worker_kill, pg_freeze, valkey_restart (the seed's first faults are shard_kill, pg_freeze,
+zombie_shard, coordinator_kill, issuer_kill). Not included: pg_restart (checkout answers
+500 while a shard reloads during the outage) and valkey_wipe (messages queued before the
+wipe are never delivered); the full command (``python -m loadtests.chaos``) runs every
+kind, see BENCHMARKS.md.
 
 The run is a subprocess: it has its own Ray (with its own Serve app), Postgres and Valkey,
 so the session's shared ones are untouched and its faults stay private."""
@@ -22,15 +24,15 @@ import pytest
 
 pytestmark = pytest.mark.fault
 
-SEED = 20261202
-KINDS = "shard_kill,coordinator_kill,zombie_shard,issuer_kill,worker_kill"
+SEED = 14
+KINDS = "shard_kill,coordinator_kill,zombie_shard,issuer_kill,worker_kill,pg_freeze,valkey_restart"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_short_chaos_run_finds_no_anomaly(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     cmd = [
-        sys.executable, "-m", "loadtests.chaos", "--seed", str(SEED), "--duration", "35",
+        sys.executable, "-m", "loadtests.chaos", "--seed", str(SEED), "--duration", "30", "--gaps", "1,3",
         "--faults", KINDS, "--clients", "6", "--codes", "800", "--cards", "20",
         "--customers", "40", "--issuances", "1", "--replays", "300",
         "--recovery-timeout", "20", "--dir", str(tmp_path / "data"), "--json", str(out),
