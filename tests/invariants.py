@@ -71,7 +71,7 @@ class Mixed:
 
 async def check_redemptions(
     dsn: str,
-    acked: Iterable[Redemption],
+    acked: Iterable[Any],
     *,
     unique: Iterable[str] = (),
     shared: dict[str, tuple[int | None, int | None]] | None = None,
@@ -80,9 +80,27 @@ async def check_redemptions(
     """``unique``: campaign ids whose codes redeem once; ``shared``: campaign id ->
     (total, per_customer) limits; ``gift``: campaign id -> starting balance. Returns counts
     of what was checked, for the test's own sanity checks."""
+    counts, anomalies = await redemption_anomalies(dsn, acked, unique=unique, shared=shared, gift=gift)
+    assert not anomalies, "\n".join(anomalies[:10])
+    return counts
+
+
+async def redemption_anomalies(
+    dsn: str,
+    acked: Iterable[Any],
+    *,
+    unique: Iterable[str] = (),
+    shared: dict[str, tuple[int | None, int | None]] | None = None,
+    gift: dict[str, int] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """What :func:`check_redemptions` checks, as a list of every anomaly found (empty when
+    all holds) rather than the first failed assertion; a long chaos run reports them all.
+    ``acked`` items need ``id``, ``code``, ``campaign_id`` and ``discount_amount``."""
     acked = list(acked)
     shared = shared or {}
     gift = gift or {}
+    unique = list(unique)
+    anomalies: list[str] = []
     campaigns = list({*unique, *shared, *gift})
     rows = await fetch(
         dsn,
@@ -92,36 +110,46 @@ async def check_redemptions(
     )
     by_id = {r["id"]: r for r in rows}
     missing = [a.id for a in acked if a.id not in by_id]
-    assert not missing, f"{len(missing)} acknowledged redemptions are not in Postgres: {missing[:5]}"
+    if missing:
+        anomalies.append(
+            f"{len(missing)} acknowledged redemptions are not in Postgres: {missing[:5]}"
+        )
     for a in acked:
-        r = by_id[a.id]
-        assert (r["code"], r["campaign_id"], r["discount_amount"]) == (
+        r = by_id.get(a.id)
+        if r is not None and (r["code"], r["campaign_id"], r["discount_amount"]) != (
             a.code,
             a.campaign_id,
             a.discount_amount,
-        ), f"redemption {a.id} was persisted differently"
+        ):
+            anomalies.append(f"redemption {a.id} was persisted differently")
     active = [r for r in rows if r["status"] == 0]
     for cid in unique:
         per_code = Counter(r["code"] for r in active if r["campaign_id"] == cid)
         twice = [code for code, n in per_code.items() if n > 1]
-        assert not twice, f"codes redeemed more than once in {cid}: {twice[:5]}"
+        if twice:
+            anomalies.append(f"{len(twice)} codes redeemed more than once in {cid}: {twice[:5]}")
     for cid, (total, per_customer) in shared.items():
         mine = [r for r in active if r["campaign_id"] == cid]
-        if total is not None:
-            assert len(mine) <= total, f"shared code of {cid}: {len(mine)} redemptions > {total}"
+        if total is not None and len(mine) > total:
+            anomalies.append(f"shared code of {cid}: {len(mine)} redemptions > {total}")
         if per_customer is not None:
             worst = Counter(r["customer_id"] for r in mine).most_common(1)
-            assert not worst or worst[0][1] <= per_customer, f"{cid}: per-customer limit passed"
+            if worst and worst[0][1] > per_customer:
+                anomalies.append(
+                    f"{cid}: customer {worst[0][0]} redeemed {worst[0][1]} times > {per_customer}"
+                )
     for cid, start in gift.items():
-        spent = Counter()
+        spent: Counter[str] = Counter()
         for r in active:
             if r["campaign_id"] == cid:
                 spent[r["code"]] += r["discount_amount"]
         cards = await fetch(dsn, "SELECT code, balance FROM vouchers WHERE campaign_id = $1", cid)
         for card in cards:
-            assert card["balance"] >= 0, f"gift card {card['code']} below zero"
-            assert card["balance"] == start - spent[card["code"]], (
-                f"gift card {card['code']}: balance {card['balance']} but redemptions spent"
-                f" {spent[card['code']]} of {start}"
-            )
-    return {"acked": len(acked), "rows": len(rows), "active": len(active)}
+            if card["balance"] < 0:
+                anomalies.append(f"gift card {card['code']} below zero")
+            if card["balance"] != start - spent[card["code"]]:
+                anomalies.append(
+                    f"gift card {card['code']}: balance {card['balance']} but redemptions spent"
+                    f" {spent[card['code']]} of {start}"
+                )
+    return {"acked": len(acked), "rows": len(rows), "active": len(active)}, anomalies
