@@ -328,7 +328,7 @@ class ShardCore:
     def _reload(self, exc: BaseException) -> None:
         """Memory may be ahead of the database (a commit failed or its outcome is unknown,
         or the server restarted or failed over): forget it and load again, in this
-        process. Callers get ``unavailable`` at once until the load is done."""
+        process. Callers wait for the new load like at start."""
         if self.stopped is not None or self._ready is None or not self._ready.done():
             return
         self.reloads += 1
@@ -345,7 +345,9 @@ class ShardCore:
         self.incarnation += 1  # batches decided so far are never acknowledged
         if store is not None:
             store.pool.terminate()
-        self._load_error = f"reloading after {type(exc).__name__}"
+        # callers wait for the reload (within their deadline): a small shard reloads in
+        # well under a second; if the load fails they are answered at once, as at start
+        self._load_error = None
         self._begin_load()
 
     def _die(self, exc: BaseException) -> None:
