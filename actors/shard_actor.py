@@ -12,6 +12,7 @@ import ray
 
 from actors.calls import guarded
 from actors.channel import ChannelServer
+from actors.health import shard_health
 from actors.observability import configure_json_logging
 from actors.shard import ShardCore
 from engine.settings import Settings
@@ -42,6 +43,11 @@ class VoucherShard:
     async def ready(self) -> bool:
         await self.core.ready()
         return True
+
+    async def health(self) -> dict[str, Any]:
+        """Whether this shard can serve checkout now (``actors/health.py``); never waits
+        on the database."""
+        return await shard_health(self.core)
 
     async def channel(self) -> tuple[str, str] | None:
         """``(node id, socket path)`` of this shard's direct line for decision batches
