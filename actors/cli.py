@@ -367,7 +367,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         os.environ.setdefault(SERVE_DRAIN_VAR, "2")
         if not os.environ.get("VOUCHER_SHARDS"):
             settings = adopt_stored_topology(settings, services.database_url)
-        _ray_init(settings, attach=False)
+        try:
+            _ray_init(settings, attach=False)
+        except SystemExit as exc:  # Ray's own handler while ray.init runs: sys.exit(15)
+            if exc.code != signal.SIGTERM:
+                raise
+            _TERMINATED.set()
+            raise KeyboardInterrupt("SIGTERM") from None
         stop_on_sigterm()
         run.engine = engine = start_engine(settings, services.database_url)
         print(
