@@ -8,6 +8,7 @@ Runs on a Postgres and Valkey of its own, with the probe the gateway uses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ import psutil
 import pytest
 import ray
 
+from actors.calls import call
 from actors.client import COORDINATOR, shard_name, start_engine
 from actors.migrations import migrate
 from actors.services import Services, embedded_for_tests
@@ -40,10 +42,8 @@ def _postgres_processes(svc: Services) -> list[psutil.Process]:
 
 def _signal(procs: list[psutil.Process], sig: int) -> None:
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 async def _until(probe: HealthProbe, what: Callable[[Report], bool], within_s: float) -> tuple[Report, float]:
@@ -52,7 +52,7 @@ async def _until(probe: HealthProbe, what: Callable[[Report], bool], within_s: f
         report = await probe.report()
         if what(report):
             return report, time.monotonic() - t0
-        assert time.monotonic() - t0 < within_s, report.body()
+        assert time.monotonic() - t0 < within_s, repr(report.shards)
         await asyncio.sleep(0.1)
 
 
@@ -72,12 +72,13 @@ async def test_readiness_follows_postgres_not_valkey(tmp_path: Path, ray_cluster
     try:
         await migrate(svc.database_url)
         engine = await asyncio.to_thread(start_engine, settings, svc.database_url)
-        code = uid("READY").upper()
         c = await engine.create_campaign(
-            name="ready", type="shared_code", currency="EUR", shared_code=code,
-            discount={"kind": "amount", "value": 100}, limits={"total": 100}, ends_at=later(),
+            name="ready", type="discount", currency="EUR",
+            discount={"kind": "amount", "value": 100}, ends_at=later(),
         )
         await engine.activate(c.id)
+        codes = [uid("READY").upper() for _ in range(2)]
+        assert await call(engine.shards[0].add_codes.remote(c.id, codes)) == 2
         probe = HealthProbe(
             engine=engine, dsn=svc.database_url, valkey_ping=limiter.ping, timeout_s=1.0, cache_s=0.0
         )
@@ -92,18 +93,20 @@ async def test_readiness_follows_postgres_not_valkey(tmp_path: Path, ray_cluster
         assert report.not_ready() == ["postgres"]
         print(f"unready {took:.2f}s after the freeze")
 
-        # a durable redemption waits on the frozen commit: its shard shows as stalled
-        req = RedeemRequest(code=code, amount=5000, currency="EUR", customer_id="c-1", idempotency_key=uid("k"))
+        # a redemption caught in the freeze (its key claim, then its commit, wait on the
+        # database): its shard shows as stalled
+        req = RedeemRequest(code=codes[0], amount=5000, currency="EUR", idempotency_key=uid("k"))
         caught = asyncio.ensure_future(engine.redeem(req))
-        report, _ = await _until(probe, lambda r: r.components["shards"].status == "down", 8.0)
+        report, took = await _until(probe, lambda r: r.components["shards"].status == "down", 8.0)
         assert "stalled" in report.shards[0]["reason"], report.body()
+        print(f"shard stalled {took:.2f}s after the caught redemption")
         assert not caught.done()
 
         _signal(frozen, signal.SIGCONT)
         frozen = []
         report, took = await _until(probe, lambda r: r.status == "ok", 10.0)
         print(f"ready {took:.2f}s after the thaw")
-        assert (await asyncio.wait_for(caught, 30)).code == code
+        assert (await asyncio.wait_for(caught, 30)).code == codes[0]
 
         await asyncio.to_thread(_stop_valkey, svc)
         report, _ = await _until(probe, lambda r: r.components["valkey"].status != "ok", 5.0)
@@ -112,16 +115,14 @@ async def test_readiness_follows_postgres_not_valkey(tmp_path: Path, ray_cluster
         assert report.components["delivery"].status == "degraded"
         assert report.components["postgres"].status == "ok"
         # and checkout still works: the shards never needed Valkey
-        again = RedeemRequest(code=code, amount=5000, currency="EUR", customer_id="c-2")
-        assert (await engine.redeem(again)).code == code
+        again = RedeemRequest(code=codes[1], amount=5000, currency="EUR", idempotency_key=uid("k"))
+        assert (await engine.redeem(again)).code == codes[1]
     finally:
         _signal(frozen, signal.SIGCONT)
         if probe is not None:
             await probe.close()
         await limiter.aclose()
         for name in [COORDINATOR] + [shard_name(i) for i in range(settings.shards)]:
-            try:
+            with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(name, namespace=settings.namespace), no_restart=True)
-            except ValueError:
-                pass
         await asyncio.to_thread(svc.stop)

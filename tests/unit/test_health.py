@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors.health import shard_health
+from actors.health import InFlight, shard_health
 from engine import errors
 from serve.health import Component, HealthProbe
 
@@ -202,3 +202,14 @@ async def test_stopped_loading_failed_and_retrying_shards() -> None:
     assert failed["status"] == "down"
     retrying = await shard_health(_Core(commit_ok=False))
     assert retrying["status"] == "degraded"
+
+
+async def test_a_decision_batch_waiting_too_long_is_stalled() -> None:
+    inflight = InFlight()
+    with inflight.track():
+        inflight._started = {k: t - 10 for k, t in inflight._started.items()}
+        state = await shard_health(_Core(), inflight)
+        assert state["status"] == "down" and "stalled" in state["reason"]
+        assert state["batches_in_flight"] == 1
+    assert len(inflight) == 0 and inflight.oldest_s() == 0.0
+    assert (await shard_health(_Core(), inflight))["status"] == "ok"
