@@ -556,7 +556,7 @@ class Gateway:
             }
         )
 
-    @api.get("/v1/health", tags=["ops"])
+    @api.get("/health", tags=["ops"])
     async def health(self) -> dict[str, Any]:
         """Each dependency's state (ok, degraded or down, with a reason) and each shard's."""
         return (await self._health()).body()

@@ -98,7 +98,7 @@ def test_health_docs_and_openapi(http_api: Any) -> None:
     ready = httpx.get(f"{http_api.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert ready.json()["components"]["postgres"]["status"] == "ok"
-    health = httpx.get(f"{http_api.url}/v1/health").json()
+    health = httpx.get(f"{http_api.url}/health").json()
     assert health["ready"] is True and health["status"] == "ok", health
     assert set(health["components"]) == {"postgres", "valkey", "shards", "coordinator", "delivery"}
     assert [s["status"] for s in health["shards"]] == ["ok"] * len(health["shards"])
