@@ -13,6 +13,7 @@ check also proves that stopping flushes the shards' group commits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,6 +145,24 @@ def _up(data_dir: Path, port: int, log: Path, *flags: str) -> subprocess.Popen[b
         )
 
 
+def _reap(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
+    """After a failed test: stop the engine as an operator would, then anything it left."""
+    if proc.poll() is not None:
+        return
+    left = [*psutil.Process(proc.pid).children(recursive=True)]
+    with contextlib.suppress(Exception):
+        left.append(psutil.Process(_postmaster_pid(data_dir)))
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(_STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def _assert_clean_exit(rc: int, log: Path, started: set[int]) -> None:
     text = log.read_text(errors="replace")
     assert rc == 0, f"exit status {rc} after SIGTERM:\n{text}"
@@ -170,9 +189,7 @@ def test_sigterm_during_start_up(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(_STOP_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc, data_dir)
     _assert_clean_exit(rc, log, started)
 
 
@@ -192,9 +209,7 @@ def test_sigterm_stops_up_cleanly(tmp_path: Path) -> None:
         rc = proc.wait(_STOP_S)
         took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc, data_dir)
     _assert_clean_exit(rc, log, started)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/readyz", timeout=2)
