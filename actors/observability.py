@@ -322,6 +322,10 @@ class ShardMetrics:
         self._tags = {"shard": self.shard}
         self._op_tags: dict[str, dict[str, str]] = {}
         self._outcome_tags: dict[tuple[str, str], dict[str, str]] = {}
+        # when the last group-commit attempt ended (monotonic), and whether it committed:
+        # the shard's health view tells a stalled writer from an idle one by it
+        self.last_commit_at = time.monotonic()
+        self.last_commit_ok = True
 
     def _op(self, op: str) -> dict[str, str]:
         tags = self._op_tags.get(op)
@@ -364,6 +368,8 @@ class ShardMetrics:
 
     def commit(self, events: int, seconds: float, ok: bool) -> None:
         """One group-commit attempt (the write-behind's observer)."""
+        self.last_commit_at = time.monotonic()
+        self.last_commit_ok = ok
         if ok:
             SHARD_COMMIT_SECONDS.observe(seconds, self._tags)
             SHARD_COMMIT_EVENTS.observe(events, self._tags)

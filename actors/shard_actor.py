@@ -12,6 +12,7 @@ import ray
 
 from actors.calls import guarded
 from actors.channel import ChannelServer
+from actors.health import InFlight, shard_health
 from actors.observability import configure_json_logging
 from actors.shard import ShardCore
 from engine.settings import Settings
@@ -38,10 +39,16 @@ class VoucherShard:
         self.core.peer = peer
         self.core.exit_process = _exit_actor
         self._channel = ChannelServer(self._channel_call)
+        self._inflight = InFlight()
 
     async def ready(self) -> bool:
         await self.core.ready()
         return True
+
+    async def health(self) -> dict[str, Any]:
+        """Whether this shard can serve checkout now (``actors/health.py``); never waits
+        on the database."""
+        return await shard_health(self.core, self._inflight)
 
     async def channel(self) -> tuple[str, str] | None:
         """``(node id, socket path)`` of this shard's direct line for decision batches
@@ -55,33 +62,38 @@ class VoucherShard:
     async def _channel_call(
         self, op: str, payload: bytes, request_ids: list[str | None] | None
     ) -> bytes:
-        if op == "redeem":
-            return await self.core.redeem_many(payload, request_ids)
-        if op == "validate":
-            return await self.core.validate_many(payload, request_ids)
-        return await self.core.reserve_many(payload, request_ids)
+        with self._inflight.track():
+            if op == "redeem":
+                return await self.core.redeem_many(payload, request_ids)
+            if op == "validate":
+                return await self.core.validate_many(payload, request_ids)
+            return await self.core.reserve_many(payload, request_ids)
 
     @guarded
     async def redeem_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
-        return await self.core.redeem_many(payload, request_ids)
+        with self._inflight.track():
+            return await self.core.redeem_many(payload, request_ids)
 
     @guarded
     async def validate_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
-        return await self.core.validate_many(payload, request_ids)
+        with self._inflight.track():
+            return await self.core.validate_many(payload, request_ids)
 
     @guarded
     async def reserve_many(
         self, payload: bytes, request_ids: list[str | None] | None = None
     ) -> bytes:
-        return await self.core.reserve_many(payload, request_ids)
+        with self._inflight.track():
+            return await self.core.reserve_many(payload, request_ids)
 
     @guarded
     async def refs_many(self, op: str, payload: bytes) -> bytes:
-        return await self.core.refs_many(op, payload)
+        with self._inflight.track():
+            return await self.core.refs_many(op, payload)
 
     @guarded
     async def assign_many(

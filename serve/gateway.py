@@ -57,6 +57,8 @@ from serve.auth import (
     parse_api_key,
 )
 from serve.batching import MicroBatcher
+from serve.health import HealthProbe
+from serve.health import Report as HealthReport
 from serve.idempotency import MAX_KEY_LEN, scoped_key
 from serve.models import (
     MAX_INT64,
@@ -356,6 +358,7 @@ class Gateway:
         self.store = UserStore(dsn)
         self.limiter = RateLimiter(redis_url)
         self.policy = RateLimitPolicy.from_env()
+        self.health_probe = HealthProbe(engine=self.engine, dsn=dsn, valkey_ping=self.limiter.ping)
         self._opened = False
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -561,16 +564,38 @@ class Gateway:
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict[str, str]:
+        """Liveness: the replica answers. Checks nothing else, costs nothing."""
         return {"status": "ok"}
 
     @api.get("/readyz", tags=["ops"], responses=problem_responses(503))
     async def readyz(self) -> Response:
-        try:
-            await asyncio.wait_for(self.engine.wait_ready(timeout_s=2.0), 3.0)
-            await asyncio.wait_for(self.limiter.ping(), 2.0)
-        except Exception as exc:  # any dependency down means not ready
-            return problem(503, "not_ready", "Service Unavailable", f"not ready: {exc.__class__.__name__}")
-        return JSONResponse({"status": "ready", "shards": self.engine.n})
+        """Readiness: checkout can be served (shards loaded and committing, Postgres
+        answering, coordinator reachable); Valkey away does not count (serve/health.py)."""
+        report = await self._health()
+        if not report.ready:
+            why = "; ".join(f"{n}: {report.components[n].reason}" for n in report.not_ready())
+            return problem(
+                503, "not_ready", "Service Unavailable", f"not ready: {why}",
+                headers={"Retry-After": "1"},
+                components=msgspec.to_builtins(report.components),
+            )
+        return JSONResponse(
+            {
+                "status": "ready",
+                "shards": len(report.shards),
+                "components": msgspec.to_builtins(report.components),
+            }
+        )
+
+    @api.get("/health", tags=["ops"])
+    async def health(self) -> dict[str, Any]:
+        """Each dependency's state (ok, degraded or down, with a reason) and each shard's."""
+        return (await self._health()).body()
+
+    async def _health(self) -> HealthReport:
+        report = await self.health_probe.report()
+        metrics.observe_health(report)
+        return report
 
     @api.get(
         "/metrics", tags=["ops"], response_class=PlainTextResponse, responses=problem_responses(*_GUARDED)
@@ -578,6 +603,7 @@ class Gateway:
     async def metrics_(self, request: Request, response: Response) -> PlainTextResponse:
         await self._guard(request, response, "metrics.read")
         metrics.observe_batcher(self.batcher)
+        await self._health()
         return PlainTextResponse(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     # --- users ----------------------------------------------------------------------------

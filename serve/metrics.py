@@ -63,6 +63,33 @@ BATCH_MAX = Gauge(
     "voucher_gateway_batch_max", "Largest micro-batch so far", registry=REGISTRY
 )
 
+READY = Gauge(
+    "voucher_ready",
+    "1 when this replica can serve checkout (what GET /readyz says), else 0",
+    registry=REGISTRY,
+)
+HEALTH = Gauge(
+    "voucher_health",
+    "State of a dependency as the last health report saw it: 1 ok, 0.5 degraded, 0 down",
+    ["component"],
+    registry=REGISTRY,
+)
+SHARD_HEALTH = Gauge(
+    "voucher_shard_health",
+    "State of a shard as the last health report saw it: 1 ok, 0.5 degraded, 0 down",
+    ["shard"],
+    registry=REGISTRY,
+)
+_LEVEL = {"ok": 1.0, "degraded": 0.5}
+
+
+def observe_health(report: Any) -> None:
+    READY.set(1 if report.ready else 0)
+    for name, component in report.components.items():
+        HEALTH.labels(name).set(_LEVEL.get(component.status, 0.0))
+    for shard in report.shards:
+        SHARD_HEALTH.labels(str(shard["shard"])).set(_LEVEL.get(shard["status"], 0.0))
+
 
 def observe_decision(op: str, outcome: Any, seconds: float) -> None:
     if outcome.rejection is not None:

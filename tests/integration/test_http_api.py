@@ -97,6 +97,11 @@ def test_health_docs_and_openapi(http_api: Any) -> None:
     assert httpx.get(f"{http_api.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{http_api.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["components"]["postgres"]["status"] == "ok"
+    health = httpx.get(f"{http_api.url}/health").json()
+    assert health["ready"] is True and health["status"] == "ok", health
+    assert set(health["components"]) == {"postgres", "valkey", "shards", "coordinator", "delivery"}
+    assert [s["status"] for s in health["shards"]] == ["ok"] * len(health["shards"])
     spec = httpx.get(f"{http_api.url}/openapi.json").json()
     for path in ("/v1/redemptions", "/v1/campaigns/{campaign_id}/overview", "/v1/auth/login"):
         assert path in spec["paths"]
