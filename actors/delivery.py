@@ -37,9 +37,9 @@ Crash safety (a worker killed at any point):
   ``Idempotency-Key``), so a provider that honours it (as the embedded sinks do) still
   delivers once. This is the one place exactly-once relies on the provider.
 * A lost stream entry is found by the periodic sweep of Postgres and added again: a
-  ``queued`` row whose recorded stream incarnation is not the current one (Redis restarted
-  without its data: the token changed) or that was never added (Redis was down when it
-  was recorded), and rows ``sending`` or due ``failed`` with no progress. The claim
+  ``queued`` row whose recorded stream incarnation (the Redis server's ``run_id``) is not
+  the current one (Redis restarted or failed over, so recent entries or all may be gone)
+  or that was never added (Redis was down when it was recorded), and rows ``sending`` or due ``failed`` with no progress. The claim
   decides who sends, so an entry added twice is still sent once.
 
 Redis trouble: a lost consumer group (or stream) is created again by the worker that meets
@@ -279,6 +279,7 @@ class DeliveryCore:
         self.name = name
         self.consumer = f"{name}-{uuid.uuid4().hex[:8]}"
         self.stopping = asyncio.Event()
+        self.opened = asyncio.Event()  # connected, streams and groups in place
         self.db: asyncpg.Pool | None = None
         self.redis: Redis | None = None
         self.adapters: dict[str, ChannelAdapter] = {}
@@ -312,6 +313,7 @@ class DeliveryCore:
             from actors.observability import DELIVERY_MESSAGES
 
             self._metric = DELIVERY_MESSAGES
+        self.opened.set()
 
     async def _ensure_group(self, channel: str) -> None:
         """Create the channel's stream and consumer group unless they exist. From the
@@ -444,9 +446,9 @@ class DeliveryCore:
     async def _requeue_lost(self, channel: str) -> None:
         """Add again the ``queued`` rows that have no entry in the streams' current
         incarnation. Runs every second; the query is cheap when there is nothing to do (a
-        partial index on queued rows). When the incarnation changed (Redis lost its data)
-        every queued row of the channel is added at once, in pages; otherwise rows recorded
-        while Redis was away, once older than the grace."""
+        partial index on queued rows). When the incarnation changed (Redis restarted or
+        failed over) every queued row of the channel is added at once, in pages; otherwise
+        rows recorded while Redis was away, once older than the grace."""
         assert self.db is not None and self.redis is not None
         token = await incarnation(self.redis)
         changed = self._incarnation.get(channel) not in (None, token)
@@ -471,7 +473,7 @@ class DeliveryCore:
                     break
             if total:
                 self.counts["requeued"] += total
-                why = "the streams lost their data" if changed else "not on the streams"
+                why = "Redis restarted or failed over" if changed else "not on the streams"
                 log.warning("re-queued %d %s messages (%s)", total, channel, why)
         finally:
             with contextlib.suppress(Exception):
@@ -886,7 +888,7 @@ class DeliveryWorker:
 
     async def ready(self) -> str:
         for _ in range(200):
-            if self.core is not None and self.core.db is not None:
+            if self.core is not None and self.core.opened.is_set():
                 return self.core.consumer
             await asyncio.sleep(0.05)
         raise TimeoutError("delivery worker did not start")

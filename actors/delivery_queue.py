@@ -3,12 +3,15 @@
 Postgres is the record of what must be sent; the streams in Redis only carry the work to
 the senders. ``enqueue`` first records each message in ``deliveries`` (state ``queued``; a
 message that already has a row keeps it), then adds to the channel's stream every message
-whose row is still ``queued`` and writes on those rows the incarnation token of the streams
-it added them to (``stream_gen``).
+whose row is still ``queued`` and writes on those rows the incarnation of the streams it
+added them to (``stream_gen``): the Redis server's ``run_id``, which changes whenever the
+server restarts or another one takes over.
 
-Nothing is lost in between: a ``queued`` row whose token is missing (the add failed, Redis
-was down, the producer died) or is not the current incarnation's (Redis restarted without
-its data) is added again by the delivery workers' sweep (``actors/delivery.py``). While
+Nothing is lost in between: a ``queued`` row whose incarnation is missing (the add failed,
+Redis was down, the producer died) or is not the current one is added again by the delivery
+workers (``actors/delivery.py``). Any restart or failover counts as a loss, since any may
+lose the last writes (an append-only file synced every second, an older snapshot, an
+asynchronous replica); after one, every queued row is added again. While
 Redis is unreachable, ``enqueue`` records the rows and leaves the adding to that sweep.
 A message may so reach the stream twice; the sender claims its row in Postgres (and the
 provider checks the idempotency key) before sending, so it is still sent once.
@@ -17,7 +20,6 @@ provider checks the idempotency key) before sending, so it is still sent once.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,22 +47,17 @@ WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 'q
              FOR UPDATE SKIP LOCKED)
 """
 
-# The current incarnation token; ARGV[1] becomes it when there is none (Redis is new or
-# lost its data). One call, so every caller agrees on the token.
-_INCARNATION_LUA = r"""
-local t = redis.call('GET', KEYS[1])
-if not t then
-  t = ARGV[1]
-  redis.call('SET', KEYS[1], t)
-end
-return t
-"""
+
+def _run_id(info: Any) -> str:
+    run_id = info.get("run_id") if isinstance(info, dict) else None
+    if not run_id:
+        raise RedisError("INFO server has no run_id")
+    return str(run_id)
 
 
 async def incarnation(redis: Redis) -> str:
-    """The token of the streams' current incarnation (created if Redis has none)."""
-    raw: Any = await redis.eval(_INCARNATION_LUA, 1, delivery.INCARNATION_KEY, uuid.uuid4().hex)
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+    """The streams' current incarnation: the Redis server's ``run_id``."""
+    return _run_id(await redis.info("server"))
 
 
 async def add_to_streams(
@@ -70,13 +67,13 @@ async def add_to_streams(
     incarnation they were added under. Raises when Redis cannot be reached."""
     if not messages:
         return
+    # One connection: the entries land on the server whose run_id comes back first.
     pipe = redis.pipeline(transaction=False)
-    pipe.eval(_INCARNATION_LUA, 1, delivery.INCARNATION_KEY, uuid.uuid4().hex)
+    pipe.info("server")
     for m in messages:
         pipe.xadd(delivery.stream(m.channel), {delivery.FIELD: delivery.encode(m)})
     res = await pipe.execute()
-    token = res[0].decode() if isinstance(res[0], bytes) else str(res[0])
-    await db.execute(_ADDED, [m.id for m in messages], token)
+    await db.execute(_ADDED, [m.id for m in messages], _run_id(res[0]))
 
 
 async def enqueue(

@@ -23,10 +23,6 @@ DEAD_STREAM = "voucher:delivery:dead"
 GROUP = "senders"
 # Field of the stream entry that holds the msgpack-encoded DeliveryMessage.
 FIELD = "m"
-# A random token that names the current incarnation of the streams: created by the first
-# producer or worker that finds it missing, so it changes when Redis loses its data. A
-# message's row records the token it was added under (``deliveries.stream_gen``).
-INCARNATION_KEY = "voucher:delivery:incarnation"
 
 
 def stream(channel: str) -> str:

@@ -81,7 +81,8 @@ async def workers(
     cores = [DeliveryCore(cfg, f"w{i}") for i in range(n)]
     tasks = [asyncio.create_task(c.run()) for c in cores]
     try:
-        while not all(c.db is not None for c in cores):
+        while not all(c.opened.is_set() for c in cores):
+            assert not any(t.done() for t in tasks), "a worker failed to start"
             await asyncio.sleep(0.02)
         yield cores
     finally:
