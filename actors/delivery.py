@@ -179,15 +179,20 @@ WHERE d.channel = $1 AND (
    OR (d.state = 'failed' AND d.next_attempt_at < now() - make_interval(secs => $2)))
 LIMIT 1000
 """
-# Queued rows with no entry in the current incarnation of the streams: added under another
-# token (Redis lost its data), or never added (NULL) and older than the grace a producer
-# needs between recording a row and adding it.
-_LOST_QUEUED = _MESSAGE_COLS + """
-WHERE d.channel = $1 AND d.state = 'queued' AND d.id > $3
-  AND (d.stream_gen <> $2
-       OR (d.stream_gen IS NULL AND d.updated_at < now() - make_interval(secs => $4)))
+# Queued rows never added to a stream (Redis was down, or the producer died), older than
+# the grace a producer needs between recording a row and adding it. Checked every second;
+# cheap, as a partial index holds only such rows.
+_NOT_ADDED = _MESSAGE_COLS + """
+WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen IS NULL AND d.id > $2
+  AND d.updated_at < now() - make_interval(secs => $3)
 ORDER BY d.id
-LIMIT $5
+LIMIT 1000
+"""
+# Queued rows added to another Redis server than the current one: once per worker and server.
+_NOT_ON_SERVER = _MESSAGE_COLS + """
+WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen <> $3 AND d.id > $2
+ORDER BY d.id
+LIMIT 1000
 """
 _RENEW = """
 UPDATE deliveries SET claimed_at = now()
@@ -197,7 +202,7 @@ WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 's
 # Seconds a producer may take between recording a queued row and adding it to its stream.
 REQUEUE_GRACE_S = 5.0
 REQUEUE_LOCK_S = 5
-# How often a worker compares the streams' incarnation token with the one it knows.
+# How often a worker looks for queued rows missing from the streams.
 INCARNATION_CHECK_S = 1.0
 
 
@@ -295,7 +300,7 @@ class DeliveryCore:
         }
         self._metric: Any = None
         self._local_buckets: dict[str, LocalBucket] = {}
-        self._incarnation: dict[str, str] = {}  # channel -> token its last re-queue used
+        self._checked: dict[str, str] = {}  # channel -> Redis run_id its queued rows were checked on
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -444,40 +449,44 @@ class DeliveryCore:
             await asyncio.sleep(0.1)
 
     async def _requeue_lost(self, channel: str) -> None:
-        """Add again the ``queued`` rows that have no entry in the streams' current
-        incarnation. Runs every second; the query is cheap when there is nothing to do (a
-        partial index on queued rows). When the incarnation changed (Redis restarted or
-        failed over) every queued row of the channel is added at once, in pages; otherwise
-        rows recorded while Redis was away, once older than the grace."""
+        """Add again the ``queued`` rows that have no entry on the current Redis server.
+        Every second: rows never added (recorded while Redis was away). Once per worker
+        and server (at start, and after Redis restarted or failed over): every queued row
+        added to another server. Workers take turns (a short lock), in pages of 1000."""
         assert self.db is not None and self.redis is not None
-        token = await incarnation(self.redis)
-        changed = self._incarnation.get(channel) not in (None, token)
-        self._incarnation[channel] = token
+        run_id = await incarnation(self.redis)
+        full = self._checked.get(channel) != run_id
         # One worker at a time (two would add every row twice); short-lived, so a lock left
         # by a worker that died or lost Redis midway holds nobody up for long.
         lock = f"voucher:delivery:requeue:{channel}"
         if not await self.redis.set(lock, self.consumer, nx=True, ex=REQUEUE_LOCK_S):
             return
         try:
-            after = ""
-            total = 0
-            while not self.stopping.is_set():
-                rows = await self.db.fetch(_LOST_QUEUED, channel, token, after, REQUEUE_GRACE_S, 1000)
-                if not rows:
-                    break
-                await add_to_streams(self.db, self.redis, [_message(r) for r in rows])
-                await self.redis.expire(lock, REQUEUE_LOCK_S)
-                total += len(rows)
-                after = rows[-1]["id"]
-                if len(rows) < 1000:
-                    break
+            total = await self._readd(channel, lock, _NOT_ADDED, REQUEUE_GRACE_S)
+            if full:
+                total += await self._readd(channel, lock, _NOT_ON_SERVER, run_id)
+                self._checked[channel] = run_id
             if total:
                 self.counts["requeued"] += total
-                why = "Redis restarted or failed over" if changed else "not on the streams"
-                log.warning("re-queued %d %s messages (%s)", total, channel, why)
+                log.warning("re-queued %d %s messages that were not on the streams", total, channel)
         finally:
             with contextlib.suppress(Exception):
                 await self.redis.delete(lock)
+
+    async def _readd(self, channel: str, lock: str, query: str, arg: Any) -> int:
+        assert self.db is not None and self.redis is not None
+        after, total = "", 0
+        while not self.stopping.is_set():
+            rows = await self.db.fetch(query, channel, after, arg)
+            if not rows:
+                break
+            await add_to_streams(self.db, self.redis, [_message(r) for r in rows])
+            await self.redis.expire(lock, REQUEUE_LOCK_S)
+            total += len(rows)
+            after = rows[-1]["id"]
+            if len(rows) < 1000:
+                break
+        return total
 
     async def _sweep(self, channel: str) -> None:
         """Re-queue rows whose stream entry is gone (claims and retries with no progress for

@@ -10,3 +10,6 @@
 ALTER TABLE deliveries ADD COLUMN stream_gen text;
 
 CREATE INDEX deliveries_queued_idx ON deliveries (channel, id) WHERE state = 'queued';
+-- Rows recorded but not (yet) added: looked for every second, so kept in an index of their own.
+CREATE INDEX deliveries_not_added_idx ON deliveries (channel, id)
+    WHERE state = 'queued' AND stream_gen IS NULL;
