@@ -529,8 +529,10 @@ def hash_api_secret(secret: str) -> str:
 # Postgres again. Postgres is the truth and the flags only a fast invalidation: should
 # Redis lose its data (and the flags with it), the epoch key read in the same call
 # (API_KEY_EPOCH) comes back with a new value, and every key cached under the old one is
-# checked against Postgres again. A revocation needs Redis for its flag: while Redis is
-# unreachable it is refused (503) and nothing changes.
+# checked against Postgres again; the flag set after the change waits until it is in
+# Redis's append-only file, and a replica forgets its cached keys when Redis restarts or fails over
+# (a partial loss). A revocation needs Redis for its flag: while Redis is unreachable it is
+# refused (503) and nothing changes.
 API_KEY_CACHE_S = 30.0
 API_KEY_FLAG_TTL_S = 120
 API_KEY_EPOCH = "auth:epoch"

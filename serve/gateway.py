@@ -343,6 +343,7 @@ class Gateway:
         # epoch known before it was checked in Postgres)
         self._keys: dict[str, tuple[bytes, Principal, float, str]] = {}
         self._epoch = ""  # the auth epoch of the last answer from Redis
+        self._redis_watch: asyncio.Task[None] | None = None
         _serve_fast_lane(self)
         # Everything built so far (Ray, FastAPI, the routes) lives as long as the replica:
         # out of the collector's sight, and full collections rare (actors/gcpolicy.py).
@@ -445,6 +446,8 @@ class Gateway:
         key_id, secret = parse_api_key(plaintext)
         digest = hashlib.sha256(secret.encode("ascii")).digest()
         flag = api_key_flag(key_id)
+        if self._redis_watch is None:
+            self._redis_watch = asyncio.get_running_loop().create_task(self._watch_redis())
         hit = self._keys.get(key_id)
         if hit is not None and hit[2] > time.monotonic() and hmac.compare_digest(hit[0], digest):
             return _Auth(hit[1], flag, plaintext, hit[3])
@@ -452,6 +455,24 @@ class Gateway:
         principal = await self._api_key_from_db(plaintext)
         self._cache_key(key_id, digest, principal, epoch)
         return _Auth(principal, flag, plaintext, epoch)
+
+    async def _watch_redis(self) -> None:
+        """Forget every cached API key when Redis restarts or fails over (its ``run_id``
+        changes, checked every second): the server may have come back without the last
+        flags written (an append-only file synced every second, an older snapshot, an
+        asynchronous replica) while the auth epoch survived. A total loss is seen at once
+        by the epoch; this covers partial ones within about a second."""
+        known = ""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                run_id = await asyncio.wait_for(self.limiter.run_id(), 2.0)
+            except Exception:  # Redis away: keys are checked in Postgres meanwhile
+                continue
+            if known and run_id != known:
+                log.warning("Redis restarted or failed over; cached API keys are checked again")
+                self._keys.clear()
+            known = run_id
 
     def _cache_key(self, key_id: str, digest: bytes, principal: Principal, epoch: str) -> None:
         if len(self._keys) >= _KEY_CACHE_MAX:

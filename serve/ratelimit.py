@@ -38,7 +38,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from engine.errors import ConfigError
 from serve.resp import ReplyError, RespPipe, open_pipe, pipe_address
@@ -454,14 +454,33 @@ class RateLimiter:
         lim = self._failure_limit(policy, rate, burst)
         return await self._run("peek", self._failure_checks(keys, lim, 1))
 
-    async def flag(self, keys: Sequence[str], ttl_s: int) -> None:
+    async def flag(self, keys: Sequence[str], ttl_s: int, *, durable: bool = False) -> None:
         """Set flag keys (read back by ``hit_and_check_failures(flag_key=...)``) for
-        ``ttl_s`` seconds. Raises on a Redis error: a flag that did not land must be known."""
-        if keys:
-            pipe = self.redis.pipeline(transaction=False)
-            for k in keys:
-                pipe.set(self.prefix + k, "1", ex=ttl_s)
-            await pipe.execute()
+        ``ttl_s`` seconds; ``durable``: and wait until they are in Redis's append-only file
+        (when it keeps one; up to a second with ``appendfsync everysec``), so a restart of
+        Redis keeps them. Raises on a Redis error: a flag that did not land must be known."""
+        if not keys:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(self.prefix + k, "1", ex=ttl_s)
+        await pipe.execute()
+        if not durable:
+            return
+        try:
+            synced: Any = await self.redis.execute_command("WAITAOF", 1, 0, 2000)
+        except ResponseError as exc:
+            text = str(exc).lower()
+            if "appendonly" in text or "unknown command" in text:
+                return  # no append-only file (or a Redis before 7.2): nothing to wait for
+            raise
+        if int(synced[0]) < 1:
+            raise RedisError("the flag did not reach the append-only file within 2 s")
+
+    async def run_id(self) -> str:
+        """The Redis server's ``run_id`` (new with every restart or failover)."""
+        info: Any = await self.redis.info("server")
+        return str(info.get("run_id", ""))
 
     async def ping(self) -> bool:
         """True when Redis answers (for readiness probes); raises otherwise."""

@@ -382,3 +382,25 @@ async def test_a_hung_redis_fails_open_through_the_pipe_too(services: Services, 
         assert rl.redis_errors == 1
     finally:
         await rl.aclose()
+
+
+async def test_the_auth_epoch_changes_when_redis_loses_it(limiter: RateLimiter) -> None:
+    """The epoch read with a flag stays the same while Redis keeps its data, and comes back
+    new once it is gone (as after a restart without data), so cached keys are checked."""
+    async def epoch() -> str:
+        d = await limiter.hit_and_check_failures([("e", 100.0, 100, 1)], [], flag_key="f", epoch_key="ep")
+        assert d.allowed and not d.flagged
+        return d.epoch
+
+    first = await epoch()
+    assert first and await epoch() == first
+    await limiter.redis.delete(limiter.prefix + "ep")
+    second = await epoch()
+    assert second and second != first and await epoch() == second
+    assert len(await limiter.run_id()) == 40
+
+
+async def test_a_durable_flag_is_set_once_on_disk(limiter: RateLimiter) -> None:
+    await limiter.flag(["durable"], ttl_s=5, durable=True)
+    d = await limiter.hit_and_check_failures([("x", 100.0, 100, 1)], [], flag_key="durable")
+    assert d.flagged
