@@ -36,11 +36,12 @@ Crash safety (a worker killed at any point):
   to a second hand-over; it carries the same idempotency key (``Message-ID`` /
   ``Idempotency-Key``), so a provider that honours it (as the embedded sinks do) still
   delivers once. This is the one place exactly-once relies on the provider.
-* A lost stream entry is found by the periodic sweep of Postgres and added again: a
-  ``queued`` row whose recorded stream incarnation (the Redis server's ``run_id``) is not
-  the current one (Redis restarted or failed over, so recent entries or all may be gone)
-  or that was never added (Redis was down when it was recorded), and rows ``sending`` or due ``failed`` with no progress. The claim
-  decides who sends, so an entry added twice is still sent once.
+* A lost stream entry is found in Postgres and added again: a ``queued`` row whose
+  recorded stream incarnation (the Redis server's ``run_id``) is not the current one
+  (Redis restarted or failed over, so recent entries or all may be gone) or that was never
+  added (Redis was down when it was recorded), and, by a periodic sweep, rows ``sending``
+  or due ``failed`` with no progress. The claim decides who sends, so an entry added twice
+  is still sent once.
 
 Redis trouble: a lost consumer group (or stream) is created again by the worker that meets
 ``NOGROUP``, reading from the stream's start. While Redis is down, a round in flight takes
