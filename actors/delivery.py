@@ -309,7 +309,9 @@ class DeliveryCore:
         pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=4)
         assert pool is not None
         self.db = pool
-        self.redis = Redis.from_url(self.cfg.redis_url)
+        # Timeouts: a Redis that hangs (frozen, a network split) fails a round in seconds
+        # instead of holding it; the read loop's blocking read waits 0.5 s at most.
+        self.redis = Redis.from_url(self.cfg.redis_url, socket_connect_timeout=5, socket_timeout=10)
         self._bucket = self.redis.register_script(_BUCKET_LUA)
         self._move_due = self.redis.register_script(_MOVE_DUE_LUA)
         for ch in self.cfg.channels:

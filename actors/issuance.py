@@ -158,7 +158,8 @@ class IssuerCore:
 
     async def _load(self) -> None:
         self.pool = await create_pool(self.dsn, size=4)
-        self.redis = Redis.from_url(self.redis_url)
+        # A Redis that hangs must not hold a job: enqueue records the rows and moves on.
+        self.redis = Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
         async with self.pool.acquire() as conn:
             # claimed (and committed) before anything else: an older issuer's job writes
             # are either done by now or refused
