@@ -306,7 +306,8 @@ class DeliveryCore:
     # --- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=4)
+        # Rounds (two per channel), housekeeping and claim renewals share it: room for all.
+        pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=8)
         assert pool is not None
         self.db = pool
         # Timeouts: a Redis that hangs (frozen, a network split) fails a round in seconds
