@@ -19,6 +19,11 @@ One round of a worker, per channel (``engine.delivery`` has the stream layout):
    to the dead-letter stream and ``XACK``; admins get one ``delivery_dead`` notification
    per campaign and failure window.
 
+While a round sends, its claims are kept alive: every quarter of ``claim_idle_s`` the
+worker renews ``claimed_at`` of its rows and resets the idle time of its stream entries
+(``XCLAIM ... JUSTID``), so a round slower than ``claim_idle_s`` (a slow provider, a low
+rate limit) keeps what it holds, and only a worker that went silent loses it.
+
 Crash safety (a worker killed at any point):
 
 * Before the claim: the entries stay pending under the dead consumer; another worker
@@ -31,8 +36,17 @@ Crash safety (a worker killed at any point):
   to a second hand-over; it carries the same idempotency key (``Message-ID`` /
   ``Idempotency-Key``), so a provider that honours it (as the embedded sinks do) still
   delivers once. This is the one place exactly-once relies on the provider.
-* A lost stream entry (e.g. Redis restarted without persistence) is found by the periodic
-  sweep of Postgres (rows ``sending`` or due ``failed`` with no progress) and re-queued.
+* A lost stream entry is found in Postgres and added again: a ``queued`` row whose
+  recorded stream incarnation (the Redis server's ``run_id``) is not the current one
+  (Redis restarted or failed over, so recent entries or all may be gone) or that was never
+  added (Redis was down when it was recorded), and, by a periodic sweep, rows ``sending``
+  or due ``failed`` with no progress. The claim decides who sends, so an entry added twice
+  is still sent once.
+
+Redis trouble: a lost consumer group (or stream) is created again by the worker that meets
+``NOGROUP``, reading from the stream's start. While Redis is down, a round in flight takes
+its send permits from a local bucket at the worker's share of the channel's rate
+(``rate / delivery_workers``), so the provider's limit holds without the shared bucket.
 """
 
 from __future__ import annotations
@@ -51,9 +65,10 @@ import asyncpg
 import msgspec
 import ray
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from actors.channels import ChannelAdapter, SmtpAdapter, SmtpSettings, WebhookAdapter
+from actors.delivery_queue import add_to_streams, incarnation
 from engine import delivery, templates
 from engine.delivery import DeliveryMessage
 from engine.sending import (
@@ -115,14 +130,17 @@ end
 return #due
 """
 
+# Rows are locked in id order, so two claims of overlapping batches cannot deadlock.
 _CLAIM = """
-UPDATE deliveries SET state = 'sending', attempts = attempts + 1, claimed_by = $2,
+WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)
+UPDATE deliveries AS d SET state = 'sending', attempts = d.attempts + 1, claimed_by = $2,
        claimed_at = now(), updated_at = now()
-WHERE id = ANY($1::text[])
-  AND (state = 'queued'
-       OR (state = 'failed' AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
-       OR (state = 'sending' AND claimed_at < now() - make_interval(secs => $3)))
-RETURNING id, attempts
+FROM locked
+WHERE d.id = locked.id
+  AND (d.state = 'queued'
+       OR (d.state = 'failed' AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()))
+       OR (d.state = 'sending' AND d.claimed_at < now() - make_interval(secs => $3)))
+RETURNING d.id, d.attempts
 """
 _UNCLAIMED = """
 SELECT id, state, extract(epoch FROM next_attempt_at) AS due FROM deliveries
@@ -151,15 +169,42 @@ FROM unnest($1::text[], $2::text[]) AS u(id, err)
 WHERE d.id = u.id AND d.state = 'sending' AND d.claimed_by = $3
 """
 _NOTIFY = "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)"
-_SWEEP = """
+_MESSAGE_COLS = """
 SELECT d.id, d.campaign_id, d.customer_id, d.channel, d.recipient, d.code, d.job_id,
        coalesce(c.locale, 'en') AS locale, c.name
 FROM deliveries d LEFT JOIN customers c ON c.id = d.customer_id
+"""
+_SWEEP = _MESSAGE_COLS + """
 WHERE d.channel = $1 AND (
       (d.state = 'sending' AND d.claimed_at < now() - make_interval(secs => $2))
    OR (d.state = 'failed' AND d.next_attempt_at < now() - make_interval(secs => $2)))
 LIMIT 1000
 """
+# Queued rows never added to a stream (Redis was down, or the producer died), older than
+# the grace a producer needs between recording a row and adding it. Checked every second;
+# cheap, as a partial index holds only such rows.
+_NOT_ADDED = _MESSAGE_COLS + """
+WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen IS NULL AND d.id > $2
+  AND d.updated_at < now() - make_interval(secs => $3)
+ORDER BY d.id
+LIMIT 1000
+"""
+# Queued rows added to another Redis server than the current one: once per worker and server.
+_NOT_ON_SERVER = _MESSAGE_COLS + """
+WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen <> $3 AND d.id > $2
+ORDER BY d.id
+LIMIT 1000
+"""
+_RENEW = """
+UPDATE deliveries SET claimed_at = now()
+WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 'sending'
+             AND claimed_by = $2 FOR UPDATE SKIP LOCKED)
+"""
+# Seconds a producer may take between recording a queued row and adding it to its stream.
+REQUEUE_GRACE_S = 5.0
+REQUEUE_LOCK_S = 5
+# How often a worker looks for queued rows missing from the streams.
+INCARNATION_CHECK_S = 1.0
 
 
 @dataclass
@@ -178,6 +223,39 @@ class _CampaignInfo:
     default_locale: str | None
     templates: dict[tuple[str, str], templates.CompiledTemplate] = field(default_factory=dict)
     loaded_at: float = 0.0
+
+
+def _message(r: asyncpg.Record) -> DeliveryMessage:
+    return DeliveryMessage(
+        id=r["id"], campaign_id=r["campaign_id"], customer_id=r["customer_id"],
+        channel=r["channel"], recipient=r["recipient"], code=r["code"],
+        locale=r["locale"], name=r["name"], job_id=r["job_id"],
+    )
+
+
+def _no_group(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+class LocalBucket:
+    """A token bucket in the worker's memory: its share of a channel's rate while the
+    shared bucket in Redis cannot be reached."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.ts = time.monotonic()
+
+    def take(self, want: int) -> tuple[int, float]:
+        """(granted, seconds until one more token), like the shared bucket's script."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.ts) * self.rate)
+        self.ts = now
+        granted = min(want, int(self.tokens))
+        self.tokens -= granted
+        wait = 0.0 if granted == want else (1 - (self.tokens - int(self.tokens))) / self.rate
+        return granted, wait
 
 
 def build_adapter(channel: str, url: str, s: Settings) -> ChannelAdapter:
@@ -207,6 +285,7 @@ class DeliveryCore:
         self.name = name
         self.consumer = f"{name}-{uuid.uuid4().hex[:8]}"
         self.stopping = asyncio.Event()
+        self.opened = asyncio.Event()  # connected, streams and groups in place
         self.db: asyncpg.Pool | None = None
         self.redis: Redis | None = None
         self.adapters: dict[str, ChannelAdapter] = {}
@@ -216,29 +295,47 @@ class DeliveryCore:
         self._rng = random.Random()
         self._bucket: Any = None
         self._move_due: Any = None
-        self.counts = {"sent": 0, "retried": 0, "dead_lettered": 0, "skipped": 0, "recovered": 0}
+        self.counts = {
+            "sent": 0, "retried": 0, "dead_lettered": 0, "skipped": 0, "recovered": 0,
+            "requeued": 0, "renewed": 0,
+        }
         self._metric: Any = None
+        self._local_buckets: dict[str, LocalBucket] = {}
+        self._checked: dict[str, str] = {}  # channel -> Redis run_id its queued rows were checked on
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=4)
+        # Rounds (two per channel), housekeeping and claim renewals share it: room for all.
+        pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=8)
         assert pool is not None
         self.db = pool
-        self.redis = Redis.from_url(self.cfg.redis_url)
+        # Timeouts: a Redis that hangs (frozen, a network split) fails a round in seconds
+        # instead of holding it; the read loop's blocking read waits 0.5 s at most.
+        self.redis = Redis.from_url(self.cfg.redis_url, socket_connect_timeout=5, socket_timeout=10)
         self._bucket = self.redis.register_script(_BUCKET_LUA)
         self._move_due = self.redis.register_script(_MOVE_DUE_LUA)
         for ch in self.cfg.channels:
             self.adapters[ch] = build_adapter(ch, self.cfg.urls[ch], self.s)
-            try:
-                await self.redis.xgroup_create(delivery.stream(ch), delivery.GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await self._ensure_group(ch)
         with contextlib.suppress(Exception):
             from actors.observability import DELIVERY_MESSAGES
 
             self._metric = DELIVERY_MESSAGES
+        self.opened.set()
+
+    async def _ensure_group(self, channel: str) -> None:
+        """Create the channel's stream and consumer group unless they exist. From the
+        stream's start: after a loss, every entry still in the stream is read (an entry
+        whose row was already sent is skipped by the claim)."""
+        assert self.redis is not None
+        try:
+            await self.redis.xgroup_create(delivery.stream(channel), delivery.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        else:
+            log.info("created consumer group %s on %s", delivery.GROUP, delivery.stream(channel))
 
     async def close(self) -> None:
         for a in self.adapters.values():
@@ -296,8 +393,16 @@ class DeliveryCore:
                         await self.process(channel, entries)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("delivery round failed on %s; retrying", channel)
+            except Exception as exc:
+                if _no_group(exc):
+                    # Redis lost the group (restarted empty, or it was deleted).
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group(channel)
+                    continue
+                if isinstance(exc, (RedisError, OSError)):
+                    log.warning("delivery round on %s: Redis unreachable (%s); retrying", channel, exc)
+                else:
+                    log.exception("delivery round failed on %s; retrying", channel)
                 await asyncio.sleep(0.5)
 
     async def _housekeeping_loop(self, channel: str) -> None:
@@ -308,10 +413,14 @@ class DeliveryCore:
         idle_ms = int(self.s.delivery_claim_idle_s * 1000)
         next_claim = time.monotonic() + self.s.delivery_claim_idle_s / 2
         next_sweep = time.monotonic() + self.s.delivery_claim_idle_s
+        next_requeue = time.monotonic()
         while not self.stopping.is_set():
             try:
                 await self._move_due(keys=[retry_key(channel), stream], args=[time.time(), 1000])
                 now = time.monotonic()
+                if now >= next_requeue:
+                    next_requeue = now + INCARNATION_CHECK_S
+                    await self._requeue_lost(channel)
                 if now >= next_claim:
                     next_claim = now + max(0.2, self.s.delivery_claim_idle_s / 2)
                     start = "0-0"
@@ -332,9 +441,56 @@ class DeliveryCore:
                     await self._forget_dead_consumers(stream)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("delivery housekeeping failed on %s", channel)
+            except Exception as exc:
+                if _no_group(exc):
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group(channel)
+                elif isinstance(exc, (RedisError, OSError)):
+                    log.warning("delivery housekeeping on %s: Redis unreachable (%s)", channel, exc)
+                    await asyncio.sleep(0.4)
+                else:
+                    log.exception("delivery housekeeping failed on %s", channel)
             await asyncio.sleep(0.1)
+
+    async def _requeue_lost(self, channel: str) -> None:
+        """Add again the ``queued`` rows that have no entry on the current Redis server.
+        Every second: rows never added (recorded while Redis was away). Once per worker
+        and server (at start, and after Redis restarted or failed over): every queued row
+        added to another server. Workers take turns (a short lock), in pages of 1000."""
+        assert self.db is not None and self.redis is not None
+        run_id = await incarnation(self.redis)
+        full = self._checked.get(channel) != run_id
+        # One worker at a time (two would add every row twice); short-lived, so a lock left
+        # by a worker that died or lost Redis midway holds nobody up for long.
+        lock = f"voucher:delivery:requeue:{channel}"
+        if not await self.redis.set(lock, self.consumer, nx=True, ex=REQUEUE_LOCK_S):
+            return
+        try:
+            total = await self._readd(channel, lock, _NOT_ADDED, REQUEUE_GRACE_S)
+            if full:
+                total += await self._readd(channel, lock, _NOT_ON_SERVER, run_id)
+                self._checked[channel] = run_id
+            if total:
+                self.counts["requeued"] += total
+                log.warning("re-queued %d %s messages that were not on the streams", total, channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.redis.delete(lock)
+
+    async def _readd(self, channel: str, lock: str, query: str, arg: Any) -> int:
+        assert self.db is not None and self.redis is not None
+        after, total = "", 0
+        while not self.stopping.is_set():
+            rows = await self.db.fetch(query, channel, after, arg)
+            if not rows:
+                break
+            await add_to_streams(self.db, self.redis, [_message(r) for r in rows])
+            await self.redis.expire(lock, REQUEUE_LOCK_S)
+            total += len(rows)
+            after = rows[-1]["id"]
+            if len(rows) < 1000:
+                break
+        return total
 
     async def _sweep(self, channel: str) -> None:
         """Re-queue rows whose stream entry is gone (claims and retries with no progress for
@@ -347,12 +503,7 @@ class DeliveryCore:
             return
         pipe = self.redis.pipeline(transaction=False)
         for r in rows:
-            m = DeliveryMessage(
-                id=r["id"], campaign_id=r["campaign_id"], customer_id=r["customer_id"],
-                channel=r["channel"], recipient=r["recipient"], code=r["code"],
-                locale=r["locale"], name=r["name"], job_id=r["job_id"],
-            )
-            pipe.xadd(delivery.stream(channel), {delivery.FIELD: delivery.encode(m)})
+            pipe.xadd(delivery.stream(channel), {delivery.FIELD: delivery.encode(_message(r))})
         await pipe.execute()
         log.warning("sweep re-queued %d %s messages with no stream entry progress", len(rows), channel)
 
@@ -374,10 +525,34 @@ class DeliveryCore:
             await self._flush_marks()
 
     async def _flush_marks(self) -> None:
+        """Write the sent marks. Best effort: without Redis the round still records its
+        outcomes in Postgres, which is the stronger mark."""
         if not self._marks or self.redis is None:
             return
         marks, self._marks = self._marks, []
-        await self.redis.hset(SENT_MARKS, mapping=dict.fromkeys(marks, self.consumer))
+        try:
+            await self.redis.hset(SENT_MARKS, mapping=dict.fromkeys(marks, self.consumer))
+        except (RedisError, OSError) as exc:
+            log.warning("sent marks of %d messages not written: %s", len(marks), exc)
+
+    async def _keep_claims(self, stream: str, entry_ids: list[Any], ids: list[str]) -> None:
+        """While a round runs: renew its claims in Postgres and reset the idle time of its
+        stream entries, every quarter of ``claim_idle_s`` (takeover needs 0.8 of it)."""
+        assert self.db is not None and self.redis is not None
+        period = self.s.delivery_claim_idle_s / 4
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.db.execute(_RENEW, ids, self.consumer)
+                self.counts["renewed"] += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("claims of a round on %s not renewed: %s", stream, exc)
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.xclaim(
+                    stream, delivery.GROUP, self.consumer, 0, entry_ids, justid=True
+                )
 
     # --- one batch ---------------------------------------------------------------------
 
@@ -404,6 +579,29 @@ class DeliveryCore:
             r["id"]: int(r["attempts"])
             for r in (await self.db.fetch(_CLAIM, ids, self.consumer, takeover_s) if ids else [])
         }
+        if not claimed:
+            await self._finish(channel, stream, entry_ids, ids, claimed, msgs)
+            return
+        keep = asyncio.create_task(self._keep_claims(stream, entry_ids, list(claimed)))
+        try:
+            await self._finish(channel, stream, entry_ids, ids, claimed, msgs, keep)
+        finally:
+            keep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep
+
+    async def _finish(
+        self,
+        channel: str,
+        stream: str,
+        entry_ids: list[Any],
+        ids: list[str],
+        claimed: dict[str, int],
+        msgs: dict[str, DeliveryMessage],
+        keep: asyncio.Task[None] | None = None,
+    ) -> None:
+        """The rest of a round once its rows are claimed: send, record, acknowledge."""
+        assert self.db is not None and self.redis is not None
         # Claims taken over from a dead worker: was the message accepted before it died?
         recovered: list[str] = []
         if claimed:
@@ -451,6 +649,8 @@ class DeliveryCore:
                 )
             if dead:
                 await conn.execute(_DEAD, [m.id for m, _ in dead], [e for _, e in dead], self.consumer)
+        if keep is not None:
+            keep.cancel()  # the rows are recorded; nothing left to hold
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for m, _e, delay in retry:
@@ -466,7 +666,7 @@ class DeliveryCore:
         self.counts["recovered"] += len(recovered)
         self.counts["retried"] += len(retry)
         self.counts["dead_lettered"] += len(dead)
-        self.counts["skipped"] += len(entries) - len(to_send) - len(recovered)
+        self.counts["skipped"] += len(entry_ids) - len(to_send) - len(recovered)
         self._observe(channel, sent=len(sent) + len(recovered), retried=len(retry), dead=len(dead))
         if dead:
             await self._notify_dead(channel, dead)
@@ -512,10 +712,25 @@ class DeliveryCore:
             return
         burst = max(1.0, rate)
         while n > 0:
-            granted, wait = await self._bucket(keys=[rate_key(channel)], args=[rate, burst, n])
+            try:
+                granted, wait = await self._bucket(keys=[rate_key(channel)], args=[rate, burst, n])
+            except (RedisError, OSError) as exc:
+                granted, wait = self._local_bucket(channel, rate, exc).take(n)
             n -= int(granted)
             if n > 0:
                 await asyncio.sleep(max(0.001, float(wait)))
+
+    def _local_bucket(self, channel: str, rate: float, exc: BaseException) -> LocalBucket:
+        """The worker's share of the channel's rate, for while the shared bucket is away."""
+        b = self._local_buckets.get(channel)
+        if b is None:
+            share = rate / max(1, self.s.delivery_workers)
+            b = self._local_buckets[channel] = LocalBucket(share, max(1.0, share))
+            log.warning(
+                "send permits on %s from a local bucket (%.1f/s, this worker's share): %s",
+                channel, share, exc,
+            )
+        return b
 
     async def _notify_dead(self, channel: str, dead: list[tuple[DeliveryMessage, str]]) -> None:
         """One ``delivery_dead`` notification per campaign and failure window (the first
@@ -686,7 +901,7 @@ class DeliveryWorker:
 
     async def ready(self) -> str:
         for _ in range(200):
-            if self.core is not None and self.core.db is not None:
+            if self.core is not None and self.core.opened.is_set():
                 return self.core.consumer
             await asyncio.sleep(0.05)
         raise TimeoutError("delivery worker did not start")

@@ -19,8 +19,8 @@ Progress counters (``GET /v1/jobs/{id}``): ``total`` (selected at start), ``sele
 ``exhausted`` (no code left and none could be made), ``skipped_no_consent`` /
 ``skipped_no_address`` (per customer x channel), ``unreachable`` (customers no requested
 channel reaches: they get no code), ``messages`` (customer x channel with consent and
-address), ``enqueued`` (added to the streams by this job), ``already_queued`` (queued by an
-earlier run), ``refills``, ``rate`` (customers/s) and ``eta_s``.
+address), ``enqueued`` (queued for sending by this job: on the streams, or added by the
+delivery workers once Redis is reachable), ``already_queued`` (queued by an earlier run), ``refills``, ``rate`` (customers/s) and ``eta_s``.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ class IssuerCore:
 
     async def _load(self) -> None:
         self.pool = await create_pool(self.dsn, size=4)
-        self.redis = Redis.from_url(self.redis_url)
+        # A Redis that hangs must not hold a job: enqueue records the rows and moves on.
+        self.redis = Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
         async with self.pool.acquire() as conn:
             # claimed (and committed) before anything else: an older issuer's job writes
             # are either done by now or refused

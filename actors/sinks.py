@@ -14,12 +14,14 @@ recorded as ``duplicate`` and not delivered a second time. Every receipt is kept
 
 ``FailureMode`` makes the sinks refuse on purpose, with real protocol answers: temporary
 (SMTP 451, HTTP 503) with probability ``temporary_p``, or always permanent (SMTP 550, HTTP
-400). Tests change it while the sinks run.
+400); ``delay_s`` makes them slow (each message is answered that much later). Tests change
+it while the sinks run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import re
@@ -42,6 +44,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 class FailureMode:
     temporary_p: float = 0.0
     permanent: bool = False
+    delay_s: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
 
     def decide(self) -> str | None:
@@ -129,6 +132,8 @@ class _SmtpHandler:
         s = _SUBJECT.search(head)
         subject = s.group(1).decode("utf-8", "replace") if s else None
         to = ",".join(envelope.rcpt_tos)
+        if self.mode.delay_s > 0:
+            await asyncio.sleep(self.mode.delay_s)
         failure = self.mode.decide()
         if failure == "permanent":
             self.outbox.record("email", key, to, subject, "rejected_permanent", content)
@@ -206,6 +211,8 @@ class WebhookSink:
                     return
                 key = self.headers.get("Idempotency-Key")
                 subject = doc.get("subject")
+                if sink.mode.delay_s > 0:
+                    time.sleep(sink.mode.delay_s)
                 failure = sink.mode.decide()
                 if failure == "permanent":
                     sink.outbox.record(channel, key, to, subject, "rejected_permanent", raw)

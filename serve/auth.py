@@ -526,9 +526,16 @@ def hash_api_secret(secret: str) -> str:
 # once: they set the key's flag in Redis (api_key_flag) for API_KEY_FLAG_TTL_S, longer than
 # any cache entry lives, and the gateway reads that flag in the same Redis call as the rate
 # limits; a flagged key (or a request answered while Redis is down) is checked against
-# Postgres again.
+# Postgres again. Postgres is the truth and the flags only a fast invalidation: should
+# Redis lose its data (and the flags with it), the epoch key read in the same call
+# (API_KEY_EPOCH) comes back with a new value, and every key cached under the old one is
+# checked against Postgres again; the flag set after the change waits until it is in
+# Redis's append-only file, and a replica forgets its cached keys when Redis restarts or fails over
+# (a partial loss). A revocation needs Redis for its flag: while Redis is unreachable it is
+# refused (503) and nothing changes.
 API_KEY_CACHE_S = 30.0
 API_KEY_FLAG_TTL_S = 120
+API_KEY_EPOCH = "auth:epoch"
 
 
 def api_key_flag(key_id: str) -> str:

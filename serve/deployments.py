@@ -101,11 +101,14 @@ class Users:
         return dict(await self.store.get(user_id))
 
     async def _flag_keys(self, key_ids: list[str], *, strict: bool) -> None:
-        """Tell every gateway replica to re-check these API keys against the database."""
+        """Tell every gateway replica to re-check these API keys against the database.
+        The flag after the change (not strict) waits until it is on Redis's disk."""
         from serve.auth import API_KEY_FLAG_TTL_S, api_key_flag
 
         try:
-            await self.flags.flag([api_key_flag(k) for k in key_ids], API_KEY_FLAG_TTL_S)
+            await self.flags.flag(
+                [api_key_flag(k) for k in key_ids], API_KEY_FLAG_TTL_S, durable=not strict
+            )
         except Exception as exc:
             if strict:
                 raise errors.Unavailable(

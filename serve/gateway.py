@@ -47,6 +47,7 @@ from engine.settings import Settings
 from serve import metrics
 from serve.auth import (
     API_KEY_CACHE_S,
+    API_KEY_EPOCH,
     AuthError,
     Forbidden,
     Principal,
@@ -106,11 +107,13 @@ from serve.users import UserStore
 log = logging.getLogger("voucher.gateway")
 
 class _Auth(NamedTuple):
-    """An authenticated caller; ``flag``/``api_key`` are set for API keys (see _confirm)."""
+    """An authenticated caller; ``flag``/``api_key`` are set for API keys, and ``epoch``:
+    the auth epoch the replica knew before the key was checked in Postgres (see _confirm)."""
 
     principal: Principal
     flag: str | None
     api_key: str | None
+    epoch: str = ""
 
 
 _KEY_CACHE_MAX = 10_000  # verified API keys kept per replica (cleared when full)
@@ -370,8 +373,11 @@ class Gateway:
         self.issuance = issuance
         self._dsn = dsn
         self._import_db: Any = None
-        # key id -> (SHA-256 of the verified secret, principal, monotonic expiry)
-        self._keys: dict[str, tuple[bytes, Principal, float]] = {}
+        # key id -> (SHA-256 of the verified secret, principal, monotonic expiry, the auth
+        # epoch known before it was checked in Postgres)
+        self._keys: dict[str, tuple[bytes, Principal, float, str]] = {}
+        self._epoch = ""  # the auth epoch of the last answer from Redis
+        self._redis_watch: asyncio.Task[None] | None = None
         _serve_fast_lane(self)
         # Everything built so far (Ray, FastAPI, the routes) lives as long as the replica:
         # out of the collector's sight, and full collections rare (actors/gcpolicy.py).
@@ -474,27 +480,60 @@ class Gateway:
         key_id, secret = parse_api_key(plaintext)
         digest = hashlib.sha256(secret.encode("ascii")).digest()
         flag = api_key_flag(key_id)
+        if self._redis_watch is None:
+            self._redis_watch = asyncio.get_running_loop().create_task(self._watch_redis())
         hit = self._keys.get(key_id)
         if hit is not None and hit[2] > time.monotonic() and hmac.compare_digest(hit[0], digest):
-            return _Auth(hit[1], flag, plaintext)
+            return _Auth(hit[1], flag, plaintext, hit[3])
+        epoch = self._epoch  # read before Postgres: what the check below is at least as new as
         principal = await self._api_key_from_db(plaintext)
+        self._cache_key(key_id, digest, principal, epoch)
+        return _Auth(principal, flag, plaintext, epoch)
+
+    async def _watch_redis(self) -> None:
+        """Forget every cached API key when Redis restarts or fails over (its ``run_id``
+        changes, checked every second): the server may have come back without the last
+        flags written (an append-only file synced every second, an older snapshot, an
+        asynchronous replica) while the auth epoch survived. A total loss is seen at once
+        by the epoch; this covers partial ones within about a second."""
+        known = ""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                run_id = await asyncio.wait_for(self.limiter.run_id(), 2.0)
+            except Exception:  # Redis away: keys are checked in Postgres meanwhile
+                continue
+            if known and run_id != known:
+                log.warning("Redis restarted or failed over; cached API keys are checked again")
+                self._keys.clear()
+            known = run_id
+
+    def _cache_key(self, key_id: str, digest: bytes, principal: Principal, epoch: str) -> None:
         if len(self._keys) >= _KEY_CACHE_MAX:
             self._keys.clear()
-        self._keys[key_id] = (digest, principal, time.monotonic() + API_KEY_CACHE_S)
-        return _Auth(principal, flag, plaintext)
+        self._keys[key_id] = (digest, principal, time.monotonic() + API_KEY_CACHE_S, epoch)
 
     async def _api_key_from_db(self, plaintext: str) -> Principal:
         await self._open()
         return await self.store.authenticate_api_key(plaintext)
 
     async def _confirm(self, who: _Auth, decision: Any, action: str) -> Principal:
-        """The caller after the rate-limit call: a flagged API key (or one answered while
-        Redis was unreachable, so its flag is unknown) is checked in the database again."""
-        if who.api_key is None or not (decision.flagged or decision.degraded):
+        """The caller after the rate-limit call: an API key is checked in the database
+        again when it is flagged, when Redis was unreachable (its flag is unknown), or when
+        the auth epoch is not the one its check was made under (Redis lost its data, and
+        with it any flag set meanwhile)."""
+        if decision.epoch:
+            self._epoch = decision.epoch
+        if who.api_key is None:
             return who.principal
-        self._keys.pop(parse_api_key(who.api_key)[0], None)
+        if not (decision.flagged or decision.degraded or decision.epoch != who.epoch):
+            return who.principal
+        key_id, secret = parse_api_key(who.api_key)
+        self._keys.pop(key_id, None)
         principal = await self._api_key_from_db(who.api_key)
         authorize(principal, action)
+        digest = hashlib.sha256(secret.encode("ascii")).digest()
+        self._cache_key(key_id, digest, principal, decision.epoch)
         return principal
 
     async def _guard(self, request: Request, response: Response, action: str) -> Principal:
@@ -528,7 +567,11 @@ class Gateway:
             subject = f"{who.kind}:{who.api_key_id or who.user_id}"
             checks.append(self.policy.principal_check(role, subject))
         decision = await self.limiter.hit_and_check_failures(
-            checks, failure_keys or [], self.policy, flag_key=flag_key
+            checks,
+            failure_keys or [],
+            self.policy,
+            flag_key=flag_key,
+            epoch_key=API_KEY_EPOCH if flag_key is not None else None,
         )
         headers.update(rate_headers(decision))
         if not decision.allowed:

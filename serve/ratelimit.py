@@ -12,10 +12,15 @@ refill of ``rate`` per second and a capacity of ``burst``, without a background 
 * Redis Cluster: a multi-key check needs its keys on one slot; run the limiter on a single
   Redis (or a primary with replicas), which is what the engine deploys.
 
-When Redis cannot be reached the normal limits fail OPEN (the request passes, a warning is
-logged at most every few seconds): an outage of the limiter must not become an outage of
-checkout. The failure (code-guessing) budget fails CLOSED: without it nothing stops an
-attacker from enumerating codes, so :meth:`RateLimiter.check_failure_budget` denies.
+When Redis cannot be reached, every limit is kept by the replica alone: the same GCRA runs
+in the process's memory (:class:`LocalGcra`) with the same rates and bursts, so each
+gateway replica allows what the whole fleet allows with Redis. That is the deliberate
+middle between the two ways of failing: failing open would let an attacker enumerate
+codes (the failure budget is the only thing that stops it), failing closed would turn an
+outage of the limiter into an outage of checkout and login. So while Redis is away,
+honest checkout and a correct login pass, and a guesser still runs out of budget (at
+most ``replicas`` times the budget, spent per replica). Decisions made so are
+``degraded``; what was charged locally is not carried over when Redis is back.
 After a Redis error the limiter skips Redis for ``backoff_s`` instead of paying a connect
 timeout on every request.
 """
@@ -33,7 +38,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from engine.errors import ConfigError
 from serve.resp import ReplyError, RespPipe, open_pipe, pipe_address
@@ -42,15 +47,16 @@ log = logging.getLogger(__name__)
 
 ROLES = ("admin", "manager", "analyst", "integration", "customer", "anonymous")
 
-# KEYS: the buckets, then optionally one flag key. ARGV[1]: mode, ARGV[2]: 1 when the last
-# KEYS entry is a flag key (whose existence is reported, see RateLimiter.hit_and_check_failures)
-# else 0, then (rate, burst, cost, charge) per bucket.
+# KEYS: the buckets, then optionally a flag key and an epoch key. ARGV[1]: mode, ARGV[2]:
+# how many of those trail KEYS (0, 1: the flag key, whose existence is reported, or 2: the
+# flag key and the epoch key, whose value is reported, created from the server's clock when
+# missing; see RateLimiter.hit_and_check_failures), then (rate, burst, cost, charge) per bucket.
 #   mode "all":  charge every key if every key allows, none otherwise (hit / hit_many)
 #   mode "each": charge each key that allows, independently (failure penalties)
 #   mode "peek": charge nothing, answer as if cost were charged (budget checks)
 # Returns, per key: allowed (0/1), remaining, reset_after_s, retry_after_s; floats travel
 # as strings because Redis truncates Lua numbers to integers. With a flag key, one more
-# value: 1 if it exists, else 0.
+# value: 1 if it exists, else 0; with an epoch key, then its value.
 _GCRA_FUNCTION = r"""
 local function gcra(KEYS, ARGV, now)
   local mode = ARGV[1]
@@ -98,7 +104,15 @@ local function gcra(KEYS, ARGV, now)
       end
     end
   end
-  if nflag == 1 then res[#res + 1] = redis.call('EXISTS', KEYS[#KEYS]) end
+  if nflag >= 1 then res[#res + 1] = redis.call('EXISTS', KEYS[n + 1]) end
+  if nflag == 2 then
+    local e = redis.call('GET', KEYS[n + 2])
+    if not e then
+      e = string.format('%.6f', now)
+      redis.call('SET', KEYS[n + 2], e)
+    end
+    res[#res + 1] = e
+  end
   return res
 end
 """
@@ -150,8 +164,9 @@ class Decision(msgspec.Struct, frozen=True):
     reset_after_s: float
     retry_after_s: float
     key: str = ""
-    degraded: bool = False  # answered without Redis (fail-open/closed fallback)
+    degraded: bool = False  # answered without Redis (by the replica's local buckets)
     flagged: bool = False  # the flag key of hit_and_check_failures exists
+    epoch: str = ""  # the value of its epoch key ("" when not asked or answered locally)
 
 
 class Limit(msgspec.Struct, frozen=True):
@@ -263,8 +278,59 @@ def headers(decision: Decision) -> dict[str, str]:
     return out
 
 
+class LocalGcra:
+    """The GCRA of the script, in this process's memory: the replica's own limits while
+    Redis is unreachable. Answers in the script's shape, so one decoder serves both."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+
+    def run(self, mode: str, checks: Sequence[Check], peek_from: int | None) -> list[Any]:
+        now = self.clock()
+        res: list[Any] = []
+        todo: list[tuple[str, float, bool]] = []
+        all_ok = True
+        for i, (key, rate, burst, cost) in enumerate(checks):
+            charge = peek_from is None or i < peek_from
+            interval = 1 / rate
+            tat = max(self._tat.get(key, now), now)
+            new_tat = tat + cost * interval
+            diff = now - (new_tat - burst * interval)
+            ok = diff >= -1e-6
+            if ok:
+                remaining = math.floor(diff / interval + 1e-4)
+                reset_after, retry_after = new_tat - now, 0.0
+                if mode == "peek" or not charge:
+                    reset_after = tat - now
+                    remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4)
+            else:
+                all_ok = False
+                remaining, reset_after, retry_after = 0, tat - now, -diff
+            todo.append((key, new_tat, ok and charge))
+            res += [int(ok), remaining, f"{reset_after:.6f}", f"{retry_after:.6f}"]
+        if mode != "peek":
+            for key, new_tat, charged in todo:
+                if charged and (mode == "each" or all_ok):
+                    self._tat[key] = new_tat
+            if len(self._tat) > self.MAX_KEYS:
+                self._shrink(now)
+        return res
+
+    def _shrink(self, now: float) -> None:
+        """Forget full buckets; if that is not enough, keep the emptiest half (forgetting
+        a nearly full bucket forgives the least)."""
+        self._tat = {k: t for k, t in self._tat.items() if t > now}
+        if len(self._tat) > self.MAX_KEYS:
+            keep = sorted(self._tat.items(), key=lambda kv: kv[1], reverse=True)[: self.MAX_KEYS // 2]
+            self._tat = dict(keep)
+
+
 class RateLimiter:
-    """GCRA limits shared by every gateway replica through one Redis."""
+    """GCRA limits shared by every gateway replica through one Redis (and kept by each
+    replica alone while Redis is unreachable)."""
 
     def __init__(
         self,
@@ -302,6 +368,7 @@ class RateLimiter:
         self.policy = policy or RateLimitPolicy()
         self.prefix = prefix
         self.backoff_s = backoff_s
+        self.local = LocalGcra()
         self._down_until = 0.0
         self._last_warning = 0.0
         self.redis_errors = 0  # for metrics
@@ -323,13 +390,12 @@ class RateLimiter:
     # --- public checks -------------------------------------------------------------------
 
     async def hit(self, key: str, rate: float, burst: int, cost: int = 1) -> Decision:
-        """Charge ``cost`` to ``key``'s bucket if it allows; fails open without Redis."""
+        """Charge ``cost`` to ``key``'s bucket if it allows."""
         return await self.hit_many([(key, rate, burst, cost)])
 
     async def hit_many(self, checks: Sequence[Check]) -> Decision:
         """Apply several limits atomically: all allow and all are charged, or none is."""
-        return await self._run("all", [(self.prefix + k, r, b, c) for k, r, b, c in checks],
-                               fail_open=True)
+        return await self._run("all", [(self.prefix + k, r, b, c) for k, r, b, c in checks])
 
     async def hit_and_check_failures(
         self,
@@ -338,24 +404,27 @@ class RateLimiter:
         policy: RateLimitPolicy | None = None,
         *,
         flag_key: str | None = None,
+        epoch_key: str | None = None,
     ) -> Decision:
         """:meth:`hit_many` and :meth:`check_failure_budget` in ONE round trip (the hot
         path pays one Redis call per request): the request limits are charged only if
         they and every failure budget allow; the failure budgets are never charged here.
-        A denial by a failure budget has a ``key`` starting with ``fail:``. Fails open:
-        at checkout, availability wins over the guessing defence while Redis is down.
+        A denial by a failure budget has a ``key`` starting with ``fail:``.
 
         ``flag_key`` (unprefixed) rides along: the decision's ``flagged`` says whether it
-        exists (the gateway's API-key cache asks "was this key revoked or changed?")."""
+        exists (the gateway's API-key cache asks "was this key revoked or changed?"). So
+        does ``epoch_key`` (with a flag key only): the decision's ``epoch`` is its value, a
+        token created when Redis has none, so it changes when Redis loses its data (and
+        with it the flags)."""
         lim = self._failure_limit(policy, None, None)
         charged = [(self.prefix + k, r, b, c) for k, r, b, c in checks]
         peeked = self._failure_checks(failure_keys, lim, 1)
         return await self._run(
             "all",
             charged + peeked,
-            fail_open=True,
             peek_from=len(charged),
             flag_key=None if flag_key is None else self.prefix + flag_key,
+            epoch_key=None if flag_key is None or epoch_key is None else self.prefix + epoch_key,
         )
 
     async def penalize_failure(
@@ -371,7 +440,7 @@ class RateLimiter:
         redemption. Each key is charged on its own (an IP shared with an abuser still pays
         for its own failures); the decision says whether every bucket had room."""
         lim = self._failure_limit(policy, rate, burst)
-        return await self._run("each", self._failure_checks(keys, lim, cost), fail_open=True)
+        return await self._run("each", self._failure_checks(keys, lim, cost))
 
     async def check_failure_budget(
         self,
@@ -381,18 +450,37 @@ class RateLimiter:
         rate: float | None = None,
         burst: int | None = None,
     ) -> Decision:
-        """Deny when any key's failure bucket is empty; charges nothing. Fails CLOSED."""
+        """Deny when any key's failure bucket is empty; charges nothing."""
         lim = self._failure_limit(policy, rate, burst)
-        return await self._run("peek", self._failure_checks(keys, lim, 1), fail_open=False)
+        return await self._run("peek", self._failure_checks(keys, lim, 1))
 
-    async def flag(self, keys: Sequence[str], ttl_s: int) -> None:
+    async def flag(self, keys: Sequence[str], ttl_s: int, *, durable: bool = False) -> None:
         """Set flag keys (read back by ``hit_and_check_failures(flag_key=...)``) for
-        ``ttl_s`` seconds. Raises on a Redis error: a flag that did not land must be known."""
-        if keys:
-            pipe = self.redis.pipeline(transaction=False)
-            for k in keys:
-                pipe.set(self.prefix + k, "1", ex=ttl_s)
-            await pipe.execute()
+        ``ttl_s`` seconds; ``durable``: and wait until they are in Redis's append-only file
+        (when it keeps one; up to a second with ``appendfsync everysec``), so a restart of
+        Redis keeps them. Raises on a Redis error: a flag that did not land must be known."""
+        if not keys:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(self.prefix + k, "1", ex=ttl_s)
+        await pipe.execute()
+        if not durable:
+            return
+        try:
+            synced: Any = await self.redis.execute_command("WAITAOF", 1, 0, 2000)
+        except ResponseError as exc:
+            text = str(exc).lower()
+            if "appendonly" in text or "unknown command" in text:
+                return  # no append-only file (or a Redis before 7.2): nothing to wait for
+            raise
+        if int(synced[0]) < 1:
+            raise RedisError("the flag did not reach the append-only file within 2 s")
+
+    async def run_id(self) -> str:
+        """The Redis server's ``run_id`` (new with every restart or failover)."""
+        info: Any = await self.redis.info("server")
+        return str(info.get("run_id", ""))
 
     async def ping(self) -> bool:
         """True when Redis answers (for readiness probes); raises otherwise."""
@@ -420,31 +508,35 @@ class RateLimiter:
         mode: str,
         checks: Sequence[Check],
         *,
-        fail_open: bool,
         peek_from: int | None = None,
         flag_key: str | None = None,
+        epoch_key: str | None = None,
     ) -> Decision:
         if not checks:
             return Decision(True, 0, 0, 0.0, 0.0)
-        args: list[Any] = [mode, 0 if flag_key is None else 1]
+        trailing = [k for k in (flag_key, epoch_key) if k is not None]
+        args: list[Any] = [mode, len(trailing)]
         for i, (key, rate, burst, cost) in enumerate(checks):
             _validate(key, rate, burst, cost)
             charge = 0 if peek_from is not None and i >= peek_from else 1
             args += [repr(float(rate)), int(burst), int(cost), charge]
-        keys = [c[0] for c in checks]
-        if flag_key is not None:
-            keys.append(flag_key)
+        keys = [c[0] for c in checks] + trailing
         if time.monotonic() < self._down_until:
-            return self._fallback(checks, fail_open, None)
+            return self._fallback(mode, checks, peek_from, None)
         try:
             raw = await self._eval(keys, args)
         except (RedisError, OSError) as exc:
             self.redis_errors += 1
             self._down_until = time.monotonic() + self.backoff_s
-            return self._fallback(checks, fail_open, exc)
+            return self._fallback(mode, checks, peek_from, exc)
         decision = _combine(checks, raw, len(self.prefix), peek_from)
         if flag_key is not None and int(raw[4 * len(checks)]):
             decision = msgspec.structs.replace(decision, flagged=True)
+        if epoch_key is not None:
+            e = raw[4 * len(checks) + 1]
+            decision = msgspec.structs.replace(
+                decision, epoch=e.decode() if isinstance(e, bytes) else str(e)
+            )
         return decision
 
     async def _eval(self, keys: list[str], args: list[Any]) -> list[Any]:
@@ -584,21 +676,24 @@ class RateLimiter:
         return _split_multi(raw, len(groups))
 
     def _fallback(
-        self, checks: Sequence[Check], fail_open: bool, exc: BaseException | None
+        self,
+        mode: str,
+        checks: Sequence[Check],
+        peek_from: int | None,
+        exc: BaseException | None,
     ) -> Decision:
+        """The replica's own answer (LocalGcra) while Redis is unreachable."""
         now = time.monotonic()
         if exc is not None and now - self._last_warning > 5.0:
             self._last_warning = now
             log.warning(
-                "rate limiter: Redis unreachable (%s: %s); normal limits fail open, the "
-                "failure budget fails closed for the next %.1fs",
+                "rate limiter: Redis unreachable (%s: %s); limits are kept by this replica "
+                "alone (local buckets), Redis is tried again in %.1fs",
                 type(exc).__name__, exc, self.backoff_s,
             )
-        burst = min(c[2] for c in checks)
-        if fail_open:
-            return Decision(True, burst, burst, 0.0, 0.0, degraded=True)
-        wait = max(1.0, self.backoff_s)
-        return Decision(False, burst, 0, wait, wait, degraded=True)
+        raw = self.local.run(mode, checks, peek_from)
+        decision = _combine(checks, raw, len(self.prefix), peek_from)
+        return msgspec.structs.replace(decision, degraded=True)
 
 
 def _multi_args(groups: list[tuple[list[str], list[Any]]]) -> tuple[list[str], list[Any]]:

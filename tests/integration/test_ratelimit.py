@@ -13,7 +13,17 @@ import redis.asyncio as aioredis
 
 from actors.services import Services
 from engine.errors import ConfigError
-from serve.ratelimit import Decision, Limit, RateLimiter, RateLimitPolicy, headers, parse_limit
+from serve.ratelimit import (
+    Check,
+    Decision,
+    Limit,
+    LocalGcra,
+    RateLimiter,
+    RateLimitPolicy,
+    _combine,
+    headers,
+    parse_limit,
+)
 
 
 @pytest.fixture
@@ -181,22 +191,58 @@ async def test_script_is_reloaded_after_noscript(limiter: RateLimiter) -> None:
     assert await limiter.ping()
 
 
-async def test_unreachable_redis_fails_open_for_limits_and_closed_for_guessing() -> None:
+async def test_unreachable_redis_keeps_every_limit_in_the_replica() -> None:
+    """Without Redis each limit is kept by the replica's own buckets: honest requests pass,
+    a burst above a limit is cut, and a guesser runs out of failure budget (429) while
+    someone who has not failed still passes."""
     rl = RateLimiter("redis://127.0.0.1:1/0", timeout_s=0.2, backoff_s=5.0)
+    policy = RateLimitPolicy.from_env({"VOUCHER_RATE_FAILURES": "1/min/3"})
     try:
         d = await rl.hit("k", 10, 20)
-        assert d.allowed and d.degraded
-        f = await rl.check_failure_budget(["customer:x"])
-        assert not f.allowed and f.degraded and f.retry_after_s >= 1
+        assert d.allowed and d.degraded and d.remaining == 19
+        assert [(await rl.hit("burst", 1, 5)).allowed for _ in range(8)] == [True] * 5 + [False] * 3
+        f = await rl.check_failure_budget(["customer:x"], policy)
+        assert f.allowed and f.degraded
+        for _ in range(3):
+            await rl.penalize_failure(["customer:x", "ip:1.2.3.4"], policy)
+        f = await rl.check_failure_budget(["customer:x"], policy)
+        assert not f.allowed and f.degraded and f.retry_after_s > 0
+        guess = await rl.hit_and_check_failures([("req", 100.0, 100, 1)], ["customer:x"], policy)
+        assert not guess.allowed and guess.key.startswith("fail:")
+        honest = await rl.hit_and_check_failures([("req", 100.0, 100, 1)], ["customer:y"], policy)
+        assert honest.allowed and honest.degraded
         # within the backoff, Redis is not even tried (no connect timeout per request)
         t0 = time.monotonic()
         for _ in range(50):
-            assert (await rl.hit_many([("a", 1, 1, 1), ("b", 1, 1, 1)])).allowed
+            await rl.hit_many([("a", 1000, 1000, 1), ("b", 1000, 1000, 1)])
         assert time.monotonic() - t0 < 0.1
-        await rl.penalize_failure(["customer:x"])  # cannot charge, must not raise
         assert rl.redis_errors == 1
     finally:
         await rl.aclose()
+
+
+async def test_local_buckets_answer_as_the_script_does(limiter: RateLimiter) -> None:
+    """The replica's fallback (LocalGcra) is the script's algorithm: the same sequence of
+    checks in every mode gets the same allow/deny answers."""
+    local = LocalGcra()
+    seq: list[tuple[str, list[Check], int | None]] = [
+        ("all", [("x", 0.01, 3, 1), ("y", 0.01, 5, 1)], None),
+        ("all", [("x", 0.01, 3, 2), ("y", 0.01, 5, 2)], None),
+        ("all", [("x", 0.01, 3, 1)], None),
+        ("each", [("f1", 0.01, 2, 1), ("f2", 0.01, 4, 1)], None),
+        ("each", [("f1", 0.01, 2, 1), ("f2", 0.01, 4, 1)], None),
+        ("peek", [("f1", 0.01, 2, 1), ("f2", 0.01, 4, 1)], None),
+        ("each", [("f1", 0.01, 2, 1), ("f2", 0.01, 4, 1)], None),
+        ("all", [("r", 0.01, 4, 1), ("f1", 0.01, 2, 1)], 1),
+        ("all", [("r", 0.01, 4, 1), ("f2", 0.01, 4, 1)], 1),
+    ]
+    for mode, checks, peek_from in seq:
+        prefixed = [(limiter.prefix + k, r, b, c) for k, r, b, c in checks]
+        remote = await limiter._run(mode, prefixed, peek_from=peek_from)
+        mine = local.run(mode, checks, peek_from)
+        decision = _combine(checks, mine, 0, peek_from)
+        assert (decision.allowed, decision.remaining) == (remote.allowed, remote.remaining), (
+            mode, checks)
 
 
 def test_headers_of_an_allowed_decision() -> None:
@@ -312,9 +358,9 @@ async def test_pipelined_connection_carries_the_checks_and_agrees_with_redis_py(
         await plain.aclose()
 
 
-async def test_a_hung_redis_fails_open_through_the_pipe_too(services: Services, ns: str) -> None:
-    """A server that stops answering: the pipe's timeout ends the wait, the normal limits
-    fail open and the limiter backs off, as with redis-py."""
+async def test_a_hung_redis_is_answered_by_the_replica_through_the_pipe_too(services: Services, ns: str) -> None:
+    """A server that stops answering: the pipe's timeout ends the wait, the replica's own
+    buckets answer and the limiter backs off, as with redis-py."""
     rl = RateLimiter(services.redis_url, prefix=f"test:rl:{ns}", timeout_s=0.2, backoff_s=5.0)
     try:
         await rl.hit("warm", rate=1000, burst=1000)
@@ -336,3 +382,25 @@ async def test_a_hung_redis_fails_open_through_the_pipe_too(services: Services, 
         assert rl.redis_errors == 1
     finally:
         await rl.aclose()
+
+
+async def test_the_auth_epoch_changes_when_redis_loses_it(limiter: RateLimiter) -> None:
+    """The epoch read with a flag stays the same while Redis keeps its data, and comes back
+    new once it is gone (as after a restart without data), so cached keys are checked."""
+    async def epoch() -> str:
+        d = await limiter.hit_and_check_failures([("e", 100.0, 100, 1)], [], flag_key="f", epoch_key="ep")
+        assert d.allowed and not d.flagged
+        return d.epoch
+
+    first = await epoch()
+    assert first and await epoch() == first
+    await limiter.redis.delete(limiter.prefix + "ep")
+    second = await epoch()
+    assert second and second != first and await epoch() == second
+    assert len(await limiter.run_id()) == 40
+
+
+async def test_a_durable_flag_is_set_once_on_disk(limiter: RateLimiter) -> None:
+    await limiter.flag(["durable"], ttl_s=5, durable=True)
+    d = await limiter.hit_and_check_failures([("x", 100.0, 100, 1)], [], flag_key="durable")
+    assert d.flagged
