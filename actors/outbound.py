@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -84,13 +85,15 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         allow: tuple[AllowEntry, ...],
         resolver: Resolver = system_resolve,
         limits: httpx.Limits | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.allow = allow
+        self.verify = verify
         self.resolver = resolver
-        self.inner = httpx.AsyncHTTPTransport(
-            limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            trust_env=False,
-        )
+        self.limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        # One connection pool per name: the pool is keyed by the IP connected to, and two
+        # names on one IP must not share a TLS connection verified for only one of them.
+        self.pools: dict[str, httpx.AsyncBaseTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         target = urls.parse(str(request.url))
@@ -105,10 +108,19 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         request.url = request.url.copy_with(host=str(ip))
         if target.scheme == "https":
             request.extensions = {**request.extensions, "sni_hostname": target.host}
-        return await self.inner.handle_async_request(request)
+        pool = self.pools.get(target.host)
+        if pool is None:
+            pool = self.pools[target.host] = self.connect_to(target.host)
+        return await pool.handle_async_request(request)
+
+    def connect_to(self, host: str) -> httpx.AsyncBaseTransport:
+        """The transport that opens the connections for ``host`` (tests put a mock here)."""
+        return httpx.AsyncHTTPTransport(limits=self.limits, verify=self.verify, trust_env=False)
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
 
 
 def client(
@@ -117,10 +129,11 @@ def client(
     timeout: float,
     limits: httpx.Limits | None = None,
     resolver: Resolver = system_resolve,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` whose every request goes through :class:`PinnedTransport`."""
     return httpx.AsyncClient(
-        transport=PinnedTransport(allow, resolver, limits),
+        transport=PinnedTransport(allow, resolver, limits, verify),
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,

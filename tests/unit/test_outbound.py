@@ -5,6 +5,7 @@ goes to the address checked (actors.outbound), with a fake resolver and a listen
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -201,7 +202,7 @@ def test_sinks_are_allowed_by_exactly_their_address() -> None:
 
 
 class _Listener:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[dict[str, str]] = []
         box = self.received
 
@@ -220,6 +221,8 @@ class _Listener:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -284,7 +287,7 @@ async def test_redirects_are_not_followed() -> None:
 
     http = outbound.client((), timeout=5, resolver=resolver)
     assert isinstance(http._transport, outbound.PinnedTransport)
-    http._transport.inner = httpx.MockTransport(handler)  # type: ignore[assignment]
+    http._transport.connect_to = lambda host: httpx.MockTransport(handler)  # type: ignore[method-assign]
     async with http:
         r = await http.post("http://hooks.example/hook", content=b"{}")
     assert r.status_code == 302 and calls == ["http://93.184.216.34/hook"]
@@ -306,3 +309,58 @@ async def test_provider_webhook_to_an_internal_address_fails_permanently(listene
     await allowed.send(msg, rendered)
     await allowed.close()
     assert [r["path"] for r in listener.received] == ["/sms"]
+
+
+def _tls_listener(tmp_path: Any, name: str) -> tuple[ThreadingHTTPServer, ssl.SSLContext, list[str]]:
+    """An HTTPS server on 127.0.0.1 whose certificate names only ``name``; records the SNI."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sni: list[str] = []
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server_ctx.sni_callback = lambda sock, server_name, ctx: sni.append(server_name or "") or None  # type: ignore[func-returns-value]
+    lis = _Listener(server_ctx)
+    client_ctx = ssl.create_default_context(cadata=cert_pem.decode())
+    return lis.server, client_ctx, sni
+
+
+async def test_tls_goes_to_the_checked_address_but_verifies_the_name(tmp_path: Any) -> None:
+    server, client_ctx, sni = _tls_listener(tmp_path, "hooks.test")
+    port = int(server.server_address[1])
+
+    async def resolver(host: str, port: int) -> list[urls.IP]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    allow = urls.parse_allow(f"127.0.0.1:{port}")
+    try:
+        async with outbound.client(allow, timeout=5, resolver=resolver, verify=client_ctx) as http:
+            r = await http.post(f"https://hooks.test:{port}/hook", content=b"{}")
+            assert r.status_code == 200
+            assert sni == ["hooks.test"]  # SNI and the certificate check used the name
+            # the same server reached by its address: the certificate does not name it
+            with pytest.raises(httpx.ConnectError):
+                await http.post(f"https://127.0.0.1:{port}/hook", content=b"{}")
+    finally:
+        server.shutdown()
+        server.server_close()
