@@ -116,6 +116,9 @@ URL_FORMS = [
     "http://localhost.localdomain/",
     "http://ip6-localhost/",
     "https://127.0.0.1./",
+    "http://\uff11\uff12\uff17.0.0.1/",  # full-width digits, which IDNA folds to 127.0.0.1
+    "http://127\u30020\u30020\u30021/",  # ideographic full stops
+    "http://0177.1/",
 ]
 
 
