@@ -51,9 +51,12 @@ import aiosmtplib
 import httpx
 import msgspec
 
+from actors import outbound
 from engine.delivery import DeliveryMessage
+from engine.errors import InvalidInput
 from engine.sending import PermanentError, SendError, TemporaryError, classify_http, classify_smtp
 from engine.templates import Rendered
+from engine.urls import AllowEntry
 
 
 class ChannelAdapter(Protocol):
@@ -210,13 +213,27 @@ class WebhookAdapter:
          "body": "...", "campaign_id": "...", "customer_id": "..."}
 
     2xx: accepted. 408/425/429/5xx, timeouts and connection errors: temporary. Other
-    4xx: permanent."""
+    4xx: permanent.
 
-    def __init__(self, url: str, *, connections: int, timeout_s: float) -> None:
+    The URL is checked at every connection (``actors.outbound``): one that is or resolves
+    to an internal address not named by ``allow`` fails permanently, nothing is sent.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connections: int,
+        timeout_s: float,
+        allow: tuple[AllowEntry, ...] = (),
+        resolver: outbound.Resolver = outbound.system_resolve,
+    ) -> None:
         self.url = url
-        self.http = httpx.AsyncClient(
+        self.http = outbound.client(
+            allow,
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            resolver=resolver,
         )
 
     async def send(self, message: DeliveryMessage, rendered: Rendered) -> None:
@@ -235,6 +252,8 @@ class WebhookAdapter:
                 content=msgspec.json.encode(doc),
                 headers={"Idempotency-Key": message.id, "Content-Type": "application/json"},
             )
+        except InvalidInput as exc:  # InternalAddress or a URL the engine never requests
+            raise PermanentError(f"refused: {exc.message}") from None
         except httpx.HTTPError as exc:
             raise TemporaryError(f"HTTP {type(exc).__name__}: {exc}") from None
         error = classify_http(r.status_code, r.text)

@@ -515,6 +515,7 @@ def start_delivery_pipeline(settings: Settings, dsn: str, redis_url: str) -> tup
     from pathlib import Path
 
     from actors.delivery import provider_urls, start_delivery
+    from actors.outbound import allowing
     from actors.sinks import Sinks
 
     sinks = None
@@ -525,6 +526,8 @@ def start_delivery_pipeline(settings: Settings, dsn: str, redis_url: str) -> tup
             f"sinks:    SMTP {sinks.urls['smtp']}, webhooks {sinks.urls['page']}/sms|/push; "
             f"outbox {outbox} (page {sinks.urls['page']}/, `voucher-engine outbox`)"
         )
+        # the webhook sink listens on 127.0.0.1: allowed by its exact address, nothing more
+        settings = allowing(settings, [sinks.urls["page"]])
     urls = provider_urls(settings, sinks.urls if sinks else None)
     workers = None
     if settings.delivery_workers:

@@ -67,6 +67,7 @@ import ray
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from actors import outbound
 from actors.channels import ChannelAdapter, SmtpAdapter, SmtpSettings, WebhookAdapter
 from actors.delivery_queue import add_to_streams, incarnation
 from engine import delivery, templates
@@ -266,7 +267,12 @@ def build_adapter(channel: str, url: str, s: Settings) -> ChannelAdapter:
             size=s.delivery_connections,
             timeout_s=s.delivery_send_timeout_s,
         )
-    return WebhookAdapter(url, connections=s.delivery_connections, timeout_s=s.delivery_send_timeout_s)
+    return WebhookAdapter(
+        url,
+        connections=s.delivery_connections,
+        timeout_s=s.delivery_send_timeout_s,
+        allow=outbound.allow_of(s),
+    )
 
 
 def channel_rate(s: Settings, channel: str) -> float:

@@ -32,9 +32,10 @@ import httpx
 import msgspec
 import ray
 
+from actors import outbound
 from actors.observability import configure_json_logging
 from actors.persistence import create_pool
-from engine import errors, notify
+from engine import errors, notify, urls
 from engine.notify import Notice
 from engine.settings import Settings
 
@@ -129,11 +130,8 @@ async def check_campaign(pool: asyncpg.Pool, campaign: Any, stats: Any, settings
 
 
 def check_webhook(url: Any, secret: Any, kinds: Any) -> tuple[str, str, list[str] | None]:
-    if not isinstance(url, str) or not url.strip():
-        raise errors.InvalidInput("url is required")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise errors.InvalidInput("url must be an absolute http:// or https:// URL")
+    """The syntax checks of a registration (the address check needs DNS: :func:`add_webhook`)."""
+    url = urls.parse(url, "url").url
     if secret is None:
         secret = "whsec_" + secrets.token_urlsafe(32)
     elif not isinstance(secret, str) or not 16 <= len(secret) <= 256:
@@ -145,11 +143,21 @@ def check_webhook(url: Any, secret: Any, kinds: Any) -> tuple[str, str, list[str
             if k not in notify.KINDS:
                 raise errors.InvalidInput(f"unknown kind {k!r}; kinds are {', '.join(notify.KINDS)}")
         kinds = sorted(set(kinds))
-    return url.strip(), secret, kinds
+    return url, secret, kinds
 
 
-async def add_webhook(db: asyncpg.Pool, url: Any, secret: Any, kinds: Any) -> dict[str, Any]:
+async def add_webhook(
+    db: asyncpg.Pool,
+    url: Any,
+    secret: Any,
+    kinds: Any,
+    allow: tuple[urls.AllowEntry, ...] = (),
+    resolver: outbound.Resolver = outbound.system_resolve,
+) -> dict[str, Any]:
+    """Register a webhook; refused (InternalAddress, 422) when its URL is or resolves to an
+    internal address that ``allow`` does not name. Sends check again at connect time."""
     url, secret, kinds = check_webhook(url, secret, kinds)
+    await outbound.check_url(url, allow, resolver)
     wid = "wh_" + secrets.token_hex(8)
     row = await db.fetchrow(
         "INSERT INTO notification_webhooks (id, url, secret, kinds) VALUES ($1, $2, $3, $4)"
@@ -229,7 +237,7 @@ class Dispatcher:
     async def open(self) -> None:
         if self.pool is None:
             self.pool = await create_pool(self.dsn, size=4)
-            self.http = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+            self.http = outbound.client(outbound.allow_of(self.settings), timeout=10.0)
 
     async def run_forever(self) -> None:
         await self.open()

@@ -66,6 +66,13 @@ class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
 
+class InternalAddress(InvalidInput):
+    """An outgoing URL names, or resolves to, an internal address (loopback, private,
+    link-local, metadata...) that no allow-list entry names."""
+
+    code = "internal_address"
+
+
 class CurrencyMismatch(InvalidInput):
     """The order's currency differs from the campaign's."""
 

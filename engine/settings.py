@@ -68,6 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 1.0
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
+    outbound_allow: str = ""
     mail_from: Annotated[str, msgspec.Meta(min_length=3, max_length=254)] = "vouchers@voucher-engine.local"
     delivery_workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     delivery_batch: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
@@ -113,6 +114,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         except msgspec.ValidationError as exc:
             raise _config_error(str(exc), raw) from None
         _check_urls(settings)
+        _check_allow(settings)
         return settings
 
     def __repr__(self) -> str:
@@ -299,6 +301,13 @@ _ENV: dict[str, tuple[str, str]] = {
         "Push provider webhook (generic JSON POST, `Idempotency-Key` header). Unset: the "
         "embedded webhook sink.",
     ),
+    "outbound_allow": (
+        "VOUCHER_OUTBOUND_ALLOW",
+        "Internal hosts outgoing webhooks may reach anyway, comma-separated: `host[:port]`, "
+        "`ip[:port]`, `[v6]:port` or a CIDR block. Every other URL that is, or resolves to, "
+        "a loopback, private, link-local, metadata or otherwise non-public address is refused "
+        "(at registration and at connect time). `voucher-engine up` adds its embedded sinks.",
+    ),
     "mail_from": ("VOUCHER_MAIL_FROM", "Sender address of voucher emails."),
     "delivery_workers": (
         "VOUCHER_DELIVERY_WORKERS",
@@ -413,9 +422,18 @@ def _check_urls(settings: Settings) -> None:
             raise ConfigError(f"{var}={value!r} is invalid: expected a URL starting with {wanted}")
 
 
+def _check_allow(settings: Settings) -> None:
+    from engine.urls import parse_allow
+
+    try:
+        parse_allow(settings.outbound_allow)
+    except ValueError as exc:
+        raise ConfigError(f"VOUCHER_OUTBOUND_ALLOW is invalid: {exc}") from None
+
+
 def _default_text(field: str) -> str:
     value = getattr(_DEFAULTS, field)
-    if value is None:
+    if value is None or value == "":
         return "(unset)"
     return str(value)
 

@@ -1060,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.delivery import provider_urls, start_delivery
     from actors.issuance import issuer_handle
     from actors.migrations import migrate
+    from actors.outbound import allowing
     from actors.sinks import Sinks
     from engine.settings import Settings
 
@@ -1087,7 +1088,10 @@ def main(argv: list[str] | None = None) -> int:
         url = start_http(settings, dsn, backends.redis_url, replicas={"Gateway": 1})
         issuer_handle(settings, dsn, backends.redis_url)
         sinks = Sinks(root / "outbox").start()
-        pipeline = start_delivery(settings, dsn, backends.redis_url, urls=provider_urls(settings, sinks.urls))
+        pipeline = start_delivery(
+            allowing(settings, [sinks.urls["page"]]), dsn, backends.redis_url,
+            urls=provider_urls(settings, sinks.urls),
+        )
         asyncio.run(_wait_http(url))
         phase("http app, issuer and delivery up")
         world = asyncio.run(create_world(args, engine, dsn, url, msgspec.structs.replace(settings)))

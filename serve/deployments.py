@@ -656,8 +656,9 @@ class Issuance:
     @guarded
     async def add_webhook(self, url: str, secret: str | None, kinds: list[str] | None) -> dict[str, Any]:
         from actors.notifier import add_webhook
+        from actors.outbound import allow_of
 
-        return await add_webhook(await self._pool(), url, secret, kinds)
+        return await add_webhook(await self._pool(), url, secret, kinds, allow_of(self.settings))
 
     @guarded
     async def list_webhooks(self) -> list[dict[str, Any]]:

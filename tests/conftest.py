@@ -70,9 +70,18 @@ class HttpApi:
     """The running Serve app: base URL and the bootstrap admin's credentials."""
 
     def __init__(
-        self, url: str, admin_email: str, admin_password: str, data_dir: str, database_url: str
+        self,
+        url: str,
+        admin_email: str,
+        admin_password: str,
+        data_dir: str,
+        database_url: str,
+        hook_port: int = 0,
     ) -> None:
         self.url = url
+        #: the one port on 127.0.0.1 that VOUCHER_OUTBOUND_ALLOW lets webhooks reach (tests
+        #: that receive notification webhooks listen there)
+        self.hook_port = hook_port
         self.admin_email = admin_email
         self.admin_password = admin_password
         self.data_dir = data_dir
@@ -89,12 +98,15 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
 
     from actors.cli import start_http
 
-    with socket.socket() as s:
+    with socket.socket() as s, socket.socket() as h:
         s.bind(("127.0.0.1", 0))
+        h.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+        hook_port = h.getsockname()[1]
     settings = msgspec.structs.replace(
         engine_settings,
         http_port=port,
+        outbound_allow=f"127.0.0.1:{hook_port}",
         admin_email="admin@test.example",
         admin_password="admin-password-for-tests",
         data_dir=str(services.data_dir or ".data"),
@@ -108,6 +120,7 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
         settings.admin_password or "",
         settings.data_dir,
         services.database_url,
+        hook_port,
     )
     # No serve.shutdown(): its controller often takes its full 30 s timeout to stop; the
     # session's ray.shutdown() stops Serve with everything else.

@@ -64,9 +64,10 @@ def running_pipeline(
     services: Any, settings: Settings, outbox: Path, **overrides: Any
 ) -> Iterator[Pipeline]:
     from actors.delivery import provider_urls, start_delivery
+    from actors.outbound import allowing
 
-    s = delivery_settings(settings, **overrides)
     sinks = Sinks(outbox).start()
+    s = allowing(delivery_settings(settings, **overrides), [sinks.urls["page"]])
     handles = start_delivery(
         s, services.database_url, services.redis_url, urls=provider_urls(s, sinks.urls)
     )

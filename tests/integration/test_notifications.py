@@ -75,8 +75,8 @@ def smtp() -> Iterator[tuple[_Mailbox, int]]:
 
 
 @pytest.fixture(scope="module")
-def hook_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+def hook_server(http_api: Any) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", http_api.hook_port), _Hook)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook"
@@ -90,6 +90,7 @@ def notifier(http_api: Any, engine_settings: Any, services: Any, smtp: Any) -> A
     settings = msgspec.structs.replace(
         engine_settings,
         smtp_url=f"smtp://127.0.0.1:{smtp[1]}",
+        outbound_allow=f"127.0.0.1:{http_api.hook_port}",
         notify_retry_base_s=0.2,
         notify_poll_s=0.1,
     )
@@ -232,3 +233,111 @@ def test_limit_nearly_exhausted_is_noticed_once(
     _wait(lambda: "limit_nearly_exhausted" in asyncio.run(kinds()), timeout_s=20)
     time.sleep(6)  # at least one more scan: still one notice
     assert asyncio.run(kinds()).count("limit_nearly_exhausted") == 1
+
+
+INTERNAL_FORMS = [
+    "http://127.0.0.1:6379",
+    "http://127.0.0.1:{api_port}/v1/campaigns",
+    "http://127.0.0.1:{port}/hook",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[::1]/",
+    "http://[::ffff:127.0.0.1]:{port}/hook",
+    "http://[fd00:ec2::254]/",
+    "http://localhost:5432",
+    "http://LocalHost.:{port}/hook",
+    "http://2130706433:{port}/hook",
+    "http://0x7f.1:{port}/hook",
+    "http://017700000001:{port}/hook",
+    "http://127.1:{port}/hook",
+    "http://0.0.0.0:{port}/",
+    "http://10.0.0.1/hook",
+    "http://100.64.0.1/hook",
+]
+
+
+class _Trap(BaseHTTPRequestHandler):
+    received: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        _Trap.received.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_internal_addresses_are_refused_at_registration_and_at_connect_time(
+    http_api: Any, admin: dict[str, str], notifier: Any, services: Any
+) -> None:
+    """Every internal URL form gets 422 saying why; and a webhook to a listener on
+    127.0.0.1 that got into the table anyway (registered before the rule, or through a name
+    that resolves there now) is refused when the dispatcher connects: nothing arrives."""
+    trap = ThreadingHTTPServer(("127.0.0.1", 0), _Trap)
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    port = trap.server_address[1]
+    api_port = httpx.URL(http_api.url).port
+    trap_id = f"wh_trap{os.urandom(4).hex()}"
+    try:
+        for form in [*INTERNAL_FORMS, "localhost:5432", "http://user:pw@example.com/hook"]:
+            url = form.format(port=port, api_port=api_port)
+            r = httpx.post(f"{http_api.url}/v1/notification-webhooks",
+                           json={"url": url, "secret": SECRET}, headers=admin)
+            assert r.status_code == 422, (url, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            detail = r.json()["detail"]
+            assert detail.startswith("url"), (url, detail)
+            if form in INTERNAL_FORMS:
+                assert r.json()["code"] == "internal_address", (url, r.text)
+                assert "internal addresses are refused" in detail, (url, detail)
+        assert detail_of(http_api, admin, "http://127.0.0.1:6379") == (
+            "url: 127.0.0.1, a loopback address; requests to internal addresses are refused "
+            "(VOUCHER_OUTBOUND_ALLOW can allow it)"
+        )
+        assert "is 169.254.169.254, a cloud metadata address" in detail_of(
+            http_api, admin, "http://0xa9fea9fe/latest/")
+        listed = httpx.get(f"{http_api.url}/v1/notification-webhooks", headers=admin).json()["items"]
+        assert not [h for h in listed if str(port) in h["url"] or "6379" in h["url"]]
+
+        async def smuggle() -> int:
+            conn = await asyncpg.connect(services.database_url)
+            try:
+                await conn.execute(
+                    "INSERT INTO notification_webhooks (id, url, secret, kinds) VALUES ($1, $2, $3, $4)",
+                    trap_id, f"http://127.0.0.1:{port}/hook", SECRET, ["job_failed"],
+                )
+                return int(await conn.fetchval(
+                    "INSERT INTO notifications (kind, message) VALUES ('job_failed', 'trap') RETURNING id"
+                ))
+            finally:
+                await conn.close()
+
+        nid = asyncio.run(smuggle())
+
+        def refused() -> Any:
+            items = httpx.get(f"{http_api.url}/v1/notifications/{nid}/deliveries", headers=admin).json()["items"]
+            hook = [s for s in items if s["target"] == f"webhook:{trap_id}" and s["attempts_log"]]
+            return hook[0] if hook else None
+
+        send = _wait(refused)
+        assert send["state"] != "sent"
+        assert "a loopback address" in send["attempts_log"][0]["error"]
+        time.sleep(0.5)  # a retry or two more: still nothing
+        assert _Trap.received == []
+    finally:
+        async def drop() -> None:
+            conn = await asyncpg.connect(services.database_url)
+            try:
+                await conn.execute("UPDATE notification_webhooks SET active = false WHERE id = $1", trap_id)
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+        trap.shutdown()
+
+
+def detail_of(http_api: Any, admin: dict[str, str], url: str) -> str:
+    r = httpx.post(f"{http_api.url}/v1/notification-webhooks", json={"url": url}, headers=admin)
+    assert r.status_code == 422, r.text
+    return str(r.json()["detail"])
