@@ -212,7 +212,7 @@ async def test_fast_mode_stops_answering_from_memory_behind_a_stalled_commit(db:
             db.signal(signal.SIGCONT)
         # answers from memory stop once the oldest uncommitted decision is older than the
         # bound (plus one event-loop turn); after that every caller waits and gets 503
-        assert acked_at and max(acked_at) < lag_ms / 1000 + 0.15, max(acked_at)
+        assert acked_at and max(acked_at) < lag_ms / 1000 + 0.25, max(acked_at)
         print(
             f"fast ack, Postgres frozen: {len(acked_at)} answers from memory, the last"
             f" {max(acked_at) * 1000:.0f} ms after the freeze (bound {lag_ms:.0f} ms)"
