@@ -1049,8 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    # its own ports always: a value inherited from another engine (a test session) is taken
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
     os.environ["VOUCHER_RATE_INTEGRATION"] = HIGH_INTEGRATION_RATE
     import msgspec
     import ray

@@ -86,7 +86,8 @@ class Db:
 
     def signal(self, sig: int) -> None:
         for p in self.processes():
-            os.kill(p.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+                os.kill(p.pid, sig)
 
 
 @pytest.fixture
