@@ -705,7 +705,8 @@ class Gateway:
             raise RateLimited(decision, what)
         result = await self.users.login.remote(body.email, body.password)
         if isinstance(result, Failure):
-            await self.limiter.penalize_failure(keys, self.policy)
+            if result.code == "invalid_credentials":  # not when the user store is away
+                await self.limiter.penalize_failure(keys, self.policy)
             return _unwrap(result)
         return {**result, "device_token": self.devices.issue(account)}
 
