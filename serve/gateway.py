@@ -600,10 +600,19 @@ class Gateway:
         its customer's when it names one, else its client address's; and its caller's
         (API key or user, a larger budget) for callers that act for many customers, so
         omitting or rotating ``customer_id`` does not escape. One customer can spend at
-        most its own budget of its caller's, so it never throttles another customer."""
-        keys = [f"customer:{customer_id}" if customer_id else f"ip:{ip}"]
+        most its own budget of its caller's, so it never throttles another customer. The
+        address budget is the caller's own at that address: behind the embedded HAProxy
+        every client shares one address, and one key's guessing must not throttle another
+        key's requests."""
+        caller = None
         if who is not None and not set(who.roles) <= {"customer"}:
-            keys.append(f"caller:{who.kind}:{who.api_key_id or who.user_id}")
+            caller = f"{who.kind}:{who.api_key_id or who.user_id}"
+        if customer_id:
+            keys = [f"customer:{customer_id}"]
+        else:
+            keys = [f"ip:{ip}" if caller is None else f"ip:{ip}|{caller}"]
+        if caller is not None:
+            keys.append(f"caller:{caller}")
         return keys
 
     async def _check_guessing(self, ip: str, customer_id: str | None, who: Principal | None) -> None:

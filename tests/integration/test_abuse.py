@@ -214,9 +214,12 @@ def _checkout(url: str, key: str, code: str, customer: str | None, via: str, op:
 
 def test_code_guessing_budgets_per_customer_address_and_key(behind_lb: str, admin: dict[str, str]) -> None:
     url = behind_lb
-    r = httpx.post(f"{url}/v1/api-keys", json={"name": "abuse", "roles": ["integration"]}, headers=admin)
-    assert r.status_code == 201, r.text
-    key = r.json()["key"]
+    keys = []
+    for name in ("abuse", "another shop"):
+        r = httpx.post(f"{url}/v1/api-keys", json={"name": name, "roles": ["integration"]}, headers=admin)
+        assert r.status_code == 201, r.text
+        keys.append(r.json()["key"])
+    key, other_key = keys
     code = _flash_sale(url, admin)
     shop = _addr()  # the checkout service's one address
     tag = os.urandom(3).hex()
@@ -235,6 +238,8 @@ def test_code_guessing_budgets_per_customer_address_and_key(behind_lb: str, admi
     none = [guess(None) for _ in range(7)]
     assert none == [200] * 5 + [429] * 2, none
     assert guess(None, _addr()) == 200  # another address: its own budget
+    # another key at the same address (every client shares HAProxy's by default): its own
+    assert _checkout(url, other_key, f"NOPE{tag}".upper(), None, shop) == 200
 
     # Rotating customer_id: the key's budget (14) runs out after 5 + 1 + 5 + 1 spent.
     rotating = [guess(f"r-{tag}-{i}") for i in range(4)]
