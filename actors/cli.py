@@ -88,8 +88,14 @@ def local_ray_environment() -> None:
     by default, beneath Postgres, Redis and anything else on the node at nice 0. On a busy
     node each answer then waits for the scheduler behind them: at 64 connections on 2
     cores, HTTP redemptions ran ~20 % slower and with a longer tail (BENCHMARKS.md). The
-    engine's workers are the latency-critical service: they run at the default priority."""
+    engine's workers are the latency-critical service: they run at the default priority.
+
+    ``FORWARDED_ALLOW_IPS=none``: uvicorn in Serve's own proxy (and in every replica)
+    would otherwise take a client's ``X-Forwarded-For`` as its address whenever the
+    connection comes from 127.0.0.1; the gateway decides the address itself
+    (serve/client_address.py), from the real peer."""
     os.environ.setdefault(RAY_NICENESS_VAR, "0")
+    os.environ["FORWARDED_ALLOW_IPS"] = "none"
 
 
 def _ray_init(settings: Settings, *, attach: bool) -> None:

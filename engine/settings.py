@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
     http_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     serve_mode: ServeMode = "haproxy"
+    trusted_proxies: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     access_log: bool = False
     shard_channel: bool = True
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
@@ -115,6 +116,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise _config_error(str(exc), raw) from None
         _check_urls(settings)
         _check_allow(settings)
+        _check_networks(settings)
         return settings
 
     def __repr__(self) -> str:
@@ -227,6 +229,12 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_SERVE_MODE",
         "`haproxy`: Ray Serve with its HAProxy ingress, throughput-optimized. "
         "`default`: Ray Serve's default proxy.",
+    ),
+    "trusted_proxies": (
+        "VOUCHER_TRUSTED_PROXIES",
+        "Comma-separated addresses or CIDRs of the proxies whose `X-Forwarded-For` entry is "
+        "believed (right to left; the first untrusted entry is the client). Empty: the TCP "
+        "peer is the client and no header can change it (README: Rate limits).",
     ),
     "access_log": (
         "VOUCHER_ACCESS_LOG",
@@ -431,10 +439,26 @@ def _check_allow(settings: Settings) -> None:
         raise ConfigError(f"VOUCHER_OUTBOUND_ALLOW is invalid: {exc}") from None
 
 
+def _check_networks(settings: Settings) -> None:
+    import ipaddress
+
+    for item in (p.strip() for p in settings.trusted_proxies.split(",")):
+        try:
+            if item:
+                ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"VOUCHER_TRUSTED_PROXIES: {item!r} is not an IP address or network "
+                "(e.g. 127.0.0.1, 10.0.0.0/8)"
+            ) from None
+
+
 def _default_text(field: str) -> str:
     value = getattr(_DEFAULTS, field)
     if value is None or value == "":
         return "(unset)"
+    if value == "":
+        return "(empty)"
     return str(value)
 
 

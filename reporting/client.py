@@ -29,6 +29,7 @@ class Api:
         self.base_url = base_url
         self.token = token
         self.timeout = timeout
+        self.device_token: str | None = None
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         h = {"Accept": accept}
@@ -51,9 +52,14 @@ class Api:
         return r
 
     def login(self, email: str, password: str) -> str:
-        r = self._send("POST", "/v1/auth/login", json={"email": email, "password": password})
+        body = {"email": email, "password": password}
+        if self.device_token:
+            # a device that signed in before is not held up by strangers' failed logins
+            body["device_token"] = self.device_token
+        r = self._send("POST", "/v1/auth/login", json=body)
         token = str(r.json()["access_token"])
         self.token = token
+        self.device_token = r.json().get("device_token") or self.device_token
         return token
 
     def me(self) -> dict[str, Any]:

@@ -58,6 +58,8 @@ from serve.auth import (
     parse_api_key,
 )
 from serve.batching import MicroBatcher
+from serve.client_address import TrustedProxies, disable_uvicorn_rewrite
+from serve.devices import DeviceTokens, account_key
 from serve.health import HealthProbe
 from serve.health import Report as HealthReport
 from serve.idempotency import MAX_KEY_LEN, scoped_key
@@ -186,10 +188,6 @@ def _replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return replayed
-
-
-def _ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 class _GatewayAPI(FastAPI):
@@ -357,7 +355,12 @@ class Gateway:
             # the shard answers by its decision deadline; this fires only when it cannot
             deadline_s=self.settings.decision_deadline_s + 1.0,
         )
-        self.tokens = TokenIssuer(load_or_create_secret(self.settings), ttl_s=self.settings.token_ttl_s)
+        secret = load_or_create_secret(self.settings)
+        self.tokens = TokenIssuer(secret, ttl_s=self.settings.token_ttl_s)
+        self.devices = DeviceTokens(secret)
+        # The client address is decided here (serve/client_address.py), never by uvicorn.
+        self.proxies = TrustedProxies.parse(self.settings.trusted_proxies)
+        disable_uvicorn_rewrite()
         self.store = UserStore(dsn)
         self.limiter = RateLimiter(redis_url)
         self.policy = RateLimitPolicy.from_env()
@@ -409,7 +412,7 @@ class Gateway:
             request.headers.get("authorization"),
             request.headers.get("x-api-key"),
             None,
-            _ip(request),
+            self._client(request),
         )
 
     @api.post(
@@ -432,7 +435,7 @@ class Gateway:
             request.headers.get("authorization"),
             request.headers.get("x-api-key"),
             idempotency_key,
-            _ip(request),
+            self._client(request),
         )
 
     @api.post(
@@ -455,10 +458,23 @@ class Gateway:
             request.headers.get("authorization"),
             request.headers.get("x-api-key"),
             idempotency_key,
-            _ip(request),
+            self._client(request),
         )
 
     # --- authentication, roles, rate limits -----------------------------------------------
+
+    def _client(self, request: Request) -> str:
+        """The client address the limits key on (serve/client_address.py)."""
+        return self._scope_client(request.scope)
+
+    def _scope_client(self, scope: Any) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if not self.proxies.networks:
+            return self.proxies.client(peer)
+        return self.proxies.client(
+            peer, [v for k, v in scope["headers"] if k == b"x-forwarded-for"]
+        )
 
     async def _authenticate(self, authorization: str | None, api_key: str | None) -> _Auth:
         if authorization:
@@ -541,7 +557,7 @@ class Gateway:
             request.headers.get("authorization"), request.headers.get("x-api-key")
         )
         authorize(who.principal, action)
-        decision = await self._limit(_ip(request), response.headers, who.principal, None, who.flag)
+        decision = await self._limit(self._client(request), response.headers, who.principal, None, who.flag)
         principal = await self._confirm(who, decision, action)
         response.headers["X-Gateway-Replica"] = self.replica
         return principal
@@ -580,14 +596,23 @@ class Gateway:
         return decision
 
     def _guess_keys(self, ip: str, customer_id: str | None, who: Principal | None) -> list[str]:
-        """Whose failure budget a failed attempt spends: the customer's always; the client
-        IP's only for anonymous and customer callers (a checkout service sends every
-        customer's attempts from one address)."""
-        keys = []
+        """Whose failure budgets a code-guessing attempt is checked against and spends:
+        its customer's when it names one, else its client address's; and its caller's
+        (API key or user, a larger budget) for callers that act for many customers, so
+        omitting or rotating ``customer_id`` does not escape. One customer can spend at
+        most its own budget of its caller's, so it never throttles another customer. The
+        address budget is the caller's own at that address: behind the embedded HAProxy
+        every client shares one address, and one key's guessing must not throttle another
+        key's requests."""
+        caller = None
+        if who is not None and not set(who.roles) <= {"customer"}:
+            caller = f"{who.kind}:{who.api_key_id or who.user_id}"
         if customer_id:
-            keys.append(f"customer:{customer_id}")
-        if who is None or set(who.roles) <= {"customer"}:
-            keys.append(f"ip:{ip}")
+            keys = [f"customer:{customer_id}"]
+        else:
+            keys = [f"ip:{ip}" if caller is None else f"ip:{ip}|{caller}"]
+        if caller is not None:
+            keys.append(f"caller:{caller}")
         return keys
 
     async def _check_guessing(self, ip: str, customer_id: str | None, who: Principal | None) -> None:
@@ -659,19 +684,40 @@ class Gateway:
         responses=problem_responses(*_BODY, 409, 429),
     )
     async def register(self, body: RegisterIn, request: Request, response: Response) -> Any:
-        await self._limit(_ip(request), response.headers, None)
+        await self._limit(self._client(request), response.headers, None)
         return _unwrap(await self.users.register.remote(body.email, body.password, body.name))
 
     @api.post(
         "/v1/auth/login", response_model=TokenOut, tags=["users"], responses=problem_responses(*_BODY, 401, 429)
     )
     async def login(self, body: LoginIn, request: Request, response: Response) -> Any:
-        await self._limit(_ip(request), response.headers, None)
-        await self._check_guessing(_ip(request), None, None)
+        """Failed logins spend budgets in tiers whose waits grow: per client address and
+        per account, or, for a device that logged in to this account before (its
+        ``device_token``), that device's own. A budget is checked before the password and
+        charged only by a failure, so a guesser gets 429 without an answer, one address
+        cannot spend an account's budget alone, and the owner's device is never held up
+        by anyone else's failures (serve/devices.py, README "Login defence")."""
+        ip = self._client(request)
+        account = account_key(body.email)
+        device = self.devices.verify(body.device_token, account)
+        keys = self.policy.login_keys(ip, account, device)
+        # A known device's requests are counted as its own, not its (maybe shared) address's.
+        checks = (
+            [self.policy.principal_check("anonymous", f"device:{device}")]
+            if device is not None
+            else [self.policy.ip_check(ip)]
+        )
+        decision = await self.limiter.hit_and_check_failures(checks, keys, self.policy)
+        response.headers.update(rate_headers(decision))
+        if not decision.allowed:
+            what = "failed-login" if decision.key.startswith("fail:") else "request"
+            raise RateLimited(decision, what)
         result = await self.users.login.remote(body.email, body.password)
         if isinstance(result, Failure):
-            await self._penalize(_ip(request), None, None)
-        return _unwrap(result)
+            if result.code == "invalid_credentials":  # not when the user store is away
+                await self.limiter.penalize_failure(keys, self.policy)
+            return _unwrap(result)
+        return {**result, "device_token": self.devices.issue(account)}
 
     @api.get("/v1/users/me", response_model=UserOut, tags=["users"], responses=problem_responses(*_GUARDED, 404))
     async def me(self, request: Request, response: Response) -> Any:
@@ -839,10 +885,10 @@ class Gateway:
     async def voucher(self, code: str, request: Request, response: Response) -> Any:
         p = await self._guard(request, response, "vouchers.read")
         if "customer" in p.roles and len(p.roles) == 1:
-            await self._check_guessing(_ip(request), p.user_id, p)
+            await self._check_guessing(self._client(request), p.user_id, p)
             found = await self.vouchers.get.remote(code)
             if isinstance(found, Failure) or found.get("customer_id") != p.user_id:
-                await self._penalize(_ip(request), p.user_id, p)
+                await self._penalize(self._client(request), p.user_id, p)
                 raise errors.UnknownCode(f"no voucher of yours has code {code!r}")
             return found
         return _unwrap(await self.vouchers.get.remote(code))
@@ -965,7 +1011,6 @@ class Gateway:
                 return
             auth = h.get(b"authorization")
             key = h.get(b"x-api-key")
-            client = scope.get("client")
             try:
                 resp = await self._checkout_answer(
                     op,
@@ -974,7 +1019,7 @@ class Gateway:
                     auth.decode("latin-1") if auth is not None else None,
                     key.decode("latin-1") if key is not None else None,
                     idem.decode("latin-1") if idem is not None else None,
-                    client[0] if client else "unknown",
+                    self._scope_client(scope),
                 )
             except AuthError as exc:
                 resp = auth_problem(exc)

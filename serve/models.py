@@ -176,12 +176,22 @@ class RegisterIn(Strict):
 class LoginIn(Strict):
     email: str = Field(max_length=254)
     password: str = Field(min_length=1, max_length=128)
+    device_token: str | None = Field(
+        None,
+        max_length=256,
+        description="The device_token of an earlier successful login to this account: the "
+        "attempt is then checked against this device's own failure budget, so strangers' "
+        "failed attempts never hold it up.",
+    )
 
 
 class TokenOut(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
+    device_token: str | None = Field(
+        None, description="Send it with later logins to this account from this device."
+    )
 
 
 def _integration_role() -> list[Role]:

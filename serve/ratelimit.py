@@ -212,17 +212,45 @@ def _default_roles() -> dict[str, Limit]:
     }
 
 
+def parse_limits(text: str, name: str) -> tuple[Limit, ...]:
+    """Tiers of one budget, comma-separated: ``"5/min/10,30/h/50"``."""
+    tiers = tuple(parse_limit(t, name) for t in text.split(",") if t.strip())
+    if not tiers:
+        raise ConfigError(f"{name}={text!r}: expected at least one RATE/BURST")
+    return tiers
+
+
+def _login_ip() -> tuple[Limit, ...]:
+    return (Limit(5 / 60, 10), Limit(30 / 3600, 50))
+
+
+def _login_account() -> tuple[Limit, ...]:
+    return (Limit(10 / 60, 20), Limit(60 / 3600, 100))
+
+
+def _login_device() -> tuple[Limit, ...]:
+    return (Limit(5 / 60, 10), Limit(30 / 3600, 50))
+
+
 class RateLimitPolicy(msgspec.Struct, frozen=True):
-    """Rates per caller role, per client IP, and the failure (code-guessing) budget."""
+    """Rates per caller role and per client IP; the failure budgets of code guessing (per
+    customer, per caller, per address) and of logins (per address, per account, per
+    trusted device), each login budget in tiers whose waits grow (see README)."""
 
     roles: dict[str, Limit] = msgspec.field(default_factory=_default_roles)
     per_ip: Limit = Limit(200.0, 400)
-    failures: Limit = Limit(10 / 60, 20)  # per customer and per IP
+    failures: Limit = Limit(10 / 60, 20)  # per customer, and per address without one
+    failures_caller: Limit = Limit(100 / 60, 200)  # per API key or user, all its customers
+    login_ip: tuple[Limit, ...] = msgspec.field(default_factory=_login_ip)
+    login_account: tuple[Limit, ...] = msgspec.field(default_factory=_login_account)
+    login_device: tuple[Limit, ...] = msgspec.field(default_factory=_login_device)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RateLimitPolicy:
-        """``VOUCHER_RATE_<ROLE>``, ``VOUCHER_RATE_IP`` and ``VOUCHER_RATE_FAILURES``, each
-        ``RATE/BURST`` (per second) or ``RATE/UNIT/BURST``; empty or unset keeps the default."""
+        """``VOUCHER_RATE_<ROLE>``, ``VOUCHER_RATE_IP``, ``VOUCHER_RATE_FAILURES``,
+        ``VOUCHER_RATE_FAILURES_CALLER``, each ``RATE/BURST`` (per second) or
+        ``RATE/UNIT/BURST``, and ``VOUCHER_RATE_LOGIN_IP/_ACCOUNT/_DEVICE``, each a
+        comma-separated list of such tiers; empty or unset keeps the default."""
         env = os.environ if env is None else env
         base = cls()
         roles = dict(base.roles)
@@ -230,12 +258,22 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
             name = f"VOUCHER_RATE_{role.upper()}"
             if env.get(name, "").strip():
                 roles[role] = parse_limit(env[name], name)
-        per_ip, failures = base.per_ip, base.failures
-        if env.get("VOUCHER_RATE_IP", "").strip():
-            per_ip = parse_limit(env["VOUCHER_RATE_IP"], "VOUCHER_RATE_IP")
-        if env.get("VOUCHER_RATE_FAILURES", "").strip():
-            failures = parse_limit(env["VOUCHER_RATE_FAILURES"], "VOUCHER_RATE_FAILURES")
-        return cls(roles=roles, per_ip=per_ip, failures=failures)
+
+        def one(name: str, default: Limit) -> Limit:
+            return parse_limit(env[name], name) if env.get(name, "").strip() else default
+
+        def tiers(name: str, default: tuple[Limit, ...]) -> tuple[Limit, ...]:
+            return parse_limits(env[name], name) if env.get(name, "").strip() else default
+
+        return cls(
+            roles=roles,
+            per_ip=one("VOUCHER_RATE_IP", base.per_ip),
+            failures=one("VOUCHER_RATE_FAILURES", base.failures),
+            failures_caller=one("VOUCHER_RATE_FAILURES_CALLER", base.failures_caller),
+            login_ip=tiers("VOUCHER_RATE_LOGIN_IP", base.login_ip),
+            login_account=tiers("VOUCHER_RATE_LOGIN_ACCOUNT", base.login_account),
+            login_device=tiers("VOUCHER_RATE_LOGIN_DEVICE", base.login_device),
+        )
 
     def role_limit(self, role: str) -> Limit:
         # An unknown role gets the strictest treatment, not the most generous one.
@@ -263,6 +301,32 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
         if client_ip:
             keys.append(f"ip:{client_ip}")
         return keys
+
+    def login_keys(self, client_ip: str, account: str, device: str | None) -> list[str]:
+        """The failure budgets a login attempt is checked against and, when it fails,
+        charged to: a trusted device's own (it logged in to this account before), else
+        its address's and its account's. Keys carry their tier after ``#``."""
+        if device is not None:
+            return [f"login-device:{device}#{i}" for i in range(len(self.login_device))]
+        return [
+            *(f"login-ip:{client_ip}#{i}" for i in range(len(self.login_ip))),
+            *(f"login-account:{account}#{i}" for i in range(len(self.login_account))),
+        ]
+
+    def failure_limit(self, key: str) -> Limit | None:
+        """The budget of a failure key by its kind (``None``: a tier this policy lacks)."""
+        kind, _, rest = key.partition(":")
+        if kind.startswith("login-"):
+            tiers = {
+                "login-ip": self.login_ip,
+                "login-account": self.login_account,
+                "login-device": self.login_device,
+            }.get(kind, ())
+            tier = int(rest.rpartition("#")[2] or 0)
+            return tiers[tier] if tier < len(tiers) else None
+        if kind == "caller":
+            return self.failures_caller
+        return self.failures
 
 
 def headers(decision: Decision) -> dict[str, str]:
@@ -416,9 +480,8 @@ class RateLimiter:
         does ``epoch_key`` (with a flag key only): the decision's ``epoch`` is its value, a
         token created when Redis has none, so it changes when Redis loses its data (and
         with it the flags)."""
-        lim = self._failure_limit(policy, None, None)
         charged = [(self.prefix + k, r, b, c) for k, r, b, c in checks]
-        peeked = self._failure_checks(failure_keys, lim, 1)
+        peeked = self._failure_checks(failure_keys, policy, 1)
         return await self._run(
             "all",
             charged + peeked,
@@ -439,8 +502,7 @@ class RateLimiter:
         """Charge the failure bucket of each key (customer, IP) after a failed validation or
         redemption. Each key is charged on its own (an IP shared with an abuser still pays
         for its own failures); the decision says whether every bucket had room."""
-        lim = self._failure_limit(policy, rate, burst)
-        return await self._run("each", self._failure_checks(keys, lim, cost))
+        return await self._run("each", self._failure_checks(keys, policy, cost, rate, burst))
 
     async def check_failure_budget(
         self,
@@ -451,8 +513,7 @@ class RateLimiter:
         burst: int | None = None,
     ) -> Decision:
         """Deny when any key's failure bucket is empty; charges nothing."""
-        lim = self._failure_limit(policy, rate, burst)
-        return await self._run("peek", self._failure_checks(keys, lim, 1))
+        return await self._run("peek", self._failure_checks(keys, policy, 1, rate, burst))
 
     async def flag(self, keys: Sequence[str], ttl_s: int, *, durable: bool = False) -> None:
         """Set flag keys (read back by ``hit_and_check_failures(flag_key=...)``) for
@@ -494,14 +555,26 @@ class RateLimiter:
 
     # --- machinery -----------------------------------------------------------------------
 
-    def _failure_limit(
-        self, policy: RateLimitPolicy | None, rate: float | None, burst: int | None
-    ) -> Limit:
-        f = (policy or self.policy).failures
-        return Limit(f.rate if rate is None else rate, f.burst if burst is None else burst)
-
-    def _failure_checks(self, keys: Sequence[str], lim: Limit, cost: int) -> list[Check]:
-        return [(f"{self.prefix}fail:{k}", lim.rate, lim.burst, cost) for k in keys]
+    def _failure_checks(
+        self,
+        keys: Sequence[str],
+        policy: RateLimitPolicy | None,
+        cost: int,
+        rate: float | None = None,
+        burst: int | None = None,
+    ) -> list[Check]:
+        """Each key's budget by its kind (RateLimitPolicy.failure_limit); ``rate`` and
+        ``burst`` override it for every key."""
+        pol = policy or self.policy
+        out: list[Check] = []
+        for k in keys:
+            f = pol.failure_limit(k)
+            if f is None:
+                continue
+            r = f.rate if rate is None else rate
+            b = f.burst if burst is None else burst
+            out.append((f"{self.prefix}fail:{k}", r, b, cost))
+        return out
 
     async def _run(
         self,

@@ -71,11 +71,12 @@ def fuzzer(http_api: Any, services: Any) -> Iterator[Fuzzer]:
     assert r.status_code == 200, r.text
     boot_id = httpx.get(f"{url}/v1/users/me", headers=boot).json()["id"]
     yield Fuzzer(_login(url, email, "fuzz-password-1"), {boot_id, fuzz_id})
-    # Fuzzed logins fail, and every failure spends the client IP's code-guessing budget
+    # Fuzzed logins fail, and every failure spends the client address's (and its account's) login budget
     # (shared by all tests on 127.0.0.1): give it back, or later logins would get 429.
     client = redis.Redis.from_url(services.redis_url)
     try:
         stale = list(client.scan_iter(match="voucher:rl:fail:ip:*"))
+        stale += list(client.scan_iter(match="voucher:rl:fail:login-*"))
         if stale:
             client.delete(*stale)
     finally:

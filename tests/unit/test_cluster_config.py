@@ -218,6 +218,8 @@ def test_every_node_runs_serve_in_haproxy_throughput_mode(
     env, _ = _ray_start(_start_line(cluster[key]))
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # uvicorn in Serve's proxies must not take X-Forwarded-For as the client's address
+    assert env["FORWARDED_ALLOW_IPS"] == "none"
 
 
 def test_the_environment_variables_are_the_ones_ray_reads() -> None:
