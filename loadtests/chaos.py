@@ -109,7 +109,7 @@ class Fault:
 
 
 def plan(seed: int, kinds: list[str], duration_s: float, gaps: tuple[float, float] = (2.0, 6.0)) -> list[Fault]:
-    """The faults of a run, drawn from the seed alone (more than the run will reach)."""
+    """The faults of a run, drawn from the random seed alone (more than the run will reach)."""
     rng = random.Random(seed)
     faults: list[Fault] = []
     budget = 0.0
