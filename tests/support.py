@@ -123,3 +123,71 @@ class PrivateValkey:
     def restart(self, *, keep_data: bool) -> None:
         self.stop(keep_data=keep_data)
         self.start()
+
+
+@contextmanager
+def second_gateway(
+    http_api: Any,
+    engine_settings: Settings,
+    name: str,
+    redis_url: str,
+    *,
+    own_users: bool = False,
+    env_vars: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Iterator[str]:
+    """A second Serve app at ``/<name>``: one gateway over the session app's deployments
+    (same Postgres, same admin, same token-signing secret), with its own Valkey
+    (``redis_url``), settings ``overrides`` and environment (``env_vars``); ``own_users``
+    gives it a Users deployment of its own on that Valkey. Yields its base URL."""
+    import msgspec
+    from ray import serve
+
+    from serve.app import APP_NAME
+    from serve.deployments import Users
+    from serve.gateway import Gateway
+
+    settings = msgspec.to_builtins(
+        msgspec.structs.replace(
+            engine_settings,
+            admin_email=http_api.admin_email,
+            admin_password=http_api.admin_password,
+            data_dir=http_api.data_dir,  # the same token-signing secret as the session app
+            **overrides,
+        )
+    )
+    dsn = http_api.database_url
+
+    def shared(deployment: str) -> Any:
+        return serve.get_deployment_handle(deployment, app_name=APP_NAME)
+
+    users = (
+        Users.options(num_replicas=1).bind(settings, dsn, redis_url)  # type: ignore[attr-defined]
+        if own_users
+        else shared("Users")
+    )
+    actor_options: dict[str, Any] = {"num_cpus": 0}
+    if env_vars:
+        actor_options["runtime_env"] = {"env_vars": env_vars}
+    app = Gateway.options(  # type: ignore[attr-defined]
+        num_replicas=1,
+        ray_actor_options=actor_options,
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    ).bind(
+        users,
+        shared("Campaigns"),
+        shared("Vouchers"),
+        shared("Delivery"),
+        shared("Reports"),
+        shared("Notifications"),
+        settings,
+        dsn,
+        redis_url,
+        customers=shared("Customers"),
+        issuance=shared("Issuance"),
+    )
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{http_api.url}/{name}"
+    finally:
+        serve.delete(name, _blocking=False)

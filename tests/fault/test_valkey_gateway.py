@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 
-from tests.support import PrivateValkey
+from tests.support import PrivateValkey, second_gateway
 
 pytestmark = pytest.mark.fault
 
 APP = "valkey-outage"
-PREFIX = "/valkey-outage"
 
 
 @pytest.fixture(scope="module")
@@ -40,46 +38,8 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateValkey]:
 @pytest.fixture(scope="module")
 def gateway(http_api: Any, engine_settings: Any, valkey: PrivateValkey) -> Iterator[str]:
     """Base URL of a gateway (and Users) on the private Valkey."""
-    from ray import serve
-
-    from serve.app import APP_NAME
-    from serve.deployments import Users
-    from serve.gateway import Gateway
-
-    settings = msgspec.to_builtins(
-        msgspec.structs.replace(
-            engine_settings,
-            admin_email=http_api.admin_email,
-            admin_password=http_api.admin_password,
-            data_dir=http_api.data_dir,  # the same token-signing secret as the session app
-        )
-    )
-    dsn = http_api.database_url
-
-    def shared(name: str) -> Any:
-        return serve.get_deployment_handle(name, app_name=APP_NAME)
-
-    users = Users.options(num_replicas=1).bind(settings, dsn, valkey.url)  # type: ignore[attr-defined]
-    app = Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=1, logging_config={"enable_access_log": False, "log_level": "WARNING"}
-    ).bind(
-        users,
-        shared("Campaigns"),
-        shared("Vouchers"),
-        shared("Delivery"),
-        shared("Reports"),
-        shared("Notifications"),
-        settings,
-        dsn,
-        valkey.url,
-        customers=shared("Customers"),
-        issuance=shared("Issuance"),
-    )
-    serve.run(app, name=APP, route_prefix=PREFIX)
-    try:
-        yield http_api.url + PREFIX
-    finally:
-        serve.delete(APP, _blocking=False)
+    with second_gateway(http_api, engine_settings, APP, valkey.url, own_users=True) as url:
+        yield url
 
 
 async def _login(client: httpx.AsyncClient, url: str, http_api: Any, password: str | None = None) -> httpx.Response:

@@ -18,14 +18,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import redis
 
 from serve.devices import account_key
+from tests.support import second_gateway
 
 APP = "abuse"
-PREFIX = "/abuse"
 BUDGETS = {
     "VOUCHER_RATE_LOGIN_IP": "1/min/5",
     "VOUCHER_RATE_LOGIN_ACCOUNT": "1/min/8",
@@ -55,46 +54,15 @@ def _forget(services: Any, patterns: list[str]) -> None:
 @pytest.fixture(scope="module")
 def behind_lb(http_api: Any, engine_settings: Any, services: Any) -> Iterator[str]:
     """Base URL of a gateway with small budgets that trusts 127.0.0.1 as its proxies."""
-    from ray import serve
-
-    from serve.app import APP_NAME
-    from serve.gateway import Gateway
-
-    settings = msgspec.to_builtins(
-        msgspec.structs.replace(
-            engine_settings,
-            admin_email=http_api.admin_email,
-            admin_password=http_api.admin_password,
-            data_dir=http_api.data_dir,  # the same token secret as the session app
-            trusted_proxies="127.0.0.1,::1",
-        )
-    )
-
-    def shared(name: str) -> Any:
-        return serve.get_deployment_handle(name, app_name=APP_NAME)
-
-    app = Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": BUDGETS}},
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
-    ).bind(
-        shared("Users"),
-        shared("Campaigns"),
-        shared("Vouchers"),
-        shared("Delivery"),
-        shared("Reports"),
-        shared("Notifications"),
-        settings,
-        http_api.database_url,
+    with second_gateway(
+        http_api,
+        engine_settings,
+        APP,
         services.redis_url,
-        customers=shared("Customers"),
-        issuance=shared("Issuance"),
-    )
-    serve.run(app, name=APP, route_prefix=PREFIX)
-    try:
-        yield http_api.url + PREFIX
-    finally:
-        serve.delete(APP, _blocking=False)
+        env_vars=BUDGETS,
+        trusted_proxies="127.0.0.1,::1",
+    ) as url:
+        yield url
 
 
 def _login(url: str, email: str, password: str, via: str | None, device: str | None = None) -> httpx.Response:
