@@ -336,6 +336,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
 
+def _stop_if_terminated() -> None:
+    """Stop if a SIGTERM came: its KeyboardInterrupt can land inside a callback whose
+    errors Python ignores (an import lock's, a finaliser's) and be lost, the flag is not."""
+    if _TERMINATED.is_set():
+        raise KeyboardInterrupt("SIGTERM")
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (``kill``, systemd, Kubernetes) stops ``up`` exactly as Ctrl-C does.
 
@@ -381,21 +388,25 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             _TERMINATED.set()
             raise KeyboardInterrupt("SIGTERM") from None
         stop_on_sigterm()
+        _stop_if_terminated()
         run.engine = engine = start_engine(settings, services.database_url)
         print(
             f"engine:   {settings.shards} shard actors + coordinator in Ray namespace "
             f"{settings.namespace!r}, ack mode {settings.ack_mode}"
         )
         print("          attach with `voucher-engine stats|generate|redeem ...` from another shell")
+        _stop_if_terminated()
         if not args.no_http:
             run.http = True
             url = start_http(settings, services.database_url, services.redis_url)
             print(f"http:     {url}  (OpenAPI docs at {url}/docs, Serve mode {settings.serve_mode})")
             if not args.no_reports:
                 run.reports = start_reports(settings, url)
+        _stop_if_terminated()
         run.sinks, run.workers = start_delivery_pipeline(
             settings, services.database_url, services.redis_url
         )
+        _stop_if_terminated()
         from actors.issuance import issuer_handle
         from actors.notifier import start_notifier
 
@@ -410,6 +421,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             + (f"via {notify_settings.smtp_url}" if notify_settings.smtp_url else "off: no VOUCHER_SMTP_URL")
             + ", signed webhooks)"
         )
+        _stop_if_terminated()
         if args.demo:
             asyncio.run(_demo(engine))
             if args.exit:
@@ -419,8 +431,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if args.exit:
             return 0
         print("running; Ctrl-C or SIGTERM stops the engine and the embedded servers", flush=True)
-        while True:
-            time.sleep(3600)
+        while not _TERMINATED.wait(1.0):  # Ctrl-C interrupts the wait
+            pass
+        raise KeyboardInterrupt("SIGTERM")
     except KeyboardInterrupt:
         print(f"stopping ({'SIGTERM' if _TERMINATED.is_set() else 'interrupted'})", flush=True)
         return 0
