@@ -4,7 +4,7 @@ Requests are routed to the shard that owns their code (or the bucket embedded in
 redemption/reservation id). The ``*_many`` calls group requests per shard so one actor
 call carries many of them. Errors come back as the engine's own typed exceptions.
 
-The shard count (topology) is stored in Postgres per deployment (``actors/fencing.py``).
+The shard count (topology) is stored in Postgres per deployment (``store/fencing.py``).
 :func:`start_engine` refuses a ``VOUCHER_SHARDS`` that differs from it; :func:`reshard`
 changes it: it fences every old shard in Postgres, retires the old actors and starts the
 new ones. Callers holding a :class:`VoucherEngine` learn the new count from the
@@ -25,7 +25,6 @@ import asyncpg
 import msgspec
 import ray
 
-from actors import fencing
 from actors.calls import call as _call
 from actors.coordinator import Coordinator, TransitionResult
 from actors.shard_actor import VoucherShard
@@ -33,9 +32,16 @@ from engine import errors
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, Redemption, Reservation, Validation
-from engine.pools import CampaignStats, Outcome, RedeemRequest, bucket_of_reference, route_bucket
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.settings import Settings
+from engine.shard_state import (
+    CampaignStats,
+    Outcome,
+    RedeemRequest,
+    bucket_of_reference,
+    route_bucket,
+)
+from store import fencing
 
 _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])

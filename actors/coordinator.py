@@ -1,7 +1,7 @@
 """The coordinator actor: the single writer of campaigns and generation jobs.
 
 It claims its ownership epoch when it loads and checks it in every write
-(``actors/fencing.py``); a replaced coordinator stops answering and exits.
+(``store/fencing.py``); a replaced coordinator stops answering and exits.
 
 Campaign definitions and lifecycle moves are persisted here first (each change a new
 version), then pushed to every shard's replica. A move answers only once every shard has
@@ -32,11 +32,16 @@ import asyncpg
 import msgspec
 import ray
 
-from actors import fencing
 from actors.calls import call as _call
 from actors.calls import guarded
 from actors.observability import configure_json_logging
-from actors.persistence import (
+from actors.startup import Startup
+from engine import codes, errors
+from engine.campaigns import Campaign, new_campaign, transition
+from engine.routing import new_id, shard_of
+from engine.settings import Settings
+from store import fencing
+from store.shards import (
     create_pool,
     fence_owner,
     insert_campaign,
@@ -46,11 +51,6 @@ from actors.persistence import (
     update_campaign,
     upsert_job,
 )
-from actors.startup import Startup
-from engine import codes, errors
-from engine.campaigns import Campaign, new_campaign, transition
-from engine.routing import new_id, shard_of
-from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()

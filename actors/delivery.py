@@ -68,8 +68,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from actors import outbound
-from actors.channels import ChannelAdapter, SmtpAdapter, SmtpSettings, WebhookAdapter
 from actors.delivery_queue import add_to_streams, incarnation
+from actors.providers import ChannelAdapter, SmtpAdapter, SmtpSettings, WebhookAdapter
 from engine import delivery, templates
 from engine.delivery import DeliveryMessage
 from engine.sending import (

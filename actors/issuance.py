@@ -11,7 +11,7 @@ job ahead of need (a refill) and keeps issuing from what is left, and customers 
 could not serve wait for the refill and are tried once more.
 
 The issuer is a single writer: it claims its ownership epoch when it loads and checks it
-in every write of its job rows (``actors/fencing.py``); a replaced issuer stops answering
+in every write of its job rows (``store/fencing.py``); a replaced issuer stops answering
 and exits.
 
 Progress counters (``GET /v1/jobs/{id}``): ``total`` (selected at start), ``selected``
@@ -38,17 +38,17 @@ import msgspec
 import ray
 from redis.asyncio import Redis
 
-from actors import fencing
 from actors.delivery_queue import enqueue
 from actors.notifier import check_campaign, record
 from actors.observability import configure_json_logging
-from actors.persistence import create_pool
 from actors.startup import Startup
 from engine import errors
 from engine.customers import Customer, Selection, check_selection, route
 from engine.delivery import new_message
 from engine.notify import Notice
 from engine.settings import Settings
+from store import fencing
+from store.shards import create_pool
 
 log = logging.getLogger("voucher.issuance")
 JOB_PREFIX = "iss_"

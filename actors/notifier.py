@@ -34,10 +34,10 @@ import ray
 
 from actors import outbound
 from actors.observability import configure_json_logging
-from actors.persistence import create_pool
 from engine import errors, notify, urls
 from engine.notify import Notice
 from engine.settings import Settings
+from store.shards import create_pool
 
 log = logging.getLogger("voucher.notifier")
 _json = msgspec.json.Encoder()

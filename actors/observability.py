@@ -49,7 +49,7 @@ from typing import IO, Any
 import msgspec
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from engine.pools import Outcome
+from engine.shard_state import Outcome
 
 # --- request ids ------------------------------------------------------------------------
 

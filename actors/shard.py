@@ -1,4 +1,4 @@
-"""A shard: a thin adapter around :class:`engine.pools.ShardState` (its Ray actor is
+"""A shard: a thin adapter around :class:`engine.shard_state.ShardState` (its Ray actor is
 ``actors/shard_actor.py``).
 
 It owns the buckets ``b`` with ``b % shards == shard_id``, decides in memory, and hands
@@ -34,18 +34,18 @@ import psutil
 import ray
 
 from actors.calls import call as _call
-from actors.fencing import Fence, claim_shard, current_epoch
 from actors.gcpolicy import settle_heap
-from actors.key_claims import KeyClaims
 from actors.observability import ShardMetrics
-from actors.persistence import PgShardStore, campaigns_since, create_pool
 from actors.write_behind import WriteBehind
 from engine import errors
 from engine.campaigns import Campaign
 from engine.events import Event, Rejection
-from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
+from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState
+from store.fencing import Fence, claim_shard, current_epoch
+from store.key_claims import KeyClaims
+from store.shards import PgShardStore, campaigns_since, create_pool
 
 log = logging.getLogger(__name__)
 

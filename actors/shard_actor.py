@@ -11,10 +11,10 @@ import msgspec
 import ray
 
 from actors.calls import guarded
-from actors.channel import ChannelServer
 from actors.health import InFlight, shard_health
 from actors.observability import configure_json_logging
 from actors.shard import ShardCore
+from actors.shard_socket import ChannelServer
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class VoucherShard:
 
     async def channel(self) -> tuple[str, str] | None:
         """``(node id, socket path)`` of this shard's direct line for decision batches
-        (``actors/channel.py``), or None when ``VOUCHER_SHARD_CHANNEL`` is off."""
+        (``actors/shard_socket.py``), or None when ``VOUCHER_SHARD_CHANNEL`` is off."""
         if not self.core.settings.shard_channel:
             return None
         await self.core.ready()

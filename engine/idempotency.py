@@ -9,8 +9,8 @@ never commit), or finds the key's row as another request left it. The answer is 
 into the claimed row by the same group commit that persists the decision, so the record is
 durable exactly when the decision is.
 
-Pure: the statement lives in ``actors/persistence.py``; :func:`settle` turns its rows into
-verdicts that :class:`engine.pools.ShardState` applies synchronously, in memory.
+Pure: the statement lives in ``store/shards.py``; :func:`settle` turns its rows into
+verdicts that :class:`engine.shard_state.ShardState` applies synchronously, in memory.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 hour-of-day, segments, delivery success per channel, flash-sale rate and sell-out forecast,
 and CSV rendering.
 
-Pure: the rollup rows come in as plain values (``actors/reports.py`` reads them from
+Pure: the rollup rows come in as plain values (``store/reports.py`` reads them from
 Postgres), the clock is passed in. Amounts are integers in minor units; rates are floats
 in 0..1, or ``None`` where the denominator is zero (an empty campaign has no rate, not a
 rate of 0).

@@ -19,7 +19,7 @@ event loop) that start measuring at one barrier. Each operation stays one indepe
 request — no pipelining, no batching.
 
 ``python -m loadtests.baselines`` starts the engine's embedded Postgres and Valkey
-(``actors.services``, so the server settings match the engine's) in a throwaway directory,
+(``ops.servers``, so the server settings match the engine's) in a throwaway directory,
 or uses ``--dsn`` / ``--redis-url``, runs the three baselines and prints the table.
 """
 
@@ -449,7 +449,7 @@ def _embedded_servers(need: bool) -> Iterator[tuple[str, str]]:
     if not need:
         yield "", ""
         return
-    from actors.services import embedded_for_tests
+    from ops.servers import embedded_for_tests
 
     root = tempfile.mkdtemp(prefix="bench-baselines-", dir="/tmp")
     try:

@@ -33,14 +33,14 @@ import asyncpg
 import msgspec
 import psutil
 
-from actors.migrations import migrate
-from actors.persistence import insert_campaign, update_campaign
-from actors.services import embedded_for_tests
 from actors.shard import ShardCore
 from engine.campaigns import Discount, new_campaign, transition
-from engine.pools import Outcome, RedeemRequest
 from engine.routing import BUCKETS, new_id
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
+from ops.servers import embedded_for_tests
+from store.migrations import migrate
+from store.shards import insert_campaign, update_campaign
 
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _CHUNK = 500_000

@@ -59,7 +59,7 @@ def _scaled(name: str, stats: Any, per_op: int, clients: int) -> BenchResult:
 
 async def engine_shared_code(engine: Any, seconds: float, callers: int, batch: int) -> BenchResult:
     """Hot row equivalent: every redemption hits one shared code (one shard)."""
-    from engine.pools import RedeemRequest
+    from engine.shard_state import RedeemRequest
 
     code = f"BENCH{os.urandom(4).hex().upper()}"
     c = await engine.create_campaign(
@@ -93,7 +93,7 @@ async def engine_unique_codes(
     """Distinct rows equivalent: every redemption takes its own single-use code."""
     import asyncpg
 
-    from engine.pools import RedeemRequest
+    from engine.shard_state import RedeemRequest
     from loadtests.harness import Exhausted
 
     c = await engine.create_campaign(
@@ -190,7 +190,7 @@ def pure_state_bytes_per_code(n: int = 1_000_000) -> float:
         "from datetime import datetime, UTC\n"
         "from engine.campaigns import new_campaign\n"
         "from engine.codes import CodeSpec, generate\n"
-        "from engine.pools import ShardState\n"
+        "from engine.shard_state import ShardState\n"
         f"n = {n}\n"
         "spec = CodeSpec(length=12)\n"
         "gc.collect(); before = psutil.Process().memory_info().rss\n"
@@ -212,14 +212,14 @@ async def run(args: argparse.Namespace) -> str:
     import ray
 
     from actors.client import start_engine
-    from actors.migrations import migrate
-    from actors.services import embedded_for_tests
+    from ops.servers import embedded_for_tests
+    from store.migrations import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-core-"))
     svc = embedded_for_tests(tmp)
     try:
         await migrate(svc.database_url)
-        from actors.cli import local_ray_environment
+        from ops.cli import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench")

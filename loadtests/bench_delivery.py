@@ -15,7 +15,7 @@ template, opens its own SMTP connection, sends, closes, and updates its row. It 
 the same number of worker processes (Ray actors), each with ``--baseline-concurrency``
 jobs in flight, on a subset of ``--baseline`` messages; the ratio compares messages/s.
 
-The SMTP sink runs in its own process (``python -m actors.sinks``), as a real provider
+The SMTP sink runs in its own process (``python -m ops.sinks``), as a real provider
 would; everything shares this machine's cores.
 """
 
@@ -49,7 +49,7 @@ TEMPLATE = (
 
 
 async def _setup_campaign(dsn: str, cid: str, n: int, prefix: str) -> list[DeliveryMessage]:
-    from actors import delivery_store
+    from store import delivery as delivery_store
 
     spec = {
         "id": cid, "name": "bench", "type": "discount", "currency": "EUR", "state": "active",
@@ -150,7 +150,7 @@ async def run_pipeline(
 async def _baseline_worker_async(dsn: str, redis_url: str, smtp: str, queue: str, concurrency: int, mail_from: str) -> int:
     import aiosmtplib
 
-    from actors.channels import SmtpSettings, build_email
+    from actors.providers import SmtpSettings, build_email
     from engine import templates
 
     cfg = SmtpSettings.from_url(smtp)
@@ -267,13 +267,13 @@ def _other_load() -> tuple[float, str]:
 async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     import ray
 
-    from actors.migrations import migrate
-    from actors.services import embedded_for_tests
+    from ops.servers import embedded_for_tests
+    from store.migrations import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-delivery-"))
     svc = embedded_for_tests(tmp)
     sink = subprocess.Popen(
-        [sys.executable, "-m", "actors.sinks", "--dir", str(tmp / "outbox")],
+        [sys.executable, "-m", "ops.sinks", "--dir", str(tmp / "outbox")],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -282,7 +282,7 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         urls = {"email": urls["smtp"], "sms": urls["sms"], "push": urls["push"]}
         index = tmp / "outbox" / "index.jsonl"
         await migrate(svc.database_url)
-        from actors.cli import local_ray_environment
+        from ops.cli import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench-delivery")

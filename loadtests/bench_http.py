@@ -6,7 +6,7 @@ single-process FastAPI + asyncpg service (one transaction per redemption, same s
 
 One run starts the engine's embedded Postgres and Valkey in a throwaway directory, a local
 Ray with Serve in HAProxy + throughput-optimized mode, the shard actors and the HTTP app
-(``actors.cli.start_http``), and the naive service (``loadtests.naive_service``) as a
+(``ops.cli.start_http``), and the naive service (``loadtests.naive_service``) as a
 subprocess on another port against the same Postgres. Then, for each target, wrk warms up
 and measures with the same connections and threads, all on 127.0.0.1:
 
@@ -440,7 +440,7 @@ def _code_state() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "engine", "actors", "serve"], cwd=root,
+            ["git", "status", "--porcelain", "--", "engine", "store", "actors", "serve", "ops"], cwd=root,
             capture_output=True, text=True, check=True).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "code: not a git checkout"
@@ -459,13 +459,13 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     import ray
     from ray import serve
 
-    from actors.cli import RAY_NICENESS_VAR, local_ray_environment, start_http
     from actors.client import start_engine
-    from actors.migrations import migrate
-    from actors.services import embedded_for_tests
     from engine.settings import Settings
     from loadtests import naive_service
     from loadtests.fence_ab import set_fence
+    from ops.cli import RAY_NICENESS_VAR, local_ray_environment, start_http
+    from ops.servers import embedded_for_tests
+    from store.migrations import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))
     os.chmod(tmp, 0o755)  # the embedded Postgres may run as another user (under root)

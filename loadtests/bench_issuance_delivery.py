@@ -65,7 +65,7 @@ def _accepted_keys(index: Path, keys: set[str]) -> int:
 
 async def _template(dsn: str, cid: str) -> None:
     """The same email template for both designs (the seed's worker needs a stored one)."""
-    from actors import delivery_store
+    from store import delivery as delivery_store
 
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     assert pool is not None
@@ -146,17 +146,17 @@ async def _wait_sent(dsn: str, cid: str, index: Path, keys: set[str], n: int, ti
 def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     import ray
 
-    from actors.cli import start_http
     from actors.client import start_engine
     from actors.delivery import start_delivery
     from actors.issuance import issuer_handle
     from engine.settings import Settings
+    from ops.cli import start_http
     from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
 
     n, nb = args.customers, args.baseline
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp)) as svc, running_ray():
         sink = subprocess.Popen(
-            [sys.executable, "-m", "actors.sinks", "--dir", str(Path(tmp) / "outbox")],
+            [sys.executable, "-m", "ops.sinks", "--dir", str(Path(tmp) / "outbox")],
             stdout=subprocess.PIPE, text=True,
         )
         try:

@@ -99,8 +99,8 @@ NAIVE: dict[str, str] = {
 
 
 async def build(engine: Any, dsn: str, codes: int, say: Any) -> str:
-    from actors import reports as store
-    from engine.pools import RedeemRequest
+    from engine.shard_state import RedeemRequest
+    from store import reports as store
 
     rng = random.Random(1)
     c = await engine.create_campaign(
@@ -174,9 +174,9 @@ async def commit_overhead(dsn: str, batches: int, size: int) -> tuple[float, flo
     one commit of ``size`` redemptions (COPY into redemptions + UPDATE of their vouchers,
     the events a batch of redemptions makes), with the triggers enabled vs disabled, on
     codes of a campaign of its own (alternating, so both see the same table sizes)."""
-    from actors.persistence import PgShardStore, create_pool
     from engine.events import Redemption, RedemptionRecorded, VoucherChanged
     from engine.routing import bucket_of
+    from store.shards import PgShardStore, create_pool
 
     pool = await create_pool(dsn, 2)
     store = PgShardStore(pool)
@@ -248,11 +248,11 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     os.environ["VOUCHER_RATE_ANALYST"] = "100000/200000"  # the limiter is not measured here
     import ray
 
-    from actors.cli import start_http
     from actors.client import start_engine
-    from actors.migrations import migrate
-    from actors.services import embedded_for_tests
     from engine.settings import Settings
+    from ops.cli import start_http
+    from ops.servers import embedded_for_tests
+    from store.migrations import migrate
 
     setup_log: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-reports-", dir="/tmp"))
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         dsn = svc.database_url
         asyncio.run(migrate(dsn))
         print(f"machine:  {machine_summary()}", flush=True)
-        from actors.cli import local_ray_environment
+        from ops.cli import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,

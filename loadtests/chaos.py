@@ -137,7 +137,7 @@ class Backends:
     Both come back at the same address (socket path, port), as a restarted server does."""
 
     def __init__(self, root: Path) -> None:
-        from actors.services import DATABASE, _EmbeddedPostgres, _EmbeddedValkey
+        from ops.servers import DATABASE, _EmbeddedPostgres, _EmbeddedValkey
 
         self._valkey_cls = _EmbeddedValkey
         self.pg = _EmbeddedPostgres(root / "postgres")
@@ -172,7 +172,7 @@ class Backends:
 
     def pg_start(self) -> None:
         self.pg.start()
-        from actors.services import DATABASE
+        from ops.servers import DATABASE
 
         if self.pg.url(DATABASE) != self.database_url:
             raise RuntimeError(f"postgres came back at {self.pg.url(DATABASE)}")
@@ -567,7 +567,7 @@ async def zombie(run: Run, fault: Fault) -> str:
 
     from actors.client import VoucherEngine
     from actors.shard_actor import VoucherShard
-    from engine.pools import RedeemRequest
+    from engine.shard_state import RedeemRequest
 
     engine = run.engine
     i = fault.target % engine.n
@@ -701,8 +701,8 @@ def _free_port() -> int:
 
 
 async def _code_on_shard(shard: int, shards: int, rng: random.Random) -> str:
-    from engine.pools import route_bucket
     from engine.routing import shard_of_bucket
+    from engine.shard_state import route_bucket
 
     while True:
         code = f"PROBE{rng.randrange(1 << 40):010X}"
@@ -1056,14 +1056,14 @@ def main(argv: list[str] | None = None) -> int:
     import msgspec
     import ray
 
-    from actors.cli import local_ray_environment, start_http
     from actors.client import start_engine
     from actors.delivery import provider_urls, start_delivery
     from actors.issuance import issuer_handle
-    from actors.migrations import migrate
     from actors.outbound import allowing
-    from actors.sinks import Sinks
     from engine.settings import Settings
+    from ops.cli import local_ray_environment, start_http
+    from ops.sinks import Sinks
+    from store.migrations import migrate
 
     owned_dir = args.dir is None
     root = Path(args.dir or tempfile.mkdtemp(prefix="chaos-", dir="/tmp")).resolve()

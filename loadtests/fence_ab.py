@@ -21,7 +21,7 @@ _NOOP = (
 
 def _real() -> str:
     """The fence function exactly as its migration creates it."""
-    sql = resources.files("actors").joinpath("sql/0008_fencing.sql").read_text(encoding="utf-8")
+    sql = resources.files("store").joinpath("sql/0008_fencing.sql").read_text(encoding="utf-8")
     found = re.search(r"CREATE FUNCTION voucher_fence.*?\$\$;", sql, re.S)
     if found is None:
         raise RuntimeError("voucher_fence() not found in its migration")

@@ -48,11 +48,11 @@ import msgspec
 import ray
 
 from actors.calls import call, settled
-from actors.channel import ShardChannel, connect
 from actors.observability import BatcherMetrics, request_id_var
+from actors.shard_socket import ShardChannel, connect
 from engine import errors
-from engine.pools import Outcome, RedeemRequest, route_bucket
 from engine.routing import shard_of_bucket
+from engine.shard_state import Outcome, RedeemRequest, route_bucket
 
 OPS = ("redeem", "validate", "reserve")
 
@@ -129,7 +129,7 @@ class MicroBatcher:
         awaitable will do; ``remote(blob, request_ids)`` when the requests carry ids).
         ``metrics``: where to record batches and queue depths (none by default).
         ``channels``: send batches to shards on this node over their Unix socket
-        (:mod:`actors.channel`; asked for with ``shard.channel.remote()``), Ray calls
+        (:mod:`actors.shard_socket`; asked for with ``shard.channel.remote()``), Ray calls
         otherwise and while a socket is being (re)connected. ``deadline_s``: the longest a
         request waits for its answer (None: no bound)."""
         if max_batch < 1 or max_inflight < 1:

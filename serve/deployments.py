@@ -213,7 +213,7 @@ class Vouchers:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Reports:
-    """Campaign reports from the rollups (``actors/reports.py``; never a scan of the
+    """Campaign reports from the rollups (``store/reports.py``; never a scan of the
     vouchers or redemptions per request) and live flash-sale counters from the shards'
     memory. Each replica folds new changes into the rollups every
     ``report_refresh_ms`` (one at a time across replicas: an advisory lock) and samples
@@ -258,7 +258,7 @@ class Reports:
                 log.warning("reports: database not reachable yet", exc_info=True)
 
     async def _loop(self) -> None:
-        from actors import reports as store
+        from store import reports as store
 
         period = self.settings.report_refresh_ms / 1000
         while True:
@@ -301,7 +301,7 @@ class Reports:
         return stats
 
     async def _campaign(self, conn: Any, campaign_id: str) -> dict[str, Any]:
-        from actors import reports as store
+        from store import reports as store
 
         c = await store.campaign_row(conn, campaign_id)
         if c is None:
@@ -311,7 +311,7 @@ class Reports:
     @guarded
     async def refresh(self) -> dict[str, Any]:
         """Fold pending changes now (the periodic job does the same)."""
-        from actors import reports as store
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -320,8 +320,8 @@ class Reports:
 
     @guarded
     async def overview(self, top: int) -> dict[str, Any]:
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -349,8 +349,8 @@ class Reports:
 
     @guarded
     async def campaign(self, campaign_id: str) -> dict[str, Any]:
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -384,8 +384,8 @@ class Reports:
     ) -> dict[str, Any]:
         from datetime import timedelta
 
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -420,8 +420,8 @@ class Reports:
 
     @guarded
     async def hours(self, campaign_id: str) -> dict[str, Any]:
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -435,8 +435,8 @@ class Reports:
 
     @guarded
     async def segments(self, campaign_id: str) -> dict[str, Any]:
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -446,8 +446,8 @@ class Reports:
 
     @guarded
     async def channels(self, campaign_id: str) -> dict[str, Any]:
-        from actors import reports as store
         from engine import reports as rep
+        from store import reports as store
 
         db = await self._pool()
         async with db.acquire() as conn:
@@ -509,7 +509,7 @@ class Delivery:
 
     @guarded
     async def status(self, campaign_id: str) -> dict[str, Any]:
-        from actors import delivery_store
+        from store import delivery as delivery_store
 
         stats = await self.engine.stats(campaign_id)  # UnknownCampaign -> 404
         out = await delivery_store.status(await self._pool(), campaign_id)
@@ -521,7 +521,7 @@ class Delivery:
     async def put_template(
         self, campaign_id: str, channel: str, locale: str, subject: str | None, body: str, default: bool
     ) -> dict[str, Any]:
-        from actors import delivery_store
+        from store import delivery as delivery_store
 
         return await delivery_store.put_template(
             await self._pool(), campaign_id, channel, locale, subject, body, default
@@ -529,7 +529,7 @@ class Delivery:
 
     @guarded
     async def templates(self, campaign_id: str) -> dict[str, Any]:
-        from actors import delivery_store
+        from store import delivery as delivery_store
 
         return await delivery_store.list_templates(await self._pool(), campaign_id)
 
@@ -537,7 +537,7 @@ class Delivery:
     async def deliveries(
         self, campaign_id: str, state: str | None, channel: str | None, limit: int, offset: int
     ) -> dict[str, Any]:
-        from actors import delivery_store
+        from store import delivery as delivery_store
 
         return await delivery_store.list_deliveries(
             await self._pool(), campaign_id, state, channel, limit, offset
@@ -545,7 +545,7 @@ class Delivery:
 
     @guarded
     async def dead(self, campaign_id: str | None, limit: int) -> dict[str, Any]:
-        from actors import delivery_store
+        from store import delivery as delivery_store
 
         return await delivery_store.list_dead(await self._pool(), campaign_id, limit)
 
@@ -617,20 +617,20 @@ class Customers:
 
     @guarded
     async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
-        from actors import customers
         from engine.customers import validate_or_raise
+        from store import customers
 
         return await customers.create(await self._pool(), validate_or_raise(fields))
 
     @guarded
     async def get(self, customer_id: str) -> dict[str, Any]:
-        from actors import customers
+        from store import customers
 
         return await customers.get(await self._pool(), customer_id)
 
     @guarded
     async def list(self, tag: str | None, after: str | None, limit: int) -> dict[str, Any]:
-        from actors import customers
+        from store import customers
 
         return await customers.page(await self._pool(), tag=tag, after=after, limit=limit)
 

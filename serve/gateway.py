@@ -42,8 +42,8 @@ from actors.observability import (
     request_id_var,
 )
 from engine import errors
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
 from serve.auth import (
     API_KEY_CACHE_S,
@@ -1172,8 +1172,8 @@ class Gateway:
         streams in and written in batches. Valid rows land; each refused row is reported
         with its line, field and reason."""
         await self._guard(request, response, "customers.write")
-        from actors.customers import import_stream
         from engine.customers import parser_for
+        from store.customers import import_stream
 
         parser_for(request.headers.get("content-type"))  # 415 before reading anything
         if self._import_db is None:

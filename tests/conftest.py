@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from actors.services import Services
+from ops.servers import Services
 
 _TEST_DIR = Path(__file__).parent
 _SUITE_MARKERS = {"integration": pytest.mark.integration, "fault": pytest.mark.fault}
@@ -96,7 +96,7 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
 
     import msgspec
 
-    from actors.cli import start_http
+    from ops.cli import start_http
 
     with socket.socket() as s, socket.socket() as h:
         s.bind(("127.0.0.1", 0))

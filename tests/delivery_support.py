@@ -16,9 +16,9 @@ import msgspec
 from redis.asyncio import Redis
 
 from actors.delivery_queue import enqueue
-from actors.sinks import Sinks
 from engine.delivery import DeliveryMessage, new_message
 from engine.settings import Settings
+from ops.sinks import Sinks
 
 
 def delivery_settings(base: Settings, **overrides: Any) -> Settings:

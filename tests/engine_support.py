@@ -11,10 +11,10 @@ from typing import Any
 import asyncpg
 
 from actors.client import VoucherEngine
-from actors.persistence import insert_campaign
 from engine import errors
 from engine.campaigns import Campaign, new_campaign, transition
-from engine.pools import Outcome, RedeemRequest
+from engine.shard_state import Outcome, RedeemRequest
+from store.shards import insert_campaign
 
 
 async def stored_campaign(dsn: str, *, paused: bool = False, **fields: Any) -> Campaign:

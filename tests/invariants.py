@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.events import Redemption
-from engine.pools import RedeemRequest
+from engine.shard_state import RedeemRequest
 from tests.engine_support import campaign_codes, discount_campaign, fetch, later, uid
 
 GIFT = 10_000

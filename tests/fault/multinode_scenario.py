@@ -47,8 +47,8 @@ if str(_REPO) not in sys.path:  # run as a script: make the project importable
 import asyncpg  # noqa: E402
 
 from engine import errors  # noqa: E402
-from engine.pools import Outcome, RedeemRequest, route_bucket  # noqa: E402
 from engine.routing import shard_of_bucket  # noqa: E402
+from engine.shard_state import Outcome, RedeemRequest, route_bucket  # noqa: E402
 
 # A crashed node is noticed by the GCS health check of its raylet: one every 500 ms, dead
 # after 6 misses, so ~3 s (the defaults, 3 s x 5, would keep the lost shards unavailable for
@@ -96,7 +96,7 @@ def with_database(dsn: str, database: str) -> str:
 
 async def create_database(dsn: str, name: str) -> str | None:
     """A fresh, migrated database next to ``dsn``'s; None if the role may not create one."""
-    from actors.migrations import migrate
+    from store.migrations import migrate
 
     conn = await asyncpg.connect(dsn)
     try:

@@ -16,13 +16,13 @@ import msgspec
 import pytest
 import ray
 
-from actors import fencing
 from actors.coordinator import CoordinatorCore
 from engine import errors
 from engine.campaigns import Campaign, Discount
-from engine.pools import Outcome, RedeemRequest
 from engine.routing import shard_of
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
+from store import fencing
 from tests.engine_support import campaign_codes, discount_campaign, fetch, fetchval, later, uid
 
 pytestmark = pytest.mark.fault

@@ -1,5 +1,5 @@
 """A shard killed while HTTP redemptions flow over the gateways' direct lines (Unix sockets,
-``actors/channel.py``): calls caught in flight answer 503 (retryable), never 500; retries
+``actors/shard_socket.py``): calls caught in flight answer 503 (retryable), never 500; retries
 with the same Idempotency-Key get exactly one redemption each; once Ray has restarted the
 shard, the gateways reconnect to its new socket."""
 
@@ -14,8 +14,8 @@ import asyncpg
 import httpx
 import ray
 
-from engine.pools import route_bucket
 from engine.routing import shard_of_bucket
+from engine.shard_state import route_bucket
 
 ATTEMPTS = 240
 

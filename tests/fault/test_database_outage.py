@@ -13,13 +13,13 @@ import msgspec
 import pytest
 
 from actors.coordinator import CoordinatorCore
-from actors.migrations import migrate
-from actors.services import embedded_for_tests
 from actors.shard import ShardCore
 from engine import errors
 from engine.campaigns import Discount
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
+from ops.servers import embedded_for_tests
+from store.migrations import migrate
 from tests.engine_support import stored_campaign, uid
 
 pytestmark = pytest.mark.fault

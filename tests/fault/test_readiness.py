@@ -22,12 +22,12 @@ import ray
 
 from actors.calls import call
 from actors.client import COORDINATOR, shard_name, start_engine
-from actors.migrations import migrate
-from actors.services import Services, embedded_for_tests
-from engine.pools import RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import RedeemRequest
+from ops.servers import Services, embedded_for_tests
 from serve.health import HealthProbe, Report
 from serve.ratelimit import RateLimiter
+from store.migrations import migrate
 from tests.engine_support import later, uid
 
 pytestmark = pytest.mark.fault

@@ -10,8 +10,8 @@ import random
 import pytest
 import ray
 
-from engine.pools import RedeemRequest
 from engine.routing import shard_of
+from engine.shard_state import RedeemRequest
 from tests.engine_support import (
     campaign_codes,
     concurrent_batches,

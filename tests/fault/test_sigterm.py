@@ -27,7 +27,7 @@ import httpx
 import psutil
 import pytest
 
-from actors.services import embedded_for_tests
+from ops.servers import embedded_for_tests
 from tests.support import _free_port
 
 pytestmark = pytest.mark.fault

@@ -23,8 +23,8 @@ import ray
 from actors.client import VoucherEngine, start_engine
 from actors.shard_actor import VoucherShard
 from engine import errors
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
 from tests.engine_support import uid
 from tests.invariants import Mixed
 

@@ -26,13 +26,13 @@ import msgspec
 import psutil
 import pytest
 
-from actors.migrations import migrate
-from actors.services import Services, embedded_for_tests
 from actors.shard import ShardCore
 from engine import errors
 from engine.campaigns import Discount
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
+from ops.servers import Services, embedded_for_tests
+from store.migrations import migrate
 from tests.engine_support import fetch, stored_campaign, uid
 
 pytestmark = pytest.mark.fault

@@ -22,12 +22,12 @@ from redis.asyncio import Redis
 
 from actors.delivery import DeliveryCore, WorkerConfig, provider_urls
 from actors.delivery_queue import enqueue
-from actors.migrations import migrate
-from actors.services import Services, start_services
-from actors.sinks import Sinks
 from engine import delivery
 from engine.campaigns import Discount
 from engine.settings import Settings
+from ops.servers import Services, start_services
+from ops.sinks import Sinks
+from store.migrations import migrate
 from tests.delivery_support import add_customers, delivery_settings, messages_for, wait_states
 from tests.engine_support import fetch, stored_campaign, uid
 from tests.support import PrivateValkey

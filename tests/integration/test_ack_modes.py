@@ -9,8 +9,8 @@ import pytest
 
 from actors.shard import ShardCore
 from engine.campaigns import Discount
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
 from tests.engine_support import fetchval, stored_campaign, uid
 
 pytestmark = pytest.mark.integration

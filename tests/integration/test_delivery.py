@@ -92,8 +92,8 @@ async def test_sms_and_push_through_the_webhook_sink(pipeline, engine, services)
 
 
 async def test_templates_render_per_locale_with_fallback(pipeline, engine, services):
-    from actors import delivery_store
     from actors.delivery_queue import enqueue  # noqa: F401  (the contract the test goes through)
+    from store import delivery as delivery_store
 
     db = services.database_url
     cid = await discount_campaign(engine, 0)

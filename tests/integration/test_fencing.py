@@ -15,13 +15,13 @@ import asyncpg
 import msgspec
 import pytest
 
-from actors import fencing
 from actors.shard import ShardCore
 from engine import errors
 from engine.campaigns import Discount, Limits
-from engine.pools import Outcome, RedeemRequest
 from engine.routing import shard_of
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
+from store import fencing
 from tests.engine_support import fetch, fetchval, stored_campaign, uid
 
 pytestmark = pytest.mark.integration

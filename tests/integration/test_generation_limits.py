@@ -16,8 +16,8 @@ from actors.coordinator import CoordinatorCore
 from actors.issuance import IssuerCore
 from engine import errors
 from engine.campaigns import Campaign, Discount, Limits
-from engine.pools import CampaignStats
 from engine.settings import Settings
+from engine.shard_state import CampaignStats
 from tests.engine_support import fetchval, later, uid
 
 pytestmark = pytest.mark.integration

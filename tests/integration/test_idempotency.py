@@ -19,14 +19,14 @@ import httpx
 import msgspec
 import pytest
 
-from actors.fencing import claim as claim_owner
 from actors.shard import ShardCore
 from engine import errors
 from engine.campaigns import Campaign, transition
 from engine.idempotency import Claim
-from engine.pools import Outcome, RedeemRequest, fingerprint
 from engine.routing import bucket_of
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest, fingerprint
+from store.fencing import claim as claim_owner
 from tests.engine_support import fetch, fetchval, stored_campaign, uid
 from tests.integration.test_http_api import _auth, _campaign, _codes_of, _generate, _login
 

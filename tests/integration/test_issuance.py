@@ -387,7 +387,7 @@ def test_cli_issue_shows_progress(
 ) -> None:
     import msgspec
 
-    from actors.cli import _attached, build_parser
+    from ops.cli import _attached, build_parser
 
     p = _uid("cli")
     tag = p.lower()

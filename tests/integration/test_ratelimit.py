@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from actors.services import Services
 from engine.errors import ConfigError
+from ops.servers import Services
 from serve.ratelimit import (
     Check,
     Decision,

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from engine import errors
-from engine.pools import RedeemRequest
+from engine.shard_state import RedeemRequest
 from tests.engine_support import (
     campaign_codes,
     concurrent_batches,

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from actors import reports as store
-from engine.pools import RedeemRequest
+from engine.shard_state import RedeemRequest
+from store import reports as store
 from tests.engine_support import uid
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ def test_app_login_campaign_funnel_and_timeseries(http_api, engine, services, mo
 
 
 def test_demo_data_rollups_match_a_full_recount(engine, services):
-    from actors.demo_data import create_demo_data
+    from ops.demo_data import create_demo_data
 
     made = asyncio.run(
         create_demo_data(engine, services.database_url, scale=0.05, days=3, seed=5, say=lambda s: None)

@@ -71,8 +71,8 @@ def _free_port() -> int:
 
 def _start_app(api_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     """The app as `voucher-engine up` and `voucher-engine reports` start it."""
-    from actors.cli import reports_command, reports_env
     from engine.settings import Settings
+    from ops.cli import reports_command, reports_env
 
     settings = Settings(http_host="127.0.0.1", reports_port=port)
     out = log.open("wb")
@@ -98,7 +98,7 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
     chromium = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    from actors.demo_data import create_demo_data
+    from ops.demo_data import create_demo_data
 
     made = asyncio.run(
         create_demo_data(engine, services.database_url, scale=0.05, days=5, seed=11, say=lambda s: None)

@@ -18,9 +18,9 @@ import asyncpg
 import httpx
 import pytest
 
-from actors import reports as store
-from engine.pools import RedeemRequest
 from engine.reports import CodeCounts, Counts
+from engine.shard_state import RedeemRequest
+from store import reports as store
 from tests.engine_support import later, uid
 
 pytestmark = pytest.mark.integration

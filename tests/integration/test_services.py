@@ -6,8 +6,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import redis.asyncio as aioredis
 
-from actors.migrations import Migration, load_migrations, migrate
-from actors.services import Services
+from ops.servers import Services
+from store.migrations import Migration, load_migrations, migrate
 
 
 async def test_postgres_answers_through_asyncpg(services: Services) -> None:

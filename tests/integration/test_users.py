@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 from argon2 import PasswordHasher, Type
 
-from actors.services import Services
 from engine.errors import Conflict, InvalidInput, NotFound
 from engine.settings import Settings
+from ops.servers import Services
 from serve.auth import (
     ApiKeyRevoked,
     InvalidApiKey,

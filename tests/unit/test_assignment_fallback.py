@@ -15,9 +15,9 @@ from actors.shard import ShardCore
 from engine.campaigns import Discount, new_campaign, transition
 from engine.codes import CodeSpec, generate
 from engine.events import AssignmentRecorded
-from engine.pools import Outcome, ShardState
 from engine.routing import assignment_key, bucket_of
 from engine.settings import Settings
+from engine.shard_state import Outcome, ShardState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _outs = msgspec.msgpack.Decoder(list[Outcome])

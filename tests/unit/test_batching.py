@@ -17,8 +17,8 @@ import pytest
 from actors.calls import Failure
 from engine import errors
 from engine.events import Rejection
-from engine.pools import Outcome, RedeemRequest, route_bucket
 from engine.routing import shard_of_bucket
+from engine.shard_state import Outcome, RedeemRequest, route_bucket
 from serve.batching import MicroBatcher
 
 _reqs = msgspec.msgpack.Decoder(list[RedeemRequest])

@@ -13,7 +13,7 @@ import pytest
 from engine import errors
 from engine.campaigns import Campaign, Discount, new_campaign, supersedes, transition
 from engine.events import AVAILABLE, VOID, CodesVoided
-from engine.pools import RedeemRequest, ShardState
+from engine.shard_state import RedeemRequest, ShardState
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
 

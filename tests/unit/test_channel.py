@@ -1,4 +1,4 @@
-"""The gateway's direct line to a shard (actors/channel.py) over a real Unix socket, and the
+"""The gateway's direct line to a shard (actors/shard_socket.py) over a real Unix socket, and the
 micro-batcher using it: answers reach the right callers, errors keep their type, a lost
 connection fails what was in flight as retryable and the batcher falls back to Ray calls
 (the fake shards' ``remote``) until it has reconnected."""
@@ -13,9 +13,9 @@ import msgspec
 import pytest
 
 import serve.batching as batching
-from actors.channel import ChannelServer, ShardChannel, connect
+from actors.shard_socket import ChannelServer, ShardChannel, connect
 from engine import errors
-from engine.pools import Outcome, RedeemRequest
+from engine.shard_state import Outcome, RedeemRequest
 from serve.batching import MicroBatcher
 from tests.unit.test_batching import FakeEngine, answer, codes_on_shard, req
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from actors import cli
+from ops import cli
 
 
 def test_a_sigterm_whose_interrupt_was_swallowed_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:

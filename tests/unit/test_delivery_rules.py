@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from actors.channels import SmtpSettings, build_email
+from actors.providers import SmtpSettings, build_email
 from engine import templates
 from engine.delivery import new_message
 from engine.errors import ConfigError, InvalidInput

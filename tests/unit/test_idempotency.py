@@ -13,8 +13,8 @@ import pytest
 from engine import errors
 from engine.events import IdempotencyRecorded, Rejection
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
-from engine.pools import Outcome, RedeemRequest, ShardState, fingerprint
 from engine.routing import bucket_of
+from engine.shard_state import Outcome, RedeemRequest, ShardState, fingerprint
 from serve.auth import Principal
 from serve.idempotency import scoped_key
 from tests.unit.test_pools import (

@@ -29,8 +29,8 @@ from actors.observability import (
 from actors.shard import ShardCore
 from actors.write_behind import WriteBehind
 from engine.events import Rejection, Validation
-from engine.pools import Outcome, RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import Outcome, RedeemRequest
 from serve.batching import MicroBatcher
 
 _reqs = msgspec.msgpack.Decoder(list[RedeemRequest])

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from actors import outbound
-from actors.channels import WebhookAdapter
+from actors.providers import WebhookAdapter
 from engine import errors, urls
 from engine.delivery import DeliveryMessage
 from engine.sending import PermanentError

@@ -36,7 +36,7 @@ from engine import errors
 from engine.campaigns import Campaign
 from engine.codes import normalize
 from engine.events import CONFIRMED, EXPIRED, HELD, R_ACTIVE, R_ROLLED_BACK, RELEASED
-from engine.pools import Outcome, RedeemRequest
+from engine.shard_state import Outcome, RedeemRequest
 from tests.unit.test_pools import Shop, discount_campaign, gift_campaign, shared_campaign
 
 MODEL_TTL = timedelta(minutes=10)

@@ -2,7 +2,7 @@
 validation reasons, assignment, the events it emits and recovery from persisted rows.
 
 ``FakeDB`` stands in for Postgres: it applies drained events the way
-``actors.persistence.PgShardStore.write`` does and rebuilds a ``ShardState`` the way
+``store.shards.PgShardStore.write`` does and rebuilds a ``ShardState`` the way
 ``PgShardStore.load`` does, so recovery can be tested without a database.
 """
 
@@ -41,8 +41,8 @@ from engine.events import (
     Validation,
     VoucherChanged,
 )
-from engine.pools import CampaignStats, Outcome, RedeemRequest, ShardState, fingerprint
 from engine.routing import bucket_of, bucket_of_id
+from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState, fingerprint
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # a Monday, noon
 TTL = timedelta(minutes=15)

@@ -1,4 +1,4 @@
-"""Versioned schema migrations: ``actors/sql/NNNN_name.sql``, applied in order, once.
+"""Versioned schema migrations: ``store/sql/NNNN_name.sql``, applied in order, once.
 
 Each file runs in its own transaction together with its row in ``schema_migrations``, so a
 failing migration leaves nothing behind and is retried on the next run. Every transaction
@@ -37,7 +37,7 @@ class Migration:
     sql: str
 
 
-def load_migrations(package: str = "actors", folder: str = "sql") -> list[Migration]:
+def load_migrations(package: str = "store", folder: str = "sql") -> list[Migration]:
     """The migration files shipped in ``package``/``folder``, ordered by version."""
     found: dict[str, Migration] = {}
     for entry in resources.files(package).joinpath(folder).iterdir():

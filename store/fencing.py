@@ -2,7 +2,7 @@
 
 One writer per part of the data is the engine's design, and "one" must survive a network
 split, a frozen process and a change of the shard count. Ray only makes two live owners
-unlikely; Postgres makes their overlap harmless (``actors/sql/0008_fencing.sql``):
+unlikely; Postgres makes their overlap harmless (``store/sql/0008_fencing.sql``):
 
 * a writer *claims* its epoch when it loads (:func:`claim`, :func:`claim_shard`): the
   claim's row update waits for the share lock of the old owner's in-flight commit and

@@ -35,8 +35,8 @@ from typing import Any
 import msgspec
 
 from engine import errors
-from engine.pools import RedeemRequest
 from engine.settings import Settings
+from engine.shard_state import RedeemRequest
 
 log = logging.getLogger("voucher.cli")
 
@@ -201,7 +201,7 @@ def cmd_reports(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _demo_data(engine: Any, dsn: str, scale: float, days: int, live_s: float) -> None:
-    from actors.demo_data import create_demo_data, run_flash_sale
+    from ops.demo_data import create_demo_data, run_flash_sale
 
     made = await create_demo_data(engine, dsn, scale=scale, days=days)
     print(f"demo data: {len(made['campaigns'])} campaigns: {', '.join(made['campaigns'])}")
@@ -215,7 +215,7 @@ def _live_flash_thread(engine: Any, dsn: str, stop: threading.Event) -> threadin
     """``up --demo``: demo data, then the flash sale keeps selling while the engine runs."""
 
     def run() -> None:
-        from actors.demo_data import create_demo_data, run_flash_sale
+        from ops.demo_data import create_demo_data, run_flash_sale
 
         async def go() -> None:
             made = await create_demo_data(engine, dsn)
@@ -272,7 +272,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     migrations, start the shard actors and the coordinator as detached actors, deploy the
     Serve app, and exit; everything keeps running in the cluster."""
     from actors.client import adopt_stored_topology, start_engine
-    from actors.migrations import migrate
+    from store.migrations import migrate
 
     if not settings.database_url or not settings.redis_url:
         raise errors.ConfigError(
@@ -313,7 +313,7 @@ def cmd_reshard(args: argparse.Namespace, settings: Settings) -> int:
     shards load their buckets; gateways, the issuer and the notifier follow by themselves.
     The new actors are detached: they outlive this command."""
     from actors.client import reshard
-    from actors.services import start_services
+    from ops.servers import start_services
 
     services = start_services(settings)  # the configured database, or `up`'s embedded one
     try:
@@ -356,8 +356,8 @@ def stop_on_sigterm() -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from actors.client import adopt_stored_topology, start_engine
-    from actors.migrations import migrate
-    from actors.services import start_services
+    from ops.servers import start_services
+    from store.migrations import migrate
 
     stop_on_sigterm()
     try:
@@ -535,7 +535,7 @@ def start_delivery_pipeline(settings: Settings, dsn: str, redis_url: str) -> tup
 
     from actors.delivery import provider_urls, start_delivery
     from actors.outbound import allowing
-    from actors.sinks import Sinks
+    from ops.sinks import Sinks
 
     sinks = None
     if not (settings.smtp_url and settings.sms_webhook_url and settings.push_webhook_url):
@@ -559,7 +559,7 @@ def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """What the embedded sinks received (newest last), or one message in full."""
     from pathlib import Path
 
-    from actors.sinks import outbox_rows
+    from ops.sinks import outbox_rows
 
     root = Path(args.dir or Path(settings.data_dir) / "outbox")
     if args.show:
@@ -649,7 +649,7 @@ async def _attached(args: argparse.Namespace, settings: Settings) -> Any:
     if c == "voucher":
         return await engine.voucher(args.code)
     if c == "demo-data":
-        from actors.services import start_services
+        from ops.servers import start_services
 
         # the configured database, or the embedded one `up` runs in the same data dir
         # (adopted, not restarted; stop() leaves a server it did not start alone)

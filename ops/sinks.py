@@ -313,7 +313,7 @@ def outbox_rows(outbox_dir: Path, limit: int) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the sinks as their own process (the delivery benchmark does, so the SMTP server
     has a core of its own): prints the URLs as one JSON line, runs until killed."""
-    p = argparse.ArgumentParser(prog="python -m actors.sinks")
+    p = argparse.ArgumentParser(prog="python -m ops.sinks")
     p.add_argument("--dir", required=True)
     args = p.parse_args(argv)
     sinks = Sinks(Path(args.dir), keep_in_memory=False).start()

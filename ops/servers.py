@@ -347,7 +347,7 @@ class _EmbeddedPostgres:
         text = conf.read_text()
         if include not in text:
             conf.write_text(text.rstrip("\n") + "\n\n# voucher engine settings\n" + include + "\n")
-        lines = ["# Written by actors/services.py at every start; edits here are overwritten."]
+        lines = ["# Written by ops/servers.py at every start; edits here are overwritten."]
         lines += [f"{k} = '{v}'" for k, v in PG_SERVER_SETTINGS.items()]
         target = self.pgdata / "voucher.conf"
         target.write_text("\n".join(lines) + "\n")

@@ -31,7 +31,7 @@ import asyncpg
 
 from actors.client import VoucherEngine
 from engine.events import Redemption
-from engine.pools import RedeemRequest
+from engine.shard_state import RedeemRequest
 
 TAGS = ("vip", "new", "returning", "eu", "us", "newsletter")
 CHANNELS = (("email", 0.6), ("sms", 0.25), ("push", 0.15))

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from actors.persistence import PgShardStore
-from engine.pools import Outcome, ShardState
+from engine.shard_state import Outcome, ShardState
+from store.shards import PgShardStore
 
 # A pending claim (decided, answer not committed) older than this is taken over by any
 # shard: its holder died, or sits on a commit far past the group commit's few

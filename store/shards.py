@@ -14,7 +14,6 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 
-from actors.fencing import Fence, bump, fenced_error
 from engine import errors
 from engine.campaigns import Campaign
 from engine.events import (
@@ -30,8 +29,9 @@ from engine.events import (
     VoucherChanged,
 )
 from engine.idempotency import Claim, Stored
-from engine.pools import ShardState
 from engine.routing import bucket_of
+from engine.shard_state import ShardState
+from store.fencing import Fence, bump, fenced_error
 
 _campaign_decoder = msgspec.json.Decoder(Campaign)
 
@@ -116,7 +116,7 @@ _INSERT_ASSIGNMENTS = (
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[])"
     " ON CONFLICT (campaign_id, customer_id) DO NOTHING"
 )
-# The answer goes into the row the shard claimed (actors/persistence.py claim_keys), and
+# The answer goes into the row the shard claimed (store/shards.py claim_keys), and
 # only while that row still waits for this very request: a claim taken over meanwhile
 # (stale, another body) keeps its new holder's row.
 _INSERT_IDEMPOTENCY = (

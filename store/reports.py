@@ -1,6 +1,6 @@
 """Reporting storage: folds the change logs into the rollups, and reads the rollups.
 
-Triggers (actors/sql/0006_reports.sql) log every change to vouchers, redemptions and
+Triggers (store/sql/0006_reports.sql) log every change to vouchers, redemptions and
 deliveries in the writer's own transaction; :func:`refresh` moves those log rows into the
 rollup tables and deletes them in one transaction, so every change counts exactly once
 and rows of transactions still open wait for a later refresh. Reads touch only rollups:
