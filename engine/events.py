@@ -8,17 +8,42 @@ cross process boundaries cheaply and encode to msgpack without custom code.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import IntEnum
 
 import msgspec
 
-# voucher status
-AVAILABLE, ASSIGNED, REDEEMED, VOID = 0, 1, 2, 3
-STATUS_NAMES = ("available", "assigned", "redeemed", "void")
-# redemption status
-R_ACTIVE, R_ROLLED_BACK = 0, 1
-# reservation state
-HELD, CONFIRMED, RELEASED, EXPIRED = 0, 1, 2, 3
-RESERVATION_STATES = ("held", "confirmed", "released", "expired")
+
+class VoucherStatus(IntEnum):
+    """A code's state: the integer stored in ``vouchers.status`` and in the shard's packed
+    code table (two low bits), its lower-case name on the wire of the HTTP API."""
+
+    AVAILABLE = 0
+    ASSIGNED = 1
+    REDEEMED = 2
+    VOID = 3
+
+
+class RedemptionStatus(IntEnum):
+    """``redemptions.status``."""
+
+    ACTIVE = 0
+    ROLLED_BACK = 1
+
+
+class ReservationState(IntEnum):
+    """``reservations.state``."""
+
+    HELD = 0
+    CONFIRMED = 1
+    RELEASED = 2
+    EXPIRED = 3
+
+
+AVAILABLE, ASSIGNED, REDEEMED, VOID = VoucherStatus
+STATUS_NAMES = tuple(s.name.lower() for s in VoucherStatus)
+R_ACTIVE, R_ROLLED_BACK = RedemptionStatus
+HELD, CONFIRMED, RELEASED, EXPIRED = ReservationState
+RESERVATION_STATES = tuple(s.name.lower() for s in ReservationState)
 
 
 class Redemption(msgspec.Struct, frozen=True):

@@ -450,7 +450,7 @@ class ShardState:
                 slot.per_customer[cust] = slot.per_customer.get(cust, 0) + 1
             self.events.append(VoucherChanged(code, AVAILABLE, None, None, slot.uses))
         else:
-            new_status = REDEEMED
+            new_status: int = REDEEMED
             if c.is_gift_card:
                 assert balance is not None
                 balance_after = balance - discount
@@ -520,7 +520,7 @@ class ShardState:
                 uses = slot.gift_uses[r.code] = max(0, slot.gift_uses.get(r.code, 0) - 1)
             owner = slot.assigned_to.get(r.code)
             if c.state == "ended":
-                new_status = VOID
+                new_status: int = VOID
             elif c.is_gift_card and status != REDEEMED:
                 new_status = status
             else:
