@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 SECONDS = 5
 USERS = {"flash_sale": 12, "checkout": 8, "browse": 8, "admin": 6}
 SMALL = {
-    "flash_sale": {"limit": 150, "pool": 300, "customers": 2},
+    "flash_sale": {"limit": 60, "pool": 300, "customers": 2},
     "checkout": {"codes": 400},
     "browse": {"customers": 4},
     "admin": {"limit": 10_000},
@@ -85,7 +85,7 @@ def test_flash_sale(http_api: Any, issuer: planning.Issuer, tmp_path: Path) -> N
     stats = _stats(http_api, headers, shared["id"])
     assert stats["active_redemptions"] <= shared["limit"]
     assert stats["active_redemptions"] == run.summary["active"]["shared"]
-    # a few seconds of 12 users sell 150 out: the rush saw 'exhausted' and it sold exactly
+    # a few seconds of 12 users sell 60 out (even on a busy machine): the rush saw 'exhausted' and it sold exactly
     assert run.summary["outcomes"].get("shared:exhausted", 0) > 0, run.summary["outcomes"]
     assert stats["active_redemptions"] == shared["limit"]
     # the durable record agrees: one row per redemption, at most one per customer
