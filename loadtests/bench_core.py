@@ -219,7 +219,7 @@ async def run(args: argparse.Namespace) -> str:
     svc = embedded_for_tests(tmp)
     try:
         await migrate(svc.database_url)
-        from ops.cli import local_ray_environment
+        from ops.start import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench")

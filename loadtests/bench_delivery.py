@@ -282,7 +282,7 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         urls = {"email": urls["smtp"], "sms": urls["sms"], "push": urls["push"]}
         index = tmp / "outbox" / "index.jsonl"
         await migrate(svc.database_url)
-        from ops.cli import local_ray_environment
+        from ops.start import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench-delivery")

@@ -6,7 +6,7 @@ single-process FastAPI + asyncpg service (one transaction per redemption, same s
 
 One run starts the engine's embedded Postgres and Valkey in a throwaway directory, a local
 Ray with Serve in HAProxy + throughput-optimized mode, the shard actors and the HTTP app
-(``ops.cli.start_http``), and the naive service (``loadtests.naive_service``) as a
+(``ops.start.start_http``), and the naive service (``loadtests.naive_service``) as a
 subprocess on another port against the same Postgres. Then, for each target, wrk warms up
 and measures with the same connections and threads, all on 127.0.0.1:
 
@@ -463,8 +463,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     from engine.settings import Settings
     from loadtests import naive_service
     from loadtests.fence_ab import set_fence
-    from ops.cli import RAY_NICENESS_VAR, local_ray_environment, start_http
     from ops.servers import embedded_for_tests
+    from ops.start import RAY_NICENESS_VAR, local_ray_environment, start_http
     from store.migrations import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))

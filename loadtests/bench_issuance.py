@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.client import start_engine
     from engine.settings import Settings
-    from ops.cli import start_http
+    from ops.start import start_http
     from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
 
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp)) as svc, running_ray():

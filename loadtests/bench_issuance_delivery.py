@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from actors.delivery import start_delivery
     from actors.issuance import issuer_handle
     from engine.settings import Settings
-    from ops.cli import start_http
+    from ops.start import start_http
     from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
 
     n, nb = args.customers, args.baseline

@@ -250,8 +250,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
 
     from actors.client import start_engine
     from engine.settings import Settings
-    from ops.cli import start_http
     from ops.servers import embedded_for_tests
+    from ops.start import start_http
     from store.migrations import migrate
 
     setup_log: list[str] = []
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         dsn = svc.database_url
         asyncio.run(migrate(dsn))
         print(f"machine:  {machine_summary()}", flush=True)
-        from ops.cli import local_ray_environment
+        from ops.start import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,

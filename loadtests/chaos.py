@@ -1061,8 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
     from actors.issuance import issuer_handle
     from actors.outbound import allowing
     from engine.settings import Settings
-    from ops.cli import local_ray_environment, start_http
     from ops.sinks import Sinks
+    from ops.start import local_ray_environment, start_http
     from store.migrations import migrate
 
     owned_dir = args.dir is None

@@ -9,7 +9,7 @@ Scenarios: ``flash_sale``, ``checkout``, ``browse``, ``admin`` (``loadtests/scen
 With no ``--host`` it starts the engine itself, like ``loadtests.bench_http`` does: embedded
 Postgres and Valkey in a throwaway directory, a local Ray with Serve in HAProxy +
 throughput-optimized mode on free ports, the shard actors and the HTTP app
-(``ops.cli.start_http``), with default rate limits; then it stops everything. It prepares
+(``ops.start.start_http``), with default rate limits; then it stops everything. It prepares
 the scenario (campaigns, codes, API keys, users) over HTTP as the admin, issues codes to
 customers through the engine's Python API (the HTTP API has no issuance endpoint yet), runs
 Locust as a subprocess, and writes Locust's CSV and HTML reports plus ``summary.json`` (the
@@ -91,8 +91,8 @@ def local_engine(*, shards: int = 4, gateways: int = 1) -> Iterator[Target]:
 
     from actors.client import start_engine
     from engine.settings import Settings
-    from ops.cli import start_http
     from ops.servers import embedded_for_tests
+    from ops.start import start_http
     from store.migrations import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="loadtest-", dir="/tmp"))
@@ -101,7 +101,7 @@ def local_engine(*, shards: int = 4, gateways: int = 1) -> Iterator[Target]:
     namespace = f"loadtest-{os.getpid()}"
     try:
         asyncio.run(migrate(svc.database_url))
-        from ops.cli import local_ray_environment
+        from ops.start import local_ray_environment
 
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,

@@ -22,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +35,7 @@ import asyncpg
 from actors.client import VoucherEngine
 from engine.events import Redemption
 from engine.shard_state import RedeemRequest
+from ops.console import generation_bar, print_json
 
 TAGS = ("vip", "new", "returning", "eu", "us", "newsletter")
 CHANNELS = (("email", 0.6), ("sms", 0.25), ("push", 0.15))
@@ -264,3 +268,79 @@ async def run_flash_sale(
             break
         await asyncio.sleep(1.0)
     return made
+
+
+async def demo_campaign(engine: Any) -> None:
+    now = datetime.now(UTC)
+    suffix = os.urandom(3).hex()
+    c = await engine.create_campaign(
+        id=f"demo-{suffix}",
+        name="Demo: 15% off, max 20 EUR",
+        type="discount",
+        currency="EUR",
+        discount={"kind": "percent", "value": 15, "max": 2000},
+        min_order=1000,
+        ends_at=now + timedelta(days=30),
+        code={"length": 10, "prefix": "DEMO-", "check_char": True},
+    )
+    print(f"created campaign {c.id}")
+    t0 = time.perf_counter()
+    await engine.generate(c.id, 100_000, progress=generation_bar)
+    sys.stderr.write("\n")
+    print(f"generated 100,000 codes in {time.perf_counter() - t0:.2f}s")
+    await engine.activate(c.id)
+    assigned = await engine.assign_many(c.id, [f"customer-{i}" for i in range(100)])
+    reqs = [
+        RedeemRequest(
+            code=a.assignment.code,
+            amount=5000 + 100 * i,
+            currency="EUR",
+            customer_id=a.assignment.customer_id,
+            order_id=f"order-{i}",
+            idempotency_key=f"demo-{suffix}-{i}",
+        )
+        for i, a in enumerate(assigned)
+        if a.assignment is not None
+    ]
+    t0 = time.perf_counter()
+    outs = await engine.redeem_many(reqs)
+    ok = sum(1 for o in outs if o.redemption is not None)
+    print(f"redeemed {ok} of {len(reqs)} assigned codes in {1000 * (time.perf_counter() - t0):.1f} ms")
+    again = await engine.redeem_many(reqs[:1])
+    print(f"replaying an idempotency key returns the first answer: {again[0].redemption.id}")
+    second = RedeemRequest(code=reqs[0].code, amount=5000, currency="EUR", customer_id=reqs[0].customer_id)
+    out = (await engine.redeem_many([second]))[0]
+    print(f"redeeming the same code again: {out.rejection.error if out.rejection else 'ok?!'}")
+    print_json(await engine.stats(c.id))
+
+
+async def demo_data(engine: Any, dsn: str, scale: float, days: int, live_s: float) -> None:
+
+    made = await create_demo_data(engine, dsn, scale=scale, days=days)
+    print(f"demo data: {len(made['campaigns'])} campaigns: {', '.join(made['campaigns'])}")
+    if live_s > 0 and made["flash"]:
+        print(f"demo data: redeeming flash sale {made['flash']} live for {live_s:.0f}s (Ctrl-C stops)")
+        n = await run_flash_sale(engine, made["flash"], live_s)
+        print(f"demo data: {n} live flash-sale redemptions")
+
+
+def live_flash_thread(engine: Any, dsn: str, stop: threading.Event) -> threading.Thread:
+    """``up --demo``: demo data, then the flash sale keeps selling while the engine runs."""
+
+    def run() -> None:
+
+        async def go() -> None:
+            made = await create_demo_data(engine, dsn)
+            print(f"demo data: {len(made['campaigns'])} campaigns for the reporting app")
+            if made["flash"]:
+                await run_flash_sale(engine, made["flash"], 3600.0, stop=stop.is_set)
+
+        try:
+            asyncio.run(go())
+        except Exception as exc:  # the engine is stopping, or demo data failed: say so
+            print(f"demo data stopped: {exc!r}", file=sys.stderr)
+
+    t = threading.Thread(target=run, name="demo-data", daemon=True)
+    t.start()
+    return t
+

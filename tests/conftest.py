@@ -96,7 +96,7 @@ def http_api(engine: Any, services: Services, engine_settings: Any) -> Iterator[
 
     import msgspec
 
-    from ops.cli import start_http
+    from ops.start import start_http
 
     with socket.socket() as s, socket.socket() as h:
         s.bind(("127.0.0.1", 0))

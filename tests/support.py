@@ -55,7 +55,7 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     # ones so a second Ray on the machine cannot make HAProxy fail to start.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
-    from ops.cli import local_ray_environment
+    from ops.start import local_ray_environment
 
     local_ray_environment()
     options: dict[str, Any] = {

@@ -72,7 +72,7 @@ def _free_port() -> int:
 def _start_app(api_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     """The app as `voucher-engine up` and `voucher-engine reports` start it."""
     from engine.settings import Settings
-    from ops.cli import reports_command, reports_env
+    from ops.start import reports_command, reports_env
 
     settings = Settings(http_host="127.0.0.1", reports_port=port)
     out = log.open("wb")

@@ -8,16 +8,16 @@ import signal
 
 import pytest
 
-from ops import cli
+from ops import up
 
 
 def test_a_sigterm_whose_interrupt_was_swallowed_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_TERMINATED", type(cli._TERMINATED)())
-    cli._stop_if_terminated()  # nothing came: goes on
+    monkeypatch.setattr(up, "_TERMINATED", type(up._TERMINATED)())
+    up._stop_if_terminated()  # nothing came: goes on
     try:
         with pytest.raises(KeyboardInterrupt):  # ...and an ignored callback ate it
-            cli._on_sigterm(signal.SIGTERM, None)
+            up._on_sigterm(signal.SIGTERM, None)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with pytest.raises(KeyboardInterrupt):
-        cli._stop_if_terminated()
+        up._stop_if_terminated()

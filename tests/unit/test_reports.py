@@ -270,7 +270,8 @@ def test_csv_of_a_table_and_of_a_single_report() -> None:
 
 def test_reports_command_and_parser() -> None:
     from engine.settings import Settings
-    from ops.cli import build_parser, reports_command, reports_env
+    from ops.cli import build_parser
+    from ops.start import reports_command, reports_env
 
     s = Settings(http_host="127.0.0.1", http_port=8123, reports_port=8555)
     cmd = reports_command(s)
