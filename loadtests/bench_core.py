@@ -9,7 +9,7 @@ generation speed and resident memory per code held by a shard.
 
 Everything runs in one process tree on this machine, in one run, against the same
 embedded Postgres and Valkey, so the ratios are meaningful even when absolute figures move.
-Targets (issue 2): engine durable >= 5x naive hot-row Postgres and >= 1x Redis Lua;
+Targets: engine durable >= 5x naive hot-row Postgres and >= 1x Redis Lua;
 >= 100,000 codes generated and persisted per second; <= 150 bytes resident per code.
 """
 

@@ -1,5 +1,5 @@
 """Delivery benchmark: 100,000 emails end to end (enqueue -> delivery workers -> the real
-embedded SMTP sink, rows ``sent`` in Postgres), against the seed's design in the same run.
+embedded SMTP sink, rows ``sent`` in Postgres), against one queue job per message, in the same run.
 
     python -m loadtests.bench_delivery [--messages 100000] [--workers 2] [--baseline 3000] [--record]
 
@@ -9,7 +9,7 @@ render (a Jinja2 campaign template), send over reused SMTP connections and recor
 batches. The clock runs from the first enqueue until every row is ``sent`` AND the sink has
 recorded every message (its index, written by the sink's own process).
 
-Baseline (the seed's hypothesis, /work/shared/seeds/004_*.txt): one queue job per customer.
+Baseline: one queue job per message, the common design.
 A Redis list holds one job per message; each job looks its row up, renders the same
 template, opens its own SMTP connection, sends, closes, and updates its row. It runs with
 the same number of worker processes (Ray actors), each with ``--baseline-concurrency``
@@ -144,7 +144,7 @@ async def run_pipeline(
     }
 
 
-# --- the seed's design ---------------------------------------------------------------------
+# --- one job per message --------------------------------------------------------------------
 
 
 async def _baseline_worker_async(dsn: str, redis_url: str, smtp: str, queue: str, concurrency: int, mail_from: str) -> int:
@@ -216,7 +216,7 @@ async def run_baseline(svc: Any, urls: dict[str, str], index: Path, n: int, work
     msgs = await _setup_campaign(svc.database_url, cid, n, f"{cid}-c")
     conn = await asyncpg.connect(svc.database_url)
     try:
-        # The seed's producer records its rows too (no stream): one row per customer.
+        # The baseline producer records its rows too (no stream): one row per customer.
         await conn.executemany(
             "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code) VALUES ($1, $2, $3, 'email', $4, $5)",
             [(m.id, m.campaign_id, m.customer_id, m.recipient, m.code) for m in msgs],
@@ -313,11 +313,11 @@ async def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "| --- | ---: | --- | --- |",
         f"| {pipe['n']:,} emails enqueued → sent and received | {pipe['seconds']:.1f} s | ≤ 60 s | {'yes' if pipe['seconds'] <= 60 else '**no**'} |",
         f"| rows sent = messages = sink receipts | {pipe['sent_rows']:,} / {pipe['n']:,} / {pipe['sink_accepted']:,} | equal | {'yes' if pipe['sent_rows'] == pipe['n'] == pipe['sink_accepted'] else '**no**'} |",
-        f"| pipeline ÷ seed design (messages/s) | {ratio:.1f}× | > 1× | {'yes' if ratio > 1 else '**no**'} |",
+        f"| pipeline ÷ job-per-message design (messages/s) | {ratio:.1f}× | > 1× | {'yes' if ratio > 1 else '**no**'} |",
         "",
         f"Enqueue of the {pipe['n']:,} messages (rows + stream entries) took {pipe['enqueue_s']:.1f} s of that; "
         f"workers: {args.workers} actors x {DeliveryCoreRounds} rounds, batch {args.batch}, {args.connections} SMTP connections each; "
-        f"seed baseline: {args.workers} worker processes x {args.baseline_concurrency} jobs in flight. "
+        f"baseline: {args.workers} worker processes x {args.baseline_concurrency} jobs in flight. "
         f"Whole machine busy during the pipeline run (all processes, this benchmark and others): {pipe['cpu_busy_cores']:.2f} of {os.cpu_count()} cores. "
         f"Other load on the machine (outside this benchmark's processes) before / after: "
         f"{other_before:.2f} / {other_after:.2f} cores (busiest before: {top_before}; after: {top_after}). "

@@ -1,5 +1,5 @@
-"""Issue 4's benchmark: issuance + email delivery of 100,000 customers end to end, against
-the seed's design of one queue job per customer, in the same run.
+"""Issuance benchmark: issuance + email delivery of 100,000 customers end to end, against
+a design of one queue job per customer, in the same run.
 
     python -m loadtests.bench_issuance_delivery [--customers 100000] [--baseline 3000] [--record]
 
@@ -14,11 +14,11 @@ deliveries is ``sent`` in Postgres AND the sink has recorded N accepted messages
 issuer assigns codes through the shard actors and queues messages while the workers send:
 the two stages overlap.
 
-Baseline (the seed's hypothesis, /work/shared/seeds/004_*.txt): the request fires one job
+Baseline (one queue job per customer, the common design): the request fires one job
 per customer on a Redis list; each assignment job takes a code from the voucher bank
 (``UPDATE ... FOR UPDATE SKIP LOCKED``), records the customer's delivery row and fires an
 email job on a second list; each email job looks its row up, renders the template, opens
-its own SMTP connection, sends and updates its row (``loadtests.bench_delivery``'s seed
+its own SMTP connection, sends and updates its row (``loadtests.bench_delivery``'s job-per-message
 worker). Both kinds run at the same time, each with as many worker processes as the pipeline has
 delivery workers, on ``--baseline`` customers of a second campaign; the ratio compares
 customers per second.
@@ -64,7 +64,7 @@ def _accepted_keys(index: Path, keys: set[str]) -> int:
 
 
 async def _template(dsn: str, cid: str) -> None:
-    """The same email template for both designs (the seed's worker needs a stored one)."""
+    """The same email template for both designs (the job-per-message worker needs a stored one)."""
     from store import delivery as delivery_store
 
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             handles.stop()
             codes = asyncio.run(_count(svc.database_url, "SELECT count(DISTINCT code) FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", cid))
 
-            # --- the seed's design --------------------------------------------------------
+            # --- one job per customer -----------------------------------------------------
             mail_from = settings.mail_from
             assign_q, email_q = f"bench:seed-assign:{seed_cid}", f"bench:seed-email:{seed_cid}"
             assign_remote = ray.remote(num_cpus=0)(_seed_assign)
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "| --- | ---: | --- | --- |",
         f"| {n:,} customers: issuance → every email sent and received | {elapsed:.1f} s | ≤ 60 s | {'yes' if elapsed <= 60 else '**no**'} |",
         f"| codes = rows sent = sink receipts = customers | {codes:,} / {sent:,} / {received:,} / {n:,} | equal | {'yes' if sent == received == codes == n else '**no**'} |",
-        f"| engine ÷ seed design (customers/s) | {ratio:.1f}× | > 1× | {'yes' if ratio > 1 else '**no**'} |",
+        f"| engine ÷ job-per-customer design (customers/s) | {ratio:.1f}× | > 1× | {'yes' if ratio > 1 else '**no**'} |",
         "",
         f"The issuance job itself (assign + record + queue) finished after {t_issue:.1f} s; the workers sent while it ran. "
         f"Delivery: {args.workers} worker actors; seed: {args.workers} assignment + {args.workers} email worker processes x {args.concurrency} jobs in flight. "
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=100_000)
     p.add_argument("--baseline", type=int, default=3000)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=16, help="seed jobs in flight per worker")
+    p.add_argument("--concurrency", type=int, default=16, help="baseline jobs in flight per worker")
     p.add_argument("--record", action="store_true", help="write the section into BENCHMARKS.md")
     args = p.parse_args(argv)
     table, raw = run(args)

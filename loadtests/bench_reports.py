@@ -7,7 +7,7 @@ One run starts the embedded Postgres and Valkey in a throwaway directory, a loca
 the shard actors and the Serve app (HAProxy mode), then builds the campaign through the
 engine: generate ``--codes`` codes (the engine's generation job), assign 30 % of them to
 customers and redeem half of those (15 % of the codes), roll back 1 % of the redemptions.
-DEMO-STYLE LOADER, DIRECT SQL (what issue 4's services write in production): one customer
+DEMO-STYLE LOADER, DIRECT SQL (the rows the customer and delivery services write in production): one customer
 row per assigned code with segment tags, one delivery record per assigned code, and the
 redemptions moved back over 14 days so the time series has 14 days of minutes. The
 reporting rollups follow all of it through their triggers; the benchmark folds the change

@@ -1,4 +1,4 @@
--- Customers (issue 4) and one delivery record per message.
+-- Customers and one delivery record per message.
 
 CREATE TABLE customers (
     id             text PRIMARY KEY,

@@ -1,4 +1,4 @@
--- Reporting rollups (issue 5), maintained incrementally.
+-- Reporting rollups, maintained incrementally.
 --
 -- Statement-level triggers with transition tables turn every write to vouchers,
 -- redemptions and deliveries into a few aggregated rows of a change log, in the writer's

@@ -1,4 +1,4 @@
--- Delivery workers (issue 4): a `sending` claim before a message goes to its provider,
+-- Delivery workers: a `sending` claim before a message goes to its provider,
 -- the retry schedule, and per-campaign message templates.
 
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;

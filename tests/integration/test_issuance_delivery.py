@@ -1,4 +1,4 @@
-"""Issue 4 end to end, every component real: customers imported over HTTP, an issuance job
+"""Issuance and delivery end to end, every component real: customers imported over HTTP, an issuance job
 (Issuer actor, shard actors) queueing one email per customer on the Valkey stream, delivery
 worker actors sending over SMTP to the embedded aiosmtpd sink. 10,000 customers end with
 exactly 10,000 assigned codes and 10,000 emails at the sink, each customer with one code and

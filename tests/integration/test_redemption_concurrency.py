@@ -103,7 +103,7 @@ async def test_shared_code_global_limit_and_per_customer_limit(engine, services)
     )
     assert len(rows) == 1000 and all(r["n"] == 1 for r in rows)
     assert await fetchval(db, "SELECT uses FROM vouchers WHERE code=$1", code) == 1000
-    # only redemptions were written: no per-customer rows up front (the seed's alternative)
+    # only redemptions were written: no per-customer rows up front (the alternative design would write them)
     assert await fetchval(db, "SELECT count(*) FROM vouchers WHERE campaign_id=$1", c.id) == 1
     stats = await engine.stats(c.id)
     assert stats.active_redemptions == 1000

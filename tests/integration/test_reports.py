@@ -112,7 +112,7 @@ async def test_rollups_follow_redemptions_rollbacks_and_deliveries(engine, servi
         assert second["segments"]["(anonymous)"] == Counts(1, 0, 300, 3000)
         assert anon.customer_id is None
 
-        # deliveries written by hand (issue 4's workers write the same rows)
+        # deliveries written by hand (the delivery workers write the same rows)
         await conn.executemany(
             "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code, state)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7)",
