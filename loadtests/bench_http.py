@@ -16,7 +16,7 @@ and measures with the same connections and threads, all on 127.0.0.1:
   order id and ``Idempotency-Key`` per request, all on one shared code (one shard);
 * ``naive``: the same request to the naive service.
 
-Targets (issue): engine >= 0.5x the no-op's requests/s, >= 2x the naive service's, and
+Targets: engine >= 0.5x the no-op's requests/s, >= 2x the naive service's, and
 p99 <= 50 ms at 64 connections. Every answer's status is counted (a wrk ``response``
 hook); the redemptions in Postgres are counted afterwards and must cover every 2xx answer.
 
