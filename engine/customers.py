@@ -1,7 +1,7 @@
 """Customers: validation of one record, incremental CSV / JSON-lines parsing with per-row
 rejections, and the selection of an issuance. Pure: no I/O.
 
-Rules (documented in the README, "Customers and issuance"):
+Rules (documented in docs/delivery.md, "Customers"):
 
 * ``id``: 1..128 printable characters, no whitespace.
 * ``email``: syntax checked by ``email-validator`` (deliverability checks off, no DNS);
