@@ -20,6 +20,8 @@ Owner names carry the deployment (the Ray namespace): ``voucher/shard-3``,
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +83,20 @@ def fenced_error(exc: BaseException) -> BaseException:
     if state == CLAIM_LOST_SQLSTATE:
         return errors.ClaimLost(str(exc))
     return exc
+
+
+@asynccontextmanager
+async def fenced(conn: asyncpg.Connection, fence: Fence | None) -> AsyncIterator[None]:
+    """A transaction on ``conn`` that checks ``fence`` first (none: a plain transaction,
+    for tools and tests writing outside any engine); a refusal raises
+    :class:`errors.Fenced` (or :class:`errors.ClaimLost`)."""
+    try:
+        async with conn.transaction():
+            if fence is not None:
+                await fence.check(conn)
+            yield
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
 
 
 _CLAIM = (
