@@ -291,13 +291,7 @@ class CoordinatorCore:
         async with self._lock(c.id):
             if c.id in self.campaigns:
                 raise errors.DuplicateCampaign(f"campaign {c.id} exists already")
-            try:
-                await self._write(insert_campaign, c)
-            except asyncpg.UniqueViolationError as exc:
-                what = "code" if "vouchers" in str(exc) else "id"
-                raise errors.DuplicateCampaign(
-                    f"campaign {what} already in use: {c.shared_code if what == 'code' else c.id}"
-                ) from exc
+            await self._write(insert_campaign, c)
             self.campaigns[c.id] = c
             # A draft sells nothing, so a shard that misses it is not fenced: it gets it
             # in the background or from its own re-sync.

@@ -27,6 +27,18 @@ _INSERT_SHARED_CODE = (
 
 
 async def insert_campaign(conn: asyncpg.Connection, c: Campaign, *, fence: Fence | None) -> None:
+    """Insert ``c`` (and its shared code's row). Raises :class:`errors.DuplicateCampaign`
+    when its id or shared code is taken."""
+    try:
+        await _insert_campaign(conn, c, fence)
+    except asyncpg.UniqueViolationError as exc:
+        what = "code" if "vouchers" in str(exc) else "id"
+        raise errors.DuplicateCampaign(
+            f"campaign {what} already in use: {c.shared_code if what == 'code' else c.id}"
+        ) from exc
+
+
+async def _insert_campaign(conn: asyncpg.Connection, c: Campaign, fence: Fence | None) -> None:
     async with fenced(conn, fence):
         await conn.execute(
             "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at,"

@@ -65,14 +65,9 @@ class Fence:
 
     async def execute(self, pool: asyncpg.Pool, sql: str, *args: Any) -> str:
         """One write statement in a transaction that checks the fence first."""
-        async with pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    await self.check(conn)
-                    result: str = await conn.execute(sql, *args)
-                    return result
-            except asyncpg.PostgresError as exc:
-                raise fenced_error(exc) from None
+        async with pool.acquire() as conn, fenced(conn, self):
+            result: str = await conn.execute(sql, *args)
+        return result
 
 
 def fenced_error(exc: BaseException) -> BaseException:
