@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-import asyncpg
 import msgspec
 import ray
 
@@ -42,6 +41,7 @@ from engine.shard_state import (
     route_bucket,
 )
 from store import fencing
+from store.pools import with_connection
 
 _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])
@@ -61,14 +61,6 @@ def _sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code, even under a running loop."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
-
-
-async def _with_conn(dsn: str, fn: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]]) -> T:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await fn(conn)
-    finally:
-        await conn.close()
 
 
 def start_engine(
@@ -92,7 +84,7 @@ def start_engine(
         placement["resources"] = {settings.shard_resource: 1}
     lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
     # the stored topology decides; a different VOUCHER_SHARDS is refused (use reshard)
-    _sync(_with_conn(dsn, lambda c: fencing.ensure_topology(c, settings.namespace, settings.shards)))
+    _sync(with_connection(dsn, lambda c: fencing.ensure_topology(c, settings.namespace, settings.shards)))
     shards = [
         VoucherShard.options(  # type: ignore[attr-defined]
             name=shard_name(i),
@@ -123,7 +115,7 @@ def attach_engine(settings: Settings) -> VoucherEngine:
 def adopt_stored_topology(settings: Settings, dsn: str) -> Settings:
     """``settings`` with the shard count stored for its deployment, when one is stored (for
     a start where ``VOUCHER_SHARDS`` was not given: the last reshard decides)."""
-    found = _sync(_with_conn(dsn, lambda c: fencing.stored_topology(c, settings.namespace)))
+    found = _sync(with_connection(dsn, lambda c: fencing.stored_topology(c, settings.namespace)))
     return settings if found is None else msgspec.structs.replace(settings, shards=found[0])
 
 
@@ -134,10 +126,10 @@ def reshard(settings: Settings, dsn: str, shards: int, *, detached: bool = False
     buckets from Postgres. Requests in flight meanwhile get ``unavailable`` / ``not_owner``
     (503, retry with the same idempotency keys); none is decided twice."""
     ns = settings.namespace
-    old = _sync(_with_conn(dsn, lambda c: fencing.stored_topology(c, ns)))
+    old = _sync(with_connection(dsn, lambda c: fencing.stored_topology(c, ns)))
     if old is not None and old[0] == shards:
         raise errors.InvalidInput(f"deployment {ns!r} runs {shards} shards already")
-    _sync(_with_conn(dsn, lambda c: fencing.reshard(c, ns, shards)))
+    _sync(with_connection(dsn, lambda c: fencing.reshard(c, ns, shards)))
     names = [COORDINATOR] + [shard_name(i) for i in range(max(old[0] if old else 0, shards))]
     doomed = []
     for name in names:

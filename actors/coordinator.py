@@ -40,17 +40,16 @@ from engine import codes, errors
 from engine.campaigns import Campaign, new_campaign, transition
 from engine.routing import new_id, shard_of
 from engine.settings import Settings
-from store import fencing
-from store.shards import (
-    create_pool,
+from store import fencing, notifications
+from store.campaigns import (
     fence_owner,
     insert_campaign,
-    insert_notification,
     load_campaigns,
     load_jobs,
     update_campaign,
     upsert_job,
 )
+from store.pools import open_pool
 
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()
@@ -116,7 +115,7 @@ class CoordinatorCore:
             raise errors.Fenced(f"this coordinator was replaced and stops: {self._fenced}")
 
     async def _load(self) -> None:
-        self._pool = await create_pool(self.dsn, size=4)
+        self._pool = await open_pool(self.dsn, 4, writer=True)
         async with self._pool.acquire() as conn:
             # claimed (and committed) before anything is read: an older coordinator's
             # writes are either in what follows or refused
@@ -292,13 +291,7 @@ class CoordinatorCore:
         async with self._lock(c.id):
             if c.id in self.campaigns:
                 raise errors.DuplicateCampaign(f"campaign {c.id} exists already")
-            try:
-                await self._write(insert_campaign, c)
-            except asyncpg.UniqueViolationError as exc:
-                what = "code" if "vouchers" in str(exc) else "id"
-                raise errors.DuplicateCampaign(
-                    f"campaign {what} already in use: {c.shared_code if what == 'code' else c.id}"
-                ) from exc
+            await self._write(insert_campaign, c)
             self.campaigns[c.id] = c
             # A draft sells nothing, so a shard that misses it is not fenced: it gets it
             # in the background or from its own re-sync.
@@ -494,7 +487,7 @@ class CoordinatorCore:
             await self._write(upsert_job, job)
             # admins hear about it (the notification dispatcher fans it out)
             await self._write(
-                insert_notification,
+                notifications.record,
                 "job_finished" if job["state"] == "done" else "job_failed",
                 cid,
                 f"generation job {job['id']} {job['state']}: {job['generated']} of "

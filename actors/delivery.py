@@ -57,7 +57,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,9 @@ from engine.sending import (
     window_index,
 )
 from engine.settings import Settings
+from store import delivery as delivery_store
+from store import notifications
+from store.pools import open_pool
 
 log = logging.getLogger("voucher.delivery")
 
@@ -131,76 +134,6 @@ end
 return #due
 """
 
-# Rows are locked in id order, so two claims of overlapping batches cannot deadlock.
-_CLAIM = """
-WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)
-UPDATE deliveries AS d SET state = 'sending', attempts = d.attempts + 1, claimed_by = $2,
-       claimed_at = now(), updated_at = now()
-FROM locked
-WHERE d.id = locked.id
-  AND (d.state = 'queued'
-       OR (d.state = 'failed' AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()))
-       OR (d.state = 'sending' AND d.claimed_at < now() - make_interval(secs => $3)))
-RETURNING d.id, d.attempts
-"""
-_UNCLAIMED = """
-SELECT id, state, extract(epoch FROM next_attempt_at) AS due FROM deliveries
-WHERE id = ANY($1::text[])
-"""
-_SENT = """
-UPDATE deliveries SET state = 'sent', sent_at = now(), last_error = NULL, updated_at = now(),
-       next_attempt_at = NULL
-WHERE id = ANY($1::text[]) AND state = 'sending' AND claimed_by = $2
-"""
-_SENT_RECOVERED = """
-UPDATE deliveries SET state = 'sent', sent_at = now(), last_error = NULL, updated_at = now(),
-       next_attempt_at = NULL
-WHERE id = ANY($1::text[]) AND state IN ('sending', 'failed', 'queued')
-"""
-_FAILED = """
-UPDATE deliveries AS d SET state = 'failed', last_error = u.err, updated_at = now(),
-       next_attempt_at = now() + make_interval(secs => u.delay)
-FROM unnest($1::text[], $2::text[], $3::float8[]) AS u(id, err, delay)
-WHERE d.id = u.id AND d.state = 'sending' AND d.claimed_by = $4
-"""
-_DEAD = """
-UPDATE deliveries AS d SET state = 'dead', last_error = u.err, updated_at = now(),
-       next_attempt_at = NULL
-FROM unnest($1::text[], $2::text[]) AS u(id, err)
-WHERE d.id = u.id AND d.state = 'sending' AND d.claimed_by = $3
-"""
-_NOTIFY = "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)"
-_MESSAGE_COLS = """
-SELECT d.id, d.campaign_id, d.customer_id, d.channel, d.recipient, d.code, d.job_id,
-       coalesce(c.locale, 'en') AS locale, c.name
-FROM deliveries d LEFT JOIN customers c ON c.id = d.customer_id
-"""
-_SWEEP = _MESSAGE_COLS + """
-WHERE d.channel = $1 AND (
-      (d.state = 'sending' AND d.claimed_at < now() - make_interval(secs => $2))
-   OR (d.state = 'failed' AND d.next_attempt_at < now() - make_interval(secs => $2)))
-LIMIT 1000
-"""
-# Queued rows never added to a stream (Redis was down, or the producer died), older than
-# the grace a producer needs between recording a row and adding it. Checked every second;
-# cheap, as a partial index holds only such rows.
-_NOT_ADDED = _MESSAGE_COLS + """
-WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen IS NULL AND d.id > $2
-  AND d.updated_at < now() - make_interval(secs => $3)
-ORDER BY d.id
-LIMIT 1000
-"""
-# Queued rows added to another Redis server than the current one: once per worker and server.
-_NOT_ON_SERVER = _MESSAGE_COLS + """
-WHERE d.channel = $1 AND d.state = 'queued' AND d.stream_gen <> $3 AND d.id > $2
-ORDER BY d.id
-LIMIT 1000
-"""
-_RENEW = """
-UPDATE deliveries SET claimed_at = now()
-WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 'sending'
-             AND claimed_by = $2 FOR UPDATE SKIP LOCKED)
-"""
 # Seconds a producer may take between recording a queued row and adding it to its stream.
 REQUEUE_GRACE_S = 5.0
 REQUEUE_LOCK_S = 5
@@ -313,9 +246,7 @@ class DeliveryCore:
 
     async def open(self) -> None:
         # Rounds (two per channel), housekeeping and claim renewals share it: room for all.
-        pool = await asyncpg.create_pool(self.cfg.dsn, min_size=1, max_size=8)
-        assert pool is not None
-        self.db = pool
+        self.db = await open_pool(self.cfg.dsn, 8)
         # Timeouts: a Redis that hangs (frozen, a network split) fails a round in seconds
         # instead of holding it; the read loop's blocking read waits 0.5 s at most.
         self.redis = Redis.from_url(self.cfg.redis_url, socket_connect_timeout=5, socket_timeout=10)
@@ -472,9 +403,9 @@ class DeliveryCore:
         if not await self.redis.set(lock, self.consumer, nx=True, ex=REQUEUE_LOCK_S):
             return
         try:
-            total = await self._readd(channel, lock, _NOT_ADDED, REQUEUE_GRACE_S)
+            total = await self._readd(channel, lock, delivery_store.not_added, REQUEUE_GRACE_S)
             if full:
-                total += await self._readd(channel, lock, _NOT_ON_SERVER, run_id)
+                total += await self._readd(channel, lock, delivery_store.not_on_server, run_id)
                 self._checked[channel] = run_id
             if total:
                 self.counts["requeued"] += total
@@ -483,11 +414,13 @@ class DeliveryCore:
             with contextlib.suppress(Exception):
                 await self.redis.delete(lock)
 
-    async def _readd(self, channel: str, lock: str, query: str, arg: Any) -> int:
+    async def _readd(
+        self, channel: str, lock: str, page: Callable[..., Awaitable[list[Any]]], arg: Any
+    ) -> int:
         assert self.db is not None and self.redis is not None
         after, total = "", 0
         while not self.stopping.is_set():
-            rows = await self.db.fetch(query, channel, after, arg)
+            rows = await page(self.db, channel, after, arg)
             if not rows:
                 break
             await add_to_streams(self.db, self.redis, [_message(r) for r in rows])
@@ -504,7 +437,7 @@ class DeliveryCore:
         assert self.db is not None and self.redis is not None
         if not await self.redis.set(f"voucher:delivery:sweep:{channel}", self.consumer, nx=True, ex=max(1, int(self.s.delivery_claim_idle_s))):
             return
-        rows = await self.db.fetch(_SWEEP, channel, 2 * self.s.delivery_claim_idle_s)
+        rows = await delivery_store.swept(self.db, channel, 2 * self.s.delivery_claim_idle_s)
         if not rows:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -549,7 +482,7 @@ class DeliveryCore:
         while True:
             await asyncio.sleep(period)
             try:
-                await self.db.execute(_RENEW, ids, self.consumer)
+                await delivery_store.renew_claims(self.db, ids, self.consumer)
                 self.counts["renewed"] += 1
             except asyncio.CancelledError:
                 raise
@@ -581,10 +514,7 @@ class DeliveryCore:
         # A claim older than most of the idle period is taken over: an entry reclaimed by
         # XAUTOCLAIM went idle a little before its row was claimed.
         takeover_s = 0.8 * self.s.delivery_claim_idle_s
-        claimed = {
-            r["id"]: int(r["attempts"])
-            for r in (await self.db.fetch(_CLAIM, ids, self.consumer, takeover_s) if ids else [])
-        }
+        claimed = await delivery_store.claim(self.db, ids, self.consumer, takeover_s) if ids else {}
         if not claimed:
             await self._finish(channel, stream, entry_ids, ids, claimed, msgs)
             return
@@ -644,17 +574,10 @@ class DeliveryCore:
             else:
                 why = err.reason if not err.temporary else f"{err.reason} (after {attempts} attempts)"
                 dead.append((m, why[:500]))
-        async with self.db.acquire() as conn, conn.transaction():
-            if sent:
-                await conn.execute(_SENT, sent, self.consumer)
-            if recovered:
-                await conn.execute(_SENT_RECOVERED, recovered)
-            if retry:
-                await conn.execute(
-                    _FAILED, [m.id for m, _, _ in retry], [e for _, e, _ in retry], [d for _, _, d in retry], self.consumer
-                )
-            if dead:
-                await conn.execute(_DEAD, [m.id for m, _ in dead], [e for _, e in dead], self.consumer)
+        await delivery_store.record_outcomes(
+            self.db, self.consumer, sent, recovered,
+            [(m.id, e, d) for m, e, d in retry], [(m.id, e) for m, e in dead],
+        )
         if keep is not None:
             keep.cancel()  # the rows are recorded; nothing left to hold
         now = time.time()
@@ -687,7 +610,7 @@ class DeliveryCore:
         message reached the stream early): back into the retry set at its due time (the
         set is keyed by the message, so copies collapse)."""
         assert self.db is not None and self.redis is not None
-        rows = await self.db.fetch(_UNCLAIMED, ids)
+        rows = await delivery_store.unclaimed(self.db, ids)
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for r in rows:
@@ -751,8 +674,8 @@ class DeliveryCore:
             if not await self.redis.set(f"voucher:delivery:dead-alerted:{cid}:{idx}", 1, nx=True, ex=2 * win):
                 continue
             m0, e0 = items[0]
-            await self.db.execute(
-                _NOTIFY,
+            await notifications.record(
+                self.db,
                 "delivery_dead",
                 cid,
                 f"{len(items)} {channel} message(s) of campaign {cid} moved to the dead-letter "
@@ -779,8 +702,8 @@ class DeliveryCore:
             ):
                 continue
             if await self.redis.set(f"voucher:delivery:fr-alerted:{cid}:{idx}", 1, nx=True, ex=2 * win):
-                await self.db.execute(
-                    _NOTIFY,
+                await notifications.record(
+                    self.db,
                     "delivery_failure_rate",
                     cid,
                     f"delivery failure rate of campaign {cid} is {w.failures / w.attempts:.0%} "
@@ -804,17 +727,9 @@ class DeliveryCore:
         stale = [c for c in ids if c not in self.campaigns or now - self.campaigns[c].loaded_at > self.TEMPLATE_TTL_S]
         if not stale:
             return
-        camps = {r["id"]: r for r in await self.db.fetch("SELECT id, name, spec FROM campaigns WHERE id = ANY($1::text[])", stale)}
-        defaults = {
-            r["campaign_id"]: r["default_locale"]
-            for r in await self.db.fetch(
-                "SELECT campaign_id, default_locale FROM campaign_delivery WHERE campaign_id = ANY($1::text[])", stale
-            )
-        }
-        tpl_rows = await self.db.fetch(
-            "SELECT campaign_id, channel, locale, subject, body FROM campaign_templates WHERE campaign_id = ANY($1::text[])",
-            stale,
-        )
+        camp_rows, default_rows, tpl_rows = await delivery_store.campaign_sources(self.db, stale)
+        camps = {r["id"]: r for r in camp_rows}
+        defaults = {r["campaign_id"]: r["default_locale"] for r in default_rows}
         for cid in stale:
             row = camps.get(cid)
             spec = msgspec.json.decode(row["spec"]) if row is not None else {}

@@ -29,23 +29,9 @@ from redis.exceptions import RedisError
 
 from engine import delivery
 from engine.delivery import DeliveryMessage
+from store import delivery as delivery_store
 
 log = logging.getLogger("voucher.delivery")
-
-_INSERT = """
-INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code, job_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[])
-ON CONFLICT (id) DO NOTHING
-"""
-_QUEUED = "SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 'queued'"
-# SKIP LOCKED: a row locked meanwhile is being claimed by a sender (it leaves `queued`); waiting
-# for it, with the rows locked in another order than the sender's, could deadlock.
-_ADDED = """
-UPDATE deliveries SET stream_gen = $2
-WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($1::text[]) AND state = 'queued'
-             FOR UPDATE SKIP LOCKED)
-"""
 
 
 def _run_id(info: Any) -> str:
@@ -73,7 +59,7 @@ async def add_to_streams(
     for m in messages:
         pipe.xadd(delivery.stream(m.channel), {delivery.FIELD: delivery.encode(m)})
     res = await pipe.execute()
-    await db.execute(_ADDED, [m.id for m in messages], _run_id(res[0]))
+    await delivery_store.mark_added(db, [m.id for m in messages], _run_id(res[0]))
 
 
 async def enqueue(
@@ -92,8 +78,7 @@ async def enqueue(
             strict=True,
         ):
             col.append(value)
-    await db.execute(_INSERT, *cols)
-    queued = {r["id"] for r in await db.fetch(_QUEUED, cols[0])}
+    queued = await delivery_store.record_queued(db, cols)
     todo = [m for m in messages if m.id in queued]
     try:
         await add_to_streams(db, redis, todo)

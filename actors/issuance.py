@@ -29,7 +29,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,7 +48,8 @@ from engine.delivery import new_message
 from engine.notify import Notice
 from engine.settings import Settings
 from store import fencing
-from store.shards import create_pool
+from store import issuance as issuance_store
+from store.pools import open_pool
 
 log = logging.getLogger("voucher.issuance")
 JOB_PREFIX = "iss_"
@@ -66,39 +67,8 @@ COUNTERS = (
     "already_queued",
     "refills",
 )
-_CUSTOMER_COLS = (
-    "id, email, phone, push_token, name, locale, time_zone, consent_email, consent_sms,"
-    " consent_push, tags"
-)
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _where(sel: Selection) -> tuple[str, list[Any]]:
-    """SQL condition and args ($1...) of a selection."""
-    if sel.customer_ids is not None:
-        return "id = ANY($1::text[])", [list(sel.customer_ids)]
-    if sel.tag is not None:
-        return "tags @> ARRAY[$1::text]", [sel.tag]
-    return "true", []
-
-
-def _customer(r: asyncpg.Record) -> Customer:
-    return Customer(
-        id=r["id"],
-        email=r["email"],
-        phone=r["phone"],
-        push_token=r["push_token"],
-        name=r["name"],
-        locale=r["locale"],
-        time_zone=r["time_zone"],
-        consent_email=r["consent_email"],
-        consent_sms=r["consent_sms"],
-        consent_push=r["consent_push"],
-        tags=tuple(r["tags"]),
-    )
 
 
 def _exit_soon(exc: BaseException) -> None:
@@ -157,7 +127,7 @@ class IssuerCore:
             self.redis = None
 
     async def _load(self) -> None:
-        self.pool = await create_pool(self.dsn, size=4)
+        self.pool = await open_pool(self.dsn, 4, writer=True)
         # A Redis that hangs must not hold a job: enqueue records the rows and moves on.
         self.redis = Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
         async with self.pool.acquire() as conn:
@@ -167,17 +137,14 @@ class IssuerCore:
             self.fence = await fencing.claim(conn, owner)
         # A job marked running belonged to an issuer process that is gone. Re-running the
         # issuance finishes it (idempotent); say so instead of guessing.
-        await self._write(
-            "UPDATE issuance_jobs SET state = 'failed', finished_at = now(), error ="
-            " 'interrupted by an issuer restart; run the issuance again (re-runs add nothing"
-            " twice)' WHERE state = 'running'"
-        )
+        await self._write(issuance_store.fail_interrupted)
 
-    async def _write(self, sql: str, *args: Any) -> None:
-        """One fenced write; a refusal stops this issuer (every later call is refused)."""
+    async def _write(self, op: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """``op(pool, fence, *args)``, one fenced write; a refusal stops this issuer (every
+        later call is refused)."""
         assert self.pool is not None and self.fence is not None
         try:
-            await self.fence.execute(self.pool, sql, *args)
+            await op(self.pool, self.fence, *args)
         except errors.Fenced as exc:
             self._die(exc)
             raise
@@ -201,14 +168,8 @@ class IssuerCore:
         campaign = await self.engine.campaign(campaign_id)  # UnknownCampaign: 404
         if campaign.state == "ended":
             raise errors.CannotIssueEnded(f"campaign {campaign_id} has ended")
-        where, args = _where(sel)
         if sel.customer_ids is not None:
-            found = {
-                r["id"]
-                for r in await self.pool.fetch(
-                    "SELECT id FROM customers WHERE id = ANY($1::text[])", list(sel.customer_ids)
-                )
-            }
+            found = await issuance_store.known_customers(self.pool, list(sel.customer_ids))
             unknown = [c for c in sel.customer_ids if c not in found]
             if unknown:
                 shown = ", ".join(repr(u) for u in unknown[:10])
@@ -218,7 +179,7 @@ class IssuerCore:
                 )
             total = len(found)
         else:
-            total = int(await self.pool.fetchval(f"SELECT count(*) FROM customers WHERE {where}", *args))
+            total = await issuance_store.count_selected(self.pool, sel)
         job: dict[str, Any] = {
             "id": JOB_PREFIX + os.urandom(10).hex(),
             "kind": "issuance",
@@ -240,22 +201,7 @@ class IssuerCore:
         return job_view(job)
 
     async def _save(self, job: dict[str, Any]) -> None:
-        await self._write(
-            "INSERT INTO issuance_jobs (id, campaign_id, selection, channels, state, counts,"
-            " error, created_at, finished_at) VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb,"
-            " $7, $8, $9) ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
-            " counts = EXCLUDED.counts, error = EXCLUDED.error,"
-            " finished_at = EXCLUDED.finished_at",
-            job["id"],
-            job["campaign_id"],
-            msgspec.json.encode(job["selection"]).decode(),
-            job["channels"],
-            job["state"],
-            msgspec.json.encode(job["counts"]).decode(),
-            job["error"],
-            job["created_at"],
-            job["finished_at"],
-        )
+        await self._write(issuance_store.save_job, job)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         await self.ready()
@@ -263,17 +209,10 @@ class IssuerCore:
         if job is not None:
             return job_view(job)
         assert self.pool is not None
-        row = await self.pool.fetchrow(
-            "SELECT id, campaign_id, selection::text, channels, state, counts::text, error,"
-            " created_at, finished_at FROM issuance_jobs WHERE id = $1",
-            job_id,
-        )
-        if row is None:
+        d = await issuance_store.load_job(self.pool, job_id)
+        if d is None:
             raise errors.UnknownJob(f"no job has id {job_id!r}")
-        d = dict(row)
         d["kind"] = "issuance"
-        d["selection"] = msgspec.json.decode(d["selection"])
-        d["counts"] = msgspec.json.decode(d["counts"])
         d["rate"] = 0.0
         return job_view(d)
 
@@ -283,22 +222,17 @@ class IssuerCore:
         assert self.pool is not None and self.redis is not None
         counts = job["counts"]
         cid = job["campaign_id"]
-        where, args = _where(sel)
-        n = len(args)
-        query = (
-            f"SELECT {_CUSTOMER_COLS} FROM customers WHERE {where}"
-            f" AND (${n + 1}::text IS NULL OR id > ${n + 1}) ORDER BY id LIMIT ${n + 2}"
-        )
         started = time.perf_counter()
         after: str | None = None
         try:
             campaign = await self.engine.campaign(cid)
             while True:
-                rows = await self.pool.fetch(query, *args, after, self.settings.issuance_batch)
-                if not rows:
+                customers = await issuance_store.selected_page(
+                    self.pool, sel, after, self.settings.issuance_batch
+                )
+                if not customers:
                     break
-                after = rows[-1]["id"]
-                customers = [_customer(r) for r in rows]
+                after = customers[-1].id
                 counts["selected"] += len(customers)
                 # a customer no requested channel reaches gets no code (it would only
                 # drain the bank); consent and address are counted per channel
@@ -360,15 +294,7 @@ class IssuerCore:
         if not messages:
             return []
         assert self.pool is not None
-        done = {
-            r["id"]
-            for r in await self.pool.fetch(
-                "SELECT d.id FROM deliveries d LEFT JOIN issuance_jobs j ON j.id = d.job_id"
-                " WHERE d.id = ANY($1::text[]) AND (d.state <> 'queued'"
-                " OR j.state IN ('done', 'running'))",
-                [m.id for m in messages],
-            )
-        }
+        done = await issuance_store.handled_deliveries(self.pool, [m.id for m in messages])
         return [m for m in messages if m.id not in done]
 
     async def _assign(self, job: dict[str, Any], campaign: Any, ids: list[str]) -> dict[str, str]:

@@ -37,7 +37,8 @@ from actors.observability import configure_json_logging
 from engine import errors, notify, urls
 from engine.notify import Notice
 from engine.settings import Settings
-from store.shards import create_pool
+from store import notifications
+from store.pools import open_pool
 
 log = logging.getLogger("voucher.notifier")
 _json = msgspec.json.Encoder()
@@ -50,13 +51,7 @@ MAIL_FROM = "voucher-engine <notifications@voucher-engine.invalid>"
 
 
 async def record(db: asyncpg.Pool | asyncpg.Connection, n: Notice) -> int:
-    nid: int = await db.fetchval(
-        "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3) RETURNING id",
-        n.kind,
-        n.campaign_id,
-        n.message,
-    )
-    return nid
+    return await notifications.record(db, n.kind, n.campaign_id, n.message)
 
 
 async def threshold(
@@ -65,28 +60,15 @@ async def threshold(
     """Apply one observation of a threshold; records ``n`` (and returns True) only when this
     observation is the crossing. Safe under concurrent observers: the disarm is atomic."""
     async with pool.acquire() as conn, conn.transaction():
-        armed = await conn.fetchval(
-            "SELECT armed FROM notification_thresholds WHERE key = $1", key
-        )
+        armed = await notifications.armed(conn, key)
         fire, armed_after = notify.crossing(True if armed is None else armed, breached, recovered)
         if fire:
-            won = await conn.fetchval(
-                "INSERT INTO notification_thresholds (key, armed) VALUES ($1, false)"
-                " ON CONFLICT (key) DO UPDATE SET armed = false, updated_at = now()"
-                " WHERE notification_thresholds.armed RETURNING key",
-                key,
-            )
-            if won is not None:
+            if await notifications.disarm(conn, key):
                 await record(conn, n)
                 return True
             return False
         if armed is None or armed_after != armed:
-            await conn.execute(
-                "INSERT INTO notification_thresholds (key, armed) VALUES ($1, $2)"
-                " ON CONFLICT (key) DO UPDATE SET armed = EXCLUDED.armed, updated_at = now()",
-                key,
-                armed_after,
-            )
+            await notifications.set_armed(conn, key, armed_after)
     return False
 
 
@@ -159,51 +141,8 @@ async def add_webhook(
     url, secret, kinds = check_webhook(url, secret, kinds)
     await outbound.check_url(url, allow, resolver)
     wid = "wh_" + secrets.token_hex(8)
-    row = await db.fetchrow(
-        "INSERT INTO notification_webhooks (id, url, secret, kinds) VALUES ($1, $2, $3, $4)"
-        " RETURNING id, url, kinds, active, created_at",
-        wid,
-        url,
-        secret,
-        kinds,
-    )
-    return {**dict(row), "secret": secret}
-
-
-async def list_webhooks(db: asyncpg.Pool) -> list[dict[str, Any]]:
-    rows = await db.fetch(
-        "SELECT id, url, kinds, active, created_at FROM notification_webhooks ORDER BY created_at"
-    )
-    return [dict(r) for r in rows]
-
-
-async def remove_webhook(db: asyncpg.Pool, webhook_id: str) -> dict[str, Any]:
-    row = await db.fetchrow(
-        "UPDATE notification_webhooks SET active = false WHERE id = $1"
-        " RETURNING id, url, kinds, active, created_at",
-        webhook_id,
-    )
-    if row is None:
-        raise errors.NotFound(f"no webhook has id {webhook_id!r}")
-    return dict(row)
-
-
-async def sends_of(db: asyncpg.Pool, notification_id: int) -> list[dict[str, Any]]:
-    rows = await db.fetch(
-        "SELECT s.id, s.target, s.state, s.attempts, s.last_error, s.sent_at,"
-        " coalesce(json_agg(json_build_object('attempt', a.attempt, 'at', a.at, 'ok', a.ok,"
-        " 'status', a.status, 'error', a.error) ORDER BY a.attempt)"
-        " FILTER (WHERE a.id IS NOT NULL), '[]')::text AS attempts_log"
-        " FROM notification_sends s LEFT JOIN notification_attempts a ON a.send_id = s.id"
-        " WHERE s.notification_id = $1 GROUP BY s.id ORDER BY s.id",
-        notification_id,
-    )
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["attempts_log"] = msgspec.json.decode(d["attempts_log"])
-        out.append(d)
-    return out
+    row = await notifications.add_webhook(db, wid, url, secret, kinds)
+    return {**row, "secret": secret}
 
 
 # --- the dispatcher --------------------------------------------------------------------
@@ -236,7 +175,7 @@ class Dispatcher:
 
     async def open(self) -> None:
         if self.pool is None:
-            self.pool = await create_pool(self.dsn, size=4)
+            self.pool = await open_pool(self.dsn, 4, writer=True)
             self.http = outbound.client(outbound.allow_of(self.settings), timeout=10.0)
 
     async def run_forever(self) -> None:
@@ -265,16 +204,10 @@ class Dispatcher:
     async def claim_new(self) -> int:
         assert self.pool is not None
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "UPDATE notifications SET dispatched_at = now() WHERE id IN ("
-                " SELECT id FROM notifications WHERE dispatched_at IS NULL ORDER BY id"
-                " LIMIT 200 FOR UPDATE SKIP LOCKED) RETURNING id, kind"
-            )
+            rows = await notifications.claim_new(conn)
             if not rows:
                 return 0
-            hooks = await conn.fetch(
-                "SELECT id, kinds FROM notification_webhooks WHERE active"
-            )
+            hooks = await notifications.active_webhooks(conn)
             ids: list[int] = []
             targets: list[str] = []
             for r in rows:
@@ -286,25 +219,12 @@ class Dispatcher:
                         ids.append(r["id"])
                         targets.append(f"webhook:{h['id']}")
             if ids:
-                await conn.execute(
-                    "INSERT INTO notification_sends (notification_id, target)"
-                    " SELECT * FROM unnest($1::int8[], $2::text[]) ON CONFLICT DO NOTHING",
-                    ids,
-                    targets,
-                )
+                await notifications.add_sends(conn, ids, targets)
         return len(rows)
 
     async def attempt_due(self) -> int:
         assert self.pool is not None
-        rows = await self.pool.fetch(
-            "UPDATE notification_sends s SET attempts = s.attempts + 1,"
-            f" next_at = now() + interval '{LEASE_S} seconds'"
-            " FROM notifications n WHERE n.id = s.notification_id AND s.id IN ("
-            " SELECT id FROM notification_sends WHERE state = 'pending' AND next_at <= now()"
-            " ORDER BY next_at LIMIT 50 FOR UPDATE SKIP LOCKED)"
-            " RETURNING s.id, s.target, s.attempts, n.id AS nid, n.kind, n.campaign_id,"
-            " n.message, n.created_at"
-        )
+        rows = await notifications.lease_due(self.pool, LEASE_S)
         if rows:
             await asyncio.gather(*[self._attempt(r) for r in rows])
         return len(rows)
@@ -322,26 +242,16 @@ class Dispatcher:
         attempt = r["attempts"]
         dead = not ok and attempt >= self.settings.notify_max_attempts
         delay = notify.backoff_s(attempt, self.settings.notify_retry_base_s)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO notification_attempts (send_id, attempt, ok, status, error)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                r["id"],
-                attempt,
-                ok,
-                status,
-                error,
-            )
-            await conn.execute(
-                "UPDATE notification_sends SET state = $2, last_error = $3,"
-                " sent_at = CASE WHEN $4 THEN now() END,"
-                " next_at = now() + make_interval(secs => $5) WHERE id = $1",
-                r["id"],
-                "sent" if ok else ("dead" if dead else "pending"),
-                error,
-                ok,
-                delay,
-            )
+        await notifications.record_attempt(
+            self.pool,
+            r["id"],
+            attempt,
+            ok=ok,
+            status=status,
+            error=error,
+            state="sent" if ok else ("dead" if dead else "pending"),
+            delay_s=delay,
+        )
         if not ok:
             log.warning(
                 "notification %s to %s failed (attempt %d%s): %s",
@@ -363,10 +273,7 @@ class Dispatcher:
 
     async def _email(self, r: asyncpg.Record) -> tuple[bool, int | None, str | None]:
         assert self.pool is not None and self.settings.smtp_url
-        rows = await self.pool.fetch(
-            "SELECT email FROM users WHERE roles && ARRAY['admin', 'manager']::text[] ORDER BY email"
-        )
-        recipients = [x["email"] for x in rows]
+        recipients = await notifications.staff_emails(self.pool)
         if not recipients:
             return True, None, "no admin or manager to notify"
         msg = EmailMessage()
@@ -394,9 +301,7 @@ class Dispatcher:
         self, r: asyncpg.Record, webhook_id: str
     ) -> tuple[bool, int | None, str | None]:
         assert self.pool is not None and self.http is not None
-        hook = await self.pool.fetchrow(
-            "SELECT url, secret, active FROM notification_webhooks WHERE id = $1", webhook_id
-        )
+        hook = await notifications.webhook(self.pool, webhook_id)
         if hook is None or not hook["active"]:
             return True, None, "webhook removed; not sent"
         body = _json.encode(self._payload(r))

@@ -43,9 +43,10 @@ from engine.events import Event, Rejection
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
 from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState
-from store.fencing import Fence, claim_shard, current_epoch
+from store.fencing import Fence
 from store.key_claims import KeyClaims
-from store.shards import PgShardStore, campaigns_since, create_pool
+from store.pools import open_pool
+from store.shards import PgShardStore, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class ShardCore:
         self.settings = settings
         self.buckets = [b for b in range(BUCKETS) if b % shards == shard_id]
         self.state = self._new_state()
-        self.store: PgShardStore | None = None
+        self.store: ShardStore | None = None
         self.writer: WriteBehind | None = None
         # resolves once loaded (fails only when the shard retires); while loading keeps
         # failing, ``_load_error`` says why and callers are answered at once
@@ -213,25 +214,21 @@ class ShardCore:
         self.keys = KeyClaims(
             self.state, self.buckets, timedelta(seconds=self.settings.idempotency_ttl_s)
         )
-        pool = await create_pool(self.dsn, size=4)
+        store = PgShardStore(await open_pool(self.dsn, 4, writer=True))
         # Claim the shard before reading anything: the claim waits for the old owner's
         # in-flight commit and fences it, so what we load is all it will ever commit.
         try:
-            async with pool.acquire() as conn:
-                self.fence = await claim_shard(
-                    conn, self.settings.namespace, self.shard_id, self.shards
-                )
-                self._server = await conn.fetchval("SELECT pg_postmaster_start_time()")
-            self.store = PgShardStore(pool, self.fence)
+            self._server = await store.claim(self.settings.namespace, self.shard_id, self.shards)
+            self.fence, self.store = store.fence, store
             since = utcnow() - timedelta(seconds=self.settings.idempotency_ttl_s)
-            await self.store.load(self.state, self.buckets, since)
+            await store.load(self.state, self.buckets, since)
         except errors.Fenced as exc:  # our topology was replaced: retire for good
-            await pool.close()
+            await store.close()
             self._stop(exc, code=0)
             raise
         except BaseException:
             self.store = self.fence = None
-            pool.terminate()
+            store.terminate()
             raise
         state, store = self.state, self.store
         self.writer = WriteBehind(
@@ -260,12 +257,12 @@ class ShardCore:
             extra={"shard": self.shard_id, "codes": len(self.state.codes)},
         )
 
-    async def _persist(self, store: PgShardStore, events: Sequence[Event]) -> None:
+    async def _persist(self, store: ShardStore, events: Sequence[Event]) -> None:
         voided = await store.write(events, self.buckets)
         for campaign_id in voided:
             self._void_later(store, campaign_id)
 
-    def _void_later(self, store: PgShardStore, campaign_id: str) -> None:
+    def _void_later(self, store: ShardStore, campaign_id: str) -> None:
         """Void an ended campaign's unredeemed rows in the background, chunk by chunk (its
         codes are void in memory already). Resumable: a load voids what is left."""
         # after a void already running (it may have passed rows committed since)
@@ -275,7 +272,7 @@ class ShardCore:
         task.add_done_callback(_retrieve)
 
     async def _void(
-        self, store: PgShardStore, campaign_id: str, before: asyncio.Task[int] | None
+        self, store: ShardStore, campaign_id: str, before: asyncio.Task[int] | None
     ) -> int:
         if before is not None and not before.done():
             await asyncio.wait([before])
@@ -344,7 +341,7 @@ class ShardCore:
         store, self.store, self.writer, self.fence = self.store, None, None, None
         self.incarnation += 1  # batches decided so far are never acknowledged
         if store is not None:
-            store.pool.terminate()
+            store.terminate()
         # callers wait for the reload (within their deadline): a small shard reloads in
         # well under a second; if the load fails they are answered at once, as at start
         self._load_error = None
@@ -412,9 +409,7 @@ class ShardCore:
         if self.fence is None or self.store is None or self.stopped is not None:
             return
         try:
-            async with self.store.pool.acquire(timeout=5) as conn:
-                epoch = await current_epoch(conn, self.fence.owner)
-                server = await conn.fetchval("SELECT pg_postmaster_start_time()", timeout=5)
+            epoch, server = await self.store.check_epoch(timeout=5)
         except Exception as exc:  # the database is away: the next commit will tell
             log.debug("epoch check failed: %r", exc, extra={"shard": self.shard_id})
             return
@@ -758,8 +753,7 @@ class ShardCore:
         shard that missed a broadcast catches up by itself; returns how many changed."""
         await self.ready()
         assert self.store is not None
-        async with self.store.pool.acquire() as conn:
-            rows = await campaigns_since(conn, self._campaign_revision)
+        rows = await self.store.campaigns_since(self._campaign_revision)
         changed = sum(self.state.put_campaign(c) for _, c in rows)
         if rows:
             self._campaign_revision = rows[-1][0]

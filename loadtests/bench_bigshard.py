@@ -39,8 +39,8 @@ from engine.routing import BUCKETS, new_id
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from ops.servers import embedded_for_tests
+from store.campaigns import insert_campaign, update_campaign
 from store.migrations import migrate
-from store.shards import insert_campaign, update_campaign
 
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _CHUNK = 500_000

@@ -176,9 +176,10 @@ async def commit_overhead(dsn: str, batches: int, size: int) -> tuple[float, flo
     codes of a campaign of its own (alternating, so both see the same table sizes)."""
     from engine.events import Redemption, RedemptionRecorded, VoucherChanged
     from engine.routing import bucket_of
-    from store.shards import PgShardStore, create_pool
+    from store.pools import open_pool
+    from store.shards import PgShardStore
 
-    pool = await create_pool(dsn, 2)
+    pool = await open_pool(dsn, 2, writer=True)
     store = PgShardStore(pool)
     cid = f"bench-commit-{os.urandom(3).hex()}"
     codes = [f"BC{os.urandom(6).hex().upper()}" for _ in range(batches * 2 * size)]

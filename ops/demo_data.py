@@ -5,9 +5,9 @@ two of each type, on the running engine:
 
 * codes are generated, assigned and redeemed **through the engine** (so shards, rollups
   and reports see what production would);
-* DEMO LOADER, DIRECT SQL: the customers (with segment tags) and the delivery records are
-  written straight into ``customers`` and ``deliveries`` (the customer and delivery
-  services of issue 4 write the same rows in production), and the redemptions just made
+* written straight into Postgres (``store/demo.py``): the customers (with segment tags)
+  and the delivery records (the customer and delivery services write the same rows in
+  production), and the redemptions just made
   are moved back in time to a realistic spread over the past two weeks (a daily rhythm in
   the campaign's time zone). The move is one UPDATE of ``redemptions.created_at`` /
   ``rolled_back_at``: the reporting triggers log it like any change, so the rollups stay
@@ -36,6 +36,8 @@ from actors.client import VoucherEngine
 from engine.events import Redemption
 from engine.shard_state import RedeemRequest
 from ops.console import generation_bar, print_json
+from store import demo
+from store.pools import connect
 
 TAGS = ("vip", "new", "returning", "eu", "us", "newsletter")
 CHANNELS = (("email", 0.6), ("sms", 0.25), ("push", 0.15))
@@ -70,11 +72,8 @@ def _when(rng: random.Random, now: datetime, tz: ZoneInfo, days: int) -> datetim
 
 async def _backdate(conn: asyncpg.Connection, moves: list[tuple[str, datetime]],
                     rollbacks: dict[str, datetime]) -> None:
-    await conn.execute(
-        "UPDATE redemptions AS r SET created_at = u.t,"
-        " rolled_back_at = CASE WHEN r.status = 1 THEN u.rb ELSE r.rolled_back_at END"
-        " FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS u(id, t, rb)"
-        " WHERE r.id = u.id",
+    await demo.backdate(
+        conn,
         [m[0] for m in moves],
         [m[1] for m in moves],
         [rollbacks.get(m[0], m[1]) for m in moves],
@@ -95,12 +94,7 @@ async def _deliveries(conn: asyncpg.Connection, rng: random.Random, cid: str,
         sent_at = queued + timedelta(seconds=rng.uniform(1, 90)) if state == "sent" else None
         rows.append((f"demo-{cid}-{cust}-{channel}", cid, cust, channel, f"{cust}@demo.example",
                      code, state, 1 if state == "sent" else 3, queued, sent_at))
-    await conn.executemany(
-        "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code, state,"
-        " attempts, queued_at, sent_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-        " ON CONFLICT (id) DO NOTHING",
-        rows,
-    )
+    await demo.add_deliveries(conn, rows)
     return len(rows)
 
 
@@ -119,14 +113,10 @@ async def create_demo_data(
     suffix = os.urandom(3).hex()
     now = datetime.now(UTC)
     start = now - timedelta(days=days + 1)
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     made: list[str] = []
     try:
-        await conn.executemany(
-            "INSERT INTO customers (id, email, tags, consent_email) VALUES ($1, $2, $3, true)"
-            " ON CONFLICT (id) DO NOTHING",
-            _customer_rows(),
-        )
+        await demo.add_customers(conn, _customer_rows())
         customers = [f"demo-cust-{i:05d}" for i in range(N_CUSTOMERS)]
 
         def n(x: int) -> int:

@@ -22,6 +22,7 @@ from actors.calls import Failure, guarded
 from actors.client import attach_engine
 from engine import errors
 from engine.settings import Settings
+from store.pools import LazyPool
 
 log = logging.getLogger("voucher.serve")
 
@@ -35,30 +36,6 @@ def campaign_json(c: Any) -> dict[str, Any]:
 
 def _settings(blob: dict[str, Any]) -> Settings:
     return msgspec.convert(blob, Settings)
-
-
-async def _pool(dsn: str, size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size)
-    assert pool is not None
-    return pool
-
-
-class LazyPool:
-    """A deployment's asyncpg pool, opened on first use (a Serve constructor cannot await)
-    and only once, even when the first calls arrive together."""
-
-    def __init__(self, dsn: str, size: int = 2) -> None:
-        self.dsn = dsn
-        self.size = size
-        self.pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
-
-    async def __call__(self) -> asyncpg.Pool:
-        if self.pool is None:
-            async with self._lock:
-                if self.pool is None:
-                    self.pool = await _pool(self.dsn, self.size)
-        return self.pool
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -201,13 +178,10 @@ class Vouchers:
 
     @guarded
     async def of_customer(self, customer_id: str, limit: int) -> list[dict[str, Any]]:
-        rows = await (await self._pool()).fetch(
-            "SELECT code FROM vouchers WHERE customer_id = $1 ORDER BY updated_at DESC NULLS LAST"
-            " LIMIT $2",
-            customer_id,
-            limit,
-        )
-        found = await asyncio.gather(*[self.engine.voucher(r["code"]) for r in rows])
+        from store import customers
+
+        codes = await customers.codes_of(await self._pool(), customer_id, limit)
+        found = await asyncio.gather(*[self.engine.voucher(c) for c in codes])
         return list(found)
 
 
@@ -560,36 +534,21 @@ class Notifications:
 
     @guarded
     async def record(self, kind: str, campaign_id: str | None, message: str) -> None:
-        db = await self._pool()
-        await db.execute(
-            "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
-            kind,
-            campaign_id,
-            message,
-        )
+        from store import notifications
+
+        await notifications.record(await self._pool(), kind, campaign_id, message)
 
     @guarded
     async def list(self, unread_only: bool, limit: int) -> list[dict[str, Any]]:
-        db = await self._pool()
-        rows = await db.fetch(
-            "SELECT id, kind, campaign_id, message, created_at, read_at FROM notifications"
-            " WHERE ($1::bool IS FALSE OR read_at IS NULL) ORDER BY id DESC LIMIT $2",
-            unread_only,
-            limit,
-        )
-        return [dict(r) for r in rows]
+        from store import notifications
+
+        return await notifications.list_recent(await self._pool(), unread_only, limit)
 
     @guarded
     async def mark_read(self, notification_id: int) -> dict[str, Any]:
-        db = await self._pool()
-        row = await db.fetchrow(
-            "UPDATE notifications SET read_at = coalesce(read_at, now()) WHERE id = $1"
-            " RETURNING id, kind, campaign_id, message, created_at, read_at",
-            notification_id,
-        )
-        if row is None:
-            raise errors.NotFound(f"no notification has id {notification_id}")
-        return dict(row)
+        from store import notifications
+
+        return await notifications.mark_read(await self._pool(), notification_id)
 
 
 __all__ = [
@@ -662,19 +621,19 @@ class Issuance:
 
     @guarded
     async def list_webhooks(self) -> list[dict[str, Any]]:
-        from actors.notifier import list_webhooks
+        from store.notifications import list_webhooks
 
         return await list_webhooks(await self._pool())
 
     @guarded
     async def remove_webhook(self, webhook_id: str) -> dict[str, Any]:
-        from actors.notifier import remove_webhook
+        from store.notifications import remove_webhook
 
         return await remove_webhook(await self._pool(), webhook_id)
 
     @guarded
     async def sends(self, notification_id: int) -> list[dict[str, Any]]:
-        from actors.notifier import sends_of
+        from store.notifications import sends_of
 
         return await sends_of(await self._pool(), notification_id)
 

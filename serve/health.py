@@ -24,10 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from actors.calls import call
+from store.health import Probe
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 # what checkout cannot do without
@@ -83,7 +83,7 @@ class HealthProbe:
         self.valkey_ping = valkey_ping
         self.timeout_s = timeout_s
         self.cache_s = cache_s
-        self._conn: asyncpg.Connection | None = None
+        self._probe = Probe(dsn, timeout_s)
         self._last: Report | None = None
         self._last_at = 0.0
         self._running: asyncio.Future[Report] | None = None
@@ -103,9 +103,7 @@ class HealthProbe:
         return report
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.terminate()
+        self._probe.close()
 
     async def _evaluate(self) -> Report:
         pg, vk, coordinator, (shards, shard_list) = await asyncio.gather(
@@ -139,13 +137,7 @@ class HealthProbe:
         return result
 
     async def _postgres(self) -> Component:
-        try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self.dsn, timeout=self.timeout_s)
-            await self._conn.fetchval("SELECT 1", timeout=self.timeout_s)
-        except BaseException:
-            await self.close()  # a connection cut off mid-query is not used again
-            raise
+        await self._probe.ping()
         return Component(OK)
 
     async def _valkey(self) -> Component:

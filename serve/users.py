@@ -1,4 +1,5 @@
-"""Users, roles and API keys on Postgres (asyncpg). The rules live in :mod:`serve.auth`.
+"""Users, roles and API keys (their statements are in :mod:`store.users`; the rules live in
+:mod:`serve.auth`).
 
 Choices worth knowing:
 
@@ -54,6 +55,8 @@ from serve.auth import (
     verify_api_secret,
     verify_password,
 )
+from store import users
+from store.pools import LazyPool
 
 log = logging.getLogger("voucher.users")
 
@@ -107,22 +110,6 @@ class AdminBootstrap(msgspec.Struct, frozen=True, kw_only=True):
     generated_password: str | None = None
 
 
-_USER_COLUMNS = "id, email, name, roles, created_at, updated_at"
-_API_KEY_COLUMNS = "id, owner_id, name, roles, created_at, revoked_at, last_used_at"
-
-# last_used_at is bookkeeping, not security: write it at most once a minute per key so the
-# checkout hot path does not turn every request into a write.
-_LAST_USED_EVERY_S = 60
-
-_AUTH_KEY_SQL = f"""
-SELECT k.secret_hash, k.roles, k.revoked_at, k.owner_id, u.roles AS owner_roles, u.email,
-       (k.last_used_at IS NULL
-        OR k.last_used_at < now() - interval '{_LAST_USED_EVERY_S} seconds') AS stale
-FROM api_keys k JOIN users u ON u.id = k.owner_id
-WHERE k.id = $1
-"""
-
-
 def _user(row: Mapping[str, Any]) -> dict[str, Any]:
     d = dict(row)
     d["roles"] = list(d["roles"])
@@ -159,18 +146,14 @@ class UserStore:
         needs_rehash_fn: Callable[[str], bool] = needs_rehash,
     ) -> None:
         if isinstance(dsn_or_pool, str):
-            self._dsn: str | None = dsn_or_pool
+            self._lazy: LazyPool | None = LazyPool(dsn_or_pool, pool_size)
             self._pool: asyncpg.Pool | None = None
-            self._owns_pool = True
         else:
-            self._dsn = None
+            self._lazy = None
             self._pool = dsn_or_pool
-            self._owns_pool = False
-        self._pool_size = pool_size
         self._hash = hash_fn
         self._verify = verify_fn
         self._needs_rehash = needs_rehash_fn
-        self._open_lock = asyncio.Lock()
         self._dummy_hash: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -185,19 +168,12 @@ class UserStore:
         for task in list(self._background):
             task.cancel()
         self._background.clear()
-        if self._owns_pool and self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        if self._lazy is not None:
+            await self._lazy.close()
 
     async def _db(self) -> asyncpg.Pool:
-        if self._pool is not None:
-            return self._pool
-        async with self._open_lock:
-            if self._pool is None:
-                assert self._dsn is not None
-                self._pool = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=self._pool_size
-                )
+        if self._lazy is not None:
+            return await self._lazy()
         assert self._pool is not None
         return self._pool
 
@@ -212,18 +188,8 @@ class UserStore:
         check_password(password)
         name = normalize_name(name)
         password_hash = await self._cpu(self._hash, password)
-        row = await (await self._db()).fetchrow(
-            f"""
-            INSERT INTO users (id, email, name, password_hash, roles)
-            VALUES ($1, $2, $3, $4, $5)
-            ON CONFLICT (email) DO NOTHING
-            RETURNING {_USER_COLUMNS}
-            """,
-            _new_user_id(),
-            email,
-            name,
-            password_hash,
-            ["customer"],
+        row = await users.insert_user(
+            await self._db(), _new_user_id(), email, name, password_hash, ["customer"]
         )
         if row is None:
             raise DuplicateEmail("a user with this email exists already")
@@ -239,9 +205,7 @@ class UserStore:
             password = ""
         row = None
         if email:
-            row = await (await self._db()).fetchrow(
-                "SELECT id, email, roles, password_hash FROM users WHERE email = $1", email
-            )
+            row = await users.credentials(await self._db(), email)
         stored = row["password_hash"] if row is not None else None
         if row is None or stored is None:
             # Spend the same time as a real check, so response times do not reveal
@@ -267,19 +231,11 @@ class UserStore:
     async def _rehash(self, user_id: str, old_hash: str, password: str) -> None:
         new_hash = await self._cpu(self._hash, password)
         # Compare-and-set: a password changed meanwhile is not overwritten.
-        await (await self._db()).execute(
-            "UPDATE users SET password_hash = $3, updated_at = now()"
-            " WHERE id = $1 AND password_hash = $2",
-            user_id,
-            old_hash,
-            new_hash,
-        )
+        await users.replace_hash(await self._db(), user_id, old_hash, new_hash)
         log.info("upgraded the password hash of %s", user_id)
 
     async def get(self, user_id: str) -> dict[str, Any]:
-        row = await (await self._db()).fetchrow(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id
-        )
+        row = await users.user_by_id(await self._db(), user_id)
         if row is None:
             raise UnknownUser(f"no user {user_id!r}")
         return _user(row)
@@ -289,9 +245,7 @@ class UserStore:
             email = normalize_email(email)
         except InvalidInput:
             raise UnknownUser("no user with this email") from None
-        row = await (await self._db()).fetchrow(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE email = $1", email
-        )
+        row = await users.user_by_email(await self._db(), email)
         if row is None:
             raise UnknownUser("no user with this email")
         return _user(row)
@@ -300,22 +254,14 @@ class UserStore:
         """Replace the user's roles. InvalidRole (422) for an unknown name, UnknownUser
         (404), LastAdmin (409) when it would leave no admin. Applies at the next login."""
         wanted = canonical_roles(roles)
-        pool = await self._db()
-        async with pool.acquire() as conn, conn.transaction():
-            if "admin" not in wanted:
-                # Lock every admin row: two concurrent demotions cannot both pass.
-                admins = await conn.fetch(
-                    "SELECT id FROM users WHERE 'admin' = ANY(roles) ORDER BY id FOR UPDATE"
-                )
-                ids = {r["id"] for r in admins}
-                if ids == {user_id}:
-                    raise LastAdmin("this is the last admin; make another admin first")
-            row = await conn.fetchrow(
-                f"UPDATE users SET roles = $2, updated_at = now() WHERE id = $1"
-                f" RETURNING {_USER_COLUMNS}",
-                user_id,
-                list(wanted),
-            )
+
+        def keep_an_admin(admins: set[str]) -> None:
+            if admins == {user_id}:
+                raise LastAdmin("this is the last admin; make another admin first")
+
+        row = await users.set_roles(
+            await self._db(), user_id, list(wanted), None if "admin" in wanted else keep_an_admin
+        )
         if row is None:
             raise UnknownUser(f"no user {user_id!r}")
         return _user(row)
@@ -334,21 +280,11 @@ class UserStore:
             password = generated
         check_password(password)
         pool = await self._db()
-        row = await pool.fetchrow("SELECT id, roles FROM users WHERE email = $1", email)
+        row = await users.ref_by_email(pool, email)
         if row is None:
             password_hash = await self._cpu(self._hash, password)
-            row = await pool.fetchrow(
-                """
-                INSERT INTO users (id, email, name, password_hash, roles)
-                VALUES ($1, $2, $3, $4, $5)
-                ON CONFLICT (email) DO NOTHING
-                RETURNING id
-                """,
-                _new_user_id(),
-                email,
-                "Administrator",
-                password_hash,
-                ["admin"],
+            row = await users.insert_user(
+                pool, _new_user_id(), email, "Administrator", password_hash, ["admin"]
             )
             if row is not None:
                 log.info("created the first admin %s", email)
@@ -356,19 +292,12 @@ class UserStore:
                     user_id=row["id"], created=True, promoted=False, generated_password=generated
                 )
             # Another replica created it just now.
-            row = await pool.fetchrow("SELECT id, roles FROM users WHERE email = $1", email)
+            row = await users.ref_by_email(pool, email)
             assert row is not None
-        promoted = await pool.fetchval(
-            """
-            UPDATE users SET roles = array_append(roles, 'admin'), updated_at = now()
-            WHERE id = $1 AND NOT ('admin' = ANY(roles))
-            RETURNING true
-            """,
-            row["id"],
-        )
+        promoted = await users.grant_admin(pool, row["id"])
         if promoted:
             log.warning("gave the admin role to existing user %s", email)
-        return AdminBootstrap(user_id=row["id"], created=False, promoted=bool(promoted))
+        return AdminBootstrap(user_id=row["id"], created=False, promoted=promoted)
 
     # --- API keys ----------------------------------------------------------------------
 
@@ -387,7 +316,7 @@ class UserStore:
             raise RoleNotDelegable("API keys cannot create API keys; log in as a user")
         canonical_roles(roles)  # an unknown role name is a 422 before anything else
         pool = await self._db()
-        current = await pool.fetchval("SELECT roles FROM users WHERE id = $1", owner.user_id)
+        current = await users.roles_of(pool, owner.user_id)
         if current is None:
             raise UnknownUser(f"no user {owner.user_id!r}")
         wanted = check_api_key_roles(
@@ -395,17 +324,10 @@ class UserStore:
         )
         for _ in range(3):
             parts = generate_api_key()
-            try:
-                await pool.execute(
-                    "INSERT INTO api_keys (id, owner_id, name, secret_hash, roles)"
-                    " VALUES ($1, $2, $3, $4, $5)",
-                    parts.key_id,
-                    owner.user_id,
-                    label,
-                    hash_api_secret(parts.secret),
-                    list(wanted),
-                )
-            except asyncpg.UniqueViolationError:
+            stored = await users.insert_api_key(
+                pool, parts.key_id, owner.user_id, label, hash_api_secret(parts.secret), list(wanted)
+            )
+            if not stored:
                 continue  # 60-bit id collision: astronomically rare, just draw again
             log.info("API key %s created by %s with roles %s", parts.key_id, owner.user_id, wanted)
             return parts.key_id, parts.plaintext
@@ -415,29 +337,19 @@ class UserStore:
         """Revoke at once. Owners revoke their keys, admins any key. Idempotent.
         UnknownApiKey (404) for a key that does not exist or is someone else's."""
         pool = await self._db()
-        row = await pool.fetchrow("SELECT owner_id FROM api_keys WHERE id = $1", key_id)
-        if row is None or not (row["owner_id"] == by.user_id or by.has("admin")):
+        owner_id = await users.api_key_owner(pool, key_id)
+        if owner_id is None or not (owner_id == by.user_id or by.has("admin")):
             raise UnknownApiKey(f"no API key {key_id!r}")
-        await pool.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
-        )
+        await users.revoke_api_key(pool, key_id)
         log.info("API key %s revoked by %s", key_id, by.user_id)
 
     async def api_key_ids(self, owner_id: str) -> list[str]:
         """Every key id of ``owner_id`` (revoked ones included)."""
-        rows = await (await self._db()).fetch(
-            "SELECT id FROM api_keys WHERE owner_id = $1", owner_id
-        )
-        return [r["id"] for r in rows]
+        return await users.api_key_ids(await self._db(), owner_id)
 
     async def list_api_keys(self, owner: Principal) -> list[dict[str, Any]]:
         """The owner's keys, newest first, without secrets or hashes."""
-        rows = await (await self._db()).fetch(
-            f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE owner_id = $1"
-            " ORDER BY created_at DESC, id",
-            owner.user_id,
-        )
-        return [_api_key(r) for r in rows]
+        return [_api_key(r) for r in await users.api_keys_of(await self._db(), owner.user_id)]
 
     async def authenticate_api_key(self, plaintext: str) -> Principal:
         """The principal of a valid, unrevoked key: InvalidApiKey or ApiKeyRevoked (401).
@@ -445,7 +357,7 @@ class UserStore:
         One indexed query, no cache here (see the module docstring).
         """
         key_id, secret = parse_api_key(plaintext)
-        row = await (await self._db()).fetchrow(_AUTH_KEY_SQL, key_id)
+        row = await users.api_key_auth(await self._db(), key_id)
         if row is None:
             # Same work as a real check; the key id itself is not secret, but keep the
             # two failure paths alike anyway.
@@ -474,9 +386,7 @@ class UserStore:
 
     async def _mark_used(self, key_id: str) -> None:
         try:
-            await (await self._db()).execute(
-                "UPDATE api_keys SET last_used_at = now() WHERE id = $1", key_id
-            )
+            await users.mark_api_key_used(await self._db(), key_id)
         except Exception:  # bookkeeping only; never fail or log-spam a request for it
             log.debug("could not record the use of API key %s", key_id, exc_info=True)
 

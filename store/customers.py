@@ -101,6 +101,17 @@ async def page(
     return {"items": items, "next_after": items[-1]["id"] if len(items) == limit else None}
 
 
+async def codes_of(db: asyncpg.Pool, customer_id: str, limit: int) -> list[str]:
+    """The codes held by a customer, most recently changed first."""
+    rows = await db.fetch(
+        "SELECT code FROM vouchers WHERE customer_id = $1 ORDER BY updated_at DESC NULLS LAST"
+        " LIMIT $2",
+        customer_id,
+        limit,
+    )
+    return [r["code"] for r in rows]
+
+
 async def import_stream(
     db: asyncpg.Pool,
     content_type: str | None,

@@ -20,6 +20,8 @@ Owner names carry the deployment (the Ray namespace): ``voucher/shard-3``,
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,14 +65,9 @@ class Fence:
 
     async def execute(self, pool: asyncpg.Pool, sql: str, *args: Any) -> str:
         """One write statement in a transaction that checks the fence first."""
-        async with pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    await self.check(conn)
-                    result: str = await conn.execute(sql, *args)
-                    return result
-            except asyncpg.PostgresError as exc:
-                raise fenced_error(exc) from None
+        async with pool.acquire() as conn, fenced(conn, self):
+            result: str = await conn.execute(sql, *args)
+        return result
 
 
 def fenced_error(exc: BaseException) -> BaseException:
@@ -81,6 +78,20 @@ def fenced_error(exc: BaseException) -> BaseException:
     if state == CLAIM_LOST_SQLSTATE:
         return errors.ClaimLost(str(exc))
     return exc
+
+
+@asynccontextmanager
+async def fenced(conn: asyncpg.Connection, fence: Fence | None) -> AsyncIterator[None]:
+    """A transaction on ``conn`` that checks ``fence`` first (none: a plain transaction,
+    for tools and tests writing outside any engine); a refusal raises
+    :class:`errors.Fenced` (or :class:`errors.ClaimLost`)."""
+    try:
+        async with conn.transaction():
+            if fence is not None:
+                await fence.check(conn)
+            yield
+    except asyncpg.PostgresError as exc:
+        raise fenced_error(exc) from None
 
 
 _CLAIM = (

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine.shard_state import Outcome, ShardState
-from store.shards import PgShardStore
+from store.shards import ShardStore
 
 # A pending claim (decided, answer not committed) older than this is taken over by any
 # shard: its holder died, or sits on a commit far past the group commit's few
@@ -39,7 +39,7 @@ class KeyClaims:
 
     async def decide(
         self,
-        store: PgShardStore | None,
+        store: ShardStore | None,
         op: str,
         items: list[Any],
         fn: Callable[[Any], Outcome],
@@ -55,7 +55,7 @@ class KeyClaims:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
-    async def _claim(self, store: PgShardStore | None, op: str, items: list[Any]) -> list[str]:
+    async def _claim(self, store: ShardStore | None, op: str, items: list[Any]) -> list[str]:
         while True:
             claims = self.state.claims_for(op, items)
             if not claims:
@@ -82,7 +82,7 @@ class KeyClaims:
             raise
         return keys
 
-    async def expire(self, store: PgShardStore) -> int:
+    async def expire(self, store: ShardStore) -> int:
         """Forget the keys older than the TTL, in memory and in Postgres (this shard's
         buckets only); returns how many rows were deleted."""
         before = utcnow() - self.ttl

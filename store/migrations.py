@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
+from store.pools import connect
 
 log = logging.getLogger("voucher.migrations")
 
@@ -57,7 +57,7 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
     """Apply the migrations not applied yet; return their versions (empty when up to date)."""
     pending = load_migrations() if migrations is None else migrations
     applied: list[str] = []
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.events import ASSIGNED, AVAILABLE, R_ACTIVE, R_ROLLED_BACK, REDEEMED, VOID
 from engine.reports import CodeCounts, Counts
 
 # Any constant: one refresher at a time per database ("vreports" as an int64).
@@ -294,66 +295,62 @@ async def segments(conn: asyncpg.Connection, campaign_id: str) -> dict[str, Coun
 
 # --- the same figures by full scan (tests, benchmark baseline) ---------------------------
 
+# Statuses spelled from engine.events (stored as their integers).
+_RECOUNT_CODES = f"""
+    SELECT count(*) FILTER (WHERE status = {AVAILABLE:d}) AS available,
+           count(*) FILTER (WHERE status = {ASSIGNED:d}) AS assigned,
+           count(*) FILTER (WHERE status = {REDEEMED:d}) AS redeemed,
+           count(*) FILTER (WHERE status = {VOID:d}) AS void,
+           coalesce(sum(balance) FILTER (WHERE status <> {VOID:d}), 0) AS gift_balance
+    FROM vouchers WHERE campaign_id = $1
+"""
+
+_RECOUNT_TOTALS = f"""
+    SELECT count(*) AS redemptions, count(*) FILTER (WHERE status = {R_ROLLED_BACK:d}) AS rolled_back,
+           coalesce(sum(discount_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS discount,
+           coalesce(sum(order_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS order_amount,
+           min(created_at) AS first_redemption_at
+    FROM redemptions WHERE campaign_id = $1
+"""
+
+_RECOUNT_MINUTES = f"""
+    SELECT date_trunc('minute', created_at) AS minute, count(*) AS redemptions,
+           count(*) FILTER (WHERE status = {R_ROLLED_BACK:d}) AS rolled_back,
+           coalesce(sum(discount_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS discount,
+           coalesce(sum(order_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS order_amount
+    FROM redemptions WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
+"""
+
+_RECOUNT_QUARTERS = f"""
+    SELECT date_bin('15 minutes', created_at, timestamptz '2000-01-01 00:00+00') AS q,
+           count(*) AS redemptions, count(*) FILTER (WHERE status = {R_ROLLED_BACK:d}) AS rolled_back,
+           coalesce(sum(discount_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS discount,
+           coalesce(sum(order_amount) FILTER (WHERE status = {R_ACTIVE:d}), 0) AS order_amount
+    FROM redemptions WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
+"""
+
+_RECOUNT_SEGMENTS = f"""
+    SELECT s.segment, count(*) AS redemptions,
+           count(*) FILTER (WHERE r.status = {R_ROLLED_BACK:d}) AS rolled_back,
+           coalesce(sum(r.discount_amount) FILTER (WHERE r.status = {R_ACTIVE:d}), 0) AS discount,
+           coalesce(sum(r.order_amount) FILTER (WHERE r.status = {R_ACTIVE:d}), 0) AS order_amount
+    FROM redemptions r LEFT JOIN customers c ON c.id = r.customer_id
+    CROSS JOIN LATERAL unnest(
+        CASE WHEN r.customer_id IS NULL THEN ARRAY['(anonymous)']
+             WHEN c.tags IS NULL OR cardinality(c.tags) = 0 THEN ARRAY['(untagged)']
+             ELSE c.tags END
+    ) AS s(segment)
+    WHERE r.campaign_id = $1 GROUP BY 1
+"""
+
 
 async def recount(conn: asyncpg.Connection, campaign_id: str) -> dict[str, Any]:
     """Every rollup figure of a campaign recomputed from the base tables."""
-    codes = await conn.fetchrow(
-        """
-        SELECT count(*) FILTER (WHERE status = 0) AS available,
-               count(*) FILTER (WHERE status = 1) AS assigned,
-               count(*) FILTER (WHERE status = 2) AS redeemed,
-               count(*) FILTER (WHERE status = 3) AS void,
-               coalesce(sum(balance) FILTER (WHERE status <> 3), 0) AS gift_balance
-        FROM vouchers WHERE campaign_id = $1
-        """,
-        campaign_id,
-    )
-    tot = await conn.fetchrow(
-        """
-        SELECT count(*) AS redemptions, count(*) FILTER (WHERE status = 1) AS rolled_back,
-               coalesce(sum(discount_amount) FILTER (WHERE status = 0), 0) AS discount,
-               coalesce(sum(order_amount) FILTER (WHERE status = 0), 0) AS order_amount,
-               min(created_at) AS first_redemption_at
-        FROM redemptions WHERE campaign_id = $1
-        """,
-        campaign_id,
-    )
-    minutes = await conn.fetch(
-        """
-        SELECT date_trunc('minute', created_at) AS minute, count(*) AS redemptions,
-               count(*) FILTER (WHERE status = 1) AS rolled_back,
-               coalesce(sum(discount_amount) FILTER (WHERE status = 0), 0) AS discount,
-               coalesce(sum(order_amount) FILTER (WHERE status = 0), 0) AS order_amount
-        FROM redemptions WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
-        """,
-        campaign_id,
-    )
-    quarters = await conn.fetch(
-        """
-        SELECT date_bin('15 minutes', created_at, timestamptz '2000-01-01 00:00+00') AS q,
-               count(*) AS redemptions, count(*) FILTER (WHERE status = 1) AS rolled_back,
-               coalesce(sum(discount_amount) FILTER (WHERE status = 0), 0) AS discount,
-               coalesce(sum(order_amount) FILTER (WHERE status = 0), 0) AS order_amount
-        FROM redemptions WHERE campaign_id = $1 GROUP BY 1 ORDER BY 1
-        """,
-        campaign_id,
-    )
-    segs = await conn.fetch(
-        """
-        SELECT s.segment, count(*) AS redemptions,
-               count(*) FILTER (WHERE r.status = 1) AS rolled_back,
-               coalesce(sum(r.discount_amount) FILTER (WHERE r.status = 0), 0) AS discount,
-               coalesce(sum(r.order_amount) FILTER (WHERE r.status = 0), 0) AS order_amount
-        FROM redemptions r LEFT JOIN customers c ON c.id = r.customer_id
-        CROSS JOIN LATERAL unnest(
-            CASE WHEN r.customer_id IS NULL THEN ARRAY['(anonymous)']
-                 WHEN c.tags IS NULL OR cardinality(c.tags) = 0 THEN ARRAY['(untagged)']
-                 ELSE c.tags END
-        ) AS s(segment)
-        WHERE r.campaign_id = $1 GROUP BY 1
-        """,
-        campaign_id,
-    )
+    codes = await conn.fetchrow(_RECOUNT_CODES, campaign_id)
+    tot = await conn.fetchrow(_RECOUNT_TOTALS, campaign_id)
+    minutes = await conn.fetch(_RECOUNT_MINUTES, campaign_id)
+    quarters = await conn.fetch(_RECOUNT_QUARTERS, campaign_id)
+    segs = await conn.fetch(_RECOUNT_SEGMENTS, campaign_id)
     chans = await conn.fetch(
         "SELECT channel, state, count(*) AS n FROM deliveries WHERE campaign_id = $1"
         " GROUP BY 1, 2",

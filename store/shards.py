@@ -12,11 +12,13 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
-import msgspec
 
-from engine import errors
 from engine.campaigns import Campaign
 from engine.events import (
+    ASSIGNED,
+    AVAILABLE,
+    R_ROLLED_BACK,
+    VOID,
     AssignmentRecorded,
     CodesVoided,
     Event,
@@ -31,13 +33,27 @@ from engine.events import (
 from engine.idempotency import Claim, Stored
 from engine.routing import bucket_of
 from engine.shard_state import ShardState
-from store.fencing import Fence, bump, fenced_error
+from store import campaigns
+from store.fencing import Fence, claim_shard, current_epoch, fenced, fenced_error
 
-_campaign_decoder = msgspec.json.Decoder(Campaign)
+_SERVER_STARTED = "SELECT pg_postmaster_start_time()"
 
 
 class ShardStore(Protocol):
-    """What a shard needs from storage; :class:`PgShardStore` is the real one."""
+    """What a shard needs from storage. ``fence`` is the epoch :meth:`claim` took; every
+    write checks it and raises :class:`engine.errors.Fenced` (or
+    :class:`engine.errors.ClaimLost`) when the stored epoch moved on (or back)."""
+
+    fence: Fence | None
+
+    async def claim(self, namespace: str, shard_id: int, shards: int) -> Any:
+        """Claim the shard's epoch (sets ``fence``); returns what identifies the database
+        server now (it changes when the server restarts or fails over)."""
+        ...
+
+    async def check_epoch(self, timeout: float) -> tuple[int | None, Any]:
+        """``(stored epoch of the fence's owner, server identity)``."""
+        ...
 
     async def load(self, state: ShardState, buckets: list[int], idem_since: datetime) -> None: ...
 
@@ -49,27 +65,30 @@ class ShardStore(Protocol):
         self, campaign_id: str, codes: list[str], balance: int | None
     ) -> None: ...
 
+    async def claim_keys(
+        self,
+        claims: Sequence[Claim],
+        buckets: list[int],
+        expired_before: datetime,
+        stale_before: datetime,
+        fence: Fence | None = None,
+    ) -> list[Stored]: ...
+
+    async def delete_expired_keys(
+        self,
+        buckets: list[int],
+        before: datetime,
+        chunk: int = 5000,
+        fence: Fence | None = None,
+    ) -> int: ...
+
+    async def campaigns_since(self, revision: int) -> list[tuple[int, Campaign]]: ...
+
     async def close(self) -> None: ...
 
-
-# A writer frozen inside a transaction (a paused process, a partition) holds its fence's
-# share lock, and the new owner's claim waits for it: the server ends such a transaction
-# after this long, so a takeover waits at most that.
-IDLE_IN_TRANSACTION_MS = 15_000
-
-
-async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=1,
-        max_size=size,
-        command_timeout=60,
-        statement_cache_size=256,
-        timeout=10,  # to connect: a database that is away answers unavailable in bounded time
-        server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
-    )
-    assert pool is not None
-    return pool
+    def terminate(self) -> None:
+        """Close at once (connections cut, nothing awaited)."""
+        ...
 
 
 # One batch's statements. ``{}`` marks a parameter; :func:`_numbered` turns them into
@@ -84,10 +103,11 @@ _UPDATE_VOUCHERS = (
 # One chunk of an ended campaign's void: the next unredeemed rows of the shard's buckets,
 # found through the partial index of unsold codes (0012), so each chunk costs its own rows
 # whatever the campaign's size and however much of it is void already.
+_UNSOLD = f"status IN ({AVAILABLE:d}, {ASSIGNED:d})"
 _VOID_CHUNK = (
-    "UPDATE vouchers SET status = 3, updated_at = now() WHERE code = ANY(ARRAY("
+    f"UPDATE vouchers SET status = {VOID:d}, updated_at = now() WHERE code = ANY(ARRAY("
     "SELECT code FROM vouchers WHERE campaign_id = $1 AND bucket = ANY($2::int2[])"
-    " AND status IN (0, 1) LIMIT $3)) AND status IN (0, 1)"
+    f" AND {_UNSOLD} LIMIT $3)) AND {_UNSOLD}"
 )
 _INSERT_REDEMPTIONS = (
     "INSERT INTO redemptions (id, campaign_id, code, bucket, customer_id, order_id,"
@@ -98,7 +118,7 @@ _INSERT_REDEMPTIONS = (
     " {}::timestamptz[], {}::timestamptz[])"
 )
 _ROLL_BACK = (
-    "UPDATE redemptions AS t SET status = 1, rolled_back_at = u.at"
+    f"UPDATE redemptions AS t SET status = {R_ROLLED_BACK:d}, rolled_back_at = u.at"
     " FROM unnest({}::text[], {}::timestamptz[]) AS u(id, at) WHERE t.id = u.id"
 )
 _UPSERT_RESERVATIONS = (
@@ -213,11 +233,33 @@ class PgShardStore:
     async def close(self) -> None:
         await self.pool.close()
 
+    def terminate(self) -> None:
+        self.pool.terminate()
+
+    async def claim(self, namespace: str, shard_id: int, shards: int) -> Any:
+        """Claim the shard before reading anything: the claim waits for the old owner's
+        in-flight commit and fences it, so what is loaded next is all it will ever commit.
+        Returns the server's start time."""
+        async with self.pool.acquire() as conn:
+            self.fence = await claim_shard(conn, namespace, shard_id, shards)
+            return await conn.fetchval(_SERVER_STARTED)
+
+    async def check_epoch(self, timeout: float) -> tuple[int | None, Any]:
+        assert self.fence is not None
+        async with self.pool.acquire(timeout=timeout) as conn:
+            epoch = await current_epoch(conn, self.fence.owner)
+            server = await conn.fetchval(_SERVER_STARTED, timeout=timeout)
+        return epoch, server
+
+    async def campaigns_since(self, revision: int) -> list[tuple[int, Campaign]]:
+        async with self.pool.acquire() as conn:
+            return await campaigns.campaigns_since(conn, revision)
+
     async def load(self, state: ShardState, buckets: list[int], idem_since: datetime) -> None:
         """Rebuild ``state`` from the rows of ``buckets`` (campaigns first)."""
         async with self.pool.acquire() as conn:
-            for row in await conn.fetch("SELECT spec FROM campaigns ORDER BY created_at, id"):
-                state.put_campaign(_campaign_decoder.decode(row["spec"]))
+            for c in await campaigns.load_campaigns(conn):
+                state.put_campaign(c)
             state.events.clear()
             async with conn.transaction(readonly=True, isolation="repeatable_read"):
                 cur = conn.cursor(
@@ -357,23 +399,20 @@ class PgShardStore:
         if not parts:
             return voided
         async with self.pool.acquire() as conn:
+            if rollbacks:
+                # These must see the batch's earlier changes: one statement after
+                # another, in one transaction that checks the fence first.
+                async with fenced(conn, self.fence):
+                    for sql, args in parts:
+                        await conn.execute(_numbered(sql), *args)
+                return voided
+            # The usual batch (decisions on vouchers, new redemptions, reservations,
+            # assignments, idempotency records) touches each row once: one statement of
+            # data-modifying CTEs ending in the fence check, committed on its own -- one
+            # round trip to the server instead of one per table plus BEGIN and COMMIT.
+            sql, args = _one_statement(parts, self.fence)
             try:
-                if rollbacks:
-                    # These must see the batch's earlier changes: one statement after
-                    # another, in one transaction that checks the fence first.
-                    async with conn.transaction():
-                        if self.fence is not None:
-                            await self.fence.check(conn)
-                        for sql, args in parts:
-                            await conn.execute(_numbered(sql), *args)
-                else:
-                    # The usual batch (decisions on vouchers, new redemptions, reservations,
-                    # assignments, idempotency records) touches each row once: one statement
-                    # of data-modifying CTEs ending in the fence check, committed on its
-                    # own -- one round trip to the server instead of one per table plus
-                    # BEGIN and COMMIT.
-                    sql, args = _one_statement(parts, self.fence)
-                    await conn.execute(sql, *args)
+                await conn.execute(sql, *args)
             except asyncpg.PostgresError as exc:
                 raise fenced_error(exc) from None
         return voided
@@ -381,14 +420,8 @@ class PgShardStore:
     async def void_chunk(self, campaign_id: str, buckets: list[int], chunk: int) -> int:
         """Void up to ``chunk`` unredeemed codes of an ended campaign in ``buckets``, in a
         transaction of its own that checks the fence; returns how many."""
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    if self.fence is not None:
-                        await self.fence.check(conn)
-                    status = await conn.execute(_VOID_CHUNK, campaign_id, buckets, chunk)
-            except asyncpg.PostgresError as exc:
-                raise fenced_error(exc) from None
+        async with self.pool.acquire() as conn, fenced(conn, self.fence):
+            status = await conn.execute(_VOID_CHUNK, campaign_id, buckets, chunk)
         return int(status.split()[-1])
 
     async def claim_keys(
@@ -439,9 +472,7 @@ class PgShardStore:
         total = 0
         async with self.pool.acquire() as conn:
             while True:
-                async with conn.transaction():
-                    if fence is not None:
-                        await fence.check(conn)
+                async with fenced(conn, fence):
                     status = await conn.execute(_DELETE_EXPIRED_KEYS, buckets, before, chunk)
                 n = int(status.split()[-1])
                 total += n
@@ -451,159 +482,9 @@ class PgShardStore:
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
         """Stream new available codes into the bank (one COPY after the fence check, in one
         transaction)."""
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    if self.fence is not None:
-                        await self.fence.check(conn)
-                    await conn.copy_records_to_table(
-                        "vouchers",
-                        records=[(c, campaign_id, bucket_of(c), balance) for c in codes],
-                        columns=["code", "campaign_id", "bucket", "balance"],
-                    )
-            except asyncpg.PostgresError as exc:
-                raise fenced_error(exc) from None
-
-
-# --- campaigns and jobs (the coordinator's tables) --------------------------------------
-#
-# Every write here is the coordinator's and checks its fence first, in the same
-# transaction (``fence=None`` only for tools and tests writing outside any engine).
-
-_campaign_encoder = msgspec.json.Encoder()
-
-
-async def _fenced(conn: asyncpg.Connection, fence: Fence | None) -> None:
-    if fence is not None:
-        await fence.check(conn)
-
-
-async def insert_campaign(conn: asyncpg.Connection, c: Campaign, *, fence: Fence | None) -> None:
-    try:
-        async with conn.transaction():
-            await _fenced(conn, fence)
-            await conn.execute(
-                "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at,"
-                " version) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
-                c.id,
-                c.name,
-                c.type,
-                c.state,
-                _campaign_encoder.encode(c).decode(),
-                c.created_at,
-                c.updated_at,
-                c.version,
+        async with self.pool.acquire() as conn, fenced(conn, self.fence):
+            await conn.copy_records_to_table(
+                "vouchers",
+                records=[(c, campaign_id, bucket_of(c), balance) for c in codes],
+                columns=["code", "campaign_id", "bucket", "balance"],
             )
-            if c.shared_code is not None:
-                await conn.execute(
-                    "INSERT INTO vouchers (code, campaign_id, bucket, status)"
-                    " VALUES ($1, $2, $3, 0)",
-                    c.shared_code,
-                    c.id,
-                    bucket_of(c.shared_code),
-                )
-    except asyncpg.PostgresError as exc:
-        raise fenced_error(exc) from None
-
-
-async def update_campaign(
-    conn: asyncpg.Connection, c: Campaign, *, was: int, fence: Fence | None
-) -> None:
-    """Store ``c`` over the row at version ``was``; raises :class:`errors.Unavailable` when
-    the row moved on (another writer: this one must reload rather than overwrite it)."""
-    try:
-        async with conn.transaction():
-            await _fenced(conn, fence)
-            status = await conn.execute(
-                "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5"
-                " WHERE id = $1 AND version = $6",
-                c.id,
-                c.state,
-                _campaign_encoder.encode(c).decode(),
-                c.updated_at,
-                c.version,
-                was,
-            )
-    except asyncpg.PostgresError as exc:
-        raise fenced_error(exc) from None
-    if status != "UPDATE 1":
-        raise errors.Unavailable(
-            f"campaign {c.id} changed in storage since version {was}; not overwritten"
-        )
-
-
-async def load_campaigns(conn: asyncpg.Connection) -> list[Campaign]:
-    rows = await conn.fetch("SELECT spec FROM campaigns ORDER BY created_at, id")
-    return [_campaign_decoder.decode(r["spec"]) for r in rows]
-
-
-async def campaigns_since(conn: asyncpg.Connection, revision: int) -> list[tuple[int, Campaign]]:
-    """``(revision, campaign)`` of every campaign changed after ``revision``, in change
-    order (``0010_campaign_versions.sql`` makes revisions visible in that order)."""
-    rows = await conn.fetch(
-        "SELECT revision, spec FROM campaigns WHERE revision > $1 ORDER BY revision", revision
-    )
-    return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
-
-
-async def fence_owner(conn: asyncpg.Connection, owner: str, *, fence: Fence | None) -> int:
-    """Bump ``owner``'s epoch (a shard that did not confirm a campaign change): its next
-    commit is refused, so it exits and reloads. The update waits for the owner's in-flight
-    commit, so when this returns that commit is either done or will be refused."""
-    try:
-        async with conn.transaction():
-            await _fenced(conn, fence)
-            epoch = await bump(conn, owner)
-    except asyncpg.PostgresError as exc:
-        raise fenced_error(exc) from None
-    return epoch
-
-
-async def upsert_job(
-    conn: asyncpg.Connection, job: dict[str, Any], *, fence: Fence | None
-) -> None:
-    try:
-        async with conn.transaction():
-            await _fenced(conn, fence)
-            await conn.execute(
-                "INSERT INTO generation_jobs (id, campaign_id, requested, generated, state,"
-                " error, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                " ON CONFLICT (id) DO UPDATE SET generated = EXCLUDED.generated,"
-                " state = EXCLUDED.state, error = EXCLUDED.error,"
-                " finished_at = EXCLUDED.finished_at",
-                job["id"],
-                job["campaign_id"],
-                job["requested"],
-                job["generated"],
-                job["state"],
-                job["error"],
-                job["created_at"],
-                job["finished_at"],
-            )
-    except asyncpg.PostgresError as exc:
-        raise fenced_error(exc) from None
-
-
-async def insert_notification(
-    conn: asyncpg.Connection, kind: str, campaign_id: str | None, message: str, *,
-    fence: Fence | None,
-) -> None:
-    try:
-        async with conn.transaction():
-            await _fenced(conn, fence)
-            await conn.execute(
-                "INSERT INTO notifications (kind, campaign_id, message) VALUES ($1, $2, $3)",
-                kind,
-                campaign_id,
-                message,
-            )
-    except asyncpg.PostgresError as exc:
-        raise fenced_error(exc) from None
-
-
-async def load_jobs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        "SELECT id, campaign_id, requested, generated, state, error, created_at, finished_at"
-        " FROM generation_jobs"
-    )
-    return [dict(r) for r in rows]

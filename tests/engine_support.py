@@ -14,7 +14,7 @@ from actors.client import VoucherEngine
 from engine import errors
 from engine.campaigns import Campaign, new_campaign, transition
 from engine.shard_state import Outcome, RedeemRequest
-from store.shards import insert_campaign
+from store.campaigns import insert_campaign
 
 
 async def stored_campaign(dsn: str, *, paused: bool = False, **fields: Any) -> Campaign:

@@ -125,7 +125,7 @@ async def _close(core: ShardCore) -> None:
     if core._housekeeping is not None:
         core._housekeeping.cancel()
     if core.store is not None:
-        core.store.pool.terminate()
+        core.store.terminate()
 
 
 async def test_memory_follows_a_database_that_came_back_without_its_last_commits(db: Db) -> None:

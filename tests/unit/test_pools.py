@@ -1,7 +1,7 @@
 """The shard state: redemption rules per campaign type, reservations, idempotency,
 validation reasons, assignment, the events it emits and recovery from persisted rows.
 
-``FakeDB`` stands in for Postgres: it applies drained events the way
+``store.memory.MemoryShardStore`` stands in for Postgres: it keeps drained events the way
 ``store.shards.PgShardStore.write`` does and rebuilds a ``ShardState`` the way
 ``PgShardStore.load`` does, so recovery can be tested without a database.
 """
@@ -9,8 +9,9 @@ validation reasons, assignment, the events it emits and recovery from persisted 
 from __future__ import annotations
 
 import random
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import msgspec
 import pytest
@@ -28,23 +29,23 @@ from engine.events import (
     R_ROLLED_BACK,
     REDEEMED,
     RELEASED,
-    VOID,
     Assignment,
     CodesVoided,
     Event,
     IdempotencyRecorded,
-    Redemption,
     RedemptionRecorded,
     RedemptionRolledBack,
-    Reservation,
     ReservationChanged,
     Validation,
     VoucherChanged,
 )
-from engine.routing import bucket_of, bucket_of_id
+from engine.routing import BUCKETS, bucket_of, bucket_of_id
 from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState, fingerprint
+from store.memory import MemoryShardStore
 
+T = TypeVar("T")
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # a Monday, noon
+ALL_BUCKETS = list(range(BUCKETS))
 TTL = timedelta(minutes=15)
 
 
@@ -60,77 +61,26 @@ class FakeClock:
         return self.now
 
 
-class FakeDB:
-    """The rows of one shard, kept the way ``PgShardStore.write`` keeps them."""
+def done(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never waits (every ``MemoryShardStore`` method)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+    raise AssertionError("the in-memory store waited")
 
-    def __init__(self) -> None:
-        self.campaigns: dict[str, Campaign] = {}
-        # code -> [campaign_id, status, customer_id, balance, uses]
-        self.vouchers: dict[str, list[Any]] = {}
-        self.redemptions: dict[str, Redemption] = {}
-        self.reservations: dict[str, Reservation] = {}
-        self.idem: dict[str, tuple[bytes, bytes, datetime]] = {}
 
-    def add_codes(self, campaign: Campaign, codes: list[str]) -> None:
-        balance = campaign.gift_balance if campaign.is_gift_card else None
-        for code in codes:
-            self.vouchers[code] = [campaign.id, AVAILABLE, None, balance, 0]
-
-    def apply(self, events: list[Event]) -> None:
-        """One write-behind batch: voucher rows (last change wins), then voids, then
-        redemptions, rollbacks, reservations (upsert) and idempotency keys (first wins)."""
-        latest: dict[str, VoucherChanged] = {}
-        for e in events:
-            if isinstance(e, VoucherChanged):
-                latest[e.code] = e
-        for v in latest.values():
-            row = self.vouchers.get(v.code)
-            if row is not None:  # UPDATE ... WHERE code = ...: shared codes have no row
-                row[1:] = [v.status, v.customer_id, v.balance, v.uses]
-        for e in events:
-            if isinstance(e, CodesVoided):
-                for row in self.vouchers.values():
-                    if row[0] == e.campaign_id and row[1] in (AVAILABLE, ASSIGNED):
-                        row[1] = VOID
-        for e in events:
-            if isinstance(e, RedemptionRecorded):
-                assert e.redemption.id not in self.redemptions
-                self.redemptions[e.redemption.id] = e.redemption
-        for e in events:
-            if isinstance(e, RedemptionRolledBack):
-                r = self.redemptions[e.id]
-                self.redemptions[e.id] = msgspec.structs.replace(
-                    r, status=R_ROLLED_BACK, rolled_back_at=e.at
-                )
-            elif isinstance(e, ReservationChanged):
-                self.reservations[e.reservation.id] = e.reservation
-            elif isinstance(e, IdempotencyRecorded):
-                self.idem.setdefault(e.key, (e.fingerprint, e.response, e.at))
-
-    def rebuild(
-        self, clock: FakeClock, seed: int = 99, ttl: timedelta = TTL
-    ) -> ShardState:
-        """A fresh shard loaded from the rows only, as ``PgShardStore.load`` does."""
-        state = ShardState(
-            clock=clock, random_bytes=random.Random(seed).randbytes, reservation_ttl=ttl
-        )
-        for c in sorted(self.campaigns.values(), key=lambda c: (c.created_at, c.id)):
-            state.put_campaign(c)
-        state.events.clear()
-        for code, (cid, status, cust, balance, uses) in self.vouchers.items():
-            state.load_voucher(code, cid, status, cust, balance, uses)
-        for r in sorted(self.redemptions.values(), key=lambda r: r.created_at):
-            state.load_redemption(r)
-        for res in self.reservations.values():
-            state.load_reservation(res)
-        for key, (fp, response, at) in self.idem.items():
-            state.load_idempotency(key, fp, response, at)
-        state.finish_recovery()
-        return state
+def rebuild(
+    db: MemoryShardStore, clock: FakeClock, seed: int = 99, ttl: timedelta = TTL
+) -> ShardState:
+    """A fresh shard loaded from the rows only, every key however old."""
+    state = ShardState(clock=clock, random_bytes=random.Random(seed).randbytes, reservation_ttl=ttl)
+    done(db.load(state, ALL_BUCKETS, datetime.min.replace(tzinfo=UTC)))
+    return state
 
 
 class Shop:
-    """A shard with a fake clock and a fake database that follows it."""
+    """A shard with a fake clock and the in-memory store that follows it."""
 
     def __init__(self, seed: int = 1, ttl: timedelta = TTL) -> None:
         self.clock = FakeClock()
@@ -138,31 +88,35 @@ class Shop:
         self.state = ShardState(
             clock=self.clock, random_bytes=random.Random(seed).randbytes, reservation_ttl=ttl
         )
-        self.db = FakeDB()
+        self.db = MemoryShardStore()
 
     def install(self, campaign: Campaign, codes: list[str] | None = None) -> Campaign:
         self.state.put_campaign(campaign)
-        self.db.campaigns[campaign.id] = campaign
+        self.db.put_campaign(campaign)
         if codes:
             fresh = self.state.claim_new_codes(codes)
-            self.db.add_codes(campaign, fresh)
+            balance = campaign.gift_balance if campaign.is_gift_card else None
+            done(self.db.copy_codes(campaign.id, fresh, balance))
             self.state.admit_codes(campaign.id, fresh)
         return campaign
 
     def move(self, campaign_id: str, action: str) -> Campaign:
         c = transition(self.state.campaign(campaign_id), action, self.clock())
         self.state.put_campaign(c)
-        self.db.campaigns[c.id] = c
+        self.db.put_campaign(c)
         return c
 
     def sync(self) -> list[Event]:
+        """One group commit, then the void of the campaigns it ended, as a shard does."""
         events = self.state.drain()
-        self.db.apply(events)
+        for campaign_id in done(self.db.write(events, ALL_BUCKETS)):
+            while done(self.db.void_chunk(campaign_id, ALL_BUCKETS, 2)) == 2:
+                pass
         return events
 
     def restart(self, seed: int = 99) -> ShardState:
         self.sync()
-        self.state = self.db.rebuild(self.clock, seed, self.ttl)
+        self.state = rebuild(self.db, self.clock, seed, self.ttl)
         return self.state
 
 
@@ -1082,7 +1036,7 @@ def test_recovery_rebuilds_the_same_state() -> None:
 def test_recovery_then_more_work_matches_the_original() -> None:
     s, _ = _busy_shop()
     s.sync()
-    twin = s.db.rebuild(FakeClock(s.clock()), seed=7)
+    twin = rebuild(s.db, FakeClock(s.clock()), seed=7)
     twin.drain()
     for st in (s.state, twin):
         res = next(r for r in st.reservations.values() if r.code == "DISC-C")
