@@ -161,8 +161,8 @@ class FakeBatcher:
         self.submitted.append((op, req))
         return self.outcome(op, req)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {}
+    def stats(self) -> dict[str, Any]:
+        return {"batches": 3, "items": 7}
 
 
 class FakeEngine:
@@ -243,11 +243,46 @@ def services(**answers: dict[str, Any]) -> Gateway:
     return Gateway(svc, limiter, store, batcher, engine, tokens, deployments)
 
 
+_apps: list[Any] = []
+
+
 @contextmanager
 def gateway(**answers: dict[str, Any]) -> Iterator[tuple[TestClient, Gateway]]:
-    """A TestClient of the real app over fake services (see :func:`services`)."""
+    """A TestClient of the real app over fresh fake services (see :func:`services`). The app
+    is built once per process (``serve.gateway.build_api``, the costly part) and given each
+    test's services."""
     from serve.gateway import build_api
 
     fakes = services(**answers)
-    with TestClient(build_api(fakes.services), raise_server_exceptions=False) as client:
+    if not _apps:
+        _apps.append(build_api(fakes.services))
+    app = _apps[0]
+    app.state.services = fakes.services
+    app.checkout = fakes.services.checkout
+    with TestClient(app, raise_server_exceptions=False) as client:
         yield client, fakes
+
+
+def problem_of(r: Any, status: int, slug: str | None = None) -> dict[str, Any]:
+    """The problem body of ``r``, checked to have ``status`` (and type ``slug``)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status
+    if slug is not None:
+        assert body["type"].endswith("/" + slug.replace("_", "-")), body
+    return body
+
+
+def assert_refused(
+    client: TestClient, fakes: Gateway, method: str, url: str, action: str, role: str, **kw: Any
+) -> None:
+    """No credentials: 401; ``role``, which may not perform ``action``: 403; neither
+    reaches a deployment."""
+    before = sum(len(d.calls) for d in fakes.deployments.values())
+    r = client.request(method, url, **kw)
+    problem_of(r, 401, "missing_credentials")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    r = client.request(method, url, headers=fakes.token(role), **kw)
+    assert action in problem_of(r, 403, "forbidden")["detail"]
+    assert sum(len(d.calls) for d in fakes.deployments.values()) == before
