@@ -280,9 +280,10 @@ def assert_refused(
     """No credentials: 401; ``role``, which may not perform ``action``: 403; neither
     reaches a deployment."""
     before = sum(len(d.calls) for d in fakes.deployments.values())
-    r = client.request(method, url, **kw)
+    headers = kw.pop("headers", {})
+    r = client.request(method, url, headers=headers, **kw)
     problem_of(r, 401, "missing_credentials")
     assert r.headers["www-authenticate"].startswith("Bearer")
-    r = client.request(method, url, headers=fakes.token(role), **kw)
+    r = client.request(method, url, headers={**headers, **fakes.token(role)}, **kw)
     assert action in problem_of(r, 403, "forbidden")["detail"]
     assert sum(len(d.calls) for d in fakes.deployments.values()) == before
