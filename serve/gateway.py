@@ -39,7 +39,16 @@ from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
 from serve.ratelimit import RateLimiter, RateLimitPolicy
-from serve.routes import campaigns, checkout, customers, delivery, health, notifications, reports, users
+from serve.routes import (
+    campaigns,
+    checkout,
+    customers,
+    delivery,
+    health,
+    notifications,
+    reports,
+    users,
+)
 from serve.users import UserStore
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.

@@ -10,7 +10,15 @@ from actors.calls import Failure
 from actors.issuance import JOB_PREFIX as ISSUANCE_JOB_PREFIX
 from engine import errors
 from serve.auth import Principal, customer_only
-from serve.models import MAX_INT64, CampaignIn, CampaignOut, GenerateIn, IssuanceJobOut, JobOut, TransitionOut
+from serve.models import (
+    MAX_INT64,
+    CampaignIn,
+    CampaignOut,
+    GenerateIn,
+    IssuanceJobOut,
+    JobOut,
+    TransitionOut,
+)
 from serve.problems import problem_responses
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
 
@@ -23,7 +31,7 @@ JobReader = Annotated[Principal, require("jobs.read")]
 OverviewReader = Annotated[Principal, require("overview.read")]
 VoucherReader = Annotated[Principal, require("vouchers.read")]
 
-_TRANSITION = dict(
+_TRANSITION: dict[str, Any] = dict(
     response_model=TransitionOut,
     tags=["campaigns"],
     responses=problem_responses(*GUARDED, 404, 409, 422),

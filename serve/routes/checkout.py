@@ -20,7 +20,7 @@ from serve.routes.deps import CHECKOUT, Svc, require, router
 
 routes = router()
 
-_HOT = dict(tags=["vouchers"], responses=problem_responses(*CHECKOUT))
+_HOT: dict[str, Any] = dict(tags=["vouchers"], responses=problem_responses(*CHECKOUT))
 
 
 async def _answer(

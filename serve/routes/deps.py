@@ -64,7 +64,7 @@ def _guard_in(annotation: Any) -> Guard | None:
         return None
     for meta in get_args(annotation)[1:]:
         if isinstance(meta, DependsParam) and hasattr(meta.dependency, "action"):
-            return meta.dependency  # type: ignore[return-value]
+            return meta.dependency
     return None
 
 
