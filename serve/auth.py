@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import jwt
 import msgspec
@@ -41,7 +41,8 @@ from engine.settings import Settings
 
 log = logging.getLogger("voucher.auth")
 
-ROLES: tuple[str, ...] = ("admin", "manager", "analyst", "integration", "customer")
+Role = Literal["admin", "manager", "analyst", "integration", "customer"]
+ROLES: tuple[str, ...] = get_args(Role)
 _ROLE_ORDER = {r: i for i, r in enumerate(ROLES)}
 
 PrincipalKind = Literal["user", "api_key"]
@@ -58,6 +59,12 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 
     def has(self, role: str) -> bool:
         return role in self.roles
+
+
+def customer_only(principal: Principal) -> bool:
+    """Whether the caller's one role is ``customer``: it acts for itself alone (its own
+    vouchers and checkouts, its own rate limits and failed-attempt budgets)."""
+    return set(principal.roles) == {"customer"}
 
 
 def canonical_roles(roles: Iterable[str]) -> tuple[str, ...]:

@@ -6,14 +6,25 @@ user id. An API key acts for its owner (its principal carries the owner's user i
 scoping by user id alone would let the owner -- or an admin with the same body -- replay
 or collide with the key's answers; the two kinds of scope carry distinct prefixes, so no
 user id can ever spell an API key's scope.
+
+:data:`IdempotencyKey` is the header as every route that takes one declares it.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Header
 
 from engine import errors
 from serve.auth import Principal
 
 MAX_KEY_LEN = 255
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LEN)
+]
+"""The optional ``Idempotency-Key`` header of a checkout route (default ``None``)."""
 
 
 def scoped_key(principal: Principal, key: str | None) -> str | None:

@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from serve.auth import Role
+
 # --- text Postgres can store -----------------------------------------------------------
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -101,8 +103,6 @@ def unstorable_params(
         if value is not None and unstorable(value):
             found.append({"loc": ("header", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
     return found
-
-Role = Literal["admin", "manager", "analyst", "integration", "customer"]
 
 
 def _json_integers(value: Any) -> Any:

@@ -177,17 +177,11 @@ def test_roles_are_an_enum_in_the_schema() -> None:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    from types import SimpleNamespace
+    from tests.route_fakes import gateway
 
-    from ray import serve
-
-    from serve.gateway import api
-
-    # Outside Serve there is no Gateway instance for the routes' ``self``: a stand-in,
-    # never reached, since every request here is refused before its handler runs.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=object()))
-        yield TestClient(api, raise_server_exceptions=False)
+    # Fake services, never reached: every request here is refused before its handler runs.
+    with gateway() as (test_client, _):
+        yield test_client
 
 
 def _assert_422(r: Any, loc: list[Any]) -> None:
@@ -231,13 +225,13 @@ def test_integer_and_date_parameters_are_bounded(client: TestClient, method: str
 
 
 def test_fast_lane_hands_unstorable_bodies_to_the_validating_route(client: TestClient) -> None:
-    from serve.gateway import _decode_checkout
+    from serve.checkout import decode_checkout
 
     ok = msgspec.json.encode(CHECKOUT)
-    assert _decode_checkout(ok).customer_id == "cust-1"
+    assert decode_checkout(ok).customer_id == "cust-1"
     for path in (("customer_id",), ("code",), ("order", "id")):
         with pytest.raises(msgspec.ValidationError):
-            _decode_checkout(msgspec.json.encode(_with(path, "a\x00b")))
+            decode_checkout(msgspec.json.encode(_with(path, "a\x00b")))
     # and the route it hands them to names the field
     r = client.post("/v1/redemptions", json=_with(("order", "id"), "o\x00"))
     _assert_422(r, ["body", "order", "id"])

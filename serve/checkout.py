@@ -1,0 +1,285 @@
+"""Checkout, the hot path: validations, redemptions and reservations decided by the shard
+actors through the micro-batcher, so concurrent redemptions cost one actor call per shard
+instead of one per request.
+
+:class:`Checkout` answers a checkout from its credentials to its response; its
+:meth:`Checkout.fast_lane` serves well-formed POSTs to the three checkout endpoints in
+front of the whole FastAPI stack (:class:`GatewayAPI`), with the body decoded by msgspec.
+The FastAPI routes (``serve.routes.checkout``) document the endpoints and answer what the
+fast lane hands over, through the same :meth:`Checkout.answer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from actors.observability import new_request_id, request_id_var
+from engine import errors
+from engine.shard_state import Outcome, RedeemRequest
+from serve import metrics
+from serve.auth import AuthError, Forbidden, Principal, authorize, customer_only
+from serve.gate import Gate, RateLimited, auth_problem, rate_problem
+from serve.idempotency import scoped_key
+from serve.models import unstorable
+from serve.problems import from_engine_error, internal_error_problem, path_methods
+
+log = logging.getLogger("voucher.gateway")
+
+
+class _Order(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
+    id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class _Checkout(msgspec.Struct, forbid_unknown_fields=True):
+    """The fast lane's CheckoutIn: it accepts a subset of what the pydantic model accepts
+    (no coercion of "12" into 12), and whatever it refuses goes to the FastAPI route."""
+
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    order: _Order
+    customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+
+
+_checkout_decoder = msgspec.json.Decoder(_Checkout)
+_json_encoder = msgspec.json.Encoder()
+
+# path -> (operation, action) of the checkout endpoints
+HOT_ROUTES: dict[str, tuple[str, str]] = {
+    "/v1/redemptions": ("redeem", "redemptions.create"),
+    "/v1/validations": ("validate", "validations.create"),
+    "/v1/reservations": ("reserve", "reservations.write"),
+}
+_HOT_HEADERS = frozenset(
+    {b"authorization", b"x-api-key", b"idempotency-key", b"content-type", b"content-length", b"x-request-id"}
+)
+
+
+def decode_checkout(raw: bytes) -> _Checkout:
+    """The fast lane's body; raises ``msgspec.ValidationError`` for one it does not take
+    (what the FastAPI route then answers), unstorable text included."""
+    body = _checkout_decoder.decode(raw)
+    if unstorable((body.code, body.customer_id, body.order.id)):
+        raise msgspec.ValidationError("unstorable text")
+    return body
+
+
+def redemption_body(r: Any) -> dict[str, Any]:
+    d = msgspec.to_builtins(r)
+    d["balance"] = d.pop("balance_after", None)
+    d["status"] = "rolled_back" if d["status"] == 1 else "redeemed"
+    return d
+
+
+def reservation_body(r: Any) -> dict[str, Any]:
+    d = msgspec.to_builtins(r)
+    d["state"] = ("held", "confirmed", "released", "expired")[d["state"]]
+    return d
+
+
+def _is_guess_failure(code: str) -> bool:
+    """Failures a code-guessing attack produces: unknown or malformed codes, and someone
+    else's code. Not the answers honest shoppers get in a flash sale (sold out, already
+    used, limit reached): those must not lock a shop's customers out."""
+    cls = errors.registry().get(code)
+    return cls is not None and issubclass(
+        cls, (errors.UnknownCode, errors.MalformedCode, errors.WrongCustomer)
+    )
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that first hands over a body already read."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
+
+
+class Checkout:
+    """A replica's checkout: the gate, then the shard's decision through the batcher."""
+
+    def __init__(self, gate: Gate, batcher: Any, max_body_bytes: int) -> None:
+        self.gate = gate
+        self.batcher = batcher
+        self.max_body_bytes = max_body_bytes
+
+    def request(self, body: Any, p: Principal, key: str | None) -> RedeemRequest:
+        """``body``: a CheckoutIn (FastAPI route) or a _Checkout (fast lane): same fields."""
+        customer = body.customer_id
+        if customer_only(p):
+            if customer is not None and customer != p.user_id:
+                raise Forbidden("forbidden", "customers act only for themselves")
+            customer = p.user_id
+        return RedeemRequest(
+            code=body.code,
+            amount=body.order.amount,
+            currency=body.order.currency,
+            customer_id=customer,
+            order_id=body.order.id,
+            idempotency_key=scoped_key(p, key),
+        )
+
+    async def answer(
+        self,
+        op: str,
+        action: str,
+        body: Any,
+        authorization: str | None,
+        api_key: str | None,
+        idempotency_key: str | None,
+        ip: str,
+    ) -> Response:
+        """A validation, redemption or reservation from credentials to answer: role, the
+        caller's rate limits + the failed-attempt budgets + the API key's flag in ONE Redis
+        call, then the shard's decision through the micro-batcher. Raises auth, rate-limit
+        and input errors (answered as problems by the caller); rejections by the engine
+        come back as problem responses."""
+        gate = self.gate
+        who = await gate.authenticate(authorization, api_key)
+        authorize(who.principal, action)
+        req = self.request(body, who.principal, idempotency_key)
+        headers: dict[str, str] = {"X-Gateway-Replica": gate.replica}
+        decision = await gate.limit(
+            ip, headers, who.principal, gate.guess_keys(ip, req.customer_id, who.principal), who.flag
+        )
+        p = await gate.confirm(who, decision, action)
+        if p is not who.principal:
+            req = self.request(body, p, idempotency_key)
+        out = await self._decide(op, req, ip, p)
+        if out.rejection is not None:
+            resp = from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
+            resp.headers.update(headers)
+            return resp
+        payload: dict[str, Any]
+        if op == "redeem":
+            status, payload = 201, redemption_body(out.redemption)
+            headers["Location"] = f"/v1/redemptions/{payload['id']}"
+        elif op == "validate":
+            status, payload = 200, msgspec.to_builtins(out.validation)
+            payload["reason"] = payload.pop("error", None)
+        else:
+            status, payload = 201, reservation_body(out.reservation)
+        return Response(
+            _json_encoder.encode(payload), status_code=status, media_type="application/json", headers=headers
+        )
+
+    async def _decide(self, op: str, req: RedeemRequest, ip: str, who: Principal) -> Outcome:
+        t0 = time.perf_counter()
+        out: Outcome = await self.batcher.submit(op, req)
+        metrics.observe_decision(op, out, time.perf_counter() - t0)
+        failed = out.rejection.error if out.rejection is not None else None
+        if out.validation is not None and not out.validation.valid:
+            failed = out.validation.error
+        if log.isEnabledFor(logging.DEBUG):  # request_id comes from the context
+            log.debug("%s decided: %s", op, failed or "ok", extra={"op": op, "outcome": failed or "ok"})
+        if failed is not None and _is_guess_failure(failed):
+            await self.gate.penalize(ip, req.customer_id, who)
+        return out
+
+    async def fast_lane(
+        self, app: FastAPI, route: tuple[str, str], scope: Any, receive: Any, send: Any
+    ) -> None:
+        """The fast lane for POST /v1/validations, /v1/redemptions and /v1/reservations:
+        the same work as their FastAPI routes, without Starlette's routing, middleware stack
+        and dependency solving, and with the body decoded by msgspec. Anything it does not
+        handle the usual way (no or too large Content-Length, a non-JSON content type, a
+        body that does not decode into the expected shape) goes to FastAPI with the body
+        replayed, so every error answer is the one the documented routes give."""
+        op, action = route
+        h: dict[bytes, bytes] = {}
+        for k, v in scope["headers"]:
+            if k in _HOT_HEADERS and k not in h:
+                h[k] = v
+        length = h.get(b"content-length")
+        ctype = h.get(b"content-type")
+        if (
+            length is None
+            or not length.isdigit()
+            or int(length) > self.max_body_bytes
+            or (ctype is not None and ctype.split(b";", 1)[0].strip().lower() != b"application/json")
+        ):
+            await FastAPI.__call__(app, scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        # What RequestIdMiddleware does, for the fast lane (Serve supplies the header).
+        sent = h.get(b"x-request-id")
+        token = request_id_var.set(sent.decode("latin-1")[:128] if sent else new_request_id())
+        try:
+            try:
+                body = decode_checkout(raw)
+            except msgspec.MsgspecError:
+                await FastAPI.__call__(app, scope, _replay(raw, receive), send)
+                return
+            idem = h.get(b"idempotency-key")
+            if idem is not None and b"\x00" in idem:
+                await FastAPI.__call__(app, scope, _replay(raw, receive), send)
+                return
+            auth = h.get(b"authorization")
+            key = h.get(b"x-api-key")
+            try:
+                resp = await self.answer(
+                    op,
+                    action,
+                    body,
+                    auth.decode("latin-1") if auth is not None else None,
+                    key.decode("latin-1") if key is not None else None,
+                    idem.decode("latin-1") if idem is not None else None,
+                    self.gate.client(scope),
+                )
+            except AuthError as exc:
+                resp = auth_problem(exc)
+            except RateLimited as exc:
+                resp = rate_problem(exc)
+            except errors.VoucherError as exc:
+                resp = from_engine_error(exc)
+            except Exception as exc:  # never a traceback: the same answer as FastAPI's handler
+                incident = uuid.uuid4().hex
+                log.error(
+                    "unhandled error on POST %s (incident %s)", scope["path"], incident,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+                resp = internal_error_problem(incident)
+            await resp(scope, receive, send)
+        finally:
+            request_id_var.reset(token)
+
+
+class GatewayAPI(FastAPI):
+    """FastAPI with a fast lane in front of its whole middleware stack: well-formed POSTs to
+    the checkout endpoints go to ``checkout.fast_lane`` (see there) once the replica has
+    set ``checkout``. Concrete paths shadow the templated ones for every method
+    (serve.problems.PathMethods)."""
+
+    checkout: Checkout | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                route = HOT_ROUTES.get(scope["path"])
+                if route is not None and self.checkout is not None:
+                    await self.checkout.fast_lane(self, route, scope, receive, send)
+                    return
+            refusal = path_methods(self).refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

@@ -1,0 +1,54 @@
+"""What the gateway's routes work with: one :class:`Services` per replica, kept on the
+app (``app.state.services``) and given to routes by ``serve.routes.deps``.
+
+The domain deployments are Serve handles (``.method.remote(...)``); the engine client,
+checkout (with the micro-batcher), the gate and the health probe are the replica's own
+objects. Tests build a :class:`Services` of fakes (tests/route_fakes.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.settings import Settings
+from serve.checkout import Checkout
+from serve.devices import DeviceTokens
+from serve.gate import Gate
+
+
+class ImportDb:
+    """The gateway's own small Postgres pool for streamed customer imports, opened on the
+    first import."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._pool: Any = None
+
+    async def pool(self) -> Any:
+        if self._pool is None:
+            import asyncpg
+
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+        return self._pool
+
+
+@dataclass(frozen=True, eq=False)
+class Services:
+    """A gateway replica's settings, deployment handles and helpers."""
+
+    settings: Settings
+    users: Any
+    campaigns: Any
+    vouchers: Any
+    delivery: Any
+    reports: Any
+    notifications: Any
+    customers: Any
+    issuance: Any
+    engine: Any  # actors.client.EngineClient: rollback, confirm, release
+    checkout: Checkout  # with the micro-batcher
+    gate: Gate
+    devices: DeviceTokens
+    health: Any  # serve.health.HealthProbe
+    import_db: ImportDb
