@@ -15,22 +15,7 @@ from engine.settings import Settings
 from serve.checkout import Checkout
 from serve.devices import DeviceTokens
 from serve.gate import Gate
-
-
-class ImportDb:
-    """The gateway's own small Postgres pool for streamed customer imports, opened on the
-    first import."""
-
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: Any = None
-
-    async def pool(self) -> Any:
-        if self._pool is None:
-            import asyncpg
-
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
-        return self._pool
+from store.pools import LazyPool
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,4 +36,4 @@ class Services:
     gate: Gate
     devices: DeviceTokens
     health: Any  # serve.health.HealthProbe
-    import_db: ImportDb
+    import_db: LazyPool  # the gateway's own small pool for streamed customer imports

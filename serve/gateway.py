@@ -32,7 +32,7 @@ from serve.auth import TokenIssuer, load_or_create_secret
 from serve.batching import MicroBatcher
 from serve.checkout import Checkout, GatewayAPI
 from serve.client_address import TrustedProxies, disable_uvicorn_rewrite
-from serve.context import ImportDb, Services
+from serve.context import Services
 from serve.devices import DeviceTokens
 from serve.gate import Gate, install_refusal_handlers
 from serve.health import HealthProbe
@@ -50,6 +50,7 @@ from serve.routes import (
     users,
 )
 from serve.users import UserStore
+from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (checkout, health, users, campaigns, notifications, customers, delivery, reports)
@@ -163,7 +164,7 @@ class Gateway:
             gate=gate,
             devices=DeviceTokens(secret),
             health=HealthProbe(engine=engine, dsn=dsn, valkey_ping=limiter.ping),
-            import_db=ImportDb(dsn),
+            import_db=LazyPool(dsn, 2),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

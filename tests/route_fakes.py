@@ -188,7 +188,7 @@ class FakeImportDb:
     def __init__(self) -> None:
         self.opened = 0
 
-    async def pool(self) -> Any:
+    async def __call__(self) -> Any:
         self.opened += 1
         return "pool"
 

@@ -75,7 +75,7 @@ async def import_customers(request: Request, caller: Writer, svc: Svc) -> Any:
 
     parser_for(request.headers.get("content-type"))  # 415 before reading anything
     return await import_stream(
-        await svc.import_db.pool(),
+        await svc.import_db(),
         request.headers.get("content-type"),
         request.stream(),
         svc.settings.import_batch,
