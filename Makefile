@@ -53,7 +53,7 @@ browser-deps:
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy engine store actors ops
+	$(BIN)/mypy engine store actors serve ops
 
 test: lint browser-deps
 	$(BIN)/pytest -q tests/unit

@@ -8,7 +8,7 @@
   ``sha256(secret)``, shown once, revocable (the look-up lives in :mod:`serve.users`).
 * Roles and permissions: every endpoint names an action, :data:`PERMISSIONS` maps actions
   to roles, :func:`authorize` enforces it and :func:`role_matrix_markdown` renders the
-  README table from the same data.
+  role table of docs/http-api.md from the same data.
 
 Errors: :class:`AuthError` (``status`` 401 or 403, ``type`` slug, ``detail``). It derives
 from :class:`engine.errors.VoucherError` with one subclass per ``type``, so an auth error
@@ -619,7 +619,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 PUBLIC = "public"
 """Pseudo-action of endpoints that need no credentials (register, login, health)."""
 
-# (action, role) pairs the caller narrows further; shown in the README matrix.
+# (action, role) pairs the caller narrows further; shown in the role matrix of docs/http-api.md.
 OWN_ONLY: frozenset[tuple[str, str]] = frozenset(
     {("vouchers.read", "customer"), ("validations.create", "customer")}
 )
@@ -646,7 +646,7 @@ def _ordered(roles: Iterable[str]) -> list[str]:
 
 
 def role_matrix_markdown(endpoints: Sequence[tuple[str, str]] | None = None) -> str:
-    """The README's role matrix.
+    """The role matrix of docs/http-api.md ("Roles").
 
     With ``endpoints`` (``[("POST /v1/auth/login", "public"), ("GET /v1/users/me",
     "users.me"), ...]``) one row per endpoint; without, one row per action. ``yes`` means

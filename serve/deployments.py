@@ -563,7 +563,7 @@ __all__ = [
 ]
 
 
-# --- customers, issuance and notification fan-out (issue 4) -----------------------------
+# --- customers, issuance and notification fan-out ---------------------------------------
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

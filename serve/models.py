@@ -393,7 +393,7 @@ class JobOut(BaseModel):
     plan: dict[str, Any] | None = None
 
 
-# --- customers, issuance and notification webhooks (issue 4) ----------------------------
+# --- customers, issuance and notification webhooks -----------------------------------------
 
 
 class CustomerIn(Strict):
@@ -479,8 +479,8 @@ class WebhookIn(Strict):
 
 
 class TemplateIn(Strict):
-    """A campaign's message template for one channel and locale (Jinja2; see the README's
-    delivery section for the variables)."""
+    """A campaign's message template for one channel and locale (Jinja2; docs/delivery.md,
+    "Templates", lists the variables)."""
 
     model_config = ConfigDict(
         extra="forbid",

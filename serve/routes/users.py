@@ -42,7 +42,7 @@ async def login(body: LoginIn, request: Request, response: Response, svc: Svc) -
     ``device_token``), that device's own. A budget is checked before the password and
     charged only by a failure, so a guesser gets 429 without an answer, one address
     cannot spend an account's budget alone, and the owner's device is never held up
-    by anyone else's failures (serve/devices.py, README "Login defence")."""
+    by anyone else's failures (serve/devices.py, docs/http-api.md, "Login defence")."""
     gate = svc.gate
     ip = gate.client(request.scope)
     account = account_key(body.email)
