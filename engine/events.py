@@ -7,6 +7,8 @@ cross process boundaries cheaply and encode to msgpack without custom code.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 
@@ -160,3 +162,44 @@ Event = (
     | CodesVoided
     | AssignmentRecorded
 )
+
+
+@dataclass
+class Batch:
+    """One group commit's events sorted by the table they change: the last change of a
+    code or a reservation wins, the rest keep their order."""
+
+    vouchers: dict[str, VoucherChanged] = field(default_factory=dict)
+    redemptions: list[Redemption] = field(default_factory=list)
+    rollbacks: list[RedemptionRolledBack] = field(default_factory=list)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    idempotency: list[IdempotencyRecorded] = field(default_factory=list)
+    voided: list[str] = field(default_factory=list)  # campaigns whose codes were voided
+    foreign: list[AssignmentRecorded] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, events: Iterable[Event]) -> Batch:
+        b = cls()
+        for e in events:
+            if isinstance(e, VoucherChanged):
+                b.vouchers[e.code] = e
+            elif isinstance(e, RedemptionRecorded):
+                b.redemptions.append(e.redemption)
+            elif isinstance(e, RedemptionRolledBack):
+                b.rollbacks.append(e)
+            elif isinstance(e, ReservationChanged):
+                b.reservations[e.reservation.id] = e.reservation
+            elif isinstance(e, IdempotencyRecorded):
+                b.idempotency.append(e)
+            elif isinstance(e, CodesVoided):
+                b.voided.append(e.campaign_id)
+            elif isinstance(e, AssignmentRecorded):
+                b.foreign.append(e)
+        return b
+
+    def writes_rows(self) -> bool:
+        """Whether a statement is needed (voided codes are written off the commit)."""
+        return bool(
+            self.vouchers or self.redemptions or self.rollbacks or self.reservations
+            or self.idempotency or self.foreign
+        )

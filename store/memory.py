@@ -34,16 +34,10 @@ from engine.events import (
     AVAILABLE,
     R_ROLLED_BACK,
     VOID,
-    AssignmentRecorded,
-    CodesVoided,
+    Batch,
     Event,
-    IdempotencyRecorded,
     Redemption,
-    RedemptionRecorded,
-    RedemptionRolledBack,
     Reservation,
-    ReservationChanged,
-    VoucherChanged,
 )
 from engine.idempotency import Claim, Stored
 from engine.routing import bucket_of
@@ -162,29 +156,11 @@ class MemoryShardStore:
     async def write(self, events: Sequence[Event], buckets: list[int]) -> list[str]:
         """Persist one batch as ``PgShardStore.write`` does; returns the campaigns whose
         codes the batch voided (their rows are voided by :meth:`void_chunk`)."""
-        vouchers: dict[str, VoucherChanged] = {}
-        redemptions: list[Redemption] = []
-        rollbacks: list[RedemptionRolledBack] = []
-        reservations: dict[str, Reservation] = {}
-        idem: dict[str, IdempotencyRecorded] = {}
-        voided: list[str] = []
-        foreign: list[AssignmentRecorded] = []
-        for e in events:
-            if isinstance(e, VoucherChanged):
-                vouchers[e.code] = e
-            elif isinstance(e, RedemptionRecorded):
-                redemptions.append(e.redemption)
-            elif isinstance(e, RedemptionRolledBack):
-                rollbacks.append(e)
-            elif isinstance(e, ReservationChanged):
-                reservations[e.reservation.id] = e.reservation
-            elif isinstance(e, IdempotencyRecorded):
-                idem[e.key] = e
-            elif isinstance(e, CodesVoided):
-                voided.append(e.campaign_id)
-            elif isinstance(e, AssignmentRecorded):
-                foreign.append(e)
-        if not (vouchers or redemptions or rollbacks or reservations or idem or foreign):
+        b = Batch.of(events)
+        vouchers, redemptions, rollbacks = b.vouchers, b.redemptions, b.rollbacks
+        reservations, voided, foreign = b.reservations, b.voided, b.foreign
+        idem = {e.key: e for e in b.idempotency}
+        if not b.writes_rows():
             return voided
         self._check(self.fence)
         new_ids = [r.id for r in redemptions]

@@ -19,16 +19,10 @@ from engine.events import (
     AVAILABLE,
     R_ROLLED_BACK,
     VOID,
-    AssignmentRecorded,
-    CodesVoided,
+    Batch,
     Event,
-    IdempotencyRecorded,
     Redemption,
-    RedemptionRecorded,
-    RedemptionRolledBack,
     Reservation,
-    ReservationChanged,
-    VoucherChanged,
 )
 from engine.idempotency import Claim, Stored
 from engine.routing import bucket_of
@@ -311,28 +305,9 @@ class PgShardStore:
         """Persist one batch of events in one transaction. Returns the campaigns whose
         codes the batch voided: their rows are voided by :meth:`void_chunk`, chunk by
         chunk, off the group commit."""
-        vouchers: dict[str, VoucherChanged] = {}
-        redemptions: list[Redemption] = []
-        rollbacks: list[RedemptionRolledBack] = []
-        reservations: dict[str, Reservation] = {}
-        idem: list[IdempotencyRecorded] = []
-        voided: list[str] = []
-        foreign: list[AssignmentRecorded] = []
-        for e in events:
-            if isinstance(e, VoucherChanged):
-                vouchers[e.code] = e
-            elif isinstance(e, RedemptionRecorded):
-                redemptions.append(e.redemption)
-            elif isinstance(e, RedemptionRolledBack):
-                rollbacks.append(e)
-            elif isinstance(e, ReservationChanged):
-                reservations[e.reservation.id] = e.reservation
-            elif isinstance(e, IdempotencyRecorded):
-                idem.append(e)
-            elif isinstance(e, CodesVoided):
-                voided.append(e.campaign_id)
-            elif isinstance(e, AssignmentRecorded):
-                foreign.append(e)
+        b = Batch.of(events)
+        vouchers, redemptions, rollbacks = b.vouchers, b.redemptions, b.rollbacks
+        reservations, idem, voided, foreign = b.reservations, b.idempotency, b.voided, b.foreign
         parts: list[tuple[str, list[list[Any]]]] = []
         if vouchers:
             v = list(vouchers.values())
