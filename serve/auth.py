@@ -79,7 +79,7 @@ def _rebuild(cls: type[AuthError], type_: str, detail: str) -> AuthError:
     return exc
 
 
-class AuthError(errors.VoucherError):
+class AuthError(errors.VoucherError, register=False):
     """401/403 problems. ``type`` is the problem slug, ``detail`` a human sentence.
 
     Build with ``Unauthenticated("invalid_token", "...")`` / ``Forbidden("forbidden", "...")``
@@ -115,14 +115,14 @@ class AuthError(errors.VoucherError):
         return Forbidden(type, detail)
 
 
-class Unauthenticated(AuthError):
+class Unauthenticated(AuthError, register=False):
     """401: no credentials, or credentials that do not prove who the caller is."""
 
     status: ClassVar[int] = 401
     code = "unauthenticated"
 
 
-class Forbidden(AuthError):
+class Forbidden(AuthError, register=False):
     """403: the caller is known but its roles do not allow the action."""
 
     status: ClassVar[int] = 403
@@ -137,7 +137,7 @@ class _FixedUnauthenticated(Unauthenticated):
         super().__init__(type(self).code, detail)
 
 
-class _FixedForbidden(Forbidden):
+class _FixedForbidden(Forbidden, register=False):
     """Base of the 403s whose ``type`` is their class ``code``."""
 
     def __init__(self, detail: str = "") -> None:
