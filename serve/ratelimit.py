@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from actors import ratelimit as gcra_redis
+from engine import keys as redis_keys
 from engine.gcra import (
     GCRA_MULTI_SHA,
     GCRA_SHA,
@@ -120,10 +121,10 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
     def principal_check(self, role: str, subject: str, cost: int = 1) -> Check:
         """The limit of one caller (a user id or an API key id) in its role."""
         lim = self.role_limit(role)
-        return (f"{role}:{subject}", lim.rate, lim.burst, cost)
+        return (redis_keys.principal(role, subject), lim.rate, lim.burst, cost)
 
     def ip_check(self, client_ip: str, cost: int = 1) -> Check:
-        return (f"ip:{client_ip}", self.per_ip.rate, self.per_ip.burst, cost)
+        return (redis_keys.ip(client_ip), self.per_ip.rate, self.per_ip.burst, cost)
 
     def request_checks(
         self, role: str, subject: str, client_ip: str, cost: int = 1
@@ -133,22 +134,22 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
 
     @staticmethod
     def failure_keys(customer_id: str | None, client_ip: str | None) -> list[str]:
-        keys = []
+        out = []
         if customer_id:
-            keys.append(f"customer:{customer_id}")
+            out.append(redis_keys.customer(customer_id))
         if client_ip:
-            keys.append(f"ip:{client_ip}")
-        return keys
+            out.append(redis_keys.ip(client_ip))
+        return out
 
     def login_keys(self, client_ip: str, account: str, device: str | None) -> list[str]:
         """The failure budgets a login attempt is checked against and, when it fails,
         charged to: a trusted device's own (it logged in to this account before), else
         its address's and its account's. Keys carry their tier after ``#``."""
         if device is not None:
-            return [f"login-device:{device}#{i}" for i in range(len(self.login_device))]
+            return [redis_keys.login(redis_keys.LOGIN_DEVICE, device, i) for i in range(len(self.login_device))]
         return [
-            *(f"login-ip:{client_ip}#{i}" for i in range(len(self.login_ip))),
-            *(f"login-account:{account}#{i}" for i in range(len(self.login_account))),
+            *(redis_keys.login(redis_keys.LOGIN_IP, client_ip, i) for i in range(len(self.login_ip))),
+            *(redis_keys.login(redis_keys.LOGIN_ACCOUNT, account, i) for i in range(len(self.login_account))),
         ]
 
     def failure_limit(self, key: str) -> Limit | None:
@@ -156,13 +157,13 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
         kind, _, rest = key.partition(":")
         if kind.startswith("login-"):
             tiers = {
-                "login-ip": self.login_ip,
-                "login-account": self.login_account,
-                "login-device": self.login_device,
+                redis_keys.LOGIN_IP: self.login_ip,
+                redis_keys.LOGIN_ACCOUNT: self.login_account,
+                redis_keys.LOGIN_DEVICE: self.login_device,
             }.get(kind, ())
             tier = int(rest.rpartition("#")[2] or 0)
             return tiers[tier] if tier < len(tiers) else None
-        if kind == "caller":
+        if kind == redis_keys.CALLER:
             return self.failures_caller
         return self.failures
 
@@ -189,7 +190,7 @@ class RateLimiter:
         redis: str | aioredis.Redis,
         *,
         policy: RateLimitPolicy | None = None,
-        prefix: str = "voucher:rl:",
+        prefix: str = redis_keys.LIMITER,
         timeout_s: float = 0.25,
         backoff_s: float = 1.0,
         max_connections: int = 64,
@@ -338,7 +339,7 @@ class RateLimiter:
     async def reset(self, keys: Sequence[str], *, failures: bool = False) -> None:
         """Forget buckets (e.g. an operator unblocking a customer)."""
         if keys:
-            pre = self.prefix + ("fail:" if failures else "")
+            pre = self.prefix + (redis_keys.FAILURES if failures else "")
             await self.redis.delete(*[pre + k for k in keys])
 
     # --- machinery -----------------------------------------------------------------------
@@ -361,7 +362,7 @@ class RateLimiter:
                 continue
             r = f.rate if rate is None else rate
             b = f.burst if burst is None else burst
-            out.append((f"{self.prefix}fail:{k}", r, b, cost))
+            out.append((self.prefix + redis_keys.FAILURES + k, r, b, cost))
         return out
 
     async def _run(
