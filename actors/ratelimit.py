@@ -28,9 +28,9 @@ from engine.gcra import (
 async def run(redis: Redis, keys: list[str], args: list[Any]) -> list[Any]:
     """One check's answer (KEYS and ARGV of ``GCRA_LUA``)."""
     try:
-        res = await redis.evalsha(GCRA_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+        res = await redis.evalsha(GCRA_SHA, len(keys), *keys, *args)
     except NoScriptError:
-        res = await redis.eval(GCRA_LUA, len(keys), *keys, *args)  # type: ignore[misc]
+        res = await redis.eval(GCRA_LUA, len(keys), *keys, *args)
     return list(res)
 
 
@@ -38,9 +38,9 @@ async def run_many(redis: Redis, groups: list[tuple[list[str], list[Any]]]) -> l
     """Several checks' answers in one script call, in order."""
     keys, args = multi_args(groups)
     try:
-        raw = await redis.evalsha(GCRA_MULTI_SHA, len(keys), *keys, *args)  # type: ignore[misc]
+        raw = await redis.evalsha(GCRA_MULTI_SHA, len(keys), *keys, *args)
     except NoScriptError:
-        raw = await redis.eval(GCRA_MULTI_LUA, len(keys), *keys, *args)  # type: ignore[misc]
+        raw = await redis.eval(GCRA_MULTI_LUA, len(keys), *keys, *args)
     return split_multi(raw, len(groups))
 
 
