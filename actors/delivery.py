@@ -1,6 +1,7 @@
 """Delivery workers: Ray actors that drain the delivery streams into the channel adapters.
 
-One round of a worker, per channel (``engine.delivery`` has the stream layout):
+One round of a worker, per channel (``engine.delivery`` has the message, ``engine.keys``
+the streams):
 
 1. ``XREADGROUP`` a batch from the channel's stream (group ``senders``).
 2. **Claim** the batch in Postgres in one statement: rows still ``queued`` (or ``failed``
