@@ -44,7 +44,7 @@ async def call(ref: Any) -> Any:
         result = await ref
     except Exception as exc:
         raise _unavailable(exc) from None
-    return _unwrap(result)
+    return unwrap(result)
 
 
 def settled(fut: concurrent.futures.Future[Any]) -> Any:
@@ -54,7 +54,15 @@ def settled(fut: concurrent.futures.Future[Any]) -> Any:
         result = fut.result(timeout=0)
     except Exception as exc:
         raise _unavailable(exc) from None
-    return _unwrap(result)
+    return unwrap(result)
+
+
+def unwrap(result: Any) -> Any:
+    """An actor method's answer: its value, or the engine error a returned
+    :class:`Failure` stands for, raised."""
+    if isinstance(result, Failure):
+        raise errors.rebuild(result)
+    return result
 
 
 def _unavailable(exc: Exception) -> Exception:
@@ -63,12 +71,6 @@ def _unavailable(exc: Exception) -> Exception:
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = getattr(exc, "cause", None)
         if isinstance(cause, errors.VoucherError):  # an unguarded method's engine error
-            return errors.from_code(cause.code, getattr(cause, "message", None) or str(cause))
+            return errors.rebuild(cause)
         return errors.Unavailable(f"actor call failed: {exc.__class__.__name__}")
     return exc
-
-
-def _unwrap(result: Any) -> Any:
-    if isinstance(result, Failure):
-        raise errors.from_code(result.code, result.message)
-    return result

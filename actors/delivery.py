@@ -1,6 +1,7 @@
 """Delivery workers: Ray actors that drain the delivery streams into the channel adapters.
 
-One round of a worker, per channel (``engine.delivery`` has the stream layout):
+One round of a worker, per channel (``engine.delivery`` has the message, ``engine.keys``
+the streams):
 
 1. ``XREADGROUP`` a batch from the channel's stream (group ``senders``).
 2. **Claim** the batch in Postgres in one statement: rows still ``queued`` (or ``failed``
@@ -8,7 +9,7 @@ One round of a worker, per channel (``engine.delivery`` has the stream layout):
    with this worker's name and ``attempts + 1``. Rows already ``sent``/``dead`` or held by
    a live claim are skipped and their entries acknowledged: a message that reached the
    stream twice is sent once.
-3. Take send permits from the channel's shared token bucket (one Lua call in Redis).
+3. Take send permits from the channel's shared GCRA bucket (``actors/ratelimit.py``).
 4. Render (Jinja2, per campaign/channel/locale with fallback) and send concurrently over the
    adapter's reused connections, the message id as the provider's idempotency key.
    Each accepted message is marked in a Redis hash (``voucher:delivery:sent``) within a
@@ -45,7 +46,7 @@ Crash safety (a worker killed at any point):
 
 Redis trouble: a lost consumer group (or stream) is created again by the worker that meets
 ``NOGROUP``, reading from the stream's start. While Redis is down, a round in flight takes
-its send permits from a local bucket at the worker's share of the channel's rate
+its send permits from a local GCRA bucket at the worker's share of the channel's rate
 (``rate / delivery_workers``), so the provider's limit holds without the shared bucket.
 """
 
@@ -68,10 +69,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from actors import outbound
+from actors import ratelimit as gcra_redis
 from actors.delivery_queue import add_to_streams, incarnation
 from actors.providers import ChannelAdapter, SmtpAdapter, SmtpSettings, WebhookAdapter
-from engine import delivery, templates
+from engine import delivery, keys, templates
 from engine.delivery import DeliveryMessage
+from engine.gcra import LocalGcra, permits
 from engine.sending import (
     FailureWindow,
     PermanentError,
@@ -90,39 +93,6 @@ from store import notifications
 from store.pools import open_pool
 
 log = logging.getLogger("voucher.delivery")
-
-SENT_MARKS = "voucher:delivery:sent"
-
-
-def retry_key(channel: str) -> str:
-    return f"voucher:delivery:retry:{channel}"
-
-
-def rate_key(channel: str) -> str:
-    return f"voucher:delivery:rate:{channel}"
-
-
-# Token bucket in one call: KEYS[1] bucket; ARGV rate/s, burst, wanted. Returns
-# {granted, seconds until one more token (string)}. Redis's clock, so workers agree.
-_BUCKET_LUA = r"""
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local v = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(v[1])
-local ts = tonumber(v[2])
-if tokens == nil then tokens = burst; ts = now end
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local granted = math.min(want, math.floor(tokens))
-tokens = tokens - granted
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('EXPIRE', KEYS[1], 3600)
-local wait = 0
-if granted < want then wait = (1 - (tokens - math.floor(tokens))) / rate end
-return {granted, tostring(wait)}
-"""
 
 # Move due retries back to the stream: KEYS[1] zset, KEYS[2] stream; ARGV now, max count.
 _MOVE_DUE_LUA = r"""
@@ -171,27 +141,6 @@ def _no_group(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
-class LocalBucket:
-    """A token bucket in the worker's memory: its share of a channel's rate while the
-    shared bucket in Redis cannot be reached."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.ts = time.monotonic()
-
-    def take(self, want: int) -> tuple[int, float]:
-        """(granted, seconds until one more token), like the shared bucket's script."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.ts) * self.rate)
-        self.ts = now
-        granted = min(want, int(self.tokens))
-        self.tokens -= granted
-        wait = 0.0 if granted == want else (1 - (self.tokens - int(self.tokens))) / self.rate
-        return granted, wait
-
-
 def build_adapter(channel: str, url: str, s: Settings) -> ChannelAdapter:
     if channel == "email":
         return SmtpAdapter(
@@ -232,14 +181,15 @@ class DeliveryCore:
         self._marks: list[str] = []
         self._marks_pending = asyncio.Event()
         self._rng = random.Random()
-        self._bucket: Any = None
         self._move_due: Any = None
         self.counts = {
             "sent": 0, "retried": 0, "dead_lettered": 0, "skipped": 0, "recovered": 0,
             "requeued": 0, "renewed": 0,
         }
         self._metric: Any = None
-        self._local_buckets: dict[str, LocalBucket] = {}
+        # The worker's share of each channel's rate, for while Redis is unreachable.
+        self._local = LocalGcra()
+        self._local_rates: dict[str, float] = {}
         self._checked: dict[str, str] = {}  # channel -> Redis run_id its queued rows were checked on
 
     # --- lifecycle -------------------------------------------------------------------
@@ -250,7 +200,6 @@ class DeliveryCore:
         # Timeouts: a Redis that hangs (frozen, a network split) fails a round in seconds
         # instead of holding it; the read loop's blocking read waits 0.5 s at most.
         self.redis = Redis.from_url(self.cfg.redis_url, socket_connect_timeout=5, socket_timeout=10)
-        self._bucket = self.redis.register_script(_BUCKET_LUA)
         self._move_due = self.redis.register_script(_MOVE_DUE_LUA)
         for ch in self.cfg.channels:
             self.adapters[ch] = build_adapter(ch, self.cfg.urls[ch], self.s)
@@ -267,12 +216,12 @@ class DeliveryCore:
         whose row was already sent is skipped by the claim)."""
         assert self.redis is not None
         try:
-            await self.redis.xgroup_create(delivery.stream(channel), delivery.GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(keys.stream(channel), keys.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         else:
-            log.info("created consumer group %s on %s", delivery.GROUP, delivery.stream(channel))
+            log.info("created consumer group %s on %s", keys.GROUP, keys.stream(channel))
 
     async def close(self) -> None:
         for a in self.adapters.values():
@@ -319,11 +268,11 @@ class DeliveryCore:
 
     async def _read_loop(self, channel: str) -> None:
         assert self.redis is not None
-        stream = delivery.stream(channel)
+        stream = keys.stream(channel)
         while not self.stopping.is_set():
             try:
                 got: Any = await self.redis.xreadgroup(
-                    delivery.GROUP, self.consumer, {stream: ">"}, count=self.read_count(channel), block=500
+                    keys.GROUP, self.consumer, {stream: ">"}, count=self.read_count(channel), block=500
                 )
                 for _stream, entries in got or []:
                     if entries:
@@ -346,14 +295,14 @@ class DeliveryCore:
         """Due retries back to the stream (every 100 ms), reclaim idle entries of silent
         consumers (XAUTOCLAIM) and sweep Postgres for lost messages."""
         assert self.redis is not None
-        stream = delivery.stream(channel)
+        stream = keys.stream(channel)
         idle_ms = int(self.s.delivery_claim_idle_s * 1000)
         next_claim = time.monotonic() + self.s.delivery_claim_idle_s / 2
         next_sweep = time.monotonic() + self.s.delivery_claim_idle_s
         next_requeue = time.monotonic()
         while not self.stopping.is_set():
             try:
-                await self._move_due(keys=[retry_key(channel), stream], args=[time.time(), 1000])
+                await self._move_due(keys=[keys.retry(channel), stream], args=[time.time(), 1000])
                 now = time.monotonic()
                 if now >= next_requeue:
                     next_requeue = now + INCARNATION_CHECK_S
@@ -363,7 +312,7 @@ class DeliveryCore:
                     start = "0-0"
                     while True:
                         res: Any = await self.redis.xautoclaim(
-                            stream, delivery.GROUP, self.consumer, idle_ms, start, count=self.read_count(channel)
+                            stream, keys.GROUP, self.consumer, idle_ms, start, count=self.read_count(channel)
                         )
                         start, entries = res[0], res[1]
                         entries = [e for e in entries if e[1]]  # deleted entries come back empty
@@ -399,7 +348,7 @@ class DeliveryCore:
         full = self._checked.get(channel) != run_id
         # One worker at a time (two would add every row twice); short-lived, so a lock left
         # by a worker that died or lost Redis midway holds nobody up for long.
-        lock = f"voucher:delivery:requeue:{channel}"
+        lock = keys.requeue_lock(channel)
         if not await self.redis.set(lock, self.consumer, nx=True, ex=REQUEUE_LOCK_S):
             return
         try:
@@ -435,14 +384,14 @@ class DeliveryCore:
         """Re-queue rows whose stream entry is gone (claims and retries with no progress for
         two idle periods). A row re-queued twice is still sent once (the claim decides)."""
         assert self.db is not None and self.redis is not None
-        if not await self.redis.set(f"voucher:delivery:sweep:{channel}", self.consumer, nx=True, ex=max(1, int(self.s.delivery_claim_idle_s))):
+        if not await self.redis.set(keys.sweep_lock(channel), self.consumer, nx=True, ex=max(1, int(self.s.delivery_claim_idle_s))):
             return
         rows = await delivery_store.swept(self.db, channel, 2 * self.s.delivery_claim_idle_s)
         if not rows:
             return
         pipe = self.redis.pipeline(transaction=False)
         for r in rows:
-            pipe.xadd(delivery.stream(channel), {delivery.FIELD: delivery.encode(_message(r))})
+            pipe.xadd(keys.stream(channel), {delivery.FIELD: delivery.encode(_message(r))})
         await pipe.execute()
         log.warning("sweep re-queued %d %s messages with no stream entry progress", len(rows), channel)
 
@@ -451,10 +400,10 @@ class DeliveryCore:
         periods (workers that died or were replaced), so the group does not grow forever."""
         assert self.redis is not None
         limit_ms = 10 * self.s.delivery_claim_idle_s * 1000
-        for c in await self.redis.xinfo_consumers(stream, delivery.GROUP):
+        for c in await self.redis.xinfo_consumers(stream, keys.GROUP):
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > limit_ms:
-                await self.redis.xgroup_delconsumer(stream, delivery.GROUP, name)
+                await self.redis.xgroup_delconsumer(stream, keys.GROUP, name)
 
     async def _flush_marks_loop(self) -> None:
         while True:
@@ -470,7 +419,7 @@ class DeliveryCore:
             return
         marks, self._marks = self._marks, []
         try:
-            await self.redis.hset(SENT_MARKS, mapping=dict.fromkeys(marks, self.consumer))
+            await self.redis.hset(keys.SENT_MARKS, mapping=dict.fromkeys(marks, self.consumer))
         except (RedisError, OSError) as exc:
             log.warning("sent marks of %d messages not written: %s", len(marks), exc)
 
@@ -490,14 +439,14 @@ class DeliveryCore:
                 log.warning("claims of a round on %s not renewed: %s", stream, exc)
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.xclaim(
-                    stream, delivery.GROUP, self.consumer, 0, entry_ids, justid=True
+                    stream, keys.GROUP, self.consumer, 0, entry_ids, justid=True
                 )
 
     # --- one batch ---------------------------------------------------------------------
 
     async def process(self, channel: str, entries: Sequence[tuple[Any, dict[Any, Any]]]) -> None:
         assert self.db is not None and self.redis is not None
-        stream = delivery.stream(channel)
+        stream = keys.stream(channel)
         entry_ids = [e[0] for e in entries]
         msgs: dict[str, DeliveryMessage] = {}
         for _eid, fields in entries:
@@ -543,7 +492,7 @@ class DeliveryCore:
         if claimed:
             took_over = [i for i, a in claimed.items() if a > 1]
             if took_over:
-                marks = await self.redis.hmget(SENT_MARKS, took_over)
+                marks = await self.redis.hmget(keys.SENT_MARKS, took_over)
                 recovered = [i for i, mark in zip(took_over, marks) if mark is not None]
         unclaimed = [i for i in ids if i not in claimed]
         if unclaimed:
@@ -583,13 +532,13 @@ class DeliveryCore:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for m, _e, delay in retry:
-            pipe.zadd(retry_key(channel), {delivery.encode(m): now + delay})
+            pipe.zadd(keys.retry(channel), {delivery.encode(m): now + delay})
         for m, e in dead:
-            pipe.xadd(delivery.DEAD_STREAM, {delivery.FIELD: delivery.encode(m), "error": e, "channel": channel})
+            pipe.xadd(keys.DEAD_STREAM, {delivery.FIELD: delivery.encode(m), "error": e, "channel": channel})
         done = sent + recovered
         if done:
-            pipe.hdel(SENT_MARKS, *done)
-        pipe.xack(stream, delivery.GROUP, *entry_ids)
+            pipe.hdel(keys.SENT_MARKS, *done)
+        pipe.xack(stream, keys.GROUP, *entry_ids)
         await pipe.execute()
         self.counts["sent"] += len(sent)
         self.counts["recovered"] += len(recovered)
@@ -615,7 +564,7 @@ class DeliveryCore:
         n = 0
         for r in rows:
             if r["state"] == "failed":
-                pipe.zadd(retry_key(channel), {delivery.encode(msgs[r["id"]]): float(r["due"] or time.time())})
+                pipe.zadd(keys.retry(channel), {delivery.encode(msgs[r["id"]]): float(r["due"] or time.time())})
                 n += 1
         if n:
             await pipe.execute()
@@ -639,27 +588,27 @@ class DeliveryCore:
         rate = channel_rate(self.s, channel)
         if rate <= 0:
             return
-        burst = max(1.0, rate)
+        assert self.redis is not None
+        key = keys.send_rate(channel)
         while n > 0:
             try:
-                granted, wait = await self._bucket(keys=[rate_key(channel)], args=[rate, burst, n])
+                granted, wait = await gcra_redis.take(self.redis, key, rate, max(1.0, rate), n)
             except (RedisError, OSError) as exc:
-                granted, wait = self._local_bucket(channel, rate, exc).take(n)
-            n -= int(granted)
+                granted, wait = self._take_local(channel, rate, n, exc)
+            n -= granted
             if n > 0:
-                await asyncio.sleep(max(0.001, float(wait)))
+                await asyncio.sleep(max(0.001, wait))
 
-    def _local_bucket(self, channel: str, rate: float, exc: BaseException) -> LocalBucket:
-        """The worker's share of the channel's rate, for while the shared bucket is away."""
-        b = self._local_buckets.get(channel)
-        if b is None:
-            share = rate / max(1, self.s.delivery_workers)
-            b = self._local_buckets[channel] = LocalBucket(share, max(1.0, share))
+    def _take_local(self, channel: str, rate: float, n: int, exc: BaseException) -> tuple[int, float]:
+        """Permits at the worker's share of the channel's rate, while the shared bucket is away."""
+        share = self._local_rates.get(channel)
+        if share is None:
+            share = self._local_rates[channel] = rate / max(1, self.s.delivery_workers)
             log.warning(
                 "send permits on %s from a local bucket (%.1f/s, this worker's share): %s",
                 channel, share, exc,
             )
-        return b
+        return permits(self._local.run("take", [(channel, share, max(1.0, share), n)]))
 
     async def _notify_dead(self, channel: str, dead: list[tuple[DeliveryMessage, str]]) -> None:
         """One ``delivery_dead`` notification per campaign and failure window (the first
@@ -671,7 +620,7 @@ class DeliveryCore:
         for m, e in dead:
             per.setdefault(m.campaign_id, []).append((m, e))
         for cid, items in per.items():
-            if not await self.redis.set(f"voucher:delivery:dead-alerted:{cid}:{idx}", 1, nx=True, ex=2 * win):
+            if not await self.redis.set(keys.dead_alerted(cid, idx), 1, nx=True, ex=2 * win):
                 continue
             m0, e0 = items[0]
             await notifications.record(
@@ -690,7 +639,7 @@ class DeliveryCore:
         pipe = self.redis.pipeline(transaction=False)
         order = list(per)
         for cid in order:
-            key = f"voucher:delivery:fr:{cid}:{idx}"
+            key = keys.failure_window(cid, idx)
             pipe.hincrby(key, "attempts", per[cid].attempts)
             pipe.hincrby(key, "failures", per[cid].failures)
             pipe.expire(key, 2 * win)
@@ -701,7 +650,7 @@ class DeliveryCore:
                 w, threshold=self.s.delivery_failure_rate, min_attempts=self.s.delivery_failure_min_attempts
             ):
                 continue
-            if await self.redis.set(f"voucher:delivery:fr-alerted:{cid}:{idx}", 1, nx=True, ex=2 * win):
+            if await self.redis.set(keys.failure_alerted(cid, idx), 1, nx=True, ex=2 * win):
                 await notifications.record(
                     self.db,
                     "delivery_failure_rate",

@@ -27,7 +27,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from engine import delivery
+from engine import delivery, keys
 from engine.delivery import DeliveryMessage
 from store import delivery as delivery_store
 
@@ -57,7 +57,7 @@ async def add_to_streams(
     pipe = redis.pipeline(transaction=False)
     pipe.info("server")
     for m in messages:
-        pipe.xadd(delivery.stream(m.channel), {delivery.FIELD: delivery.encode(m)})
+        pipe.xadd(keys.stream(m.channel), {delivery.FIELD: delivery.encode(m)})
     res = await pipe.execute()
     await delivery_store.mark_added(db, [m.id for m in messages], _run_id(res[0]))
 

@@ -193,11 +193,9 @@ def _iso(created: float) -> str:
 _OURS = "_voucher_json"
 
 
-def configure_json_logging(
-    level: str | int | None = None, *, stream: IO[str] | None = None
-) -> logging.Handler:
-    """Send the root logger's records to ``stream`` as JSON lines, at ``level`` (default:
-    ``VOUCHER_LOG_LEVEL``, else INFO). Idempotent: replaces the handler it installed
+def configure_json_logging(level: str | int, *, stream: IO[str] | None = None) -> logging.Handler:
+    """Send the root logger's records to ``stream`` as JSON lines, at ``level`` (the
+    ``log_level`` setting). Idempotent: replaces the handler it installed
     before and plain console handlers (``logging.basicConfig``'s), so records are not
     printed twice; file and capture handlers are left alone.
 
@@ -205,8 +203,6 @@ def configure_json_logging(
     to the worker's ``worker-*.err`` log file: a Serve replica in throughput-optimized mode
     replaces ``sys.stderr`` with a stand-in that re-logs every line through Serve's text
     formatter (and walks the stack per write), which would wrap each JSON line again."""
-    if level is None:
-        level = os.environ.get("VOUCHER_LOG_LEVEL") or "INFO"
     if isinstance(level, str):
         level = level.upper()
     root = logging.getLogger()

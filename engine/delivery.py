@@ -1,5 +1,6 @@
 """The delivery queue's contract, shared by the producers (issuance) and the senders
-(delivery workers): stream names, the message, its idempotency key.
+(delivery workers): the message and its idempotency key (the streams' names are in
+``engine/keys.py``).
 
 One Redis stream per channel (so each channel has its own send rate and backlog), one
 consumer group of workers on each, a dead-letter stream for messages that used up their
@@ -18,15 +19,8 @@ import msgspec
 Channel = Literal["email", "sms", "push"]
 CHANNELS: tuple[Channel, ...] = ("email", "sms", "push")
 
-STREAM_PREFIX = "voucher:delivery:"
-DEAD_STREAM = "voucher:delivery:dead"
-GROUP = "senders"
 # Field of the stream entry that holds the msgpack-encoded DeliveryMessage.
 FIELD = "m"
-
-
-def stream(channel: str) -> str:
-    return f"{STREAM_PREFIX}{channel}"
 
 
 def message_id(campaign_id: str, customer_id: str, channel: str) -> str:

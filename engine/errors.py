@@ -3,20 +3,104 @@
 Every error has a stable snake_case ``code``; ``serve/`` maps codes to HTTP problem
 responses (RFC 9457). Errors cross actor boundaries as ``(code, message)`` pairs and are
 rebuilt with :func:`from_code`, so callers can ``except`` the same classes everywhere.
+Each class registers its code when it is defined, and a code taken twice fails the import
+(:func:`registry`).
+
+The tree (codes in parentheses; a transient error and its subclasses only mean "not now";
+``serve/auth.py`` and ``serve/users.py`` add the authentication and account errors):
+
+* VoucherError (``voucher_error``)
+  * ConfigError (``config_error``)
+  * InvalidInput (``invalid_input``)
+    * InfeasibleGeneration (``infeasible_generation``)
+    * CapacityExceeded (``capacity_exceeded``)
+    * MalformedCode (``malformed_code``)
+    * UnsupportedMediaType (``unsupported_media_type``)
+    * InternalAddress (``internal_address``)
+    * CurrencyMismatch (``currency_mismatch``)
+  * NotFound (``not_found``)
+    * UnknownCampaign (``unknown_campaign``)
+    * UnknownCode (``unknown_code``)
+    * UnknownRedemption (``unknown_redemption``)
+    * UnknownReservation (``unknown_reservation``)
+    * UnknownJob (``unknown_job``)
+  * Conflict (``conflict``)
+    * DuplicateCampaign (``duplicate_campaign``)
+    * IdempotencyConflict (``idempotency_conflict``)
+    * IdempotencyInProgress (``idempotency_in_progress``, transient)
+    * AlreadyRolledBack (``already_rolled_back``)
+    * ReservationClosed (``reservation_closed``)
+    * BankExhausted (``bank_exhausted``)
+    * AlreadyAssigned (``already_assigned``)
+    * IllegalTransition (``illegal_transition``)
+      * CannotActivateEnded (``cannot_activate_ended``)
+      * CannotPauseDraft (``cannot_pause_draft``)
+      * CannotPauseEnded (``cannot_pause_ended``)
+      * CannotIssueEnded (``cannot_issue_ended``)
+      * CannotGenerateEnded (``cannot_generate_ended``)
+    * TopologyMismatch (``topology_mismatch``)
+  * NotRedeemable (``not_redeemable``)
+    * CampaignNotStarted (``not_started``, transient)
+    * CampaignExpired (``expired``)
+    * CampaignNotActive (``campaign_not_active``, transient)
+    * CampaignPaused (``campaign_paused``, transient)
+    * CampaignEnded (``campaign_ended``)
+    * OutsideSaleWindow (``outside_window``, transient)
+    * Exhausted (``exhausted``)
+    * CustomerLimitReached (``customer_limit_reached``)
+    * WrongCustomer (``wrong_customer``)
+    * OrderTooSmall (``order_too_small``)
+    * AlreadyRedeemed (``already_redeemed``)
+    * CodeVoid (``code_void``)
+    * CodeReserved (``code_reserved``, transient)
+  * Unavailable (``unavailable``, transient)
+    * Fenced (``fenced``)
+      * ClaimLost (``claim_lost``)
+    * NotOwner (``not_owner``)
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any
+
+_REGISTRY: dict[str, type[VoucherError]] = {}
+
+
+def _register(cls: type[VoucherError]) -> None:
+    taken = _REGISTRY.get(cls.code)
+    # The same class defined again (a module re-executed, a class pickled by value) is no
+    # duplicate: it takes its own place.
+    if taken is not None and _name(taken) != _name(cls):
+        raise TypeError(
+            f"error code {cls.code!r} of {_name(cls)} is taken by {_name(taken)}: give it its "
+            "own code, or declare it with register=False if it only groups subclasses"
+        )
+    _REGISTRY[cls.code] = cls
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class VoucherError(Exception):
-    """Base of every error the engine raises on purpose."""
+    """Base of every error the engine raises on purpose.
+
+    A subclass is registered by its ``code`` when it is defined; a second class with a
+    code already taken raises ``TypeError`` there. A base that only groups others (its
+    code is a subclass's) says ``class Base(VoucherError, register=False)``.
+    """
 
     code: str = "voucher_error"
     #: the answer only means "not now": a retry with the same request may succeed, so an
     #: idempotency key never stores it (the operation did not really run)
     transient: bool = False
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Ray derives a class per remote failure (``RayTaskError(Unavailable)``), which
+        # must never be what a code rebuilds.
+        if register and all(issubclass(b, VoucherError) for b in cls.__bases__):
+            _register(cls)
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -24,6 +108,9 @@ class VoucherError(Exception):
 
     def __reduce__(self) -> tuple[type[VoucherError], tuple[str]]:
         return (type(self), (self.message,))
+
+
+_REGISTRY[VoucherError.code] = VoucherError
 
 
 class ConfigError(VoucherError):
@@ -340,32 +427,26 @@ class TopologyMismatch(Conflict):
     code = "topology_mismatch"
 
 
-def _all_subclasses(cls: type[VoucherError]) -> list[type[VoucherError]]:
-    out: list[type[VoucherError]] = [cls]
-    for sub in cls.__subclasses__():
-        out.extend(_all_subclasses(sub))
-    return out
 
 
 def registry() -> dict[str, type[VoucherError]]:
-    """Every error class by its code (where subclasses share one, the last defined).
-    Classes with a base outside this tree are left out: Ray derives one per remote failure
-    (``RayTaskError(Unavailable)``), which must never be what a code rebuilds."""
-    return {
-        c.code: c
-        for c in _all_subclasses(VoucherError)
-        if c is VoucherError or all(issubclass(b, VoucherError) for b in c.__bases__)
-    }
+    """Every error class by its code (a copy; classes register themselves when defined)."""
+    return dict(_REGISTRY)
 
 
-@functools.cache
 def is_transient(code: str) -> bool:
     """Whether the error with this code only means "not now" (see ``VoucherError.transient``)."""
-    cls = registry().get(code)
+    cls = _REGISTRY.get(code)
     return cls is not None and cls.transient
 
 
 def from_code(code: str, message: str) -> VoucherError:
     """Rebuild an error that crossed a process boundary as ``(code, message)``."""
-    cls = registry().get(code, VoucherError)
-    return cls(message)
+    return _REGISTRY.get(code, VoucherError)(message)
+
+
+def rebuild(failure: Any) -> VoucherError:
+    """The engine error a failure stands for, rebuilt by its code: a returned
+    ``(code, message)`` value, or an engine error whose class Ray derived on the way."""
+    message = getattr(failure, "message", None)
+    return from_code(failure.code, str(failure) if message is None else message)

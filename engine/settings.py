@@ -1,8 +1,9 @@
 """Every tunable of the engine, read from the environment, validated, documented once.
 
 :class:`Settings` is the single source: constraints live on the fields, the environment
-variable and the description live in ``_ENV``, and :data:`SETTINGS_DOC` (rendered into the
-README by :func:`settings_markdown`) is built from both, so code and docs cannot drift.
+variable and the description live in ``_ENV``, and :data:`SETTINGS_DOC` (rendered into
+docs/configuration.md by :func:`settings_markdown`) is built from both, so code and docs
+cannot drift.
 
 An empty variable counts as unset, so ``VOUCHER_DATABASE_URL=`` means "use the embedded
 Postgres" just as leaving it out does.
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 
 from engine.errors import ConfigError
+from engine.gcra import Limit, format_limit, parse_limit, parse_limits
 
 AckMode = Literal["durable", "fast"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -56,6 +58,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     access_log: bool = False
     shard_channel: bool = True
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 65536
+    rate_admin: Limit = Limit(100.0, 200)
+    rate_manager: Limit = Limit(100.0, 200)
+    rate_analyst: Limit = Limit(50.0, 100)
+    rate_integration: Limit = Limit(2000.0, 4000)
+    rate_customer: Limit = Limit(20.0, 40)
+    rate_anonymous: Limit = Limit(10.0, 20)
+    rate_ip: Limit = Limit(200.0, 400)
+    rate_failures: Limit = Limit(10 / 60, 20)
+    rate_failures_caller: Limit = Limit(100 / 60, 200)
+    rate_login_ip: tuple[Limit, ...] = (Limit(5 / 60, 10), Limit(30 / 3600, 50))
+    rate_login_account: tuple[Limit, ...] = (Limit(10 / 60, 20), Limit(60 / 3600, 100))
+    rate_login_device: tuple[Limit, ...] = (Limit(5 / 60, 10), Limit(30 / 3600, 50))
     shard_resource: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     smtp_url: str | None = None
     import_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=64 * 1024**3)] = 1024**3
@@ -87,6 +101,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     delivery_failure_min_attempts: Annotated[int, msgspec.Meta(ge=1)] = 20
     report_refresh_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 1000
     reports_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8501
+    api_url: str = "http://127.0.0.1:8000"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -107,7 +122,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 value = value.upper()
             elif field in _LOWER:
                 value = value.lower()
-            raw[field] = value
+            raw[field] = _parsed(field, var, value)
         try:
             # strict=False lets msgspec parse "4" as int and "2.5" as float, and applies
             # the Meta constraints, so the ranges above are the only place they are stated.
@@ -118,6 +133,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         _check_allow(settings)
         _check_networks(settings)
         return settings
+
+    @staticmethod
+    def given(field: str, env: Mapping[str, str] | None = None) -> bool:
+        """Whether ``field``'s variable has a value in ``env`` (default: ``os.environ``),
+        as opposed to the field holding its default."""
+        if env is None:
+            import os
+
+            env = os.environ
+        return bool(env.get(_ENV[field][0], "").strip())
 
     def __repr__(self) -> str:
         # Settings get logged; the token key and the admin password must not be.
@@ -252,6 +277,46 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_MAX_BODY_BYTES",
         "Largest request body accepted, in bytes (1024..64 MiB); larger ones get 413.",
     ),
+    "rate_admin": (
+        "VOUCHER_RATE_ADMIN",
+        "Requests of one admin: `RATE/BURST` per second, or `RATE/UNIT/BURST` (unit s, min "
+        "or h) as in every `VOUCHER_RATE_*` (docs/http-api.md: Rate limits).",
+    ),
+    "rate_manager": ("VOUCHER_RATE_MANAGER", "Requests of one manager."),
+    "rate_analyst": ("VOUCHER_RATE_ANALYST", "Requests of one analyst."),
+    "rate_integration": (
+        "VOUCHER_RATE_INTEGRATION",
+        "Requests of one integration API key (checkout services).",
+    ),
+    "rate_customer": ("VOUCHER_RATE_CUSTOMER", "Requests of one customer."),
+    "rate_anonymous": (
+        "VOUCHER_RATE_ANONYMOUS",
+        "Unauthenticated requests (register, login).",
+    ),
+    "rate_ip": (
+        "VOUCHER_RATE_IP",
+        "Requests per client address (anonymous and customer traffic).",
+    ),
+    "rate_failures": (
+        "VOUCHER_RATE_FAILURES",
+        "Code-guessing failures per customer, and per address without one.",
+    ),
+    "rate_failures_caller": (
+        "VOUCHER_RATE_FAILURES_CALLER",
+        "Code-guessing failures per API key or user, all its customers.",
+    ),
+    "rate_login_ip": (
+        "VOUCHER_RATE_LOGIN_IP",
+        "Failed logins per client address: comma-separated tiers, each `RATE/UNIT/BURST`.",
+    ),
+    "rate_login_account": (
+        "VOUCHER_RATE_LOGIN_ACCOUNT",
+        "Failed logins per account, from addresses without its device token (tiers).",
+    ),
+    "rate_login_device": (
+        "VOUCHER_RATE_LOGIN_DEVICE",
+        "Failed logins per device token (tiers).",
+    ),
     "shard_resource": (
         "VOUCHER_SHARD_RESOURCE",
         "Custom Ray resource each shard actor asks one unit of (cluster.yaml: `voucher_shard`), "
@@ -384,6 +449,11 @@ _ENV: dict[str, tuple[str, str]] = {
         "Port of the Streamlit reporting app that `voucher-engine up` and `voucher-engine "
         "reports` start on the HTTP host (1..65535).",
     ),
+    "api_url": (
+        "VOUCHER_API_URL",
+        "Base URL of the HTTP API that the reporting app calls (`voucher-engine up` and "
+        "`voucher-engine reports` set it to the engine's).",
+    ),
 }
 _UPPER = frozenset({"log_level"})
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -392,6 +462,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "serve_mode": get_args(ServeMode),
 }
 _LOWER = frozenset({"ack_mode", "serve_mode", "admin_email", "access_log", "shard_channel"})
+# Rate limits: one RATE/BURST, or comma-separated tiers of them.
+_LIMITS = frozenset(f"rate_{name}" for name in (
+    "admin", "manager", "analyst", "integration", "customer", "anonymous",
+    "ip", "failures", "failures_caller",
+))
+_TIERS = frozenset({"rate_login_ip", "rate_login_account", "rate_login_device"})
 # Never echoed in error messages (they end up in logs).
 _SECRET = frozenset({"jwt_secret", "admin_password"})
 
@@ -402,6 +478,16 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "sms_webhook_url": ("http://", "https://"),
     "push_webhook_url": ("http://", "https://"),
 }
+
+
+def _parsed(field: str, var: str, value: str) -> Any:
+    """A rate limit's text as its Limit(s) (raising ConfigError naming the variable);
+    any other value as it is, for msgspec to convert."""
+    if field in _LIMITS:
+        return parse_limit(value, var)
+    if field in _TIERS:
+        return parse_limits(value, var)
+    return value
 
 
 def _config_error(detail: str, raw: Mapping[str, Any]) -> ConfigError:
@@ -457,8 +543,10 @@ def _default_text(field: str) -> str:
     value = getattr(_DEFAULTS, field)
     if value is None or value == "":
         return "(unset)"
-    if value == "":
-        return "(empty)"
+    if isinstance(value, Limit):
+        return format_limit(value)
+    if field in _TIERS:
+        return ",".join(format_limit(limit) for limit in value)
     return str(value)
 
 
@@ -471,7 +559,7 @@ SETTINGS_DOC: list[tuple[str, str, str]] = [
 
 
 def settings_markdown() -> str:
-    """The configuration table of the README, as Markdown."""
+    """The configuration table of docs/configuration.md, as Markdown."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{var}` | `{default}` | {doc} |" for var, default, doc in SETTINGS_DOC]
     return "\n".join(lines)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,7 +72,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     dsn, redis_url = settings.database_url, settings.redis_url
     applied = asyncio.run(migrate(dsn))
     print(f"postgres: migrations applied: {applied or 'none (up to date)'}")
-    if not os.environ.get("VOUCHER_SHARDS"):
+    if not Settings.given("shards"):
         settings = adopt_stored_topology(settings, dsn)
     ray_init(settings, attach=True)
     start_engine(settings, dsn, detached=True)

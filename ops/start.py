@@ -67,6 +67,7 @@ def reports_command(settings: Settings, api_url: str | None = None) -> list[str]
 
 
 def reports_env(settings: Settings, api_url: str | None = None) -> dict[str, str]:
+    # The app reads its settings (Settings.from_env) from the environment it inherits.
     env = dict(os.environ)
     env["VOUCHER_API_URL"] = api_url or f"http://{settings.http_host}:{settings.http_port}"
     return env

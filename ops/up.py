@@ -82,7 +82,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         # in front of the nodes notice (Serve's default: 30 s). `up` is one node whose own
         # proxy is the only balancer: a stop need not wait for anyone.
         os.environ.setdefault(SERVE_DRAIN_VAR, "2")
-        if not os.environ.get("VOUCHER_SHARDS"):
+        if not Settings.given("shards"):
             settings = adopt_stored_topology(settings, services.database_url)
         try:
             ray_init(settings, attach=False)

@@ -19,7 +19,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from engine.settings import Settings
 from reporting.client import Api, ApiError, api_url
+
+API_URL = api_url(Settings.from_env())
 
 PAGES = ("Overview", "Campaign", "Live flash sale")
 LIVE_EVERY_S = 2.0
@@ -50,7 +53,7 @@ def duration(s: float | None) -> str:
 
 
 def api() -> Api:
-    return Api(api_url(), st.session_state.get("token"))
+    return Api(API_URL, st.session_state.get("token"))
 
 
 def show_error(exc: ApiError) -> None:
@@ -66,14 +69,14 @@ def show_error(exc: ApiError) -> None:
 
 def login_page() -> None:
     st.title("Voucher engine reports")
-    st.caption(f"API: {api_url()}")
+    st.caption(f"API: {API_URL}")
     with st.form("login"):
         email = st.text_input("Email", key="email")
         password = st.text_input("Password", type="password", key="password")
         submitted = st.form_submit_button("Log in")
     if submitted:
         try:
-            token = Api(api_url()).login(email.strip(), password)
+            token = Api(API_URL).login(email.strip(), password)
         except ApiError as exc:
             st.error(f"Login failed: {exc.detail}")
             return

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
-DEFAULT_API_URL = "http://127.0.0.1:8000"
+from engine.settings import Settings
 
 
-def api_url() -> str:
-    """Base URL of the HTTP API: ``VOUCHER_API_URL`` (set by ``voucher-engine up``)."""
-    return os.environ.get("VOUCHER_API_URL", "").strip().rstrip("/") or DEFAULT_API_URL
+def api_url(settings: Settings) -> str:
+    """Base URL of the HTTP API: the ``api_url`` setting (set by ``voucher-engine up``)."""
+    return settings.api_url.rstrip("/")
 
 
 class ApiError(Exception):

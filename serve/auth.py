@@ -37,6 +37,10 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from engine import errors
 from engine.errors import ConfigError, InvalidInput
+
+# The API-key cache's Redis keys, for the gateway and the Users deployment.
+from engine.keys import API_KEY_EPOCH as API_KEY_EPOCH
+from engine.keys import api_key_flag as api_key_flag
 from engine.settings import Settings
 
 log = logging.getLogger("voucher.auth")
@@ -86,7 +90,7 @@ def _rebuild(cls: type[AuthError], type_: str, detail: str) -> AuthError:
     return exc
 
 
-class AuthError(errors.VoucherError):
+class AuthError(errors.VoucherError, register=False):
     """401/403 problems. ``type`` is the problem slug, ``detail`` a human sentence.
 
     Build with ``Unauthenticated("invalid_token", "...")`` / ``Forbidden("forbidden", "...")``
@@ -122,14 +126,14 @@ class AuthError(errors.VoucherError):
         return Forbidden(type, detail)
 
 
-class Unauthenticated(AuthError):
+class Unauthenticated(AuthError, register=False):
     """401: no credentials, or credentials that do not prove who the caller is."""
 
     status: ClassVar[int] = 401
     code = "unauthenticated"
 
 
-class Forbidden(AuthError):
+class Forbidden(AuthError, register=False):
     """403: the caller is known but its roles do not allow the action."""
 
     status: ClassVar[int] = 403
@@ -144,7 +148,7 @@ class _FixedUnauthenticated(Unauthenticated):
         super().__init__(type(self).code, detail)
 
 
-class _FixedForbidden(Forbidden):
+class _FixedForbidden(Forbidden, register=False):
     """Base of the 403s whose ``type`` is their class ``code``."""
 
     def __init__(self, detail: str = "") -> None:
@@ -530,25 +534,18 @@ def hash_api_secret(secret: str) -> str:
 
 # The gateway keeps a verified API key in memory for this long, so the checkout hot path
 # pays no database look-up per request. Revocations and owner role changes still apply at
-# once: they set the key's flag in Redis (api_key_flag) for API_KEY_FLAG_TTL_S, longer than
+# once: they set the key's flag in Redis (keys.api_key_flag) for API_KEY_FLAG_TTL_S, longer than
 # any cache entry lives, and the gateway reads that flag in the same Redis call as the rate
 # limits; a flagged key (or a request answered while Redis is down) is checked against
 # Postgres again. Postgres is the truth and the flags only a fast invalidation: should
 # Redis lose its data (and the flags with it), the epoch key read in the same call
-# (API_KEY_EPOCH) comes back with a new value, and every key cached under the old one is
+# (keys.API_KEY_EPOCH) comes back with a new value, and every key cached under the old one is
 # checked against Postgres again; the flag set after the change waits until it is in
 # Redis's append-only file, and a replica forgets its cached keys when Redis restarts or fails over
 # (a partial loss). A revocation needs Redis for its flag: while Redis is unreachable it is
 # refused (503) and nothing changes.
 API_KEY_CACHE_S = 30.0
 API_KEY_FLAG_TTL_S = 120
-API_KEY_EPOCH = "auth:epoch"
-
-
-def api_key_flag(key_id: str) -> str:
-    """The Redis flag (under the limiter's prefix) set when a key is revoked or its owner's
-    roles change."""
-    return f"auth:stale:{key_id}"
 
 
 def verify_api_secret(secret: str, stored_hash: str) -> bool:

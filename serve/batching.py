@@ -411,7 +411,7 @@ class MicroBatcher:
             for _, fut, _ in batch:
                 if not fut.done():
                     # One instance per waiter: a shared one would pile up tracebacks.
-                    fut.set_exception(_copy(exc))
+                    fut.set_exception(errors.rebuild(exc))
         except Exception as exc:
             # A bug or an undecodable answer.
             for _, fut, _ in batch:
@@ -465,8 +465,3 @@ def _expire(fut: asyncio.Future[Outcome], deadline_s: float) -> None:
 
 def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _copy(exc: errors.VoucherError) -> errors.VoucherError:
-    # by code, not type(exc): a class Ray derived for a remote failure is no engine error
-    return errors.from_code(exc.code, getattr(exc, "message", None) or str(exc))

@@ -1,9 +1,7 @@
 """The gateway's shared rate limiter: GCRA in Redis, one Lua call per request.
 
-GCRA (the generic cell rate algorithm) keeps one number per key, the "theoretical arrival
-time" (TAT). A request of cost ``c`` is allowed when ``TAT + c*T - burst*T <= now`` (with
-``T = 1/rate``), and then moves TAT forward by ``c*T``. That is a token bucket with a
-refill of ``rate`` per second and a capacity of ``burst``, without a background refill.
+The algorithm and its script are ``engine/gcra.py`` (the delivery workers' send permits use
+the same); this module holds the gateway's policy and the hot-path caller.
 
 * The clock is the Redis server's (``TIME`` inside the script): gateway replicas on
   different hosts agree without clock sync.
@@ -28,125 +26,34 @@ timeout on every request.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from engine.errors import ConfigError
+from actors import ratelimit as gcra_redis
+from engine import keys as redis_keys
+from engine.gcra import (
+    GCRA_MULTI_SHA,
+    GCRA_SHA,
+    Check,
+    Limit,
+    LocalGcra,
+    check_args,
+    multi_args,
+    split_multi,
+)
+from engine.settings import Settings
 from serve.resp import ReplyError, RespPipe, open_pipe, pipe_address
 
 log = logging.getLogger(__name__)
 
 ROLES = ("admin", "manager", "analyst", "integration", "customer", "anonymous")
-
-# KEYS: the buckets, then optionally a flag key and an epoch key. ARGV[1]: mode, ARGV[2]:
-# how many of those trail KEYS (0, 1: the flag key, whose existence is reported, or 2: the
-# flag key and the epoch key, whose value is reported, created from the server's clock when
-# missing; see RateLimiter.hit_and_check_failures), then (rate, burst, cost, charge) per bucket.
-#   mode "all":  charge every key if every key allows, none otherwise (hit / hit_many)
-#   mode "each": charge each key that allows, independently (failure penalties)
-#   mode "peek": charge nothing, answer as if cost were charged (budget checks)
-# Returns, per key: allowed (0/1), remaining, reset_after_s, retry_after_s; floats travel
-# as strings because Redis truncates Lua numbers to integers. With a flag key, one more
-# value: 1 if it exists, else 0; with an epoch key, then its value.
-_GCRA_FUNCTION = r"""
-local function gcra(KEYS, ARGV, now)
-  local mode = ARGV[1]
-  local nflag = tonumber(ARGV[2])
-  local n = #KEYS - nflag
-  local res = {}
-  local tats = {}
-  local all_ok = true
-  for i = 1, n do
-    local rate = tonumber(ARGV[3 + (i - 1) * 4])
-    local burst = tonumber(ARGV[4 + (i - 1) * 4])
-    local cost = tonumber(ARGV[5 + (i - 1) * 4])
-    local charge = ARGV[6 + (i - 1) * 4] == '1'
-    local interval = 1 / rate
-    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-    if tat == nil or tat < now then tat = now end
-    local new_tat = tat + cost * interval
-    local allow_at = new_tat - burst * interval
-    local diff = now - allow_at
-    -- now is ~1e8 s with microsecond resolution: compare with a microsecond's slack
-    local ok = diff >= -1e-6
-    local remaining, reset_after, retry_after
-    if ok then
-      remaining = math.floor(diff / interval + 1e-4)
-      reset_after = new_tat - now
-      retry_after = 0
-      if mode == 'peek' or not charge then reset_after = tat - now; remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4) end
-    else
-      all_ok = false
-      remaining = 0
-      reset_after = tat - now
-      retry_after = -diff
-    end
-    tats[i] = {ok and charge, new_tat}
-    res[#res + 1] = ok and 1 or 0
-    res[#res + 1] = remaining
-    res[#res + 1] = string.format('%.6f', reset_after)
-    res[#res + 1] = string.format('%.6f', retry_after)
-  end
-  if mode ~= 'peek' then
-    for i = 1, n do
-      if tats[i][1] and (mode == 'each' or all_ok) then
-        local ttl = math.ceil((tats[i][2] - now) * 1000) + 1000
-        redis.call('SET', KEYS[i], string.format('%.6f', tats[i][2]), 'PX', ttl)
-      end
-    end
-  end
-  if nflag >= 1 then res[#res + 1] = redis.call('EXISTS', KEYS[n + 1]) end
-  if nflag == 2 then
-    local e = redis.call('GET', KEYS[n + 2])
-    if not e then
-      e = string.format('%.6f', now)
-      redis.call('SET', KEYS[n + 2], e)
-    end
-    res[#res + 1] = e
-  end
-  return res
-end
-"""
-_NOW_LUA = r"""
-local t = redis.call('TIME')
--- seconds since 2024-01-01: keeps microsecond precision well inside a double
-local now = (tonumber(t[1]) - 1704067200) + tonumber(t[2]) / 1000000
-"""
-_GCRA_LUA = _GCRA_FUNCTION + _NOW_LUA + "return gcra(KEYS, ARGV, now)\n"
-# Several independent checks in one call (RateLimiter coalesces the checks of concurrent
-# requests): ARGV[1] = number of groups, then per group its key count, its ARGV count and
-# its ARGV; KEYS are the groups' keys in order. Groups run one after the other, exactly as
-# separate calls would (a later group sees what an earlier one charged). Returns, per
-# group, the length of its answer and then the answer.
-_GCRA_MULTI_LUA = _GCRA_FUNCTION + _NOW_LUA + r"""
-local out = {}
-local ki, ai = 1, 2
-for g = 1, tonumber(ARGV[1]) do
-  local nk, na = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
-  ai = ai + 2
-  local keys, argv = {}, {}
-  for j = 1, nk do keys[j] = KEYS[ki]; ki = ki + 1 end
-  for j = 1, na do argv[j] = ARGV[ai]; ai = ai + 1 end
-  local res = gcra(keys, argv, now)
-  out[#out + 1] = #res
-  for j = 1, #res do out[#out + 1] = res[j] end
-end
-return out
-"""
-_GCRA_SHA = hashlib.sha1(_GCRA_LUA.encode()).hexdigest()
-_GCRA_MULTI_SHA = hashlib.sha1(_GCRA_MULTI_LUA.encode()).hexdigest()
-
-Check = tuple[str, float, int, int]
-"""One limit to apply: (key, rate per second, burst, cost)."""
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -169,67 +76,11 @@ class Decision(msgspec.Struct, frozen=True):
     epoch: str = ""  # the value of its epoch key ("" when not asked or answered locally)
 
 
-class Limit(msgspec.Struct, frozen=True):
-    rate: float  # per second
-    burst: int
-
-    def __post_init__(self) -> None:
-        if not (self.rate > 0 and math.isfinite(self.rate)):
-            raise ValueError("rate must be a positive number")
-        if self.burst < 1:
-            raise ValueError("burst must be >= 1")
-
-
-_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
-          "h": 3600.0, "hour": 3600.0}
-
-
-def parse_limit(text: str, name: str = "rate limit") -> Limit:
-    """``"2000/4000"`` (2000 per second, burst 4000) or ``"10/min/20"`` (unit s, min or h)."""
-    parts = [p.strip() for p in text.strip().split("/")]
-    try:
-        if len(parts) == 2:
-            rate, burst = float(parts[0]), int(parts[1])
-        elif len(parts) == 3 and parts[1].lower() in _UNITS:
-            rate, burst = float(parts[0]) / _UNITS[parts[1].lower()], int(parts[2])
-        else:
-            raise ValueError("expected RATE/BURST or RATE/UNIT/BURST")
-        return Limit(rate, burst)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{name}={text!r}: {exc} (e.g. '2000/4000' per second, or '10/min/20')"
-        ) from None
+_DEFAULTS = Settings()
 
 
 def _default_roles() -> dict[str, Limit]:
-    return {
-        "admin": Limit(100.0, 200),
-        "manager": Limit(100.0, 200),
-        "analyst": Limit(50.0, 100),
-        "integration": Limit(2000.0, 4000),
-        "customer": Limit(20.0, 40),
-        "anonymous": Limit(10.0, 20),
-    }
-
-
-def parse_limits(text: str, name: str) -> tuple[Limit, ...]:
-    """Tiers of one budget, comma-separated: ``"5/min/10,30/h/50"``."""
-    tiers = tuple(parse_limit(t, name) for t in text.split(",") if t.strip())
-    if not tiers:
-        raise ConfigError(f"{name}={text!r}: expected at least one RATE/BURST")
-    return tiers
-
-
-def _login_ip() -> tuple[Limit, ...]:
-    return (Limit(5 / 60, 10), Limit(30 / 3600, 50))
-
-
-def _login_account() -> tuple[Limit, ...]:
-    return (Limit(10 / 60, 20), Limit(60 / 3600, 100))
-
-
-def _login_device() -> tuple[Limit, ...]:
-    return (Limit(5 / 60, 10), Limit(30 / 3600, 50))
+    return {role: getattr(_DEFAULTS, f"rate_{role}") for role in ROLES}
 
 
 class RateLimitPolicy(msgspec.Struct, frozen=True):
@@ -238,42 +89,30 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
     trusted device), each login budget in tiers whose waits grow (see README)."""
 
     roles: dict[str, Limit] = msgspec.field(default_factory=_default_roles)
-    per_ip: Limit = Limit(200.0, 400)
-    failures: Limit = Limit(10 / 60, 20)  # per customer, and per address without one
-    failures_caller: Limit = Limit(100 / 60, 200)  # per API key or user, all its customers
-    login_ip: tuple[Limit, ...] = msgspec.field(default_factory=_login_ip)
-    login_account: tuple[Limit, ...] = msgspec.field(default_factory=_login_account)
-    login_device: tuple[Limit, ...] = msgspec.field(default_factory=_login_device)
+    per_ip: Limit = _DEFAULTS.rate_ip
+    failures: Limit = _DEFAULTS.rate_failures  # per customer, and per address without one
+    failures_caller: Limit = _DEFAULTS.rate_failures_caller  # per API key or user, all its customers
+    login_ip: tuple[Limit, ...] = _DEFAULTS.rate_login_ip
+    login_account: tuple[Limit, ...] = _DEFAULTS.rate_login_account
+    login_device: tuple[Limit, ...] = _DEFAULTS.rate_login_device
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RateLimitPolicy:
+        """The ``VOUCHER_RATE_*`` settings."""
+        return cls(
+            roles={role: getattr(s, f"rate_{role}") for role in ROLES},
+            per_ip=s.rate_ip,
+            failures=s.rate_failures,
+            failures_caller=s.rate_failures_caller,
+            login_ip=s.rate_login_ip,
+            login_account=s.rate_login_account,
+            login_device=s.rate_login_device,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RateLimitPolicy:
-        """``VOUCHER_RATE_<ROLE>``, ``VOUCHER_RATE_IP``, ``VOUCHER_RATE_FAILURES``,
-        ``VOUCHER_RATE_FAILURES_CALLER``, each ``RATE/BURST`` (per second) or
-        ``RATE/UNIT/BURST``, and ``VOUCHER_RATE_LOGIN_IP/_ACCOUNT/_DEVICE``, each a
-        comma-separated list of such tiers; empty or unset keeps the default."""
-        env = os.environ if env is None else env
-        base = cls()
-        roles = dict(base.roles)
-        for role in ROLES:
-            name = f"VOUCHER_RATE_{role.upper()}"
-            if env.get(name, "").strip():
-                roles[role] = parse_limit(env[name], name)
-
-        def one(name: str, default: Limit) -> Limit:
-            return parse_limit(env[name], name) if env.get(name, "").strip() else default
-
-        def tiers(name: str, default: tuple[Limit, ...]) -> tuple[Limit, ...]:
-            return parse_limits(env[name], name) if env.get(name, "").strip() else default
-
-        return cls(
-            roles=roles,
-            per_ip=one("VOUCHER_RATE_IP", base.per_ip),
-            failures=one("VOUCHER_RATE_FAILURES", base.failures),
-            failures_caller=one("VOUCHER_RATE_FAILURES_CALLER", base.failures_caller),
-            login_ip=tiers("VOUCHER_RATE_LOGIN_IP", base.login_ip),
-            login_account=tiers("VOUCHER_RATE_LOGIN_ACCOUNT", base.login_account),
-            login_device=tiers("VOUCHER_RATE_LOGIN_DEVICE", base.login_device),
-        )
+        """:meth:`from_settings` of ``Settings.from_env(env)``."""
+        return cls.from_settings(Settings.from_env(env))
 
     def role_limit(self, role: str) -> Limit:
         # An unknown role gets the strictest treatment, not the most generous one.
@@ -282,10 +121,10 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
     def principal_check(self, role: str, subject: str, cost: int = 1) -> Check:
         """The limit of one caller (a user id or an API key id) in its role."""
         lim = self.role_limit(role)
-        return (f"{role}:{subject}", lim.rate, lim.burst, cost)
+        return (redis_keys.principal(role, subject), lim.rate, lim.burst, cost)
 
     def ip_check(self, client_ip: str, cost: int = 1) -> Check:
-        return (f"ip:{client_ip}", self.per_ip.rate, self.per_ip.burst, cost)
+        return (redis_keys.ip(client_ip), self.per_ip.rate, self.per_ip.burst, cost)
 
     def request_checks(
         self, role: str, subject: str, client_ip: str, cost: int = 1
@@ -295,22 +134,22 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
 
     @staticmethod
     def failure_keys(customer_id: str | None, client_ip: str | None) -> list[str]:
-        keys = []
+        out = []
         if customer_id:
-            keys.append(f"customer:{customer_id}")
+            out.append(redis_keys.customer(customer_id))
         if client_ip:
-            keys.append(f"ip:{client_ip}")
-        return keys
+            out.append(redis_keys.ip(client_ip))
+        return out
 
     def login_keys(self, client_ip: str, account: str, device: str | None) -> list[str]:
         """The failure budgets a login attempt is checked against and, when it fails,
         charged to: a trusted device's own (it logged in to this account before), else
         its address's and its account's. Keys carry their tier after ``#``."""
         if device is not None:
-            return [f"login-device:{device}#{i}" for i in range(len(self.login_device))]
+            return [redis_keys.login(redis_keys.LOGIN_DEVICE, device, i) for i in range(len(self.login_device))]
         return [
-            *(f"login-ip:{client_ip}#{i}" for i in range(len(self.login_ip))),
-            *(f"login-account:{account}#{i}" for i in range(len(self.login_account))),
+            *(redis_keys.login(redis_keys.LOGIN_IP, client_ip, i) for i in range(len(self.login_ip))),
+            *(redis_keys.login(redis_keys.LOGIN_ACCOUNT, account, i) for i in range(len(self.login_account))),
         ]
 
     def failure_limit(self, key: str) -> Limit | None:
@@ -318,13 +157,13 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
         kind, _, rest = key.partition(":")
         if kind.startswith("login-"):
             tiers = {
-                "login-ip": self.login_ip,
-                "login-account": self.login_account,
-                "login-device": self.login_device,
+                redis_keys.LOGIN_IP: self.login_ip,
+                redis_keys.LOGIN_ACCOUNT: self.login_account,
+                redis_keys.LOGIN_DEVICE: self.login_device,
             }.get(kind, ())
             tier = int(rest.rpartition("#")[2] or 0)
             return tiers[tier] if tier < len(tiers) else None
-        if kind == "caller":
+        if kind == redis_keys.CALLER:
             return self.failures_caller
         return self.failures
 
@@ -342,56 +181,6 @@ def headers(decision: Decision) -> dict[str, str]:
     return out
 
 
-class LocalGcra:
-    """The GCRA of the script, in this process's memory: the replica's own limits while
-    Redis is unreachable. Answers in the script's shape, so one decoder serves both."""
-
-    MAX_KEYS = 100_000
-
-    def __init__(self, clock: Any = time.monotonic) -> None:
-        self.clock = clock
-        self._tat: dict[str, float] = {}
-
-    def run(self, mode: str, checks: Sequence[Check], peek_from: int | None) -> list[Any]:
-        now = self.clock()
-        res: list[Any] = []
-        todo: list[tuple[str, float, bool]] = []
-        all_ok = True
-        for i, (key, rate, burst, cost) in enumerate(checks):
-            charge = peek_from is None or i < peek_from
-            interval = 1 / rate
-            tat = max(self._tat.get(key, now), now)
-            new_tat = tat + cost * interval
-            diff = now - (new_tat - burst * interval)
-            ok = diff >= -1e-6
-            if ok:
-                remaining = math.floor(diff / interval + 1e-4)
-                reset_after, retry_after = new_tat - now, 0.0
-                if mode == "peek" or not charge:
-                    reset_after = tat - now
-                    remaining = math.floor((now - (tat - burst * interval)) / interval + 1e-4)
-            else:
-                all_ok = False
-                remaining, reset_after, retry_after = 0, tat - now, -diff
-            todo.append((key, new_tat, ok and charge))
-            res += [int(ok), remaining, f"{reset_after:.6f}", f"{retry_after:.6f}"]
-        if mode != "peek":
-            for key, new_tat, charged in todo:
-                if charged and (mode == "each" or all_ok):
-                    self._tat[key] = new_tat
-            if len(self._tat) > self.MAX_KEYS:
-                self._shrink(now)
-        return res
-
-    def _shrink(self, now: float) -> None:
-        """Forget full buckets; if that is not enough, keep the emptiest half (forgetting
-        a nearly full bucket forgives the least)."""
-        self._tat = {k: t for k, t in self._tat.items() if t > now}
-        if len(self._tat) > self.MAX_KEYS:
-            keep = sorted(self._tat.items(), key=lambda kv: kv[1], reverse=True)[: self.MAX_KEYS // 2]
-            self._tat = dict(keep)
-
-
 class RateLimiter:
     """GCRA limits shared by every gateway replica through one Redis (and kept by each
     replica alone while Redis is unreachable)."""
@@ -401,7 +190,7 @@ class RateLimiter:
         redis: str | aioredis.Redis,
         *,
         policy: RateLimitPolicy | None = None,
-        prefix: str = "voucher:rl:",
+        prefix: str = redis_keys.LIMITER,
         timeout_s: float = 0.25,
         backoff_s: float = 1.0,
         max_connections: int = 64,
@@ -550,7 +339,7 @@ class RateLimiter:
     async def reset(self, keys: Sequence[str], *, failures: bool = False) -> None:
         """Forget buckets (e.g. an operator unblocking a customer)."""
         if keys:
-            pre = self.prefix + ("fail:" if failures else "")
+            pre = self.prefix + (redis_keys.FAILURES if failures else "")
             await self.redis.delete(*[pre + k for k in keys])
 
     # --- machinery -----------------------------------------------------------------------
@@ -573,7 +362,7 @@ class RateLimiter:
                 continue
             r = f.rate if rate is None else rate
             b = f.burst if burst is None else burst
-            out.append((f"{self.prefix}fail:{k}", r, b, cost))
+            out.append((self.prefix + redis_keys.FAILURES + k, r, b, cost))
         return out
 
     async def _run(
@@ -588,11 +377,9 @@ class RateLimiter:
         if not checks:
             return Decision(True, 0, 0, 0.0, 0.0)
         trailing = [k for k in (flag_key, epoch_key) if k is not None]
-        args: list[Any] = [mode, len(trailing)]
-        for i, (key, rate, burst, cost) in enumerate(checks):
+        for key, rate, burst, cost in checks:
             _validate(key, rate, burst, cost)
-            charge = 0 if peek_from is not None and i >= peek_from else 1
-            args += [repr(float(rate)), int(burst), int(cost), charge]
+        args = check_args(mode, checks, peek_from, len(trailing))
         keys = [c[0] for c in checks] + trailing
         if time.monotonic() < self._down_until:
             return self._fallback(mode, checks, peek_from, None)
@@ -670,10 +457,10 @@ class RateLimiter:
             return
         if len(batch) == 1:
             keys, args, _ = batch[0]
-            cmd: list[Any] = ["EVALSHA", _GCRA_SHA, len(keys), *keys, *args]
+            cmd: list[Any] = ["EVALSHA", GCRA_SHA, len(keys), *keys, *args]
         else:
-            keys, margs = _multi_args([(k, a) for k, a, _ in batch])
-            cmd = ["EVALSHA", _GCRA_MULTI_SHA, len(keys), *keys, *margs]
+            keys, margs = multi_args([(k, a) for k, a, _ in batch])
+            cmd = ["EVALSHA", GCRA_MULTI_SHA, len(keys), *keys, *margs]
         loop = asyncio.get_running_loop()
         timer = loop.call_later(
             self.timeout_s,
@@ -691,7 +478,7 @@ class RateLimiter:
             try:
                 if isinstance(res, BaseException):
                     raise RedisError(str(res)) if isinstance(res, ReplyError) else res
-                answers = [list(res)] if len(batch) == 1 else _split_multi(res, len(batch))
+                answers = [list(res)] if len(batch) == 1 else split_multi(res, len(batch))
             except Exception as exc:
                 for _, _, fut in batch:
                     if not fut.done():
@@ -733,20 +520,10 @@ class RateLimiter:
                 fut.set_result(answer)
 
     async def _eval_one(self, keys: list[str], args: list[Any]) -> list[Any]:
-        try:
-            res = await self.redis.evalsha(_GCRA_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            # First call on this server (or after SCRIPT FLUSH / a failover): EVAL caches it.
-            res = await self.redis.eval(_GCRA_LUA, len(keys), *keys, *args)
-        return list(res)
+        return await gcra_redis.run(self.redis, keys, args)
 
     async def _eval_many(self, groups: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
-        keys, args = _multi_args(groups)
-        try:
-            raw = await self.redis.evalsha(_GCRA_MULTI_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            raw = await self.redis.eval(_GCRA_MULTI_LUA, len(keys), *keys, *args)
-        return _split_multi(raw, len(groups))
+        return await gcra_redis.run_many(self.redis, groups)
 
     def _fallback(
         self,
@@ -767,26 +544,6 @@ class RateLimiter:
         raw = self.local.run(mode, checks, peek_from)
         decision = _combine(checks, raw, len(self.prefix), peek_from)
         return msgspec.structs.replace(decision, degraded=True)
-
-
-def _multi_args(groups: list[tuple[list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of the multi-group script: per group its key count, arg count, args."""
-    keys: list[str] = []
-    args: list[Any] = [len(groups)]
-    for k, a in groups:
-        keys += k
-        args += [len(k), len(a), *a]
-    return keys, args
-
-
-def _split_multi(raw: Any, groups: int) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    i = 0
-    for _ in range(groups):
-        n = int(raw[i])
-        out.append(list(raw[i + 1 : i + 1 + n]))
-        i += 1 + n
-    return out
 
 
 def _validate(key: str, rate: float, burst: int, cost: int) -> None:

@@ -13,8 +13,7 @@ import pytest
 import ray
 from redis.asyncio import Redis
 
-from actors.delivery import SENT_MARKS
-from engine import delivery
+from engine import delivery, keys
 from tests.delivery_support import (
     add_customers,
     enqueue_all,
@@ -73,7 +72,7 @@ async def test_worker_killed_mid_run_and_consumers_restarted(pipeline, engine, s
     r = Redis.from_url(services.redis_url)
     try:
         held = await r.xpending_range(
-            delivery.stream("email"), delivery.GROUP, min="-", max="+", count=10_000, consumername=consumer
+            keys.stream("email"), keys.GROUP, min="-", max="+", count=10_000, consumername=consumer
         )
     finally:
         await r.aclose()
@@ -124,11 +123,11 @@ async def test_crash_after_acceptance_is_recorded_without_resending(pipeline, en
         await conn.close()
     r = Redis.from_url(services.redis_url)
     try:
-        await r.hset(SENT_MARKS, accepted.id, "dead-worker")
+        await r.hset(keys.SENT_MARKS, accepted.id, "dead-worker")
         for m in (accepted, never_sent):
-            await r.xadd(delivery.stream("email"), {delivery.FIELD: delivery.encode(m)})
+            await r.xadd(keys.stream("email"), {delivery.FIELD: delivery.encode(m)})
         await wait_states(db, cid, {"sent": 2})
-        assert not await r.hexists(SENT_MARKS, accepted.id)
+        assert not await r.hexists(keys.SENT_MARKS, accepted.id)
     finally:
         await r.aclose()
     got = receipts_of(pipeline.sinks, prefix)
@@ -172,7 +171,7 @@ async def test_permanently_failing_provider_dead_letters_and_notifies(pipeline, 
     customers = await add_customers(db, prefix, 40)
     msgs = messages_for(cid, customers) + messages_for(cid, customers, "sms")
     r = Redis.from_url(services.redis_url)
-    start = (await r.xinfo_stream(delivery.DEAD_STREAM))["last-generated-id"] if await r.exists(delivery.DEAD_STREAM) else b"0-0"
+    start = (await r.xinfo_stream(keys.DEAD_STREAM))["last-generated-id"] if await r.exists(keys.DEAD_STREAM) else b"0-0"
     pipeline.sinks.mode.permanent = True
     try:
         await enqueue_all(db, services.redis_url, msgs)
@@ -180,7 +179,7 @@ async def test_permanently_failing_provider_dead_letters_and_notifies(pipeline, 
     finally:
         pipeline.sinks.mode.permanent = False
     try:
-        entries = await r.xrange(delivery.DEAD_STREAM, min=f"({start.decode() if isinstance(start, bytes) else start}")
+        entries = await r.xrange(keys.DEAD_STREAM, min=f"({start.decode() if isinstance(start, bytes) else start}")
     finally:
         await r.aclose()
     dead_ids = {delivery.decode(f[b"m"]).id for _eid, f in entries}

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from actors.delivery import DeliveryCore, WorkerConfig, provider_urls
 from actors.delivery_queue import enqueue
-from engine import delivery
+from engine import keys
 from engine.campaigns import Discount
 from engine.settings import Settings
 from ops.servers import Services, start_services
@@ -177,11 +177,11 @@ async def test_a_lost_consumer_group_is_created_again(
         await wait_states(dsn, cid, {"sent": 20}, timeout_s=20)
         r = Redis.from_url(valkey.url)
         try:
-            assert await r.xgroup_destroy(delivery.stream("email"), delivery.GROUP)
+            assert await r.xgroup_destroy(keys.stream("email"), keys.GROUP)
             await _enqueue(dsn, valkey.url, msgs[20:])
             await wait_states(dsn, cid, {"sent": 40}, timeout_s=20)
-            groups = await r.xinfo_groups(delivery.stream("email"))
-            assert [g["name"] for g in groups] == [delivery.GROUP.encode()]
+            groups = await r.xinfo_groups(keys.stream("email"))
+            assert [g["name"] for g in groups] == [keys.GROUP.encode()]
         finally:
             await r.aclose()
     _exactly_once(sinks, prefix, {m.id for m in msgs})

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from engine import keys
 from tests.delivery_support import (
     add_customers,
     enqueue_all,
@@ -42,9 +43,9 @@ async def test_email_batch_arrives_exactly_once_and_reenqueue_sends_nothing(pipe
     await wait_states(db, cid, {"sent": 2000})
     elapsed = time.monotonic() - t0
     got = receipts_of(pipeline.sinks, prefix)
-    keys = Counter(r["key"] for r in got)
-    assert set(keys) == {m.id for m in msgs}
-    assert all(n == 1 for n in keys.values()), [k for k, n in keys.items() if n > 1][:5]
+    receipts = Counter(r["key"] for r in got)
+    assert set(receipts) == {m.id for m in msgs}
+    assert all(n == 1 for n in receipts.values()), [k for k, n in receipts.items() if n > 1][:5]
     assert all(r["status"] == "accepted" for r in got)
     # Each customer got its own code, addressed to them.
     by_key = {m.id: m for m in msgs}
@@ -67,7 +68,7 @@ async def test_email_batch_arrives_exactly_once_and_reenqueue_sends_nothing(pipe
     r = Redis.from_url(services.redis_url)
     try:
         for m in msgs[:50]:
-            await r.xadd(delivery.stream("email"), {delivery.FIELD: delivery.encode(m)})
+            await r.xadd(keys.stream("email"), {delivery.FIELD: delivery.encode(m)})
     finally:
         await r.aclose()
     await asyncio.sleep(2.0)
@@ -159,7 +160,6 @@ async def test_builtin_template_when_campaign_has_none(pipeline, engine, service
 async def test_rate_limit_is_shared_by_the_workers(pipeline, engine, services):
     """SMS limited to 40/s across both workers: 120 messages take about 2 s or more
     (the bucket starts full with one second's worth)."""
-    from actors.delivery import rate_key
 
     db = services.database_url
     import msgspec
@@ -169,7 +169,7 @@ async def test_rate_limit_is_shared_by_the_workers(pipeline, engine, services):
     from redis.asyncio import Redis
 
     r = Redis.from_url(services.redis_url)
-    await r.delete(rate_key("sms"))
+    await r.delete(keys.send_rate("sms"))
     await r.aclose()
     cid = await discount_campaign(engine, 0)
     customers = await add_customers(db, uid("rl"), 120)
@@ -186,7 +186,6 @@ async def test_silent_consumers_holding_nothing_are_forgotten(services, engine_s
     import msgspec
 
     from actors.delivery import DeliveryCore, WorkerConfig
-    from engine import delivery
     from tests.delivery_support import delivery_settings
 
     s = delivery_settings(engine_settings, delivery_claim_idle_s=0.1)
@@ -201,15 +200,15 @@ async def test_silent_consumers_holding_nothing_are_forgotten(services, engine_s
     await core.open()
     try:
         assert core.redis is not None
-        stream = delivery.stream("push")
+        stream = keys.stream("push")
         ghost = f"ghost-{uid('c')}"
-        await core.redis.xgroup_createconsumer(stream, delivery.GROUP, ghost)
+        await core.redis.xgroup_createconsumer(stream, keys.GROUP, ghost)
         await core._forget_dead_consumers(stream)  # not silent long enough yet
-        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, delivery.GROUP)}
+        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, keys.GROUP)}
         assert ghost.encode() in names
         await asyncio.sleep(1.2)  # 10 idle periods of 0.1 s
         await core._forget_dead_consumers(stream)
-        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, delivery.GROUP)}
+        names = {c["name"] for c in await core.redis.xinfo_consumers(stream, keys.GROUP)}
         assert ghost.encode() not in names
     finally:
         await core.close()

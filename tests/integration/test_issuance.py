@@ -19,7 +19,7 @@ import ray
 from redis import Redis
 
 from engine import codes as codegen
-from engine import delivery, errors
+from engine import delivery, errors, keys
 from engine.codes import CodeSpec
 from engine.routing import assignment_key, shard_of
 
@@ -119,7 +119,7 @@ def _stream_entries(redis: Any, campaign_id: str, channel: str = "email") -> lis
     out = []
     last = "-"
     while True:
-        batch = redis.xrange(delivery.stream(channel), min=last, count=10_000)
+        batch = redis.xrange(keys.stream(channel), min=last, count=10_000)
         if last != "-":
             batch = batch[1:]
         if not batch:

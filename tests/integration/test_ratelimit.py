@@ -11,19 +11,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from actors.ratelimit import take
 from engine.errors import ConfigError
+from engine.gcra import Check, Limit, LocalGcra, parse_limit, permits
+from engine.settings import Settings
 from ops.servers import Services
-from serve.ratelimit import (
-    Check,
-    Decision,
-    Limit,
-    LocalGcra,
-    RateLimiter,
-    RateLimitPolicy,
-    _combine,
-    headers,
-    parse_limit,
-)
+from serve.ratelimit import Decision, RateLimiter, RateLimitPolicy, _combine, headers
 
 
 @pytest.fixture
@@ -196,7 +189,7 @@ async def test_unreachable_redis_keeps_every_limit_in_the_replica() -> None:
     a burst above a limit is cut, and a guesser runs out of failure budget (429) while
     someone who has not failed still passes."""
     rl = RateLimiter("redis://127.0.0.1:1/0", timeout_s=0.2, backoff_s=5.0)
-    policy = RateLimitPolicy.from_env({"VOUCHER_RATE_FAILURES": "1/min/3"})
+    policy = RateLimitPolicy.from_settings(Settings.from_env({"VOUCHER_RATE_FAILURES": "1/min/3"}))
     try:
         d = await rl.hit("k", 10, 20)
         assert d.allowed and d.degraded and d.remaining == 19
@@ -245,6 +238,19 @@ async def test_local_buckets_answer_as_the_script_does(limiter: RateLimiter) -> 
             mode, checks)
 
 
+async def test_send_permits_are_taken_as_the_local_twin_takes_them(limiter: RateLimiter) -> None:
+    """Partial grants (``take``, the delivery workers' send permits): the script and
+    LocalGcra grant the same and tell the same wait for the next permit."""
+    local = LocalGcra()
+    key = limiter.prefix + "permits"
+    for want, granted in ((3, 3), (4, 2), (2, 0)):
+        remote = await take(limiter.redis, key, 0.01, 5.0, want)
+        mine = permits(local.run("take", [(key, 0.01, 5.0, want)]))
+        assert remote[0] == mine[0] == granted
+        assert abs(remote[1] - mine[1]) < 1.0
+    assert remote[1] > 90  # one permit per 100 s
+
+
 def test_headers_of_an_allowed_decision() -> None:
     d = Decision(allowed=True, limit=40, remaining=39, reset_after_s=0.05, retry_after_s=0.0)
     assert headers(d) == {"RateLimit-Limit": "40", "RateLimit-Remaining": "39",
@@ -265,7 +271,7 @@ def test_policy_defaults_and_environment() -> None:
         "VOUCHER_RATE_IP": "100/min/50",
         "VOUCHER_RATE_FAILURES": "0.5/5",
     }
-    q = RateLimitPolicy.from_env(env)
+    q = RateLimitPolicy.from_settings(Settings.from_env(env))
     assert q.roles["customer"] == Limit(5, 10)
     assert q.roles["admin"] == p.roles["admin"]
     assert q.per_ip.burst == 50 and abs(q.per_ip.rate - 100 / 60) < 1e-12
@@ -278,13 +284,13 @@ def test_policy_defaults_and_environment() -> None:
     assert parse_limit("10/h/3").rate == 10 / 3600
     for bad in ("fast", "10", "10/0", "-1/5", "10/fortnight/5", "1/2/3/4"):
         with pytest.raises(ConfigError, match="VOUCHER_RATE_CUSTOMER"):
-            RateLimitPolicy.from_env({"VOUCHER_RATE_CUSTOMER": bad})
+            Settings.from_env({"VOUCHER_RATE_CUSTOMER": bad})
 
 
 async def test_one_round_trip_charges_limits_and_checks_failure_budget(
     limiter: RateLimiter,
 ) -> None:
-    policy = RateLimitPolicy.from_env({"VOUCHER_RATE_FAILURES": "1/min/2"})
+    policy = RateLimitPolicy.from_settings(Settings.from_env({"VOUCHER_RATE_FAILURES": "1/min/2"}))
     ok = await limiter.hit_and_check_failures([("req", 100.0, 3, 1)], ["customer:c1"], policy)
     assert ok.allowed and ok.key == "req" and ok.remaining == 2  # headers speak for "req"
     for _ in range(2):

@@ -68,9 +68,9 @@ def test_device_tokens_are_bound_to_their_account_and_expire() -> None:
 
 
 def test_login_keys_and_their_budgets() -> None:
-    policy = RateLimitPolicy.from_env(
+    policy = RateLimitPolicy.from_settings(Settings.from_env(
         {"VOUCHER_RATE_LOGIN_IP": "1/min/2, 1/h/5", "VOUCHER_RATE_LOGIN_DEVICE": "1/s/3"}
-    )
+    ))
     keys = policy.login_keys("192.0.2.1", "acct", None)
     assert keys == [
         "login-ip:192.0.2.1#0", "login-ip:192.0.2.1#1", "login-account:acct#0", "login-account:acct#1",
@@ -81,7 +81,7 @@ def test_login_keys_and_their_budgets() -> None:
     assert policy.failure_limit("caller:api_key:k1") == policy.failures_caller
     assert policy.failure_limit("customer:c1") == policy.failures
     with pytest.raises(ConfigError, match="VOUCHER_RATE_LOGIN_ACCOUNT"):
-        RateLimitPolicy.from_env({"VOUCHER_RATE_LOGIN_ACCOUNT": "fast"})
+        Settings.from_env({"VOUCHER_RATE_LOGIN_ACCOUNT": "fast"})
 
 
 def test_one_address_cannot_spend_an_accounts_login_budget_alone() -> None:

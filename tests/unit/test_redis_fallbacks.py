@@ -1,9 +1,11 @@
-"""What the limiters answer without Redis: the gateway's local GCRA (serve/ratelimit.py) and
-the delivery workers' local send bucket (actors/delivery.py), on an injected clock."""
+"""What the limiters answer without Redis: the local GCRA (engine/gcra.py) as the gateway
+uses it (serve/ratelimit.py) and as the delivery workers take send permits from it
+(actors/delivery.py), on an injected clock."""
 
 from __future__ import annotations
 
-from serve.ratelimit import LocalGcra, _combine
+from engine.gcra import LocalGcra, permits
+from serve.ratelimit import _combine
 
 
 class Clock:
@@ -57,11 +59,14 @@ def test_local_gcra_forgets_full_buckets_first_when_it_grows() -> None:
     assert not _decide(g, "peek", [("guesser", 0.001, 2, 1)]).allowed
 
 
-def test_delivery_local_bucket_grants_its_share() -> None:
-    from actors.delivery import LocalBucket
-
-    b = LocalBucket(rate=5.0, burst=5.0)
-    granted, wait = b.take(8)
+def test_delivery_local_permits_grant_their_share() -> None:
+    clock = Clock()
+    g = LocalGcra(clock)
+    granted, wait = permits(g.run("take", [("sms", 5.0, 5.0, 8)]))
     assert granted == 5 and 0 < wait <= 0.2
-    b.ts -= 1.0  # a second later: five more
-    assert b.take(8)[0] == 5
+    assert permits(g.run("take", [("sms", 5.0, 5.0, 3)]))[0] == 0
+    clock.now += 1.0  # a second later: five more
+    assert permits(g.run("take", [("sms", 5.0, 5.0, 8)]))[0] == 5
+    clock.now += 0.5  # half a second: two and a half, so two
+    granted, wait = permits(g.run("take", [("sms", 5.0, 5.0, 8)]))
+    assert granted == 2 and abs(wait - 0.1) < 1e-6

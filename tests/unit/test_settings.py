@@ -125,3 +125,40 @@ def test_configuration_page_table_is_current() -> None:
         "docs/configuration.md's configuration table is stale: "
         "paste engine.settings.settings_markdown()"
     )
+
+
+def test_rate_limits_read_their_text_and_print_it_back() -> None:
+    from engine.gcra import Limit, format_limit, parse_limit, parse_limits
+
+    s = Settings.from_env(
+        {"VOUCHER_RATE_CUSTOMER": "5/10", "VOUCHER_RATE_LOGIN_IP": "1/min/2, 1/h/5"}
+    )
+    assert s.rate_customer == Limit(5.0, 10)
+    assert s.rate_login_ip == (Limit(1 / 60, 2), Limit(1 / 3600, 5))
+    assert s.rate_admin == Settings().rate_admin
+    for field in Settings.__struct_fields__:
+        value = getattr(Settings(), field)
+        if isinstance(value, Limit):
+            assert parse_limit(format_limit(value)) == value
+        elif field.startswith("rate_login_"):
+            assert parse_limits(",".join(format_limit(v) for v in value), field) == value
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("VOUCHER_RATE_CUSTOMER", "fast", "expected RATE/BURST or RATE/UNIT/BURST"),
+        ("VOUCHER_RATE_IP", "10/0", "burst must be >= 1"),
+        ("VOUCHER_RATE_LOGIN_DEVICE", ",", "expected at least one RATE/BURST"),
+    ],
+)
+def test_bad_rate_limits_name_the_variable(var: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Settings.from_env({var: value})
+    assert str(info.value).startswith(f"{var}={value!r}: ")
+
+
+def test_given_tells_a_set_variable_from_a_default() -> None:
+    assert Settings.given("shards", {"VOUCHER_SHARDS": "8"})
+    assert not Settings.given("shards", {"VOUCHER_SHARDS": " "})
+    assert not Settings.given("shards", {})
