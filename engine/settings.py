@@ -259,7 +259,7 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_TRUSTED_PROXIES",
         "Comma-separated addresses or CIDRs of the proxies whose `X-Forwarded-For` entry is "
         "believed (right to left; the first untrusted entry is the client). Empty: the TCP "
-        "peer is the client and no header can change it (README: Rate limits).",
+        "peer is the client and no header can change it (docs/http-api.md: Rate limits).",
     ),
     "access_log": (
         "VOUCHER_ACCESS_LOG",

@@ -39,8 +39,6 @@ from engine import errors
 from engine.errors import ConfigError, InvalidInput
 
 # The API-key cache's Redis keys, for the gateway and the Users deployment.
-from engine.keys import API_KEY_EPOCH as API_KEY_EPOCH
-from engine.keys import api_key_flag as api_key_flag
 from engine.settings import Settings
 
 log = logging.getLogger("voucher.auth")

@@ -80,7 +80,8 @@ class Users:
     async def _flag_keys(self, key_ids: list[str], *, strict: bool) -> None:
         """Tell every gateway replica to re-check these API keys against the database.
         The flag after the change (not strict) waits until it is on Redis's disk."""
-        from serve.auth import API_KEY_FLAG_TTL_S, api_key_flag
+        from engine.keys import api_key_flag
+        from serve.auth import API_KEY_FLAG_TTL_S
 
         try:
             await self.flags.flag(

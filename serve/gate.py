@@ -20,14 +20,13 @@ from typing import Any, NamedTuple
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from engine import keys
 from serve import metrics
 from serve.auth import (
     API_KEY_CACHE_S,
-    API_KEY_EPOCH,
     AuthError,
     Principal,
     TokenIssuer,
-    api_key_flag,
     authorize,
     customer_only,
     parse_api_key,
@@ -172,7 +171,7 @@ class Gate:
         checked against the database again (revoked, or its owner's roles changed)."""
         key_id, secret = parse_api_key(plaintext)
         digest = hashlib.sha256(secret.encode("ascii")).digest()
-        flag = api_key_flag(key_id)
+        flag = keys.api_key_flag(key_id)
         if self._redis_watch is None:
             self._redis_watch = asyncio.get_running_loop().create_task(self._watch_redis())
         hit = self._keys.get(key_id)
@@ -255,11 +254,11 @@ class Gate:
             failure_keys or [],
             self.policy,
             flag_key=flag_key,
-            epoch_key=API_KEY_EPOCH if flag_key is not None else None,
+            epoch_key=keys.API_KEY_EPOCH if flag_key is not None else None,
         )
         headers.update(rate_headers(decision))
         if not decision.allowed:
-            what = "failed-attempt" if decision.key.startswith("fail:") else "request"
+            what = "failed-attempt" if decision.key.startswith(keys.FAILURES) else "request"
             raise RateLimited(decision, what)
         return decision
 
@@ -276,22 +275,22 @@ class Gate:
         if who is not None and not customer_only(who):
             caller = caller_subject(who)
         if customer_id:
-            keys = [f"customer:{customer_id}"]
+            budgets = [keys.customer(customer_id)]
         else:
-            keys = [f"ip:{ip}" if caller is None else f"ip:{ip}|{caller}"]
+            budgets = [keys.ip(ip) if caller is None else keys.ip_of_caller(ip, caller)]
         if caller is not None:
-            keys.append(f"caller:{caller}")
-        return keys
+            budgets.append(keys.caller(caller))
+        return budgets
 
     async def check_guessing(self, ip: str, customer_id: str | None, who: Principal | None) -> None:
-        keys = self.guess_keys(ip, customer_id, who)
-        if not keys:
+        budgets = self.guess_keys(ip, customer_id, who)
+        if not budgets:
             return
-        decision = await self.limiter.check_failure_budget(keys, self.policy)
+        decision = await self.limiter.check_failure_budget(budgets, self.policy)
         if not decision.allowed:
             raise RateLimited(decision, "failed-attempt")
 
     async def penalize(self, ip: str, customer_id: str | None, who: Principal | None) -> None:
-        keys = self.guess_keys(ip, customer_id, who)
-        if keys:
-            await self.limiter.penalize_failure(keys, self.policy)
+        budgets = self.guess_keys(ip, customer_id, who)
+        if budgets:
+            await self.limiter.penalize_failure(budgets, self.policy)

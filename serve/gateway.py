@@ -145,7 +145,7 @@ class Gateway:
             tokens=TokenIssuer(secret, ttl_s=config.token_ttl_s),
             store=UserStore(dsn),
             limiter=limiter,
-            policy=RateLimitPolicy.from_env(),
+            policy=RateLimitPolicy.from_settings(config),
             proxies=TrustedProxies.parse(config.trusted_proxies),
             replica=_replica_id(),
         )

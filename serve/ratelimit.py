@@ -29,7 +29,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -86,7 +86,7 @@ def _default_roles() -> dict[str, Limit]:
 class RateLimitPolicy(msgspec.Struct, frozen=True):
     """Rates per caller role and per client IP; the failure budgets of code guessing (per
     customer, per caller, per address) and of logins (per address, per account, per
-    trusted device), each login budget in tiers whose waits grow (see README)."""
+    trusted device), each login budget in tiers whose waits grow (docs/http-api.md, "Login defence")."""
 
     roles: dict[str, Limit] = msgspec.field(default_factory=_default_roles)
     per_ip: Limit = _DEFAULTS.rate_ip
@@ -108,11 +108,6 @@ class RateLimitPolicy(msgspec.Struct, frozen=True):
             login_account=s.rate_login_account,
             login_device=s.rate_login_device,
         )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> RateLimitPolicy:
-        """:meth:`from_settings` of ``Settings.from_env(env)``."""
-        return cls.from_settings(Settings.from_env(env))
 
     def role_limit(self, role: str) -> Limit:
         # An unknown role gets the strictest treatment, not the most generous one.

@@ -227,7 +227,7 @@ def services(**answers: dict[str, Any]) -> Gateway:
     tokens = TokenIssuer(SECRET)
     gate = Gate(
         tokens=tokens, store=store, limiter=limiter,  # type: ignore[arg-type]
-        policy=RateLimitPolicy.from_env({}), proxies=TrustedProxies.parse(""), replica="replica-1",
+        policy=RateLimitPolicy.from_settings(Settings.from_env({})), proxies=TrustedProxies.parse(""), replica="replica-1",
     )
     deployments = {name: FakeDeployment(**answers.get(name, {})) for name in DEPLOYMENTS}
     svc = Services(

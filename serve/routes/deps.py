@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 
-from actors.calls import _unwrap as unwrap
+from actors.calls import unwrap
 from serve.auth import Principal
 from serve.context import Services
 

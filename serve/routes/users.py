@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from fastapi import Query, Request, Response
 
 from actors.calls import Failure
+from engine import keys
 from serve.auth import Principal
 from serve.devices import account_key
 from serve.gate import RateLimited
@@ -47,22 +48,22 @@ async def login(body: LoginIn, request: Request, response: Response, svc: Svc) -
     ip = gate.client(request.scope)
     account = account_key(body.email)
     device = svc.devices.verify(body.device_token, account)
-    keys = gate.policy.login_keys(ip, account, device)
+    budgets = gate.policy.login_keys(ip, account, device)
     # A known device's requests are counted as its own, not its (maybe shared) address's.
     checks = (
-        [gate.policy.principal_check("anonymous", f"device:{device}")]
+        [gate.policy.principal_check("anonymous", keys.device(device))]
         if device is not None
         else [gate.policy.ip_check(ip)]
     )
-    decision = await gate.limiter.hit_and_check_failures(checks, keys, gate.policy)
+    decision = await gate.limiter.hit_and_check_failures(checks, budgets, gate.policy)
     response.headers.update(rate_headers(decision))
     if not decision.allowed:
-        what = "failed-login" if decision.key.startswith("fail:") else "request"
+        what = "failed-login" if decision.key.startswith(keys.FAILURES) else "request"
         raise RateLimited(decision, what)
     result = await svc.users.login.remote(body.email, body.password)
     if isinstance(result, Failure):
         if result.code == "invalid_credentials":  # not when the user store is away
-            await gate.limiter.penalize_failure(keys, gate.policy)
+            await gate.limiter.penalize_failure(budgets, gate.policy)
         return unwrap(result)
     return {**result, "device_token": svc.devices.issue(account)}
 
