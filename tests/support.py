@@ -133,12 +133,11 @@ def second_gateway(
     redis_url: str,
     *,
     own_users: bool = False,
-    env_vars: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Iterator[str]:
     """A second Serve app at ``/<name>``: one gateway over the session app's deployments
     (same Postgres, same admin, same token-signing secret), with its own Valkey
-    (``redis_url``), settings ``overrides`` and environment (``env_vars``); ``own_users``
+    (``redis_url``) and settings ``overrides`` (the gateway reads no environment); ``own_users``
     gives it a Users deployment of its own on that Valkey. Yields its base URL."""
     import msgspec
     from ray import serve
@@ -167,8 +166,6 @@ def second_gateway(
         else shared("Users")
     )
     actor_options: dict[str, Any] = {"num_cpus": 0}
-    if env_vars:
-        actor_options["runtime_env"] = {"env_vars": env_vars}
     app = Gateway.options(  # type: ignore[attr-defined]
         num_replicas=1,
         ray_actor_options=actor_options,

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis
 
+from engine.settings import Settings
 from serve.devices import account_key
 from tests.support import second_gateway
 
@@ -32,6 +33,12 @@ BUDGETS = {
     "VOUCHER_RATE_FAILURES": "1/min/5",
     "VOUCHER_RATE_FAILURES_CALLER": "1/min/14",
 }
+
+
+def _budgets() -> dict[str, Any]:
+    """BUDGETS as settings fields: a gateway takes its limits from its settings."""
+    small = Settings.from_env(BUDGETS)
+    return {f: getattr(small, f) for f in small.__struct_fields__ if Settings.given(f, BUDGETS)}
 
 
 def _addr() -> str:
@@ -59,7 +66,7 @@ def behind_lb(http_api: Any, engine_settings: Any, services: Any) -> Iterator[st
         engine_settings,
         APP,
         services.redis_url,
-        env_vars=BUDGETS,
+        **_budgets(),
         trusted_proxies="127.0.0.1,::1",
     ) as url:
         yield url
