@@ -23,22 +23,29 @@ from engine.reports import CodeCounts, Counts
 REFRESH_LOCK = int.from_bytes(b"vreports", "big", signed=True)
 FOLD_BATCH = 100_000
 
-_FOLD_REDEMPTIONS = """
-WITH d AS (
-    DELETE FROM report_redemption_log WHERE id IN (
-        SELECT id FROM report_redemption_log ORDER BY id LIMIT $1
-    ) RETURNING *
-), m AS (
+# A fold takes up to $1 of a change log's oldest rows out and adds them into rollups, in
+# one statement: every change counts once.
+
+
+def _take(log: str) -> str:
+    return f"DELETE FROM {log} WHERE id IN (SELECT id FROM {log} ORDER BY id LIMIT $1) RETURNING *"
+
+
+_ADD_FIGURES = (
+    "redemptions = t.redemptions + EXCLUDED.redemptions, "
+    "rolled_back = t.rolled_back + EXCLUDED.rolled_back, "
+    "discount = t.discount + EXCLUDED.discount, order_amount = t.order_amount + EXCLUDED.order_amount"
+)
+
+_FOLD_REDEMPTIONS = f"""
+WITH d AS ({_take('report_redemption_log')}), m AS (
     INSERT INTO report_minutes AS t
         (campaign_id, minute, redemptions, rolled_back, discount, order_amount)
     SELECT campaign_id, minute, sum(redemptions), sum(rolled_back), sum(discount),
            sum(order_amount)
     FROM d GROUP BY campaign_id, minute
     ON CONFLICT (campaign_id, minute) DO UPDATE SET
-        redemptions = t.redemptions + EXCLUDED.redemptions,
-        rolled_back = t.rolled_back + EXCLUDED.rolled_back,
-        discount = t.discount + EXCLUDED.discount,
-        order_amount = t.order_amount + EXCLUDED.order_amount
+        {_ADD_FIGURES}
 ), q AS (
     INSERT INTO report_quarters AS t
         (campaign_id, quarter, redemptions, rolled_back, discount, order_amount)
@@ -46,10 +53,7 @@ WITH d AS (
            sum(redemptions), sum(rolled_back), sum(discount), sum(order_amount)
     FROM d GROUP BY 1, 2
     ON CONFLICT (campaign_id, quarter) DO UPDATE SET
-        redemptions = t.redemptions + EXCLUDED.redemptions,
-        rolled_back = t.rolled_back + EXCLUDED.rolled_back,
-        discount = t.discount + EXCLUDED.discount,
-        order_amount = t.order_amount + EXCLUDED.order_amount
+        {_ADD_FIGURES}
 ), tot AS (
     INSERT INTO report_totals AS t
         (campaign_id, redemptions, rolled_back, discount, order_amount, first_redemption_at)
@@ -57,10 +61,7 @@ WITH d AS (
            min(first_at)
     FROM d GROUP BY campaign_id
     ON CONFLICT (campaign_id) DO UPDATE SET
-        redemptions = t.redemptions + EXCLUDED.redemptions,
-        rolled_back = t.rolled_back + EXCLUDED.rolled_back,
-        discount = t.discount + EXCLUDED.discount,
-        order_amount = t.order_amount + EXCLUDED.order_amount,
+        {_ADD_FIGURES},
         first_redemption_at = LEAST(t.first_redemption_at, EXCLUDED.first_redemption_at)
 ), seg AS (
     INSERT INTO report_segments AS t
@@ -77,20 +78,13 @@ WITH d AS (
     ) AS s(segment)
     GROUP BY d.campaign_id, s.segment
     ON CONFLICT (campaign_id, segment) DO UPDATE SET
-        redemptions = t.redemptions + EXCLUDED.redemptions,
-        rolled_back = t.rolled_back + EXCLUDED.rolled_back,
-        discount = t.discount + EXCLUDED.discount,
-        order_amount = t.order_amount + EXCLUDED.order_amount
+        {_ADD_FIGURES}
 )
 SELECT count(*) FROM d
 """
 
-_FOLD_VOUCHERS = """
-WITH d AS (
-    DELETE FROM report_voucher_log WHERE id IN (
-        SELECT id FROM report_voucher_log ORDER BY id LIMIT $1
-    ) RETURNING *
-), up AS (
+_FOLD_VOUCHERS = f"""
+WITH d AS ({_take('report_voucher_log')}), up AS (
     INSERT INTO report_codes AS t (campaign_id, available, assigned, redeemed, void, gift_balance)
     SELECT campaign_id, sum(d_available), sum(d_assigned), sum(d_redeemed), sum(d_void),
            sum(d_balance)
@@ -105,12 +99,8 @@ WITH d AS (
 SELECT count(*) FROM d
 """
 
-_FOLD_DELIVERIES = """
-WITH d AS (
-    DELETE FROM report_delivery_log WHERE id IN (
-        SELECT id FROM report_delivery_log ORDER BY id LIMIT $1
-    ) RETURNING *
-), up AS (
+_FOLD_DELIVERIES = f"""
+WITH d AS ({_take('report_delivery_log')}), up AS (
     INSERT INTO report_channels AS t (campaign_id, channel, state, n)
     SELECT campaign_id, channel, state, sum(n) FROM d GROUP BY campaign_id, channel, state
     ON CONFLICT (campaign_id, channel, state) DO UPDATE SET n = t.n + EXCLUDED.n

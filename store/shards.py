@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, Protocol
 
 import asyncpg
@@ -186,6 +187,27 @@ _DELETE_EXPIRED_KEYS = (
 )
 
 
+# The unnest arrays of the group commit's statements, in their parameters' order;
+# ``code_bucket`` is the bucket of the row's code.
+_VOUCHER_COLUMNS = "code status customer_id balance uses"
+_REDEMPTION_COLUMNS = (
+    "id campaign_id code code_bucket customer_id order_id order_amount currency "
+    "discount_amount balance_after status created_at rolled_back_at"
+)
+_RESERVATION_COLUMNS = (
+    "id campaign_id code code_bucket customer_id order_id order_amount currency "
+    "discount_amount expires_at state redemption_id"
+)
+
+
+def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:
+    """One list per name of ``names``: that field of every row."""
+    return [
+        [bucket_of(r.code) for r in rows] if name == "code_bucket" else list(map(attrgetter(name), rows))
+        for name in names.split()
+    ]
+
+
 def _numbered(sql: str, first: int = 1) -> str:
     n = sql.count("{}")
     return sql.format(*[f"${i}" for i in range(first, first + n)])
@@ -310,67 +332,21 @@ class PgShardStore:
         reservations, idem, voided, foreign = b.reservations, b.idempotency, b.voided, b.foreign
         parts: list[tuple[str, list[list[Any]]]] = []
         if vouchers:
-            v = list(vouchers.values())
-            parts.append((_UPDATE_VOUCHERS, [
-                [x.code for x in v],
-                [x.status for x in v],
-                [x.customer_id for x in v],
-                [x.balance for x in v],
-                [x.uses for x in v],
-            ]))
+            parts.append((_UPDATE_VOUCHERS, _columns(list(vouchers.values()), _VOUCHER_COLUMNS)))
         if redemptions:
-            rd = redemptions
-            parts.append((_INSERT_REDEMPTIONS, [
-                [r.id for r in rd],
-                [r.campaign_id for r in rd],
-                [r.code for r in rd],
-                [bucket_of(r.code) for r in rd],
-                [r.customer_id for r in rd],
-                [r.order_id for r in rd],
-                [r.order_amount for r in rd],
-                [r.currency for r in rd],
-                [r.discount_amount for r in rd],
-                [r.balance_after for r in rd],
-                [r.status for r in rd],
-                [r.created_at for r in rd],
-                [r.rolled_back_at for r in rd],
-            ]))
+            parts.append((_INSERT_REDEMPTIONS, _columns(redemptions, _REDEMPTION_COLUMNS)))
         if rollbacks:
             # after the inserts: a batch may roll back a redemption it also records
-            parts.append((_ROLL_BACK, [[x.id for x in rollbacks], [x.at for x in rollbacks]]))
+            parts.append((_ROLL_BACK, _columns(rollbacks, "id at")))
         if reservations:
             rs = list(reservations.values())
-            parts.append((_UPSERT_RESERVATIONS, [
-                [r.id for r in rs],
-                [r.campaign_id for r in rs],
-                [r.code for r in rs],
-                [bucket_of(r.code) for r in rs],
-                [r.customer_id for r in rs],
-                [r.order_id for r in rs],
-                [r.order_amount for r in rs],
-                [r.currency for r in rs],
-                [r.discount_amount for r in rs],
-                [r.expires_at for r in rs],
-                [r.state for r in rs],
-                [r.redemption_id for r in rs],
-            ]))
+            parts.append((_UPSERT_RESERVATIONS, _columns(rs, _RESERVATION_COLUMNS)))
         if foreign:
-            parts.append((_INSERT_ASSIGNMENTS, [
-                [x.campaign_id for x in foreign],
-                [x.customer_id for x in foreign],
-                [x.code for x in foreign],
-                [x.bucket for x in foreign],
-            ]))
+            parts.append((_INSERT_ASSIGNMENTS, _columns(foreign, "campaign_id customer_id code bucket")))
         if idem:
             # one row per key: an upsert may not touch a row twice in one statement
             idem = list({x.key: x for x in idem}.values())
-            parts.append((_INSERT_IDEMPOTENCY, [
-                [x.key for x in idem],
-                [x.bucket for x in idem],
-                [x.fingerprint for x in idem],
-                [x.response for x in idem],
-                [x.at for x in idem],
-            ]))
+            parts.append((_INSERT_IDEMPOTENCY, _columns(idem, "key bucket fingerprint response at")))
         if not parts:
             return voided
         async with self.pool.acquire() as conn:
