@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from engine.delivery import DeliveryMessage, new_message
 from engine.settings import Settings
 from loadtests.harness import machine_summary, record
+from loadtests.queue_workers import drain_queue
 
 TEMPLATE = (
     "Your voucher for {{ campaign_name }}",
@@ -154,55 +155,39 @@ async def _baseline_worker_async(dsn: str, redis_url: str, smtp: str, queue: str
     from engine import templates
 
     cfg = SmtpSettings.from_url(smtp)
-    db = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
-    assert db is not None
-    redis = Redis.from_url(redis_url)
-    done = 0
 
-    async def job_loop() -> None:
-        nonlocal done
-        while True:
-            job = await redis.rpop(queue)
-            if job is None:
-                return
-            msg_id = job.decode()
-            # 1. look the row up (with its customer and campaign)
-            row = await db.fetchrow(
-                "SELECT d.id, d.campaign_id, d.customer_id, d.recipient, d.code, c.name AS cname,"
-                " c.locale, k.name AS campaign_name, k.spec FROM deliveries d"
-                " JOIN customers c ON c.id = d.customer_id JOIN campaigns k ON k.id = d.campaign_id"
-                " WHERE d.id = $1",
-                msg_id,
+    async def handle(db: Any, _redis: Redis, msg_id: str) -> None:
+        # 1. look the row up (with its customer and campaign)
+        row = await db.fetchrow(
+            "SELECT d.id, d.campaign_id, d.customer_id, d.recipient, d.code, c.name AS cname,"
+            " c.locale, k.name AS campaign_name, k.spec FROM deliveries d"
+            " JOIN customers c ON c.id = d.customer_id JOIN campaigns k ON k.id = d.campaign_id"
+            " WHERE d.id = $1",
+            msg_id,
+        )
+        tpl = await db.fetchrow(
+            "SELECT subject, body FROM campaign_templates WHERE campaign_id = $1 AND channel = 'email' AND locale = $2",
+            row["campaign_id"],
+            row["locale"],
+        )
+        # 2. render
+        compiled = templates.CompiledTemplate("email", templates.TemplateSource(tpl["subject"], tpl["body"]))
+        rendered = compiled.render(
+            templates.context(
+                code=row["code"], customer_name=row["cname"], locale=row["locale"],
+                campaign_name=row["campaign_name"], spec=json.loads(row["spec"]),
             )
-            tpl = await db.fetchrow(
-                "SELECT subject, body FROM campaign_templates WHERE campaign_id = $1 AND channel = 'email' AND locale = $2",
-                row["campaign_id"],
-                row["locale"],
-            )
-            # 2. render
-            compiled = templates.CompiledTemplate("email", templates.TemplateSource(tpl["subject"], tpl["body"]))
-            rendered = compiled.render(
-                templates.context(
-                    code=row["code"], customer_name=row["cname"], locale=row["locale"],
-                    campaign_name=row["campaign_name"], spec=json.loads(row["spec"]),
-                )
-            )
-            m = new_message(row["campaign_id"], row["customer_id"], "email", row["recipient"], row["code"])
-            # 3. its own SMTP connection
-            await aiosmtplib.send(
-                build_email(m, rendered, mail_from), sender=mail_from, recipients=[row["recipient"]],
-                hostname=cfg.host, port=cfg.port, start_tls=False, use_tls=False,
-            )
-            # 4. update its row
-            await db.execute("UPDATE deliveries SET state = 'sent', sent_at = now(), attempts = attempts + 1, updated_at = now() WHERE id = $1", msg_id)
-            done += 1
+        )
+        m = new_message(row["campaign_id"], row["customer_id"], "email", row["recipient"], row["code"])
+        # 3. its own SMTP connection
+        await aiosmtplib.send(
+            build_email(m, rendered, mail_from), sender=mail_from, recipients=[row["recipient"]],
+            hostname=cfg.host, port=cfg.port, start_tls=False, use_tls=False,
+        )
+        # 4. update its row
+        await db.execute("UPDATE deliveries SET state = 'sent', sent_at = now(), attempts = attempts + 1, updated_at = now() WHERE id = $1", msg_id)
 
-    try:
-        await asyncio.gather(*(job_loop() for _ in range(concurrency)))
-    finally:
-        await redis.aclose()
-        await db.close()
-    return done
+    return await drain_queue(dsn, redis_url, queue, concurrency, handle)
 
 
 def _baseline_worker(*args: Any) -> int:

@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 from engine.delivery import message_id
 from loadtests.bench_delivery import TEMPLATE, _baseline_worker_async, _other_load
 from loadtests.harness import machine_summary, record
+from loadtests.queue_workers import drain_queue
 
 SECTION = "Issuance + delivery: 100,000 customers end to end"
 
@@ -84,42 +85,25 @@ async def _count(dsn: str, sql: str, *args: Any) -> int:
 
 
 async def _seed_assign_async(dsn: str, redis_url: str, queue: str, email_queue: str, cid: str, concurrency: int) -> int:
-    db = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
-    assert db is not None
-    redis = Redis.from_url(redis_url)
-    done = 0
+    async def handle(db: Any, redis: Redis, customer: str) -> None:
+        async with db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE vouchers SET status = 1, customer_id = $2, updated_at = now() WHERE code ="
+                " (SELECT code FROM vouchers WHERE campaign_id = $1 AND status = 0 LIMIT 1"
+                "  FOR UPDATE SKIP LOCKED) RETURNING code",
+                cid,
+                customer,
+            )
+            email = await conn.fetchval("SELECT email FROM customers WHERE id = $1", customer)
+            mid = message_id(cid, customer, "email")
+            await conn.execute(
+                "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code)"
+                " VALUES ($1, $2, $3, 'email', $4, $5)",
+                mid, cid, customer, email, row["code"],
+            )
+        await redis.lpush(email_queue, mid)
 
-    async def job_loop() -> None:
-        nonlocal done
-        while True:
-            job = await redis.rpop(queue)
-            if job is None:
-                return
-            customer = job.decode()
-            async with db.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    "UPDATE vouchers SET status = 1, customer_id = $2, updated_at = now() WHERE code ="
-                    " (SELECT code FROM vouchers WHERE campaign_id = $1 AND status = 0 LIMIT 1"
-                    "  FOR UPDATE SKIP LOCKED) RETURNING code",
-                    cid,
-                    customer,
-                )
-                email = await conn.fetchval("SELECT email FROM customers WHERE id = $1", customer)
-                mid = message_id(cid, customer, "email")
-                await conn.execute(
-                    "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code)"
-                    " VALUES ($1, $2, $3, 'email', $4, $5)",
-                    mid, cid, customer, email, row["code"],
-                )
-            await redis.lpush(email_queue, mid)
-            done += 1
-
-    try:
-        await asyncio.gather(*(job_loop() for _ in range(concurrency)))
-    finally:
-        await redis.aclose()
-        await db.close()
-    return done
+    return await drain_queue(dsn, redis_url, queue, concurrency, handle)
 
 
 def _seed_assign(*args: Any) -> int:

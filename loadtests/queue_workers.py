@@ -1,0 +1,38 @@
+"""The baseline worker shape the delivery benchmarks share: a Postgres pool and a Valkey
+client, ``concurrency`` loops popping jobs off one list until it is empty."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+JobFn = Callable[[Any, Redis, str], Awaitable[None]]
+"""Handles one job (its id, decoded) with the worker's pool and Valkey client."""
+
+
+async def drain_queue(dsn: str, redis_url: str, queue: str, concurrency: int, handle: JobFn) -> int:
+    """Run ``concurrency`` loops over ``queue`` until it is empty; the number of jobs handled."""
+    db = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
+    assert db is not None
+    redis = Redis.from_url(redis_url)
+    done = 0
+
+    async def job_loop() -> None:
+        nonlocal done
+        while True:
+            job = await redis.rpop(queue)
+            if job is None:
+                return
+            await handle(db, redis, job.decode())
+            done += 1
+
+    try:
+        await asyncio.gather(*(job_loop() for _ in range(concurrency)))
+    finally:
+        await redis.aclose()
+        await db.close()
+    return done
