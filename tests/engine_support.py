@@ -82,6 +82,30 @@ async def discount_campaign(engine: VoucherEngine, codes: int, **extra: Any) -> 
     return c.id
 
 
+async def shared_code_campaign(
+    engine: VoucherEngine,
+    code: str,
+    *,
+    id_prefix: str,
+    name: str,
+    discount: dict[str, Any],
+    limits: dict[str, Any] | None = None,
+) -> str:
+    """An active shared-code campaign on ``code``, ending in thirty days; its id."""
+    c = await engine.create_campaign(
+        id=uid(id_prefix),
+        name=name,
+        type="shared_code",
+        currency="EUR",
+        discount=discount,
+        limits=limits,
+        shared_code=code,
+        ends_at=later(),
+    )
+    await engine.activate(c.id)
+    return c.id
+
+
 async def redeem_with_retry(
     engine: VoucherEngine, reqs: list[RedeemRequest], attempts: int = 200
 ) -> list[Outcome]:

@@ -23,7 +23,14 @@ from engine.routing import shard_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from store import fencing
-from tests.engine_support import campaign_codes, discount_campaign, fetch, fetchval, later, uid
+from tests.engine_support import (
+    campaign_codes,
+    discount_campaign,
+    fetch,
+    fetchval,
+    shared_code_campaign,
+    uid,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -76,16 +83,10 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     cid = await discount_campaign(engine, 6000)
     codes = await campaign_codes(db, cid)
     code = uid("ENDS").upper()
-    sc = await engine.create_campaign(
-        id=uid("endshared"),
-        name="shared, ended under load",
-        type="shared_code",
-        currency="EUR",
+    scid = await shared_code_campaign(
+        engine, code, id_prefix="endshared", name="shared, ended under load",
         discount={"kind": "percent", "value": 10},
-        shared_code=code,
-        ends_at=later(),
     )
-    await engine.activate(sc.id)
     # the shard owning the shared code is down while both campaigns end
     victim = shard_of(code, engine.n)
     victim_codes = [c for c in codes if shard_of(c, engine.n) == victim]
@@ -93,7 +94,7 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     # codes of the victim kept aside, to try once it is back
     spare = victim_codes[-20:]
     stop = asyncio.Event()
-    load = asyncio.ensure_future(_load(engine, (cid, victim_codes[:-20] + others), (sc.id, code), stop))
+    load = asyncio.ensure_future(_load(engine, (cid, victim_codes[:-20] + others), (scid, code), stop))
     await asyncio.sleep(1.5)
     assert not load.done()
 
@@ -103,7 +104,7 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
 
     killed_at = datetime.now(UTC)
     ray.kill(engine.shards[victim], no_restart=False)
-    ends = dict(zip((cid, sc.id), await asyncio.gather(end(cid), end(sc.id)), strict=True))
+    ends = dict(zip((cid, scid), await asyncio.gather(end(cid), end(scid)), strict=True))
     await engine.wait_ready(timeout_s=120)
     await asyncio.sleep(1.0)  # the load goes on against every shard, the victim back too
     stop.set()

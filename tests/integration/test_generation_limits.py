@@ -18,23 +18,13 @@ from engine import errors
 from engine.campaigns import Campaign, Discount, Limits
 from engine.settings import Settings
 from engine.shard_state import CampaignStats
-from tests.engine_support import fetchval, later, uid
+from tests.engine_support import discount_campaign, fetchval, uid
 
 pytestmark = pytest.mark.integration
 
 
 async def _campaign(engine: Any, total: int | None = None) -> str:
-    c = await engine.create_campaign(
-        id=uid("gen"),
-        name="generation limits",
-        type="discount",
-        currency="EUR",
-        discount={"kind": "percent", "value": 10},
-        limits={"total": total} if total is not None else None,
-        ends_at=later(),
-    )
-    await engine.activate(c.id)
-    return str(c.id)
+    return await discount_campaign(engine, 0, limits={"total": total} if total is not None else None)
 
 
 async def _finished(engine: Any, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
