@@ -15,6 +15,7 @@ import jwt
 import pytest
 
 from serve.auth import PERMISSIONS, ROLES
+from tests.http_support import bearer
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +36,9 @@ def _login(api: Any, email: str, password: str) -> str:
     return str(body["access_token"])
 
 
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    return _auth(_login(http_api, http_api.admin_email, http_api.admin_password))
+    return bearer(_login(http_api, http_api.admin_email, http_api.admin_password))
 
 
 def _user_with_role(api: Any, admin: dict[str, str], role: str) -> tuple[str, dict[str, str]]:
@@ -56,7 +53,7 @@ def _user_with_role(api: Any, admin: dict[str, str], role: str) -> tuple[str, di
     if role != "customer":
         r = httpx.put(f"{api.url}/v1/users/{user_id}/roles", json={"roles": [role]}, headers=admin)
         assert r.status_code == 200, r.text
-    return user_id, _auth(_login(api, email, "a-long-password"))
+    return user_id, bearer(_login(api, email, "a-long-password"))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +171,7 @@ def test_jwt_attacks_are_rejected(http_api: Any, role_headers: Any) -> None:
         "garbage": "not.a.jwt",
     }
     for name, bad in attacks.items():
-        r = httpx.get(f"{url}/v1/users/me", headers=_auth(bad))
+        r = httpx.get(f"{url}/v1/users/me", headers=bearer(bad))
         assert r.status_code == 401, (name, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
         assert "www-authenticate" in r.headers
@@ -192,7 +189,7 @@ def test_jwt_attacks_are_rejected(http_api: Any, role_headers: Any) -> None:
         ),
     }
     for name, bad in signed.items():
-        r = httpx.get(f"{url}/v1/users/me", headers=_auth(bad))
+        r = httpx.get(f"{url}/v1/users/me", headers=bearer(bad))
         assert r.status_code == 401, (name, r.text)
     assert httpx.get(f"{url}/v1/users/me", headers=good).status_code == 200
     r = httpx.get(f"{url}/v1/users/me")
@@ -214,8 +211,8 @@ def test_api_key_revocation_is_immediate(http_api: Any, admin: dict[str, str]) -
     for _ in range(4):  # ...and both refuse it right after the revocation
         denied = httpx.get(f"{url}/v1/users/me", headers=headers)
         assert denied.status_code == 401 and denied.json()["type"].endswith("api-key-revoked")
-    bearer = httpx.get(f"{url}/v1/users/me", headers=_auth(key))
-    assert bearer.status_code == 401
+    as_bearer = httpx.get(f"{url}/v1/users/me", headers=bearer(key))
+    assert as_bearer.status_code == 401
 
 
 def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str, str]) -> None:

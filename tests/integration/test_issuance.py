@@ -22,6 +22,7 @@ from engine import codes as codegen
 from engine import delivery, errors, keys
 from engine.codes import CodeSpec
 from engine.routing import assignment_key, shard_of
+from tests.http_support import admin_headers
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +33,7 @@ def _uid(prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 @pytest.fixture(scope="module")

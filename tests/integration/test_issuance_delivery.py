@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.delivery_support import receipts_of, running_pipeline, wait_states
+from tests.http_support import admin_headers
 from tests.integration.test_issuance import (
     _campaign,
     _generate,
@@ -34,12 +35,7 @@ N = 10_000
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 def test_issuance_of_10000_customers_reaches_the_smtp_sink_exactly_once(

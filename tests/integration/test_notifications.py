@@ -22,6 +22,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from engine import notify
+from tests.http_support import admin_headers
 
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret-0123456789"
@@ -99,11 +100,7 @@ def notifier(http_api: Any, engine_settings: Any, services: Any, smtp: Any) -> A
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 def _wait(pred: Any, timeout_s: float = 30.0) -> Any:

@@ -14,17 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.http_support import admin_headers
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 @pytest.fixture(scope="module")

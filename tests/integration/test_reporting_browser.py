@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.http_support import admin_headers
 from tests.integration.test_reporting_app import analyst_user, settle
 
 pytestmark = pytest.mark.integration
@@ -107,10 +108,7 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
     cid = made["campaigns"][0]
     name = httpx.get(
         f"{http_api.url}/v1/campaigns/{cid}",
-        headers={"Authorization": "Bearer " + httpx.post(
-            f"{http_api.url}/v1/auth/login",
-            json={"email": http_api.admin_email, "password": http_api.admin_password},
-        ).json()["access_token"]},
+        headers=admin_headers(http_api),
     ).json()["name"]
     email, password = analyst_user(http_api)
 
