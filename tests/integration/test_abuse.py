@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from serve.devices import account_key
+from tests.http_support import flash_sale_body, open_campaign
 from tests.support import second_gateway
 
 APP = "abuse"
@@ -155,20 +155,7 @@ def admin(http_api: Any) -> dict[str, str]:
 
 def _flash_sale(url: str, admin: dict[str, str]) -> str:
     code = f"ABUSE{os.urandom(4).hex()}".upper()
-    r = httpx.post(
-        f"{url}/v1/campaigns",
-        headers=admin,
-        json={
-            "name": "abuse", "type": "flash_sale", "currency": "EUR",
-            "discount": {"kind": "amount", "value": 500},
-            "limits": {"total": 100000, "per_customer": 1}, "shared_code": code,
-            "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-            "ends_at": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
-        },
-    )
-    assert r.status_code == 201, r.text
-    r = httpx.post(f"{url}/v1/campaigns/{r.json()['id']}/activate", headers=admin)
-    assert r.status_code == 200, r.text
+    open_campaign(url, admin, flash_sale_body("abuse", code))
     return code
 
 

@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from serve.auth import PERMISSIONS, ROLES
-from tests.http_support import bearer
+from tests.http_support import bearer, flash_sale_body, open_campaign_async
 
 pytestmark = pytest.mark.integration
 
@@ -279,20 +279,11 @@ async def test_concurrent_http_redemptions_never_exceed_the_limit(
             )
         ).json()["key"]
         code = _uid("HTTPFLASH").upper()
-        r = await client.post(
-            f"{url}/v1/campaigns",
-            headers=admin,
-            json={
-                "name": "flash", "type": "flash_sale", "currency": "EUR",
-                "discount": {"kind": "percent", "value": 50, "max": 1000},
-                "limits": {"total": 50, "per_customer": 1}, "shared_code": code,
-                "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-                "ends_at": _later(1),
-            },
+        body = flash_sale_body(
+            "flash", code, discount={"kind": "percent", "value": 50, "max": 1000},
+            limits={"total": 50, "per_customer": 1}, ends_at=_later(1),
         )
-        assert r.status_code == 201, r.text
-        cid = r.json()["id"]
-        (await client.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin)).raise_for_status()
+        cid = await open_campaign_async(client, url, admin, body)
 
         async def attempt(i: int) -> httpx.Response:
             return await client.post(
