@@ -23,6 +23,7 @@ from engine.routing import shard_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from store import fencing
+from tests.actor_fakes import RemoteMethod
 from tests.engine_support import (
     campaign_codes,
     discount_campaign,
@@ -158,14 +159,6 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
 # --- a shard that never hears the end, driven in-process --------------------------------
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
 class FakeShard:
     """A shard handle for an in-process coordinator: it claims its owner epoch as a real
     shard does, and can be made deaf to one campaign (its put never answers)."""
@@ -174,9 +167,9 @@ class FakeShard:
         self.fence = fence
         self.deaf_to = deaf_to
         self.held: dict[str, Campaign] = {}
-        self.put_campaign = _Method(self._put)
-        self.put_campaigns = _Method(self._put_many)
-        self.codes_in_campaign = _Method(self._count)
+        self.put_campaign = RemoteMethod(self._put)
+        self.put_campaigns = RemoteMethod(self._put_many)
+        self.codes_in_campaign = RemoteMethod(self._count)
 
     def _apply(self, c: Campaign) -> None:
         old = self.held.get(c.id)

@@ -18,6 +18,7 @@ from engine import errors
 from engine.campaigns import Campaign, Discount, Limits
 from engine.settings import Settings
 from engine.shard_state import CampaignStats
+from tests.actor_fakes import RemoteMethod
 from tests.engine_support import discount_campaign, fetchval, uid
 
 pytestmark = pytest.mark.integration
@@ -37,14 +38,6 @@ async def _finished(engine: Any, job_id: str, timeout_s: float = 120) -> dict[st
         await asyncio.sleep(0.1)
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
 class BankShard:
     """One shard handle for an in-process coordinator, its bank kept as rows in Postgres.
     Its code count can answer late (taken at once, answered ``count_delay`` later, as a
@@ -57,11 +50,11 @@ class BankShard:
         self.gate: asyncio.Event | None = None
         self.at_gate = asyncio.Event()
         self.adds = 0
-        self.put_campaign = _Method(self._put)
-        self.put_campaigns = _Method(self._put_many)
-        self.codes_in_campaign = _Method(self._count)
-        self.codes_held = _Method(self._held)
-        self.add_codes = _Method(self._add)
+        self.put_campaign = RemoteMethod(self._put)
+        self.put_campaigns = RemoteMethod(self._put_many)
+        self.codes_in_campaign = RemoteMethod(self._count)
+        self.codes_held = RemoteMethod(self._held)
+        self.add_codes = RemoteMethod(self._add)
 
     async def _put(self, payload: bytes) -> int:
         c = msgspec.msgpack.decode(payload, type=Campaign)
