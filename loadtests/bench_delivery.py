@@ -39,8 +39,8 @@ from redis.asyncio import Redis
 
 from engine.delivery import DeliveryMessage, new_message
 from engine.settings import Settings
+from loadtests.bench_plumbing import drain_queue, fetch_count
 from loadtests.harness import machine_summary, record
-from loadtests.queue_workers import drain_queue
 
 TEMPLATE = (
     "Your voucher for {{ campaign_name }}",
@@ -50,7 +50,6 @@ TEMPLATE = (
 
 
 async def _setup_campaign(dsn: str, cid: str, n: int, prefix: str) -> list[DeliveryMessage]:
-    from store import delivery as delivery_store
 
     spec = {
         "id": cid, "name": "bench", "type": "discount", "currency": "EUR", "state": "active",
@@ -71,12 +70,7 @@ async def _setup_campaign(dsn: str, cid: str, n: int, prefix: str) -> list[Deliv
         )
     finally:
         await conn.close()
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
-    try:
-        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
-    finally:
-        await pool.close()
+    await store_template(dsn, cid)
     return [
         new_message(cid, f"{prefix}{i}", "email", f"{prefix}{i}@shop.example", f"CODE{i:08d}", name=f"Customer {i}")
         for i in range(n)
@@ -94,12 +88,21 @@ def _sink_count(index: Path, marker: str) -> int:
     return n
 
 
-async def _sent(dsn: str, cid: str) -> int:
-    conn = await asyncpg.connect(dsn)
+async def sent_count(dsn: str, cid: str) -> int:
+    """Deliveries of campaign ``cid`` marked sent."""
+    return await fetch_count(dsn, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid)
+
+
+async def store_template(dsn: str, cid: str) -> None:
+    """The benchmark's email template for ``cid`` (the job-per-message baseline reads a stored one)."""
+    from store import delivery as delivery_store
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid))
+        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
     finally:
-        await conn.close()
+        await pool.close()
 
 
 async def run_pipeline(
@@ -124,7 +127,7 @@ async def run_pipeline(
         sent = sink = 0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            sent = await _sent(svc.database_url, cid)
+            sent = await sent_count(svc.database_url, cid)
             if sent >= n:
                 sink = _sink_count(index, f"{cid}-c")
                 if sink >= n:
@@ -226,7 +229,7 @@ async def run_baseline(svc: Any, urls: dict[str, str], index: Path, n: int, work
         await redis.aclose()
     return {
         "campaign": cid, "n": n, "seconds": elapsed, "rate": n / elapsed, "done": done,
-        "sent_rows": await _sent(svc.database_url, cid), "sink_accepted": _sink_count(index, f"{cid}-c"),
+        "sent_rows": await sent_count(svc.database_url, cid), "sink_accepted": _sink_count(index, f"{cid}-c"),
     }
 
 

@@ -37,15 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import psutil
 from redis.asyncio import Redis
 
 from engine.delivery import message_id
-from loadtests.bench_delivery import TEMPLATE, _baseline_worker_async, _other_load
+from loadtests.bench_delivery import _baseline_worker_async, _other_load, sent_count, store_template
+from loadtests.bench_plumbing import drain_queue, fetch_count
 from loadtests.harness import machine_summary, record
-from loadtests.queue_workers import drain_queue
 
 SECTION = "Issuance + delivery: 100,000 customers end to end"
 
@@ -62,26 +61,6 @@ def _accepted_keys(index: Path, keys: set[str]) -> int:
             if json.loads(line).get("key") in keys:
                 n += 1
     return n
-
-
-async def _template(dsn: str, cid: str) -> None:
-    """The same email template for both designs (the job-per-message worker needs a stored one)."""
-    from store import delivery as delivery_store
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    assert pool is not None
-    try:
-        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
-    finally:
-        await pool.close()
-
-
-async def _count(dsn: str, sql: str, *args: Any) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(sql, *args))
-    finally:
-        await conn.close()
 
 
 async def _seed_assign_async(dsn: str, redis_url: str, queue: str, email_queue: str, cid: str, concurrency: int) -> int:
@@ -118,7 +97,7 @@ async def _wait_sent(dsn: str, cid: str, index: Path, keys: set[str], n: int, ti
     deadline = time.monotonic() + timeout_s
     sent = sink = 0
     while time.monotonic() < deadline:
-        sent = await _count(dsn, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid)
+        sent = await sent_count(dsn, cid)
         if sent >= n:
             sink = _accepted_keys(index, keys)
             if sink >= n:
@@ -180,7 +159,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     job = client.get(f"{url}/v1/jobs/{job['id']}").json()
                 assert job["state"] == "done", job
                 client.post(f"{url}/v1/campaigns/{c['id']}/activate").raise_for_status()
-                asyncio.run(_template(svc.database_url, str(c["id"])))
+                asyncio.run(store_template(svc.database_url, str(c["id"])))
                 return str(c["id"])
 
             cid = campaign("bench pipeline", n)
@@ -202,7 +181,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             elapsed = time.perf_counter() - t0
             cpu1 = psutil.cpu_times()
             handles.stop()
-            codes = asyncio.run(_count(svc.database_url, "SELECT count(DISTINCT code) FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", cid))
+            codes = asyncio.run(fetch_count(svc.database_url, "SELECT count(DISTINCT code) FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", cid))
 
             # --- one job per customer -----------------------------------------------------
             mail_from = settings.mail_from
@@ -241,7 +220,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     await redis.aclose()
 
             s_assigned, s_emailed, s_elapsed = asyncio.run(seed())
-            s_sent = asyncio.run(_count(svc.database_url, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", seed_cid))
+            s_sent = asyncio.run(sent_count(svc.database_url, seed_cid))
             s_received = _accepted_keys(index, seed_keys)
             other_after, top_after = _other_load()
         finally:

@@ -1,5 +1,6 @@
-"""The baseline worker shape the delivery benchmarks share: a Postgres pool and a Valkey
-client, ``concurrency`` loops popping jobs off one list until it is empty."""
+"""Postgres and Valkey plumbing the benchmarks share: one count query, and the baseline
+worker shape of the delivery benchmarks (a Postgres pool and a Valkey client,
+``concurrency`` loops popping jobs off one list until it is empty)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+
+
+async def fetch_count(dsn: str, sql: str, *args: Any) -> int:
+    """The integer ``sql`` answers, over a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql, *args))
+    finally:
+        await conn.close()
+
 
 JobFn = Callable[[Any, Redis, str], Awaitable[None]]
 """Handles one job (its id, decoded) with the worker's pool and Valkey client."""
@@ -27,6 +38,7 @@ async def drain_queue(dsn: str, redis_url: str, queue: str, concurrency: int, ha
             job = await redis.rpop(queue)
             if job is None:
                 return
+            assert isinstance(job, bytes)
             await handle(db, redis, job.decode())
             done += 1
 
