@@ -1,7 +1,9 @@
-"""Logging in over the HTTP API, for the integration and fault tiers."""
+"""Driving the HTTP API from the integration and fault tiers: logging in, campaigns,
+code generation and the jobs that report it."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,3 +72,44 @@ async def open_campaign_async(
     r = await client.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin)
     assert r.status_code == 200, r.text
     return cid
+
+
+def discount_body(name: str, **extra: Any) -> dict[str, Any]:
+    """A ten percent discount campaign ending in thirty days; ``extra`` fields on top."""
+    return {
+        "name": name,
+        "type": "discount",
+        "currency": "EUR",
+        "discount": {"kind": "percent", "value": 10},
+        "ends_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
+        **extra,
+    }
+
+
+def create_campaign(url: str, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    """Create the campaign ``body`` (a draft); the campaign as the API returns it."""
+    r = httpx.post(f"{url}/v1/campaigns", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def finished_job(url: str, headers: dict[str, str], job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    """Poll job ``job_id`` until it is no longer running; the job then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["state"] != "running":
+            return dict(job)
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def generate_codes(url: str, headers: dict[str, str], cid: str, count: int) -> dict[str, Any]:
+    """Generate ``count`` codes for campaign ``cid`` and wait for the job to be done; the job."""
+    r = httpx.post(f"{url}/v1/campaigns/{cid}/generate", json={"count": count}, headers=headers)
+    assert r.status_code == 202, r.text
+    job = finished_job(url, headers, r.json()["id"])
+    assert job["state"] == "done", job
+    return job

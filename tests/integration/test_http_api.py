@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,17 +14,21 @@ import jwt
 import pytest
 
 from serve.auth import PERMISSIONS, ROLES
-from tests.http_support import bearer, flash_sale_body, open_campaign_async
+from tests.engine_support import uid
+from tests.http_support import (
+    bearer,
+    create_campaign,
+    discount_body,
+    finished_job,
+    flash_sale_body,
+    open_campaign_async,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def _later(days: int = 30) -> str:
     return (datetime.now(UTC) + timedelta(days=days)).isoformat()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(4).hex()}"
 
 
 def _login(api: Any, email: str, password: str) -> str:
@@ -42,7 +45,7 @@ def admin(http_api: Any) -> dict[str, str]:
 
 
 def _user_with_role(api: Any, admin: dict[str, str], role: str) -> tuple[str, dict[str, str]]:
-    email = f"{_uid(role)}@shop.example"
+    email = f"{uid(role)}@shop.example"
     r = httpx.post(
         f"{api.url}/v1/auth/register",
         json={"email": email, "password": "a-long-password", "name": role},
@@ -62,32 +65,17 @@ def role_headers(http_api: Any, admin: dict[str, str]) -> dict[str, tuple[str, d
 
 
 def _campaign(api: Any, headers: dict[str, str], **extra: Any) -> dict[str, Any]:
-    body = {
-        "name": "http test",
-        "type": "discount",
-        "currency": "EUR",
-        "discount": {"kind": "percent", "value": 10},
-        "ends_at": _later(),
-        "timezone": "Europe/Berlin",
-        **extra,
-    }
-    r = httpx.post(f"{api.url}/v1/campaigns", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return dict(r.json())
+    return create_campaign(api.url, headers, discount_body("http test", **{"timezone": "Europe/Berlin", **extra}))
 
 
 def _generate(api: Any, headers: dict[str, str], cid: str, count: int) -> dict[str, Any]:
     r = httpx.post(f"{api.url}/v1/campaigns/{cid}/generate", json={"count": count}, headers=headers)
     assert r.status_code == 202, r.text
-    job = r.json()
-    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
-    for _ in range(200):
-        job = httpx.get(f"{api.url}/v1/jobs/{job['id']}", headers=headers).json()
-        if job["state"] != "running":
-            break
-        time.sleep(0.05)
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    job = finished_job(api.url, headers, job_id)
     assert job["state"] == "done", job
-    return dict(job)
+    return job
 
 
 def test_health_docs_and_openapi(http_api: Any) -> None:
@@ -231,7 +219,7 @@ def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str
     body = {"code": codes[0], "customer_id": "cust-1", "order": {"id": "o-1", "amount": 3000, "currency": "EUR"}}
     v = httpx.post(f"{url}/v1/validations", json=body, headers=integ).json()
     assert v == {**v, "valid": True, "discount_amount": 3000, "balance": 5000}
-    idem = {**integ, "Idempotency-Key": _uid("idem")}
+    idem = {**integ, "Idempotency-Key": uid("idem")}
     first = httpx.post(f"{url}/v1/redemptions", json=body, headers=idem)
     again = httpx.post(f"{url}/v1/redemptions", json=body, headers=idem)
     assert first.status_code == again.status_code == 201
@@ -278,7 +266,7 @@ async def test_concurrent_http_redemptions_never_exceed_the_limit(
                 f"{url}/v1/api-keys", json={"name": "co", "roles": ["integration"]}, headers=admin
             )
         ).json()["key"]
-        code = _uid("HTTPFLASH").upper()
+        code = uid("HTTPFLASH").upper()
         body = flash_sale_body(
             "flash", code, discount={"kind": "percent", "value": 50, "max": 1000},
             limits={"total": 50, "per_customer": 1}, ends_at=_later(1),
@@ -387,7 +375,7 @@ def test_cached_api_keys_see_revocation_and_owner_demotion_at_once(
     key2, key2_id = r.json()["key"], r.json()["id"]
 
     def validate(k: str, n: int) -> httpx.Response:
-        body = {"code": "NO-SUCH-CODE", "customer_id": _uid(f"c{n}"),
+        body = {"code": "NO-SUCH-CODE", "customer_id": uid(f"c{n}"),
                 "order": {"id": "o", "amount": 100, "currency": "EUR"}}
         return httpx.post(f"{url}/v1/validations", json=body, headers={"X-API-Key": k})
 
@@ -423,7 +411,7 @@ def test_fast_lane_and_routes_answer_alike(http_api: Any, admin: dict[str, str])
     codes = _codes_of(http_api, c["id"])
 
     def body(code: str, amount: Any = 4000) -> bytes:
-        return json.dumps({"code": code, "customer_id": _uid("c"),
+        return json.dumps({"code": code, "customer_id": uid("c"),
                            "order": {"id": "o-1", "amount": amount, "currency": "EUR"}}).encode()
 
     def chunked(data: bytes) -> Any:

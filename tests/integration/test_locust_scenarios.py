@@ -18,6 +18,7 @@ import pytest
 
 from loadtests.run_scenario import run_locust
 from loadtests.scenarios import plan as planning
+from tests.engine_support import fetch
 from tests.http_support import admin_headers
 
 pytestmark = pytest.mark.integration
@@ -44,16 +45,7 @@ def _stats(api: Any, headers: dict[str, str], campaign_id: str) -> dict[str, Any
 
 
 def _db(api: Any, sql: str, *args: Any) -> list[Any]:
-    import asyncpg
-
-    async def q() -> list[Any]:
-        conn = await asyncpg.connect(api.database_url)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
+    return asyncio.run(fetch(api.database_url, sql, *args))
 
 
 def _run(scenario: str, api: Any, issuer: planning.Issuer | None, out: Path) -> tuple[dict[str, Any], Any]:

@@ -7,14 +7,13 @@ import os
 import re
 import time
 import urllib.request
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.http_support import admin_headers
+from tests.http_support import admin_headers, create_campaign, discount_body, generate_codes
 
 pytestmark = pytest.mark.integration
 
@@ -28,25 +27,8 @@ def admin(http_api: Any) -> dict[str, str]:
 def codes(http_api: Any, admin: dict[str, str]) -> list[str]:
     """Four fresh codes of an active campaign."""
     url = http_api.url
-    body = {
-        "name": "observability",
-        "type": "discount",
-        "currency": "EUR",
-        "discount": {"kind": "percent", "value": 10},
-        "ends_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
-    }
-    r = httpx.post(f"{url}/v1/campaigns", json=body, headers=admin)
-    assert r.status_code == 201, r.text
-    cid = r.json()["id"]
-    r = httpx.post(f"{url}/v1/campaigns/{cid}/generate", json={"count": 4}, headers=admin)
-    assert r.status_code == 202, r.text
-    job = r.json()
-    for _ in range(200):
-        job = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=admin).json()
-        if job["state"] != "running":
-            break
-        time.sleep(0.05)
-    assert job["state"] == "done", job
+    cid = create_campaign(url, admin, discount_body("observability"))["id"]
+    generate_codes(url, admin, cid, 4)
     httpx.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin).raise_for_status()
     # the codes themselves from Postgres (the API never lists a campaign's codes)
     return _codes_of(http_api, cid)
