@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from actors.issuance import issuer_handle
     from engine.settings import Settings
     from ops.start import start_http
-    from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
+    from tests.support import RAY_NAMESPACE, free_port, running_ray, running_services
 
     n, nb = args.customers, args.baseline
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp)) as svc, running_ray():
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             urls = {"email": urls["smtp"], "sms": urls["sms"], "push": urls["push"]}
             index = Path(tmp) / "outbox" / "index.jsonl"
             settings = Settings(
-                shards=4, namespace=RAY_NAMESPACE, http_port=_free_port(),
+                shards=4, namespace=RAY_NAMESPACE, http_port=free_port(),
                 admin_email="bench@example.com", admin_password="bench-password", data_dir=tmp,
                 delivery_workers=args.workers, delivery_rate_email=0.0,
             )

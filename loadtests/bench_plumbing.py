@@ -1,15 +1,30 @@
-"""Postgres and Valkey plumbing the benchmarks share: one count query, and the baseline
-worker shape of the delivery benchmarks (a Postgres pool and a Valkey client,
+"""Plumbing the benchmarks share: waiting for a server to answer, one count query, and the
+baseline worker shape of the delivery benchmarks (a Postgres pool and a Valkey client,
 ``concurrency`` loops popping jobs off one list until it is empty)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import httpx
 from redis.asyncio import Redis
+
+
+def wait_http(url: str, timeout_s: float = 90.0) -> None:
+    """Block until ``url`` answers 200; ``RuntimeError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(0.3)
 
 
 async def fetch_count(dsn: str, sql: str, *args: Any) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,15 +22,10 @@ from aiosmtpd.controller import Controller
 
 from engine import notify
 from tests.http_support import admin_headers
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Mailbox:
@@ -68,7 +62,7 @@ class _Hook(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def smtp() -> Iterator[tuple[_Mailbox, int]]:
     box = _Mailbox()
-    port = _free_port()
+    port = free_port()
     controller = Controller(box, hostname="127.0.0.1", port=port)
     controller.start()
     yield box, port

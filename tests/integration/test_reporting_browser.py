@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from tests.http_support import admin_headers
 from tests.integration.test_reporting_app import analyst_user, settle
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,6 @@ def _chromium() -> str:
         pytest.skip(why)
     assert path is not None
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_app(api_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -113,7 +107,7 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
     email, password = analyst_user(http_api)
 
     ARTIFACTS.mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     proc = _start_app(http_api.url, port, tmp_path / "streamlit.log")
     try:
         with sync_playwright() as p:
