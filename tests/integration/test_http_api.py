@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from serve.auth import PERMISSIONS, ROLES
-from tests.engine_support import uid
+from tests.engine_support import campaign_codes, uid
 from tests.http_support import (
     bearer,
     create_campaign,
@@ -243,17 +243,7 @@ def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str
 
 
 def _codes_of(api: Any, campaign_id: str) -> list[str]:
-    import asyncpg
-
-    async def q() -> list[str]:
-        conn = await asyncpg.connect(api.database_url)
-        try:
-            rows = await conn.fetch("SELECT code FROM vouchers WHERE campaign_id=$1 ORDER BY code", campaign_id)
-            return [r[0] for r in rows]
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
+    return asyncio.run(campaign_codes(api.database_url, campaign_id))
 
 
 async def test_concurrent_http_redemptions_never_exceed_the_limit(

@@ -3,6 +3,7 @@ app (HAProxy mode, two gateway replicas) and shard actors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.engine_support import campaign_codes
 from tests.http_support import admin_headers, create_campaign, discount_body, generate_codes
 
 pytestmark = pytest.mark.integration
@@ -35,21 +37,7 @@ def codes(http_api: Any, admin: dict[str, str]) -> list[str]:
 
 
 def _codes_of(http_api: Any, campaign_id: str) -> list[str]:
-    import asyncio
-
-    import asyncpg
-
-    async def fetch() -> list[str]:
-        conn = await asyncpg.connect(http_api.database_url)
-        try:
-            rows = await conn.fetch(
-                "SELECT code FROM vouchers WHERE campaign_id = $1 ORDER BY code", campaign_id
-            )
-        finally:
-            await conn.close()
-        return [r["code"] for r in rows]
-
-    found = asyncio.run(fetch())
+    found = asyncio.run(campaign_codes(http_api.database_url, campaign_id))
     assert len(found) == 4, found
     return found
 
