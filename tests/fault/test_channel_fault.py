@@ -15,7 +15,7 @@ import ray
 
 from engine.routing import shard_of_bucket
 from engine.shard_state import route_bucket
-from tests.http_support import flash_sale_body, open_campaign_async
+from tests.http_support import bearer, flash_sale_body, open_campaign_async
 
 ATTEMPTS = 240
 
@@ -32,7 +32,7 @@ async def test_shard_killed_under_http_load_over_the_direct_line(http_api: Any, 
             f"{url}/v1/auth/login",
             json={"email": http_api.admin_email, "password": http_api.admin_password},
         )
-        admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        admin = bearer(r.json()["access_token"])
         key = (
             await client.post(
                 f"{url}/v1/api-keys", json={"name": "kill", "roles": ["integration"]}, headers=admin

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from ops.servers import embedded_for_tests
+from tests.http_support import bearer
 from tests.support import free_port
 
 pytestmark = pytest.mark.fault
@@ -83,7 +84,7 @@ async def _redeem_some(url: str, n: int) -> list[str]:
             json={"email": "admin@sigterm.example", "password": "admin-password-for-sigterm"},
         )
         r.raise_for_status()
-        admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        admin = bearer(r.json()["access_token"])
         code = f"SIGTERM{os.getpid()}"
         r = await client.post(
             "/v1/campaigns",

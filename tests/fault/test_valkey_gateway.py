@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http_support import flash_sale_body, open_campaign_async
+from tests.http_support import bearer, flash_sale_body, open_campaign_async
 from tests.support import PrivateValkey, second_gateway
 
 pytestmark = pytest.mark.fault
@@ -68,7 +68,7 @@ async def _admin_and_keys(
 ) -> tuple[dict[str, str], list[tuple[str, str]]]:
     r = await _login(client, url, http_api)
     assert r.status_code == 200, r.text
-    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    admin = bearer(r.json()["access_token"])
     keys = []
     for name in names:
         r = await client.post(f"{url}/v1/api-keys", json={"name": name, "roles": ["integration"]}, headers=admin)

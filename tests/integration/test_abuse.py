@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from serve.devices import account_key
-from tests.http_support import flash_sale_body, open_campaign
+from tests.http_support import bearer, flash_sale_body, open_campaign
 from tests.support import second_gateway
 
 APP = "abuse"
@@ -150,7 +150,7 @@ def test_brute_force_neither_gets_through_nor_locks_the_admin_out(
 def admin(http_api: Any) -> dict[str, str]:
     r = _login(http_api.url, http_api.admin_email, http_api.admin_password, None)
     assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return bearer(r.json()["access_token"])
 
 
 def _flash_sale(url: str, admin: dict[str, str]) -> str:

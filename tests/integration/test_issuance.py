@@ -23,6 +23,7 @@ from engine.routing import assignment_key, shard_of
 from tests.engine_support import fetch, uid
 from tests.http_support import (
     admin_headers,
+    bearer,
     create_campaign,
     discount_body,
     finished_job,
@@ -255,7 +256,7 @@ def test_bad_issuance_requests_leave_nothing_behind(http_api: Any, admin: dict[s
     user_id = r.json()["id"]
     httpx.put(f"{http_api.url}/v1/users/{user_id}/roles", json={"roles": ["analyst"]}, headers=admin).raise_for_status()
     tok = httpx.post(f"{http_api.url}/v1/auth/login", json={"email": f"{p}@shop.example", "password": "a-long-password"}).json()["access_token"]
-    analyst = {"Authorization": f"Bearer {tok}"}
+    analyst = bearer(tok)
     assert httpx.get(f"{http_api.url}/v1/customers/{p}", headers=analyst).status_code == 200
     assert _issue(http_api, analyst, c["id"], {"all": True}, ["email"]).status_code == 403
     assert _import(http_api, analyst, b"id\nx\n").status_code == 403

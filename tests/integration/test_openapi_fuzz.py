@@ -34,7 +34,7 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.http_support import access_token, login
+from tests.http_support import access_token, bearer, login
 from tests.integration import fuzz_hooks  # noqa: F401  (registers the hooks for the pytest pass)
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ class Fuzzer:
     """The credentials of the fuzz and the ids it must never touch."""
 
     def __init__(self, token: str, protected_users: set[str]) -> None:
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.headers = bearer(token)
         self.protected_users = protected_users
 
 
