@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from actors.client import VoucherEngine
 from engine import errors
@@ -104,6 +105,14 @@ async def shared_code_campaign(
     )
     await engine.activate(c.id)
     return c.id
+
+
+_OUTCOMES = msgspec.msgpack.Decoder(list[Outcome])
+
+
+async def redeem_on_core(core: Any, *reqs: RedeemRequest) -> list[Outcome]:
+    """Redeem ``reqs`` on a shard core driven in-process, through its msgpack interface."""
+    return _OUTCOMES.decode(await core.redeem_many(msgspec.msgpack.encode(list(reqs))))
 
 
 async def redeem_with_retry(
