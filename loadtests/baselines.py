@@ -333,6 +333,16 @@ async def _drop_schema(dsn: str) -> None:
         await conn.close()
 
 
+async def _execute_then_drop(
+    dsn: str, spec: Spec, clients: int, duration_s: float, warmup_s: float, processes: int, use_uvloop: bool
+) -> RunStats:
+    """Run ``spec`` over the benchmark schema, then drop the schema whatever happened."""
+    try:
+        return await _execute(spec, clients, duration_s, warmup_s, processes, use_uvloop)
+    finally:
+        await _drop_schema(dsn)
+
+
 async def naive_pg_hot_row(
     dsn: str,
     clients: int = 32,
@@ -356,12 +366,7 @@ async def naive_pg_hot_row(
         )
     finally:
         await conn.close()
-    try:
-        stats = await _execute(
-            HotRowSpec(dsn), clients, duration_s, warmup_s, processes, use_uvloop
-        )
-    finally:
-        await _drop_schema(dsn)
+    stats = await _execute_then_drop(dsn, HotRowSpec(dsn), clients, duration_s, warmup_s, processes, use_uvloop)
     return stats.to_result("naive pg, hot row", processes=processes)
 
 
@@ -398,17 +403,9 @@ async def naive_pg_distinct_rows(
         await conn.execute(f"ANALYZE {SCHEMA}.codes")
     finally:
         await conn.close()
-    try:
-        stats = await _execute(
-            DistinctRowsSpec(dsn, per_client),
-            clients,
-            duration_s,
-            warmup_s,
-            processes,
-            use_uvloop,
-        )
-    finally:
-        await _drop_schema(dsn)
+    stats = await _execute_then_drop(
+        dsn, DistinctRowsSpec(dsn, per_client), clients, duration_s, warmup_s, processes, use_uvloop
+    )
     return stats.to_result("naive pg, distinct rows", processes=processes)
 
 

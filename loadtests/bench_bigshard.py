@@ -38,6 +38,7 @@ from engine.campaigns import Discount, new_campaign, transition
 from engine.routing import BUCKETS, new_id
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
+from loadtests.bench_plumbing import fetch_count
 from ops.servers import embedded_for_tests
 from store.campaigns import insert_campaign, update_campaign
 from store.migrations import migrate
@@ -156,7 +157,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["redemption_during_void_max_ms"] = worst * 1000
         await core.voids_done()
         figures["void_s"] = time.perf_counter() - t0
-        left = await _count(dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = 'big' AND status IN (0, 1)")
+        left = await fetch_count(dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = 'big' AND status IN (0, 1)")
         figures["unvoided_rows_left"] = left
         await _stop(core)
 
@@ -170,14 +171,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await asyncio.to_thread(svc.stop)
     return figures
-
-
-async def _count(dsn: str, sql: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(sql))
-    finally:
-        await conn.close()
 
 
 def main() -> None:

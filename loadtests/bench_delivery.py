@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 
 from engine.delivery import DeliveryMessage, new_message
 from engine.settings import Settings
+from loadtests.bench_plumbing import drain_queue, fetch_count
 from loadtests.harness import machine_summary, record
 
 TEMPLATE = (
@@ -49,7 +50,6 @@ TEMPLATE = (
 
 
 async def _setup_campaign(dsn: str, cid: str, n: int, prefix: str) -> list[DeliveryMessage]:
-    from store import delivery as delivery_store
 
     spec = {
         "id": cid, "name": "bench", "type": "discount", "currency": "EUR", "state": "active",
@@ -70,12 +70,7 @@ async def _setup_campaign(dsn: str, cid: str, n: int, prefix: str) -> list[Deliv
         )
     finally:
         await conn.close()
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
-    try:
-        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
-    finally:
-        await pool.close()
+    await store_template(dsn, cid)
     return [
         new_message(cid, f"{prefix}{i}", "email", f"{prefix}{i}@shop.example", f"CODE{i:08d}", name=f"Customer {i}")
         for i in range(n)
@@ -93,12 +88,21 @@ def _sink_count(index: Path, marker: str) -> int:
     return n
 
 
-async def _sent(dsn: str, cid: str) -> int:
-    conn = await asyncpg.connect(dsn)
+async def sent_count(dsn: str, cid: str) -> int:
+    """Deliveries of campaign ``cid`` marked sent."""
+    return await fetch_count(dsn, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid)
+
+
+async def store_template(dsn: str, cid: str) -> None:
+    """The benchmark's email template for ``cid`` (the job-per-message baseline reads a stored one)."""
+    from store import delivery as delivery_store
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid))
+        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
     finally:
-        await conn.close()
+        await pool.close()
 
 
 async def run_pipeline(
@@ -123,7 +127,7 @@ async def run_pipeline(
         sent = sink = 0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            sent = await _sent(svc.database_url, cid)
+            sent = await sent_count(svc.database_url, cid)
             if sent >= n:
                 sink = _sink_count(index, f"{cid}-c")
                 if sink >= n:
@@ -154,55 +158,39 @@ async def _baseline_worker_async(dsn: str, redis_url: str, smtp: str, queue: str
     from engine import templates
 
     cfg = SmtpSettings.from_url(smtp)
-    db = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
-    assert db is not None
-    redis = Redis.from_url(redis_url)
-    done = 0
 
-    async def job_loop() -> None:
-        nonlocal done
-        while True:
-            job = await redis.rpop(queue)
-            if job is None:
-                return
-            msg_id = job.decode()
-            # 1. look the row up (with its customer and campaign)
-            row = await db.fetchrow(
-                "SELECT d.id, d.campaign_id, d.customer_id, d.recipient, d.code, c.name AS cname,"
-                " c.locale, k.name AS campaign_name, k.spec FROM deliveries d"
-                " JOIN customers c ON c.id = d.customer_id JOIN campaigns k ON k.id = d.campaign_id"
-                " WHERE d.id = $1",
-                msg_id,
+    async def handle(db: Any, _redis: Redis, msg_id: str) -> None:
+        # 1. look the row up (with its customer and campaign)
+        row = await db.fetchrow(
+            "SELECT d.id, d.campaign_id, d.customer_id, d.recipient, d.code, c.name AS cname,"
+            " c.locale, k.name AS campaign_name, k.spec FROM deliveries d"
+            " JOIN customers c ON c.id = d.customer_id JOIN campaigns k ON k.id = d.campaign_id"
+            " WHERE d.id = $1",
+            msg_id,
+        )
+        tpl = await db.fetchrow(
+            "SELECT subject, body FROM campaign_templates WHERE campaign_id = $1 AND channel = 'email' AND locale = $2",
+            row["campaign_id"],
+            row["locale"],
+        )
+        # 2. render
+        compiled = templates.CompiledTemplate("email", templates.TemplateSource(tpl["subject"], tpl["body"]))
+        rendered = compiled.render(
+            templates.context(
+                code=row["code"], customer_name=row["cname"], locale=row["locale"],
+                campaign_name=row["campaign_name"], spec=json.loads(row["spec"]),
             )
-            tpl = await db.fetchrow(
-                "SELECT subject, body FROM campaign_templates WHERE campaign_id = $1 AND channel = 'email' AND locale = $2",
-                row["campaign_id"],
-                row["locale"],
-            )
-            # 2. render
-            compiled = templates.CompiledTemplate("email", templates.TemplateSource(tpl["subject"], tpl["body"]))
-            rendered = compiled.render(
-                templates.context(
-                    code=row["code"], customer_name=row["cname"], locale=row["locale"],
-                    campaign_name=row["campaign_name"], spec=json.loads(row["spec"]),
-                )
-            )
-            m = new_message(row["campaign_id"], row["customer_id"], "email", row["recipient"], row["code"])
-            # 3. its own SMTP connection
-            await aiosmtplib.send(
-                build_email(m, rendered, mail_from), sender=mail_from, recipients=[row["recipient"]],
-                hostname=cfg.host, port=cfg.port, start_tls=False, use_tls=False,
-            )
-            # 4. update its row
-            await db.execute("UPDATE deliveries SET state = 'sent', sent_at = now(), attempts = attempts + 1, updated_at = now() WHERE id = $1", msg_id)
-            done += 1
+        )
+        m = new_message(row["campaign_id"], row["customer_id"], "email", row["recipient"], row["code"])
+        # 3. its own SMTP connection
+        await aiosmtplib.send(
+            build_email(m, rendered, mail_from), sender=mail_from, recipients=[row["recipient"]],
+            hostname=cfg.host, port=cfg.port, start_tls=False, use_tls=False,
+        )
+        # 4. update its row
+        await db.execute("UPDATE deliveries SET state = 'sent', sent_at = now(), attempts = attempts + 1, updated_at = now() WHERE id = $1", msg_id)
 
-    try:
-        await asyncio.gather(*(job_loop() for _ in range(concurrency)))
-    finally:
-        await redis.aclose()
-        await db.close()
-    return done
+    return await drain_queue(dsn, redis_url, queue, concurrency, handle)
 
 
 def _baseline_worker(*args: Any) -> int:
@@ -241,7 +229,7 @@ async def run_baseline(svc: Any, urls: dict[str, str], index: Path, n: int, work
         await redis.aclose()
     return {
         "campaign": cid, "n": n, "seconds": elapsed, "rate": n / elapsed, "done": done,
-        "sent_rows": await _sent(svc.database_url, cid), "sink_accepted": _sink_count(index, f"{cid}-c"),
+        "sent_rows": await sent_count(svc.database_url, cid), "sink_accepted": _sink_count(index, f"{cid}-c"),
     }
 
 

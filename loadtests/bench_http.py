@@ -35,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,9 @@ from typing import Any
 
 import psutil
 
+from loadtests.bench_plumbing import fetch_count, wait_http
 from loadtests.harness import machine_summary, record
+from tests.support import free_port
 
 SECTION = "HTTP: POST /v1/redemptions"
 HIGH_INTEGRATION_RATE = "10000000/20000000"
@@ -304,27 +305,6 @@ class Target:
         return self.runs[i], self.cpu[i]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def _setup_engine_campaign(base: str, email: str, password: str, code: str) -> tuple[str, str, str]:
     """Admin login, an integration API key, an active shared-code campaign: (campaign id,
     API key, admin token)."""
@@ -387,16 +367,6 @@ def _gateway_metrics(base: str, token: str) -> dict[str, float]:
             continue
         out[m.group(1)] = float(m.group(3))
     return out
-
-
-async def _count_rows(dsn: str, sql: str, *args: Any) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(sql, *args))
-    finally:
-        await conn.close()
 
 
 async def _pg_settings(dsn: str) -> str:
@@ -483,7 +453,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         local_ray_environment()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="bench-http")
-        port = _free_port()
+        port = free_port()
         settings = Settings(
             shards=args.shards,
             namespace="bench-http",
@@ -498,7 +468,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         # Keep the handles: the named actors live only as long as a handle does.
         engine = start_engine(settings, dsn)
         base = start_http(settings, dsn, svc.redis_url, replicas={"Gateway": args.gateways})
-        _wait_http(f"{base}/healthz")
+        wait_http(f"{base}/healthz", 60.0)
         code = f"HTTPBENCH{os.urandom(3).hex().upper()}"
         cid, api_key, admin_token = _setup_engine_campaign(
             base, settings.admin_email, settings.admin_password or "", code
@@ -506,14 +476,14 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
 
         naive_code = f"NAIVE{os.urandom(3).hex().upper()}"
         asyncio.run(naive_service.prepare(dsn, naive_code, 10**12))
-        naive_port = _free_port()
+        naive_port = free_port()
         naive_proc = subprocess.Popen(
             [sys.executable, "-m", "loadtests.naive_service", "--dsn", dsn,
              "--port", str(naive_port), "--pool", str(args.naive_pool)],
             cwd=Path(__file__).resolve().parent.parent,
         )
         naive_base = f"http://127.0.0.1:{naive_port}"
-        _wait_http(f"{naive_base}/healthz")
+        wait_http(f"{naive_base}/healthz", 60.0)
 
         script = tmp / "bench_http.lua"
         script.write_text(WRK_SCRIPT)
@@ -577,9 +547,9 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         # flight when wrk stopped may commit without an answer: at most one per connection.
         time.sleep(1.0)
         db = {
-            "engine": asyncio.run(_count_rows(
+            "engine": asyncio.run(fetch_count(
                 dsn, "SELECT count(*) FROM redemptions WHERE campaign_id = $1", cid)) - 1,
-            "naive": asyncio.run(_count_rows(
+            "naive": asyncio.run(fetch_count(
                 dsn, f"SELECT count(*) FROM {naive_service.SCHEMA}.redemptions")),
         }
 

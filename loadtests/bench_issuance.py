@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     from actors.client import start_engine
     from engine.settings import Settings
     from ops.start import start_http
-    from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
+    from tests.support import RAY_NAMESPACE, free_port, running_ray, running_services
 
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp)) as svc, running_ray():
         settings = Settings(
             shards=4,
             namespace=RAY_NAMESPACE,
-            http_port=_free_port(),
+            http_port=free_port(),
             admin_email="bench@example.com",
             admin_password="bench-password",
             data_dir=tmp,

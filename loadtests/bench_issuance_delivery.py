@@ -37,13 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import psutil
 from redis.asyncio import Redis
 
 from engine.delivery import message_id
-from loadtests.bench_delivery import TEMPLATE, _baseline_worker_async, _other_load
+from loadtests.bench_delivery import _baseline_worker_async, _other_load, sent_count, store_template
+from loadtests.bench_plumbing import drain_queue, fetch_count
 from loadtests.harness import machine_summary, record
 
 SECTION = "Issuance + delivery: 100,000 customers end to end"
@@ -63,63 +63,26 @@ def _accepted_keys(index: Path, keys: set[str]) -> int:
     return n
 
 
-async def _template(dsn: str, cid: str) -> None:
-    """The same email template for both designs (the job-per-message worker needs a stored one)."""
-    from store import delivery as delivery_store
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    assert pool is not None
-    try:
-        await delivery_store.put_template(pool, cid, "email", "en", TEMPLATE[0], TEMPLATE[1], True)
-    finally:
-        await pool.close()
-
-
-async def _count(dsn: str, sql: str, *args: Any) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(sql, *args))
-    finally:
-        await conn.close()
-
-
 async def _seed_assign_async(dsn: str, redis_url: str, queue: str, email_queue: str, cid: str, concurrency: int) -> int:
-    db = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
-    assert db is not None
-    redis = Redis.from_url(redis_url)
-    done = 0
+    async def handle(db: Any, redis: Redis, customer: str) -> None:
+        async with db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE vouchers SET status = 1, customer_id = $2, updated_at = now() WHERE code ="
+                " (SELECT code FROM vouchers WHERE campaign_id = $1 AND status = 0 LIMIT 1"
+                "  FOR UPDATE SKIP LOCKED) RETURNING code",
+                cid,
+                customer,
+            )
+            email = await conn.fetchval("SELECT email FROM customers WHERE id = $1", customer)
+            mid = message_id(cid, customer, "email")
+            await conn.execute(
+                "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code)"
+                " VALUES ($1, $2, $3, 'email', $4, $5)",
+                mid, cid, customer, email, row["code"],
+            )
+        await redis.lpush(email_queue, mid)
 
-    async def job_loop() -> None:
-        nonlocal done
-        while True:
-            job = await redis.rpop(queue)
-            if job is None:
-                return
-            customer = job.decode()
-            async with db.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    "UPDATE vouchers SET status = 1, customer_id = $2, updated_at = now() WHERE code ="
-                    " (SELECT code FROM vouchers WHERE campaign_id = $1 AND status = 0 LIMIT 1"
-                    "  FOR UPDATE SKIP LOCKED) RETURNING code",
-                    cid,
-                    customer,
-                )
-                email = await conn.fetchval("SELECT email FROM customers WHERE id = $1", customer)
-                mid = message_id(cid, customer, "email")
-                await conn.execute(
-                    "INSERT INTO deliveries (id, campaign_id, customer_id, channel, recipient, code)"
-                    " VALUES ($1, $2, $3, 'email', $4, $5)",
-                    mid, cid, customer, email, row["code"],
-                )
-            await redis.lpush(email_queue, mid)
-            done += 1
-
-    try:
-        await asyncio.gather(*(job_loop() for _ in range(concurrency)))
-    finally:
-        await redis.aclose()
-        await db.close()
-    return done
+    return await drain_queue(dsn, redis_url, queue, concurrency, handle)
 
 
 def _seed_assign(*args: Any) -> int:
@@ -134,7 +97,7 @@ async def _wait_sent(dsn: str, cid: str, index: Path, keys: set[str], n: int, ti
     deadline = time.monotonic() + timeout_s
     sent = sink = 0
     while time.monotonic() < deadline:
-        sent = await _count(dsn, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", cid)
+        sent = await sent_count(dsn, cid)
         if sent >= n:
             sink = _accepted_keys(index, keys)
             if sink >= n:
@@ -151,7 +114,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from actors.issuance import issuer_handle
     from engine.settings import Settings
     from ops.start import start_http
-    from tests.support import RAY_NAMESPACE, _free_port, running_ray, running_services
+    from tests.support import RAY_NAMESPACE, free_port, running_ray, running_services
 
     n, nb = args.customers, args.baseline
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp)) as svc, running_ray():
@@ -165,7 +128,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             urls = {"email": urls["smtp"], "sms": urls["sms"], "push": urls["push"]}
             index = Path(tmp) / "outbox" / "index.jsonl"
             settings = Settings(
-                shards=4, namespace=RAY_NAMESPACE, http_port=_free_port(),
+                shards=4, namespace=RAY_NAMESPACE, http_port=free_port(),
                 admin_email="bench@example.com", admin_password="bench-password", data_dir=tmp,
                 delivery_workers=args.workers, delivery_rate_email=0.0,
             )
@@ -196,7 +159,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     job = client.get(f"{url}/v1/jobs/{job['id']}").json()
                 assert job["state"] == "done", job
                 client.post(f"{url}/v1/campaigns/{c['id']}/activate").raise_for_status()
-                asyncio.run(_template(svc.database_url, str(c["id"])))
+                asyncio.run(store_template(svc.database_url, str(c["id"])))
                 return str(c["id"])
 
             cid = campaign("bench pipeline", n)
@@ -218,7 +181,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             elapsed = time.perf_counter() - t0
             cpu1 = psutil.cpu_times()
             handles.stop()
-            codes = asyncio.run(_count(svc.database_url, "SELECT count(DISTINCT code) FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", cid))
+            codes = asyncio.run(fetch_count(svc.database_url, "SELECT count(DISTINCT code) FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", cid))
 
             # --- one job per customer -----------------------------------------------------
             mail_from = settings.mail_from
@@ -257,7 +220,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     await redis.aclose()
 
             s_assigned, s_emailed, s_elapsed = asyncio.run(seed())
-            s_sent = asyncio.run(_count(svc.database_url, "SELECT count(*) FROM deliveries WHERE campaign_id = $1 AND state = 'sent'", seed_cid))
+            s_sent = asyncio.run(sent_count(svc.database_url, seed_cid))
             s_received = _accepted_keys(index, seed_keys)
             other_after, top_after = _other_load()
         finally:

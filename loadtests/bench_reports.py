@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -36,15 +35,10 @@ import asyncpg
 import httpx
 
 from loadtests.harness import machine_summary, percentile, record
+from tests.support import free_port
 
 SECTION = "Reports on a campaign with 1M codes"
 TARGET_MS = 200.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 NAIVE: dict[str, str] = {
@@ -269,7 +263,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="bench-reports")
         settings = Settings(
-            shards=4, namespace="bench-reports", http_port=_free_port(),
+            shards=4, namespace="bench-reports", http_port=free_port(),
             admin_email="admin@bench.example", admin_password="bench-admin-password",
             data_dir=str(tmp),
         )

@@ -52,7 +52,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -64,6 +63,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from tests.support import free_port
 
 FAULT_KINDS = (
     "shard_kill",
@@ -694,12 +695,6 @@ async def injector(run: Run, faults: list[Fault], until: float) -> list[Fault]:
 # setup
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _code_on_shard(shard: int, shards: int, rng: random.Random) -> str:
     from engine.routing import shard_of_bucket
     from engine.shard_state import route_bucket
@@ -1050,8 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     # its own ports always: a value inherited from another engine (a test session) is taken
-    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
-    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     os.environ["VOUCHER_RATE_INTEGRATION"] = HIGH_INTEGRATION_RATE
     import msgspec
     import ray
@@ -1079,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  namespace=NAMESPACE)
         settings = Settings(
-            shards=args.shards, namespace=NAMESPACE, batch_window_ms=1.0, http_port=_free_port(),
+            shards=args.shards, namespace=NAMESPACE, batch_window_ms=1.0, http_port=free_port(),
             admin_email="admin@chaos.example", admin_password="chaos-admin-password", data_dir=str(root),
             delivery_workers=2, delivery_claim_idle_s=3.0, delivery_backoff_base_s=0.05,
             delivery_backoff_max_s=0.5, delivery_send_timeout_s=5.0,

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loadtests.bench_plumbing import wait_http
 from loadtests.scenarios import plan as planning
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "results"
@@ -58,33 +59,14 @@ class Target:
     marker: str = ""  # a path in the command lines of the engine's own processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 90.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-        time.sleep(0.3)
-
-
 @contextlib.contextmanager
 def local_engine(*, shards: int = 4, gateways: int = 1) -> Iterator[Target]:
     """The whole engine on this machine, in a throwaway directory, for one run."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     # HAProxy's stats/metrics ports default to fixed numbers; another Ray may hold them.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     import asyncio
 
     import ray
@@ -109,7 +91,7 @@ def local_engine(*, shards: int = 4, gateways: int = 1) -> Iterator[Target]:
         settings = Settings(
             shards=shards,
             namespace=namespace,
-            http_port=_free_port(),
+            http_port=free_port(),
             admin_email="admin@loadtest.example",
             admin_password="loadtest-admin-password",
             data_dir=str(tmp),

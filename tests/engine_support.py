@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from actors.client import VoucherEngine
 from engine import errors
@@ -80,6 +81,38 @@ async def discount_campaign(engine: VoucherEngine, codes: int, **extra: Any) -> 
         await engine.generate(c.id, codes)
     await engine.activate(c.id)
     return c.id
+
+
+async def shared_code_campaign(
+    engine: VoucherEngine,
+    code: str,
+    *,
+    id_prefix: str,
+    name: str,
+    discount: dict[str, Any],
+    limits: dict[str, Any] | None = None,
+) -> str:
+    """An active shared-code campaign on ``code``, ending in thirty days; its id."""
+    c = await engine.create_campaign(
+        id=uid(id_prefix),
+        name=name,
+        type="shared_code",
+        currency="EUR",
+        discount=discount,
+        limits=limits,
+        shared_code=code,
+        ends_at=later(),
+    )
+    await engine.activate(c.id)
+    return c.id
+
+
+_OUTCOMES = msgspec.msgpack.Decoder(list[Outcome])
+
+
+async def redeem_on_core(core: Any, *reqs: RedeemRequest) -> list[Outcome]:
+    """Redeem ``reqs`` on a shard core driven in-process, through its msgpack interface."""
+    return _OUTCOMES.decode(await core.redeem_many(msgspec.msgpack.encode(list(reqs))))
 
 
 async def redeem_with_retry(

@@ -35,7 +35,8 @@ def running_services(tmpdir: Path) -> Iterator[Services]:
         services.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket
 
     with socket.socket() as sock:
@@ -53,8 +54,8 @@ def running_ray(**overrides: Any) -> Iterator[Any]:
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     # HAProxy's stats and metrics ports default to fixed numbers (8404, 9101): take free
     # ones so a second Ray on the machine cannot make HAProxy fail to start.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     from ops.start import local_ray_environment
 
     local_ray_environment()
@@ -82,7 +83,7 @@ class PrivateValkey:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.port = _free_port()
+        self.port = free_port()
         self._server: Any = None
 
     @property

@@ -49,6 +49,7 @@ import asyncpg  # noqa: E402
 from engine import errors  # noqa: E402
 from engine.routing import shard_of_bucket  # noqa: E402
 from engine.shard_state import Outcome, RedeemRequest, route_bucket  # noqa: E402
+from tests.engine_support import fetch  # noqa: E402
 
 # A crashed node is noticed by the GCS health check of its raylet: one every 500 ms, dead
 # after 6 misses, so ~3 s (the defaults, 3 s x 5, would keep the lost shards unavailable for
@@ -114,14 +115,6 @@ async def drop_database(dsn: str, name: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(sql, *args))
     finally:
         await conn.close()
 

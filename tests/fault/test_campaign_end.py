@@ -23,7 +23,15 @@ from engine.routing import shard_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from store import fencing
-from tests.engine_support import campaign_codes, discount_campaign, fetch, fetchval, later, uid
+from tests.actor_fakes import RemoteMethod
+from tests.engine_support import (
+    campaign_codes,
+    discount_campaign,
+    fetch,
+    fetchval,
+    shared_code_campaign,
+    uid,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -76,16 +84,10 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     cid = await discount_campaign(engine, 6000)
     codes = await campaign_codes(db, cid)
     code = uid("ENDS").upper()
-    sc = await engine.create_campaign(
-        id=uid("endshared"),
-        name="shared, ended under load",
-        type="shared_code",
-        currency="EUR",
+    scid = await shared_code_campaign(
+        engine, code, id_prefix="endshared", name="shared, ended under load",
         discount={"kind": "percent", "value": 10},
-        shared_code=code,
-        ends_at=later(),
     )
-    await engine.activate(sc.id)
     # the shard owning the shared code is down while both campaigns end
     victim = shard_of(code, engine.n)
     victim_codes = [c for c in codes if shard_of(c, engine.n) == victim]
@@ -93,7 +95,7 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     # codes of the victim kept aside, to try once it is back
     spare = victim_codes[-20:]
     stop = asyncio.Event()
-    load = asyncio.ensure_future(_load(engine, (cid, victim_codes[:-20] + others), (sc.id, code), stop))
+    load = asyncio.ensure_future(_load(engine, (cid, victim_codes[:-20] + others), (scid, code), stop))
     await asyncio.sleep(1.5)
     assert not load.done()
 
@@ -103,7 +105,7 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
 
     killed_at = datetime.now(UTC)
     ray.kill(engine.shards[victim], no_restart=False)
-    ends = dict(zip((cid, sc.id), await asyncio.gather(end(cid), end(sc.id)), strict=True))
+    ends = dict(zip((cid, scid), await asyncio.gather(end(cid), end(scid)), strict=True))
     await engine.wait_ready(timeout_s=120)
     await asyncio.sleep(1.0)  # the load goes on against every shard, the victim back too
     stop.set()
@@ -157,14 +159,6 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
 # --- a shard that never hears the end, driven in-process --------------------------------
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
 class FakeShard:
     """A shard handle for an in-process coordinator: it claims its owner epoch as a real
     shard does, and can be made deaf to one campaign (its put never answers)."""
@@ -173,9 +167,9 @@ class FakeShard:
         self.fence = fence
         self.deaf_to = deaf_to
         self.held: dict[str, Campaign] = {}
-        self.put_campaign = _Method(self._put)
-        self.put_campaigns = _Method(self._put_many)
-        self.codes_in_campaign = _Method(self._count)
+        self.put_campaign = RemoteMethod(self._put)
+        self.put_campaigns = RemoteMethod(self._put_many)
+        self.codes_in_campaign = RemoteMethod(self._count)
 
     def _apply(self, c: Campaign) -> None:
         old = self.held.get(c.id)

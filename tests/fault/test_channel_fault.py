@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -16,6 +15,7 @@ import ray
 
 from engine.routing import shard_of_bucket
 from engine.shard_state import route_bucket
+from tests.http_support import bearer, flash_sale_body, open_campaign_async
 
 ATTEMPTS = 240
 
@@ -32,27 +32,14 @@ async def test_shard_killed_under_http_load_over_the_direct_line(http_api: Any, 
             f"{url}/v1/auth/login",
             json={"email": http_api.admin_email, "password": http_api.admin_password},
         )
-        admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        admin = bearer(r.json()["access_token"])
         key = (
             await client.post(
                 f"{url}/v1/api-keys", json={"name": "kill", "roles": ["integration"]}, headers=admin
             )
         ).json()["key"]
         code = f"KILLLINE{os.urandom(4).hex()}".upper()
-        r = await client.post(
-            f"{url}/v1/campaigns",
-            headers=admin,
-            json={
-                "name": "kill over the line", "type": "flash_sale", "currency": "EUR",
-                "discount": {"kind": "amount", "value": 500},
-                "limits": {"total": 100000, "per_customer": 1}, "shared_code": code,
-                "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-                "ends_at": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
-            },
-        )
-        assert r.status_code == 201, r.text
-        cid = r.json()["id"]
-        (await client.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin)).raise_for_status()
+        cid = await open_campaign_async(client, url, admin, flash_sale_body("kill over the line", code))
 
         async def redeem(i: int) -> httpx.Response:
             return await client.post(

@@ -9,7 +9,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from actors.coordinator import CoordinatorCore
@@ -20,16 +19,15 @@ from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from ops.servers import embedded_for_tests
 from store.migrations import migrate
-from tests.engine_support import stored_campaign, uid
+from tests.engine_support import redeem_on_core, stored_campaign, uid
 
 pytestmark = pytest.mark.fault
 
-_outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 async def _redeem(core: ShardCore, code: str) -> Outcome:
     req = RedeemRequest(code=code, amount=1000, currency="EUR")
-    return _outs.decode(await core.redeem_many(msgspec.msgpack.encode([req])))[0]
+    return (await redeem_on_core(core, req))[0]
 
 
 async def _close(core: ShardCore) -> None:

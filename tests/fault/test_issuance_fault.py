@@ -14,18 +14,13 @@ import httpx
 import pytest
 import ray
 
+from tests.http_support import admin_headers
+
 pytestmark = pytest.mark.fault
 
 
-def _login(api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{api.url}/v1/auth/login", json={"email": api.admin_email, "password": api.admin_password}
-    )
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def test_shard_killed_mid_issuance(http_api: Any, engine: Any, services: Any) -> None:
-    h = _login(http_api)
+    h = admin_headers(http_api)
     url = http_api.url
     p = f"fault-{os.urandom(4).hex()}"
     n = 20_000

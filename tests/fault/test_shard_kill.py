@@ -17,8 +17,8 @@ from tests.engine_support import (
     concurrent_batches,
     discount_campaign,
     fetch,
-    later,
     redeem_with_retry,
+    shared_code_campaign,
     uid,
 )
 
@@ -71,24 +71,17 @@ async def test_shard_killed_mid_run_loses_nothing_acknowledged(engine, services)
 
 async def test_shared_code_limit_survives_a_kill(engine, services):
     code = uid("KILL").upper()
-    c = await engine.create_campaign(
-        id=uid("kshared"),
-        name="kill shared",
-        type="shared_code",
-        currency="EUR",
-        discount={"kind": "percent", "value": 20},
-        limits={"total": 500, "per_customer": 1},
-        shared_code=code,
-        ends_at=later(),
+    cid = await shared_code_campaign(
+        engine, code, id_prefix="kshared", name="kill shared",
+        discount={"kind": "percent", "value": 20}, limits={"total": 500, "per_customer": 1},
     )
-    await engine.activate(c.id)
     reqs = [
         RedeemRequest(
             code=code,
             amount=1000,
             currency="EUR",
             customer_id=f"s{i % 1500}",
-            idempotency_key=f"{c.id}-{i}",
+            idempotency_key=f"{cid}-{i}",
         )
         for i in range(3000)
     ]
@@ -99,7 +92,7 @@ async def test_shared_code_limit_survives_a_kill(engine, services):
     assert len(wins) == 500
     assert len({w.customer_id for w in wins}) == 500
     rows = await fetch(
-        services.database_url, "SELECT id FROM redemptions WHERE campaign_id=$1 AND status=0", c.id
+        services.database_url, "SELECT id FROM redemptions WHERE campaign_id=$1 AND status=0", cid
     )
     assert {r["id"] for r in rows} == {w.id for w in wins}
     again = await redeem_with_retry(

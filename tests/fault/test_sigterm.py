@@ -28,7 +28,8 @@ import psutil
 import pytest
 
 from ops.servers import embedded_for_tests
-from tests.support import _free_port
+from tests.http_support import bearer
+from tests.support import free_port
 
 pytestmark = pytest.mark.fault
 
@@ -53,8 +54,8 @@ def _engine_env(data_dir: Path, port: int) -> dict[str, str]:
         VOUCHER_ADMIN_PASSWORD="admin-password-for-sigterm",
         VOUCHER_RAY_NAMESPACE="sigterm",
         # a second HAProxy on the machine must not collide with the session's
-        RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
-        RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
+        RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+        RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -83,7 +84,7 @@ async def _redeem_some(url: str, n: int) -> list[str]:
             json={"email": "admin@sigterm.example", "password": "admin-password-for-sigterm"},
         )
         r.raise_for_status()
-        admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        admin = bearer(r.json()["access_token"])
         code = f"SIGTERM{os.getpid()}"
         r = await client.post(
             "/v1/campaigns",
@@ -177,7 +178,7 @@ def _assert_clean_exit(rc: int, log: Path, started: set[int]) -> None:
 
 def test_sigterm_during_start_up(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "data", tmp_path / "up.log"
-    proc = _up(data_dir, _free_port(), log, "--no-http")
+    proc = _up(data_dir, free_port(), log, "--no-http")
     try:
         deadline = time.monotonic() + _START_S
         while "engine:" not in log.read_text(errors="replace"):  # Ray is up
@@ -195,7 +196,7 @@ def test_sigterm_during_start_up(tmp_path: Path) -> None:
 
 def test_sigterm_stops_up_cleanly(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "data", tmp_path / "up.log"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _up(data_dir, port, log, "--no-reports")
     try:

@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import psutil
 import pytest
 
@@ -33,11 +32,10 @@ from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from ops.servers import Services, embedded_for_tests
 from store.migrations import migrate
-from tests.engine_support import fetch, stored_campaign, uid
+from tests.engine_support import fetch, redeem_on_core, stored_campaign, uid
 
 pytestmark = pytest.mark.fault
 
-_outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 def _req(code: str, key: str | None = None, order_id: str | None = None) -> RedeemRequest:
@@ -47,7 +45,7 @@ def _req(code: str, key: str | None = None, order_id: str | None = None) -> Rede
 
 
 async def _redeem(core: ShardCore, req: RedeemRequest) -> Outcome:
-    return _outs.decode(await core.redeem_many(msgspec.msgpack.encode([req])))[0]
+    return (await redeem_on_core(core, req))[0]
 
 
 async def _until(core: ShardCore, req: RedeemRequest, within: float = 20) -> Outcome:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.http_support import bearer, flash_sale_body, open_campaign_async
 from tests.support import PrivateValkey, second_gateway
 
 pytestmark = pytest.mark.fault
@@ -51,20 +51,7 @@ async def _login(client: httpx.AsyncClient, url: str, http_api: Any, password: s
 
 async def _flash_sale(client: httpx.AsyncClient, url: str, admin: dict[str, str]) -> str:
     code = f"VKOUT{os.urandom(4).hex()}".upper()
-    r = await client.post(
-        f"{url}/v1/campaigns",
-        headers=admin,
-        json={
-            "name": "valkey outage", "type": "flash_sale", "currency": "EUR",
-            "discount": {"kind": "amount", "value": 500},
-            "limits": {"total": 100000, "per_customer": 1}, "shared_code": code,
-            "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-            "ends_at": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
-        },
-    )
-    assert r.status_code == 201, r.text
-    r = await client.post(f"{url}/v1/campaigns/{r.json()['id']}/activate", headers=admin)
-    assert r.status_code == 200, r.text
+    await open_campaign_async(client, url, admin, flash_sale_body("valkey outage", code))
     return code
 
 
@@ -81,7 +68,7 @@ async def _admin_and_keys(
 ) -> tuple[dict[str, str], list[tuple[str, str]]]:
     r = await _login(client, url, http_api)
     assert r.status_code == 200, r.text
-    admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    admin = bearer(r.json()["access_token"])
     keys = []
     for name in names:
         r = await client.post(f"{url}/v1/api-keys", json={"name": name, "roles": ["integration"]}, headers=admin)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -23,6 +22,7 @@ import redis
 
 from engine.settings import Settings
 from serve.devices import account_key
+from tests.http_support import bearer, flash_sale_body, open_campaign
 from tests.support import second_gateway
 
 APP = "abuse"
@@ -157,25 +157,12 @@ def test_brute_force_neither_gets_through_nor_locks_the_admin_out(
 def admin(http_api: Any) -> dict[str, str]:
     r = _login(http_api.url, http_api.admin_email, http_api.admin_password, None)
     assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return bearer(r.json()["access_token"])
 
 
 def _flash_sale(url: str, admin: dict[str, str]) -> str:
     code = f"ABUSE{os.urandom(4).hex()}".upper()
-    r = httpx.post(
-        f"{url}/v1/campaigns",
-        headers=admin,
-        json={
-            "name": "abuse", "type": "flash_sale", "currency": "EUR",
-            "discount": {"kind": "amount", "value": 500},
-            "limits": {"total": 100000, "per_customer": 1}, "shared_code": code,
-            "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-            "ends_at": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
-        },
-    )
-    assert r.status_code == 201, r.text
-    r = httpx.post(f"{url}/v1/campaigns/{r.json()['id']}/activate", headers=admin)
-    assert r.status_code == 200, r.text
+    open_campaign(url, admin, flash_sale_body("abuse", code))
     return code
 
 

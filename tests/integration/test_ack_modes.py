@@ -4,14 +4,13 @@ commits within the batch window (its documented loss window)."""
 
 from __future__ import annotations
 
-import msgspec
 import pytest
 
 from actors.shard import ShardCore
 from engine.campaigns import Discount
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
-from tests.engine_support import fetchval, stored_campaign, uid
+from tests.engine_support import fetchval, redeem_on_core, stored_campaign, uid
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +30,7 @@ async def _core(dsn: str, mode: str) -> tuple[ShardCore, str, str]:
 
 
 async def _redeem(core: ShardCore, code: str) -> Outcome:
-    payload = msgspec.msgpack.encode([RedeemRequest(code=code, amount=1000, currency="EUR")])
-    return msgspec.msgpack.decode(await core.redeem_many(payload), type=list[Outcome])[0]
+    return (await redeem_on_core(core, RedeemRequest(code=code, amount=1000, currency="EUR")))[0]
 
 
 async def test_durable_answers_only_after_the_commit(services) -> None:

@@ -9,14 +9,16 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.test_http_api import _auth, _campaign, _login, _uid, _user_with_role
+from tests.engine_support import uid
+from tests.http_support import bearer
+from tests.integration.test_http_api import _campaign, _login, _user_with_role
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    return _auth(_login(http_api, http_api.admin_email, http_api.admin_password))
+    return bearer(_login(http_api, http_api.admin_email, http_api.admin_password))
 
 
 def _problem(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -71,7 +73,7 @@ def test_bad_templates_are_422_problems(http_api: Any, admin: dict[str, str], ch
 
 
 def test_unknown_campaign_is_404(http_api: Any, admin: dict[str, str]) -> None:
-    base = f"{http_api.url}/v1/campaigns/{_uid('nope')}"
+    base = f"{http_api.url}/v1/campaigns/{uid('nope')}"
     r = httpx.put(f"{base}/templates/email", json={"locale": "en", "subject": "s", "body": "b"}, headers=admin)
     assert _problem(r, 404)["code"] == "unknown_campaign"
     for path in ("templates", "deliveries", "delivery"):

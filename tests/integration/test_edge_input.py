@@ -16,13 +16,9 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.http_support import login
+
 pytestmark = pytest.mark.integration
-
-
-def _login(url: str, email: str, password: str) -> dict[str, str]:
-    r = httpx.post(f"{url}/v1/auth/login", json={"email": email, "password": password})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
 def _assert_refused(r: httpx.Response, loc: list[Any]) -> None:
@@ -41,7 +37,7 @@ def _chunked(data: bytes) -> Any:
 
 async def test_unstorable_checkout_is_refused_and_the_shard_keeps_serving(http_api: Any) -> None:
     url = http_api.url
-    admin = _login(url, http_api.admin_email, http_api.admin_password)
+    admin = login(url, http_api.admin_email, http_api.admin_password)
     key = httpx.post(f"{url}/v1/api-keys", json={"name": "nul", "roles": ["integration"]}, headers=admin)
     assert key.status_code == 201, key.text
     integ = {"X-API-Key": key.json()["key"], "Content-Type": "application/json"}
@@ -101,7 +97,7 @@ async def test_unstorable_checkout_is_refused_and_the_shard_keeps_serving(http_a
 
 def test_other_unstorable_inputs_are_refused(http_api: Any) -> None:
     url = http_api.url
-    admin = _login(url, http_api.admin_email, http_api.admin_password)
+    admin = login(url, http_api.admin_email, http_api.admin_password)
     r = httpx.post(
         f"{url}/v1/campaigns", headers=admin,
         json={"name": "tpl", "type": "discount", "discount": {"kind": "percent", "value": 5}},

@@ -22,11 +22,10 @@ from engine.routing import shard_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest
 from store import fencing
-from tests.engine_support import fetch, fetchval, stored_campaign, uid
+from tests.engine_support import fetch, fetchval, redeem_on_core, stored_campaign, uid
 
 pytestmark = pytest.mark.integration
 
-_outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 async def _campaign(dsn: str, **fields: Any) -> str:
@@ -50,7 +49,7 @@ class Owner:
 
     async def redeem(self, code: str, amount: int = 1000, customer: str | None = None) -> Outcome:
         req = RedeemRequest(code=code, amount=amount, currency="EUR", customer_id=customer)
-        return _outs.decode(await self.core.redeem_many(msgspec.msgpack.encode([req])))[0]
+        return (await redeem_on_core(self.core, req))[0]
 
     async def close(self) -> None:
         if self.core._housekeeping is not None:

@@ -18,23 +18,14 @@ from engine import errors
 from engine.campaigns import Campaign, Discount, Limits
 from engine.settings import Settings
 from engine.shard_state import CampaignStats
-from tests.engine_support import fetchval, later, uid
+from tests.actor_fakes import RemoteMethod
+from tests.engine_support import discount_campaign, fetchval, uid
 
 pytestmark = pytest.mark.integration
 
 
 async def _campaign(engine: Any, total: int | None = None) -> str:
-    c = await engine.create_campaign(
-        id=uid("gen"),
-        name="generation limits",
-        type="discount",
-        currency="EUR",
-        discount={"kind": "percent", "value": 10},
-        limits={"total": total} if total is not None else None,
-        ends_at=later(),
-    )
-    await engine.activate(c.id)
-    return str(c.id)
+    return await discount_campaign(engine, 0, limits={"total": total} if total is not None else None)
 
 
 async def _finished(engine: Any, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
@@ -45,14 +36,6 @@ async def _finished(engine: Any, job_id: str, timeout_s: float = 120) -> dict[st
             return job
         assert time.monotonic() < deadline, f"job {job_id} still running"
         await asyncio.sleep(0.1)
-
-
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
 
 
 class BankShard:
@@ -67,11 +50,11 @@ class BankShard:
         self.gate: asyncio.Event | None = None
         self.at_gate = asyncio.Event()
         self.adds = 0
-        self.put_campaign = _Method(self._put)
-        self.put_campaigns = _Method(self._put_many)
-        self.codes_in_campaign = _Method(self._count)
-        self.codes_held = _Method(self._held)
-        self.add_codes = _Method(self._add)
+        self.put_campaign = RemoteMethod(self._put)
+        self.put_campaigns = RemoteMethod(self._put_many)
+        self.codes_in_campaign = RemoteMethod(self._count)
+        self.codes_held = RemoteMethod(self._held)
+        self.add_codes = RemoteMethod(self._add)
 
     async def _put(self, payload: bytes) -> int:
         c = msgspec.msgpack.decode(payload, type=Campaign)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,16 +14,21 @@ import jwt
 import pytest
 
 from serve.auth import PERMISSIONS, ROLES
+from tests.engine_support import campaign_codes, uid
+from tests.http_support import (
+    bearer,
+    create_campaign,
+    discount_body,
+    finished_job,
+    flash_sale_body,
+    open_campaign_async,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def _later(days: int = 30) -> str:
     return (datetime.now(UTC) + timedelta(days=days)).isoformat()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(4).hex()}"
 
 
 def _login(api: Any, email: str, password: str) -> str:
@@ -35,17 +39,13 @@ def _login(api: Any, email: str, password: str) -> str:
     return str(body["access_token"])
 
 
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    return _auth(_login(http_api, http_api.admin_email, http_api.admin_password))
+    return bearer(_login(http_api, http_api.admin_email, http_api.admin_password))
 
 
 def _user_with_role(api: Any, admin: dict[str, str], role: str) -> tuple[str, dict[str, str]]:
-    email = f"{_uid(role)}@shop.example"
+    email = f"{uid(role)}@shop.example"
     r = httpx.post(
         f"{api.url}/v1/auth/register",
         json={"email": email, "password": "a-long-password", "name": role},
@@ -56,7 +56,7 @@ def _user_with_role(api: Any, admin: dict[str, str], role: str) -> tuple[str, di
     if role != "customer":
         r = httpx.put(f"{api.url}/v1/users/{user_id}/roles", json={"roles": [role]}, headers=admin)
         assert r.status_code == 200, r.text
-    return user_id, _auth(_login(api, email, "a-long-password"))
+    return user_id, bearer(_login(api, email, "a-long-password"))
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +65,17 @@ def role_headers(http_api: Any, admin: dict[str, str]) -> dict[str, tuple[str, d
 
 
 def _campaign(api: Any, headers: dict[str, str], **extra: Any) -> dict[str, Any]:
-    body = {
-        "name": "http test",
-        "type": "discount",
-        "currency": "EUR",
-        "discount": {"kind": "percent", "value": 10},
-        "ends_at": _later(),
-        "timezone": "Europe/Berlin",
-        **extra,
-    }
-    r = httpx.post(f"{api.url}/v1/campaigns", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return dict(r.json())
+    return create_campaign(api.url, headers, discount_body("http test", **{"timezone": "Europe/Berlin", **extra}))
 
 
 def _generate(api: Any, headers: dict[str, str], cid: str, count: int) -> dict[str, Any]:
     r = httpx.post(f"{api.url}/v1/campaigns/{cid}/generate", json={"count": count}, headers=headers)
     assert r.status_code == 202, r.text
-    job = r.json()
-    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
-    for _ in range(200):
-        job = httpx.get(f"{api.url}/v1/jobs/{job['id']}", headers=headers).json()
-        if job["state"] != "running":
-            break
-        time.sleep(0.05)
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    job = finished_job(api.url, headers, job_id)
     assert job["state"] == "done", job
-    return dict(job)
+    return job
 
 
 def test_health_docs_and_openapi(http_api: Any) -> None:
@@ -174,7 +159,7 @@ def test_jwt_attacks_are_rejected(http_api: Any, role_headers: Any) -> None:
         "garbage": "not.a.jwt",
     }
     for name, bad in attacks.items():
-        r = httpx.get(f"{url}/v1/users/me", headers=_auth(bad))
+        r = httpx.get(f"{url}/v1/users/me", headers=bearer(bad))
         assert r.status_code == 401, (name, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
         assert "www-authenticate" in r.headers
@@ -192,7 +177,7 @@ def test_jwt_attacks_are_rejected(http_api: Any, role_headers: Any) -> None:
         ),
     }
     for name, bad in signed.items():
-        r = httpx.get(f"{url}/v1/users/me", headers=_auth(bad))
+        r = httpx.get(f"{url}/v1/users/me", headers=bearer(bad))
         assert r.status_code == 401, (name, r.text)
     assert httpx.get(f"{url}/v1/users/me", headers=good).status_code == 200
     r = httpx.get(f"{url}/v1/users/me")
@@ -214,8 +199,8 @@ def test_api_key_revocation_is_immediate(http_api: Any, admin: dict[str, str]) -
     for _ in range(4):  # ...and both refuse it right after the revocation
         denied = httpx.get(f"{url}/v1/users/me", headers=headers)
         assert denied.status_code == 401 and denied.json()["type"].endswith("api-key-revoked")
-    bearer = httpx.get(f"{url}/v1/users/me", headers=_auth(key))
-    assert bearer.status_code == 401
+    as_bearer = httpx.get(f"{url}/v1/users/me", headers=bearer(key))
+    assert as_bearer.status_code == 401
 
 
 def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str, str]) -> None:
@@ -234,7 +219,7 @@ def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str
     body = {"code": codes[0], "customer_id": "cust-1", "order": {"id": "o-1", "amount": 3000, "currency": "EUR"}}
     v = httpx.post(f"{url}/v1/validations", json=body, headers=integ).json()
     assert v == {**v, "valid": True, "discount_amount": 3000, "balance": 5000}
-    idem = {**integ, "Idempotency-Key": _uid("idem")}
+    idem = {**integ, "Idempotency-Key": uid("idem")}
     first = httpx.post(f"{url}/v1/redemptions", json=body, headers=idem)
     again = httpx.post(f"{url}/v1/redemptions", json=body, headers=idem)
     assert first.status_code == again.status_code == 201
@@ -258,17 +243,7 @@ def test_redemption_flow_idempotency_and_rollback(http_api: Any, admin: dict[str
 
 
 def _codes_of(api: Any, campaign_id: str) -> list[str]:
-    import asyncpg
-
-    async def q() -> list[str]:
-        conn = await asyncpg.connect(api.database_url)
-        try:
-            rows = await conn.fetch("SELECT code FROM vouchers WHERE campaign_id=$1 ORDER BY code", campaign_id)
-            return [r[0] for r in rows]
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
+    return asyncio.run(campaign_codes(api.database_url, campaign_id))
 
 
 async def test_concurrent_http_redemptions_never_exceed_the_limit(
@@ -281,21 +256,12 @@ async def test_concurrent_http_redemptions_never_exceed_the_limit(
                 f"{url}/v1/api-keys", json={"name": "co", "roles": ["integration"]}, headers=admin
             )
         ).json()["key"]
-        code = _uid("HTTPFLASH").upper()
-        r = await client.post(
-            f"{url}/v1/campaigns",
-            headers=admin,
-            json={
-                "name": "flash", "type": "flash_sale", "currency": "EUR",
-                "discount": {"kind": "percent", "value": 50, "max": 1000},
-                "limits": {"total": 50, "per_customer": 1}, "shared_code": code,
-                "starts_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-                "ends_at": _later(1),
-            },
+        code = uid("HTTPFLASH").upper()
+        body = flash_sale_body(
+            "flash", code, discount={"kind": "percent", "value": 50, "max": 1000},
+            limits={"total": 50, "per_customer": 1}, ends_at=_later(1),
         )
-        assert r.status_code == 201, r.text
-        cid = r.json()["id"]
-        (await client.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin)).raise_for_status()
+        cid = await open_campaign_async(client, url, admin, body)
 
         async def attempt(i: int) -> httpx.Response:
             return await client.post(
@@ -399,7 +365,7 @@ def test_cached_api_keys_see_revocation_and_owner_demotion_at_once(
     key2, key2_id = r.json()["key"], r.json()["id"]
 
     def validate(k: str, n: int) -> httpx.Response:
-        body = {"code": "NO-SUCH-CODE", "customer_id": _uid(f"c{n}"),
+        body = {"code": "NO-SUCH-CODE", "customer_id": uid(f"c{n}"),
                 "order": {"id": "o", "amount": 100, "currency": "EUR"}}
         return httpx.post(f"{url}/v1/validations", json=body, headers={"X-API-Key": k})
 
@@ -435,7 +401,7 @@ def test_fast_lane_and_routes_answer_alike(http_api: Any, admin: dict[str, str])
     codes = _codes_of(http_api, c["id"])
 
     def body(code: str, amount: Any = 4000) -> bytes:
-        return json.dumps({"code": code, "customer_id": _uid("c"),
+        return json.dumps({"code": code, "customer_id": uid("c"),
                            "order": {"id": "o-1", "amount": amount, "currency": "EUR"}}).encode()
 
     def chunked(data: bytes) -> Any:

@@ -27,12 +27,12 @@ from engine.routing import bucket_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest, fingerprint
 from store.fencing import claim as claim_owner
-from tests.engine_support import fetch, fetchval, stored_campaign, uid
-from tests.integration.test_http_api import _auth, _campaign, _codes_of, _generate, _login
+from tests.engine_support import fetch, fetchval, redeem_on_core, stored_campaign, uid
+from tests.http_support import bearer
+from tests.integration.test_http_api import _campaign, _codes_of, _generate, _login
 
 pytestmark = pytest.mark.integration
 
-_outs = msgspec.msgpack.Decoder(list[Outcome])
 
 
 async def _gift_campaign(dsn: str, *, paused: bool = False) -> Campaign:
@@ -74,7 +74,7 @@ def _req(code: str, key: str | None, amount: int = 1000) -> RedeemRequest:
 
 
 async def _redeem(core: ShardCore, *reqs: RedeemRequest) -> list[Outcome]:
-    return _outs.decode(await core.redeem_many(msgspec.msgpack.encode(list(reqs))))
+    return await redeem_on_core(core, *reqs)
 
 
 async def _key_row(dsn: str, key: str) -> asyncpg.Record | None:
@@ -392,7 +392,7 @@ async def test_only_a_batch_with_new_keys_pays_one_claim(services, monkeypatch) 
 
 def test_an_api_key_and_its_owner_never_share_idempotency_keys(http_api: Any) -> None:
     url = http_api.url
-    admin = _auth(_login(http_api, http_api.admin_email, http_api.admin_password))
+    admin = bearer(_login(http_api, http_api.admin_email, http_api.admin_password))
     keys = [
         httpx.post(f"{url}/v1/api-keys", json={"name": n, "roles": ["integration"]}, headers=admin).json()["key"]
         for n in ("checkout-a", "checkout-b")

@@ -9,10 +9,8 @@ import asyncio
 import json
 import os
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import ray
@@ -22,22 +20,22 @@ from engine import codes as codegen
 from engine import delivery, errors, keys
 from engine.codes import CodeSpec
 from engine.routing import assignment_key, shard_of
+from tests.engine_support import fetch, uid
+from tests.http_support import (
+    admin_headers,
+    bearer,
+    create_campaign,
+    discount_body,
+    finished_job,
+    generate_codes,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(4).hex()}"
-
-
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 @pytest.fixture(scope="module")
@@ -48,46 +46,15 @@ def redis(services: Any) -> Any:
 
 
 def _sql(services: Any, query: str, *args: Any) -> list[Any]:
-    async def run() -> list[Any]:
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+    return asyncio.run(fetch(services.database_url, query, *args))
 
 
 def _campaign(api: Any, headers: dict[str, str], **extra: Any) -> dict[str, Any]:
-    body = {
-        "name": "issuance test",
-        "type": "discount",
-        "currency": "EUR",
-        "discount": {"kind": "percent", "value": 10},
-        "ends_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
-        **extra,
-    }
-    r = httpx.post(f"{api.url}/v1/campaigns", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
-def _wait_job(api: Any, headers: dict[str, str], job_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=headers)
-        assert r.status_code == 200, r.text
-        job = r.json()
-        if job["state"] != "running":
-            return dict(job)
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
+    return create_campaign(api.url, headers, discount_body("issuance test", **extra))
 
 
 def _generate(api: Any, headers: dict[str, str], cid: str, count: int) -> None:
-    r = httpx.post(f"{api.url}/v1/campaigns/{cid}/generate", json={"count": count}, headers=headers)
-    assert r.status_code == 202, r.text
-    assert _wait_job(api, headers, r.json()["id"])["state"] == "done"
+    generate_codes(api.url, headers, cid, count)
 
 
 def _import(api: Any, headers: dict[str, str], body: bytes, ctype: str = "text/csv") -> httpx.Response:
@@ -135,7 +102,7 @@ def _stream_entries(redis: Any, campaign_id: str, channel: str = "email") -> lis
 
 
 def test_import_reports_rejected_rows_and_keeps_valid_ones(http_api: Any, admin: dict[str, str], services: Any) -> None:
-    p = _uid("imp")
+    p = uid("imp")
     csv = (
         "id,email,phone,consent_email,consent_sms,locale,time_zone,tags\n"
         f"{p}-1,one@example.com,+14155552671,true,true,de-at,Europe/Vienna,a;b\n"
@@ -185,7 +152,7 @@ def test_import_reports_rejected_rows_and_keeps_valid_ones(http_api: Any, admin:
 
 
 def test_create_get_list_customers(http_api: Any, admin: dict[str, str]) -> None:
-    p = _uid("cc")
+    p = uid("cc")
     tag = p.lower()
     body = {"id": f"{p}-a", "email": "a@example.com", "consent_email": True, "tags": [tag]}
     r = httpx.post(f"{http_api.url}/v1/customers", json=body, headers=admin)
@@ -201,7 +168,7 @@ def test_create_get_list_customers(http_api: Any, admin: dict[str, str]) -> None
 
 
 def test_issuance_to_10000_customers_once_and_only_once(http_api: Any, admin: dict[str, str], services: Any, redis: Any) -> None:
-    p = _uid("iss")
+    p = uid("iss")
     tag = p.lower()
     lines = ["id,email,phone,consent_email,consent_sms,tags"]
     lines += [f"{p}-{i:05d},c{i}@example.com,,true,,{tag}" for i in range(10_000)]
@@ -217,7 +184,7 @@ def test_issuance_to_10000_customers_once_and_only_once(http_api: Any, admin: di
     r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
-    job = _wait_job(http_api, admin, r.json()["id"])
+    job = finished_job(http_api.url, admin, r.json()["id"])
     took = time.perf_counter() - t0
     assert job["state"] == "done", job
     counts = job["counts"]
@@ -240,7 +207,7 @@ def test_issuance_to_10000_customers_once_and_only_once(http_api: Any, admin: di
 
     # the same issuance again: no new code, no new message
     r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
-    again = _wait_job(http_api, admin, r.json()["id"])
+    again = finished_job(http_api.url, admin, r.json()["id"])
     assert again["state"] == "done", again
     assert again["counts"]["assigned"] == 10_000 and again["counts"]["new_codes"] == 0
     assert again["counts"]["enqueued"] == 0 and again["counts"]["already_queued"] == 10_000
@@ -251,13 +218,13 @@ def test_issuance_to_10000_customers_once_and_only_once(http_api: Any, admin: di
     # a listed subset on another channel set: the same codes
     some = [f"{p}-{i:05d}" for i in range(5)]
     r = _issue(http_api, admin, c["id"], {"customer_ids": some}, ["email", "sms"])
-    sub = _wait_job(http_api, admin, r.json()["id"])
+    sub = finished_job(http_api.url, admin, r.json()["id"])
     assert sub["counts"]["new_codes"] == 0 and sub["counts"]["enqueued"] == 0
     assert sub["counts"]["skipped_no_address"] == 5  # no phone numbers
 
 
 def test_bad_issuance_requests_leave_nothing_behind(http_api: Any, admin: dict[str, str], services: Any) -> None:
-    p = _uid("bad")
+    p = uid("bad")
     r = httpx.post(f"{http_api.url}/v1/customers", json={"id": p, "email": "b@example.com", "consent_email": True}, headers=admin)
     assert r.status_code == 201
     c = _campaign(http_api, admin)
@@ -286,10 +253,10 @@ def test_bad_issuance_requests_leave_nothing_behind(http_api: Any, admin: dict[s
     assert _sql(services, "SELECT count(*) AS n FROM vouchers WHERE campaign_id = $1 AND customer_id IS NOT NULL", c["id"])[0]["n"] == 0
     # analysts read customers and jobs but may not issue
     r = httpx.post(f"{http_api.url}/v1/auth/register", json={"email": f"{p}@shop.example", "password": "a-long-password", "name": "a"})
-    uid = r.json()["id"]
-    httpx.put(f"{http_api.url}/v1/users/{uid}/roles", json={"roles": ["analyst"]}, headers=admin).raise_for_status()
+    user_id = r.json()["id"]
+    httpx.put(f"{http_api.url}/v1/users/{user_id}/roles", json={"roles": ["analyst"]}, headers=admin).raise_for_status()
     tok = httpx.post(f"{http_api.url}/v1/auth/login", json={"email": f"{p}@shop.example", "password": "a-long-password"}).json()["access_token"]
-    analyst = {"Authorization": f"Bearer {tok}"}
+    analyst = bearer(tok)
     assert httpx.get(f"{http_api.url}/v1/customers/{p}", headers=analyst).status_code == 200
     assert _issue(http_api, analyst, c["id"], {"all": True}, ["email"]).status_code == 403
     assert _import(http_api, analyst, b"id\nx\n").status_code == 403
@@ -298,7 +265,7 @@ def test_bad_issuance_requests_leave_nothing_behind(http_api: Any, admin: dict[s
 def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
     http_api: Any, admin: dict[str, str], engine: Any, services: Any
 ) -> None:
-    p = _uid("fb")
+    p = uid("fb")
     n = engine.n
     ids = [f"{p}-{i:03d}" for i in range(400)]
     r = httpx.post(
@@ -319,7 +286,7 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
     assert len(on_empty) > 50  # about a quarter decided by the empty shard
 
     r = _issue(http_api, admin, cid, {"customer_ids": ids}, ["email"])
-    job = _wait_job(http_api, admin, r.json()["id"])
+    job = finished_job(http_api.url, admin, r.json()["id"])
     assert job["state"] == "done", job
     assert job["counts"]["assigned"] == 400 and job["counts"]["exhausted"] == 0, job
     assert job["counts"]["refills"] == 0
@@ -332,7 +299,7 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
 
     # idempotent: a re-run, and a restart of the deciding shard (it reloads its records)
     r = _issue(http_api, admin, cid, {"customer_ids": ids}, ["email"])
-    again = _wait_job(http_api, admin, r.json()["id"])
+    again = finished_job(http_api.url, admin, r.json()["id"])
     assert again["counts"]["new_codes"] == 0 and again["counts"]["enqueued"] == 0, again
     pid = ray.get(engine.shards[0].info.remote())["pid"]
     ray.kill(engine.shards[0], no_restart=False)
@@ -358,7 +325,7 @@ def test_fallback_to_other_shards_when_the_deciding_shard_is_empty(
 
 
 def test_bank_refill_ahead_of_need_and_one_bank_low_notice(http_api: Any, admin: dict[str, str], services: Any) -> None:
-    p = _uid("rf")
+    p = uid("rf")
     tag = p.lower()
     body = _ndjson(
         [{"id": f"{p}-{i}", "email": f"r{i}@example.com", "consent_email": True, "tags": [tag]} for i in range(2500)]
@@ -367,7 +334,7 @@ def test_bank_refill_ahead_of_need_and_one_bank_low_notice(http_api: Any, admin:
     c = _campaign(http_api, admin, limits={"total": 2600})
     _generate(http_api, admin, c["id"], 300)  # far too few: the job must refill the bank
     r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
-    job = _wait_job(http_api, admin, r.json()["id"])
+    job = finished_job(http_api.url, admin, r.json()["id"])
     assert job["state"] == "done", job
     assert job["counts"]["assigned"] == 2500 and job["counts"]["exhausted"] == 0, job
     assert job["counts"]["refills"] >= 1
@@ -375,7 +342,7 @@ def test_bank_refill_ahead_of_need_and_one_bank_low_notice(http_api: Any, admin:
     assert stats["assigned"] == 2500 and stats["available"] == 100  # capped by limits.total
     # the bank ended below the threshold: one notice, however often it is checked
     r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
-    assert _wait_job(http_api, admin, r.json()["id"])["state"] == "done"
+    assert finished_job(http_api.url, admin, r.json()["id"])["state"] == "done"
     notes = _sql(services, "SELECT kind FROM notifications WHERE campaign_id = $1 ORDER BY id", c["id"])
     kinds = [n["kind"] for n in notes]
     assert kinds.count("bank_low") == 1, kinds
@@ -389,7 +356,7 @@ def test_cli_issue_shows_progress(
 
     from ops.cli import _attached, build_parser
 
-    p = _uid("cli")
+    p = uid("cli")
     tag = p.lower()
     body = _ndjson(
         [{"id": f"{p}-{i}", "email": f"{i}@example.com", "consent_email": True, "tags": [tag]} for i in range(300)]

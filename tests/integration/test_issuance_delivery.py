@@ -17,14 +17,14 @@ import httpx
 import pytest
 
 from tests.delivery_support import receipts_of, running_pipeline, wait_states
+from tests.engine_support import uid
+from tests.http_support import admin_headers, finished_job
 from tests.integration.test_issuance import (
     _campaign,
     _generate,
     _import,
     _issue,
     _sql,
-    _uid,
-    _wait_job,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,18 +34,13 @@ N = 10_000
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 def test_issuance_of_10000_customers_reaches_the_smtp_sink_exactly_once(
     http_api: Any, admin: dict[str, str], services: Any, engine_settings: Any, tmp_path: Any
 ) -> None:
-    p = _uid("e2e")
+    p = uid("e2e")
     tag = p.lower()
     lines = ["id,email,name,locale,consent_email,tags"]
     lines += [f"{p}-{i:05d},{p}-{i:05d}@shop.example,Customer {i},en,true,{tag}" for i in range(N)]
@@ -60,7 +55,7 @@ def test_issuance_of_10000_customers_reaches_the_smtp_sink_exactly_once(
         t0 = time.perf_counter()
         r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
         assert r.status_code == 202, r.text
-        job = _wait_job(http_api, admin, r.json()["id"], timeout_s=120)
+        job = finished_job(http_api.url, admin, r.json()["id"], timeout_s=120)
         assert job["state"] == "done", job
         assert job["counts"]["assigned"] == job["counts"]["enqueued"] == N
         states = asyncio.run(wait_states(services.database_url, c["id"], {"sent": N}, timeout_s=180))
@@ -93,7 +88,7 @@ def test_issuance_of_10000_customers_reaches_the_smtp_sink_exactly_once(
 
         # The same issuance again: no code, no message, nothing more at the sink.
         r = _issue(http_api, admin, c["id"], {"tag": tag}, ["email"])
-        again = _wait_job(http_api, admin, r.json()["id"], timeout_s=120)
+        again = finished_job(http_api.url, admin, r.json()["id"], timeout_s=120)
         assert again["state"] == "done" and again["counts"]["new_codes"] == 0
         assert again["counts"]["enqueued"] == 0
         time.sleep(2.0)

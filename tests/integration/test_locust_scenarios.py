@@ -18,6 +18,8 @@ import pytest
 
 from loadtests.run_scenario import run_locust
 from loadtests.scenarios import plan as planning
+from tests.engine_support import fetch
+from tests.http_support import admin_headers
 
 pytestmark = pytest.mark.integration
 
@@ -36,13 +38,6 @@ def issuer(engine: Any) -> planning.Issuer:
     return planning.engine_issuer(engine)
 
 
-def _admin_headers(api: Any) -> dict[str, str]:
-    r = httpx.post(f"{api.url}/v1/auth/login",
-                   json={"email": api.admin_email, "password": api.admin_password})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def _stats(api: Any, headers: dict[str, str], campaign_id: str) -> dict[str, Any]:
     r = httpx.get(f"{api.url}/v1/campaigns/{campaign_id}/overview", headers=headers)
     assert r.status_code == 200, r.text
@@ -50,16 +45,7 @@ def _stats(api: Any, headers: dict[str, str], campaign_id: str) -> dict[str, Any
 
 
 def _db(api: Any, sql: str, *args: Any) -> list[Any]:
-    import asyncpg
-
-    async def q() -> list[Any]:
-        conn = await asyncpg.connect(api.database_url)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
+    return asyncio.run(fetch(api.database_url, sql, *args))
 
 
 def _run(scenario: str, api: Any, issuer: planning.Issuer | None, out: Path) -> tuple[dict[str, Any], Any]:
@@ -81,7 +67,7 @@ def _run(scenario: str, api: Any, issuer: planning.Issuer | None, out: Path) -> 
 def test_flash_sale(http_api: Any, issuer: planning.Issuer, tmp_path: Path) -> None:
     plan, run = _run("flash_sale", http_api, issuer, tmp_path)
     shared = plan["campaigns"]["shared"]
-    headers = _admin_headers(http_api)
+    headers = admin_headers(http_api)
     stats = _stats(http_api, headers, shared["id"])
     assert stats["active_redemptions"] <= shared["limit"]
     assert stats["active_redemptions"] == run.summary["active"]["shared"]
@@ -101,7 +87,7 @@ def test_flash_sale(http_api: Any, issuer: planning.Issuer, tmp_path: Path) -> N
 def test_checkout(http_api: Any, issuer: planning.Issuer, tmp_path: Path) -> None:
     plan, run = _run("checkout", http_api, issuer, tmp_path)
     main = plan["campaigns"]["main"]
-    stats = _stats(http_api, _admin_headers(http_api), main["id"])
+    stats = _stats(http_api, admin_headers(http_api), main["id"])
     assert stats["active_redemptions"] == run.summary["active"]["main"] > 0
     assert stats["rollbacks"] == run.summary["rolled_back"]
     twice = _db(http_api, "SELECT code FROM redemptions WHERE campaign_id=$1 AND rolled_back_at"
@@ -115,7 +101,7 @@ def test_browse(http_api: Any, issuer: planning.Issuer, tmp_path: Path) -> None:
     assert outcomes.get("wallet:2 vouchers", 0) > 0, outcomes
     assert not any(k.startswith("wallet:") and k not in ("wallet:200", "wallet:2 vouchers")
                    for k in outcomes), outcomes
-    headers = _admin_headers(http_api)
+    headers = admin_headers(http_api)
     for cid in plan["campaigns"]["wallet"]["ids"]:
         assert _stats(http_api, headers, cid)["redemptions"] == 0
 
@@ -127,7 +113,7 @@ def test_admin(http_api: Any, tmp_path: Path) -> None:
     # Issuances that finished within the run were checked (one code and one email per
     # customer, once) among the summary's checks; a 5 s run on a busy machine may end
     # before the first one does, so their number is not asserted.
-    headers = _admin_headers(http_api)
+    headers = admin_headers(http_api)
     for cid, job in list(jobs.items())[:3]:
         assert _stats(http_api, headers, cid)["available"] == job["requested"]  # no issuance on these
     summary = json.loads((tmp_path / "summary.json").read_text())

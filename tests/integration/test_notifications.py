@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,15 +21,11 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from engine import notify
+from tests.http_support import admin_headers
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Mailbox:
@@ -67,7 +62,7 @@ class _Hook(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def smtp() -> Iterator[tuple[_Mailbox, int]]:
     box = _Mailbox()
-    port = _free_port()
+    port = free_port()
     controller = Controller(box, hostname="127.0.0.1", port=port)
     controller.start()
     yield box, port
@@ -99,11 +94,7 @@ def notifier(http_api: Any, engine_settings: Any, services: Any, smtp: Any) -> A
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 def _wait(pred: Any, timeout_s: float = 30.0) -> Any:

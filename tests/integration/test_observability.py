@@ -3,74 +3,41 @@ app (HAProxy mode, two gateway replicas) and shard actors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
 import urllib.request
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.engine_support import campaign_codes
+from tests.http_support import admin_headers, create_campaign, discount_body, generate_codes
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def admin(http_api: Any) -> dict[str, str]:
-    r = httpx.post(
-        f"{http_api.url}/v1/auth/login",
-        json={"email": http_api.admin_email, "password": http_api.admin_password},
-    )
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(http_api)
 
 
 @pytest.fixture(scope="module")
 def codes(http_api: Any, admin: dict[str, str]) -> list[str]:
     """Four fresh codes of an active campaign."""
     url = http_api.url
-    body = {
-        "name": "observability",
-        "type": "discount",
-        "currency": "EUR",
-        "discount": {"kind": "percent", "value": 10},
-        "ends_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
-    }
-    r = httpx.post(f"{url}/v1/campaigns", json=body, headers=admin)
-    assert r.status_code == 201, r.text
-    cid = r.json()["id"]
-    r = httpx.post(f"{url}/v1/campaigns/{cid}/generate", json={"count": 4}, headers=admin)
-    assert r.status_code == 202, r.text
-    job = r.json()
-    for _ in range(200):
-        job = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=admin).json()
-        if job["state"] != "running":
-            break
-        time.sleep(0.05)
-    assert job["state"] == "done", job
+    cid = create_campaign(url, admin, discount_body("observability"))["id"]
+    generate_codes(url, admin, cid, 4)
     httpx.post(f"{url}/v1/campaigns/{cid}/activate", headers=admin).raise_for_status()
     # the codes themselves from Postgres (the API never lists a campaign's codes)
     return _codes_of(http_api, cid)
 
 
 def _codes_of(http_api: Any, campaign_id: str) -> list[str]:
-    import asyncio
-
-    import asyncpg
-
-    async def fetch() -> list[str]:
-        conn = await asyncpg.connect(http_api.database_url)
-        try:
-            rows = await conn.fetch(
-                "SELECT code FROM vouchers WHERE campaign_id = $1 ORDER BY code", campaign_id
-            )
-        finally:
-            await conn.close()
-        return [r["code"] for r in rows]
-
-    found = asyncio.run(fetch())
+    found = asyncio.run(campaign_codes(http_api.database_url, campaign_id))
     assert len(found) == 4, found
     return found
 

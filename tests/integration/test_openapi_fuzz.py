@@ -34,6 +34,7 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from tests.http_support import access_token, bearer, login
 from tests.integration import fuzz_hooks  # noqa: F401  (registers the hooks for the pytest pass)
 
 pytestmark = pytest.mark.integration
@@ -45,24 +46,18 @@ SEED = 20240601
 FUZZ_TIMEOUT_S = float(os.environ.get("VOUCHER_FUZZ_TIMEOUT_S", "600"))
 
 
-def _login(url: str, email: str, password: str) -> str:
-    r = httpx.post(f"{url}/v1/auth/login", json={"email": email, "password": password})
-    assert r.status_code == 200, r.text
-    return str(r.json()["access_token"])
-
-
 class Fuzzer:
     """The credentials of the fuzz and the ids it must never touch."""
 
     def __init__(self, token: str, protected_users: set[str]) -> None:
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.headers = bearer(token)
         self.protected_users = protected_users
 
 
 @pytest.fixture(scope="module")
 def fuzzer(http_api: Any, services: Any) -> Iterator[Fuzzer]:
     url = http_api.url
-    boot = {"Authorization": f"Bearer {_login(url, http_api.admin_email, http_api.admin_password)}"}
+    boot = login(url, http_api.admin_email, http_api.admin_password)
     email = f"fuzz-{os.urandom(4).hex()}@test.example"
     r = httpx.post(f"{url}/v1/auth/register", json={"email": email, "password": "fuzz-password-1", "name": "fuzz"})
     assert r.status_code == 201, r.text
@@ -70,7 +65,7 @@ def fuzzer(http_api: Any, services: Any) -> Iterator[Fuzzer]:
     r = httpx.put(f"{url}/v1/users/{fuzz_id}/roles", json={"roles": ["admin"]}, headers=boot)
     assert r.status_code == 200, r.text
     boot_id = httpx.get(f"{url}/v1/users/me", headers=boot).json()["id"]
-    yield Fuzzer(_login(url, email, "fuzz-password-1"), {boot_id, fuzz_id})
+    yield Fuzzer(access_token(url, email, "fuzz-password-1"), {boot_id, fuzz_id})
     # Fuzzed logins fail, and every failure spends the client address's (and its account's) login budget
     # (shared by all tests on 127.0.0.1): give it back, or later logins would get 429.
     client = redis.Redis.from_url(services.redis_url)

@@ -17,6 +17,7 @@ from tests.engine_support import (
     fetch,
     fetchval,
     later,
+    shared_code_campaign,
     uid,
 )
 
@@ -68,17 +69,10 @@ async def test_10000_attempts_on_5000_codes_give_exactly_5000(engine, services):
 
 async def test_shared_code_global_limit_and_per_customer_limit(engine, services):
     code = uid("FLASH").upper()
-    c = await engine.create_campaign(
-        id=uid("shared"),
-        name="flash 1000",
-        type="shared_code",
-        currency="EUR",
-        discount={"kind": "amount", "value": 500},
-        limits={"total": 1000, "per_customer": 1},
-        shared_code=code,
-        ends_at=later(),
+    cid = await shared_code_campaign(
+        engine, code, id_prefix="shared", name="flash 1000",
+        discount={"kind": "amount", "value": 500}, limits={"total": 1000, "per_customer": 1},
     )
-    await engine.activate(c.id)
     # 2,000 customers, 5 attempts each: 10,000 attempts
     reqs = [
         RedeemRequest(code=code, amount=2000, currency="EUR", customer_id=f"c{i % 2000}")
@@ -99,13 +93,13 @@ async def test_shared_code_global_limit_and_per_customer_limit(engine, services)
         db,
         "SELECT customer_id, count(*) AS n FROM redemptions WHERE campaign_id=$1 AND status=0"
         " GROUP BY customer_id",
-        c.id,
+        cid,
     )
     assert len(rows) == 1000 and all(r["n"] == 1 for r in rows)
     assert await fetchval(db, "SELECT uses FROM vouchers WHERE code=$1", code) == 1000
     # only redemptions were written: no per-customer rows up front (the alternative design would write them)
-    assert await fetchval(db, "SELECT count(*) FROM vouchers WHERE campaign_id=$1", c.id) == 1
-    stats = await engine.stats(c.id)
+    assert await fetchval(db, "SELECT count(*) FROM vouchers WHERE campaign_id=$1", cid) == 1
+    stats = await engine.stats(cid)
     assert stats.active_redemptions == 1000
 
 

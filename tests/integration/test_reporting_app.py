@@ -19,20 +19,15 @@ from streamlit.testing.v1 import AppTest
 from engine.shard_state import RedeemRequest
 from store import reports as store
 from tests.engine_support import uid
+from tests.http_support import admin_headers
 
 pytestmark = pytest.mark.integration
 
 APP = str(Path(__file__).resolve().parents[2] / "reporting" / "app.py")
 
 
-def _login(api: Any, email: str, password: str) -> dict[str, str]:
-    r = httpx.post(f"{api.url}/v1/auth/login", json={"email": email, "password": password})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def analyst_user(api: Any) -> tuple[str, str]:
-    admin = _login(api, api.admin_email, api.admin_password)
+    admin = admin_headers(api)
     email, password = f"{uid('analyst')}@shop.example", "analyst-password"
     r = httpx.post(f"{api.url}/v1/auth/register", json={"email": email, "password": password, "name": "A"})
     assert r.status_code == 201, r.text

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.http_support import admin_headers
 from tests.integration.test_reporting_app import analyst_user, settle
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +64,6 @@ def _chromium() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_app(api_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     """The app as `voucher-engine up` and `voucher-engine reports` start it."""
     from engine.settings import Settings
@@ -107,15 +102,12 @@ def test_browser_shows_a_demo_campaign_without_errors(http_api, engine, services
     cid = made["campaigns"][0]
     name = httpx.get(
         f"{http_api.url}/v1/campaigns/{cid}",
-        headers={"Authorization": "Bearer " + httpx.post(
-            f"{http_api.url}/v1/auth/login",
-            json={"email": http_api.admin_email, "password": http_api.admin_password},
-        ).json()["access_token"]},
+        headers=admin_headers(http_api),
     ).json()["name"]
     email, password = analyst_user(http_api)
 
     ARTIFACTS.mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     proc = _start_app(http_api.url, port, tmp_path / "streamlit.log")
     try:
         with sync_playwright() as p:

@@ -22,6 +22,7 @@ from engine.reports import CodeCounts, Counts
 from engine.shard_state import RedeemRequest
 from store import reports as store
 from tests.engine_support import later, uid
+from tests.http_support import admin_headers, login
 
 pytestmark = pytest.mark.integration
 
@@ -202,12 +203,6 @@ async def test_refresh_folds_the_log_not_the_base_tables(engine, services):
 # --- HTTP --------------------------------------------------------------------------------
 
 
-def _login(api: Any, email: str, password: str) -> dict[str, str]:
-    r = httpx.post(f"{api.url}/v1/auth/login", json={"email": email, "password": password})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
-
-
 def _user(api: Any, admin: dict[str, str], role: str) -> dict[str, str]:
     email = f"{uid(role)}@shop.example"
     r = httpx.post(f"{api.url}/v1/auth/register", json={"email": email, "password": "a-long-password", "name": role})
@@ -215,7 +210,7 @@ def _user(api: Any, admin: dict[str, str], role: str) -> dict[str, str]:
     if role != "customer":
         r = httpx.put(f"{api.url}/v1/users/{r.json()['id']}/roles", json={"roles": [role]}, headers=admin)
         assert r.status_code == 200, r.text
-    return _login(api, email, "a-long-password")
+    return login(api.url, email, "a-long-password")
 
 
 def _wait_for(check: Any, timeout: float = 20.0) -> Any:
@@ -231,7 +226,7 @@ def _wait_for(check: Any, timeout: float = 20.0) -> Any:
 
 def test_reports_over_http(http_api, engine, services):
     api = http_api
-    admin = _login(api, api.admin_email, api.admin_password)
+    admin = admin_headers(api)
     analyst = _user(api, admin, "analyst")
     url = api.url
 

@@ -18,6 +18,7 @@ from engine.events import AssignmentRecorded
 from engine.routing import assignment_key, bucket_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, ShardState
+from tests.actor_fakes import RemoteMethod
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _outs = msgspec.msgpack.Decoder(list[Outcome])
@@ -76,14 +77,6 @@ class FakeWriter:
         pass
 
 
-class Remote:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
 class Peer:
     """A peer shard as the fallback sees it (``.assign_many.remote(...)``)."""
 
@@ -95,8 +88,8 @@ class Peer:
             await asyncio.sleep(delay)
             return await core.assign_many(cid, customers, fallback)
 
-        self.assign_many = Remote(assign)
-        self.assignments_of = Remote(core.assignments_of)
+        self.assign_many = RemoteMethod(assign)
+        self.assignments_of = RemoteMethod(core.assignments_of)
 
 
 def cores(codes_per_shard: list[list[str]], delay: float = 0.0) -> tuple[list[ShardCore], list[Peer]]:

@@ -89,6 +89,14 @@ def req(code: str) -> RedeemRequest:
     return RedeemRequest(code=code, amount=1000, currency="EUR", customer_id="c1")
 
 
+def _gated_batcher(**options: Any) -> tuple[FakeShard, MicroBatcher]:
+    """A batcher over one shard that holds every call until ``shard.gate`` is set."""
+    engine = FakeEngine(1)
+    shard = engine.shards[0]
+    shard.gate = asyncio.Event()
+    return shard, MicroBatcher(engine, **options)
+
+
 def codes_on_shard(engine: FakeEngine, shard: int, count: int) -> list[str]:
     out: list[str] = []
     i = 0
@@ -150,10 +158,7 @@ async def test_requests_go_to_the_shard_that_owns_the_code() -> None:
 
 
 async def test_requests_queue_while_a_call_flies_and_go_out_together() -> None:
-    engine = FakeEngine(1)
-    shard = engine.shards[0]
-    shard.gate = asyncio.Event()
-    batcher = MicroBatcher(engine, max_inflight=1)
+    shard, batcher = _gated_batcher(max_inflight=1)
     first = asyncio.create_task(batcher.submit("redeem", req("FIRST")))
     await asyncio.sleep(0.01)
     assert shard.calls == [("redeem", ["FIRST"])]
@@ -177,10 +182,7 @@ async def test_max_batch_caps_the_call_size() -> None:
 
 
 async def test_max_inflight_overlaps_calls_per_lane() -> None:
-    engine = FakeEngine(1)
-    shard = engine.shards[0]
-    shard.gate = asyncio.Event()
-    batcher = MicroBatcher(engine, max_batch=5, max_inflight=3)
+    shard, batcher = _gated_batcher(max_batch=5, max_inflight=3)
     tasks = [asyncio.create_task(batcher.submit("redeem", req(f"Y{i}"))) for i in range(40)]
     await asyncio.sleep(0.01)
     assert shard.inflight == 3 and len(shard.calls) == 3
@@ -256,10 +258,7 @@ async def test_unexpected_error_does_not_leave_waiters_hanging() -> None:
 
 
 async def test_a_cancelled_waiter_is_not_sent_and_does_not_block_others() -> None:
-    engine = FakeEngine(1)
-    shard = engine.shards[0]
-    shard.gate = asyncio.Event()
-    batcher = MicroBatcher(engine, max_inflight=1)
+    shard, batcher = _gated_batcher(max_inflight=1)
     first = asyncio.create_task(batcher.submit("redeem", req("FIRST")))
     await asyncio.sleep(0.01)
     gone = asyncio.create_task(batcher.submit("redeem", req("GONE")))

@@ -13,14 +13,7 @@ import pytest
 from actors.health import InFlight, shard_health
 from engine import errors
 from serve.health import Component, HealthProbe
-
-
-class _Remote:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self.fn(*args)
+from tests.actor_fakes import RemoteMethod
 
 
 class _Shard:
@@ -30,7 +23,7 @@ class _Shard:
                 await asyncio.sleep(3600)
             return state or {"status": "ok", "reason": None}
 
-        self.health = _Remote(health)
+        self.health = RemoteMethod(health)
 
 
 class _Coordinator:
@@ -40,7 +33,7 @@ class _Coordinator:
                 await asyncio.sleep(3600)
             return 2
 
-        self.shard_count = _Remote(shard_count)
+        self.shard_count = RemoteMethod(shard_count)
 
 
 class _Engine:
