@@ -49,8 +49,10 @@ def _sql(services: Any, query: str, *args: Any) -> list[Any]:
     return asyncio.run(fetch(services.database_url, query, *args))
 
 
-def _campaign(api: Any, headers: dict[str, str], **extra: Any) -> dict[str, Any]:
-    return create_campaign(api.url, headers, discount_body("issuance test", **extra))
+def _campaign(
+    api: Any, headers: dict[str, str], name: str = "issuance test", **extra: Any
+) -> dict[str, Any]:
+    return create_campaign(api.url, headers, discount_body(name, **extra))
 
 
 def _generate(api: Any, headers: dict[str, str], cid: str, count: int) -> None:
