@@ -420,8 +420,9 @@ def _code_state() -> str:
 
 
 def run(args: argparse.Namespace) -> tuple[str, bool]:
-    # Ray reads these when it starts: Serve's HAProxy ingress, and (in the gateway replicas)
-    # the integration role's rate limit, which is not what this benchmark measures.
+    # Ray reads these when it starts: Serve's HAProxy ingress. The integration role's rate
+    # limit (not what this benchmark measures) goes into the engine's settings below; the
+    # variable stays set for whatever else reads the environment.
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if not args.keep_rate_limit:
@@ -430,6 +431,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     from ray import serve
 
     from actors.client import start_engine
+    from engine.gcra import parse_limit
     from engine.settings import Settings
     from loadtests import naive_service
     from loadtests.fence_ab import set_fence
@@ -455,6 +457,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                  configure_logging=False, namespace="bench-http")
         port = free_port()
         settings = Settings(
+            **({} if args.keep_rate_limit else {"rate_integration": parse_limit(HIGH_INTEGRATION_RATE)}),
             shards=args.shards,
             namespace="bench-http",
             ack_mode="durable",

@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     import ray
 
     from actors.client import start_engine
+    from engine.gcra import parse_limit
     from engine.settings import Settings
     from ops.servers import embedded_for_tests
     from ops.start import start_http
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         settings = Settings(
             shards=4, namespace="bench-reports", http_port=free_port(),
             admin_email="admin@bench.example", admin_password="bench-admin-password",
-            data_dir=str(tmp),
+            data_dir=str(tmp), rate_analyst=parse_limit("100000/200000"),
         )
         engine = start_engine(settings, dsn)
         base = start_http(settings, dsn, svc.redis_url)

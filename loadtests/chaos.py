@@ -1055,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.delivery import provider_urls, start_delivery
     from actors.issuance import issuer_handle
     from actors.outbound import allowing
+    from engine.gcra import parse_limit
     from engine.settings import Settings
     from ops.sinks import Sinks
     from ops.start import local_ray_environment, start_http
@@ -1075,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
                  namespace=NAMESPACE)
         settings = Settings(
             shards=args.shards, namespace=NAMESPACE, batch_window_ms=1.0, http_port=free_port(),
+            rate_integration=parse_limit(HIGH_INTEGRATION_RATE),
             admin_email="admin@chaos.example", admin_password="chaos-admin-password", data_dir=str(root),
             delivery_workers=2, delivery_claim_idle_s=3.0, delivery_backoff_base_s=0.05,
             delivery_backoff_max_s=0.5, delivery_send_timeout_s=5.0,
