@@ -160,6 +160,19 @@ class InternalAddress(InvalidInput):
     code = "internal_address"
 
 
+class InvalidMetadata(InvalidInput):
+    """Metadata is not a JSON object of at most 4 KB (compact UTF-8), or a metadata filter
+    is not ``key=value``."""
+
+    code = "invalid_metadata"
+
+
+class InvalidCursor(InvalidInput):
+    """A list's ``cursor`` is not one this list handed out."""
+
+    code = "invalid_cursor"
+
+
 class CurrencyMismatch(InvalidInput):
     """The order's currency differs from the campaign's."""
 
@@ -380,6 +393,27 @@ class CodeVoid(NotRedeemable):
     """The code was voided."""
 
     code = "code_void"
+
+
+class VoucherDisabled(NotRedeemable):
+    """The code was switched off on its own (``active: false``) and is refused until it
+    is switched on again."""
+
+    code = "voucher_disabled"
+    transient = True
+
+
+class VoucherNotStarted(NotRedeemable):
+    """The code's own window has not started yet (it narrows its campaign's)."""
+
+    code = "voucher_not_started"
+    transient = True
+
+
+class VoucherExpired(NotRedeemable):
+    """The code's own window has ended (it narrows its campaign's)."""
+
+    code = "voucher_expired"
 
 
 class CodeReserved(NotRedeemable):

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine import errors, metadata
 from serve.auth import Role
 
 # --- text Postgres can store -----------------------------------------------------------
@@ -81,6 +83,17 @@ def _iso_datetime(value: Any) -> Any:
 
 
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime)]
+
+
+def _metadata(value: Any) -> Any:
+    try:
+        return metadata.check(value)
+    except errors.InvalidMetadata as exc:
+        raise PydanticCustomError("invalid_metadata", exc.message) from None
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
+"""A shop's own JSON object (engine.metadata: at most 4 KB, string keys)."""
 
 # The one header whose value is stored (scoped, with the redemption it keys).
 _STORED_HEADERS = ("idempotency-key",)

@@ -64,6 +64,8 @@ def test_every_not_now_error_is_transient_and_final_ones_are_not() -> None:
         "not_started",
         "outside_window",
         "code_reserved",
+        "voucher_disabled",
+        "voucher_not_started",
         "unavailable",
         "fenced",
         "claim_lost",
