@@ -28,6 +28,7 @@ from actors.calls import call as _call
 from actors.coordinator import Coordinator, TransitionResult
 from actors.shard_actor import VoucherShard
 from engine import errors
+from engine.audit import Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, Redemption, Reservation, Validation
@@ -446,6 +447,14 @@ class VoucherEngine:
                 if attempt or not await self.refresh():
                     raise
         raise AssertionError("unreachable")
+
+    async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """A shop's change to one code, decided by its owner shard (see
+        :meth:`actors.shard.ShardCore.control`). Not retried after an unavailable shard:
+        the change may have been applied; the caller sends it again."""
+        shard = self.shards[shard_of_bucket(route_bucket(code), self.n)]
+        result: dict[str, Any] = await _call(shard.control.remote(code, changes, actor))
+        return result
 
     async def flush(self) -> None:
         await self._everywhere("flush")

@@ -38,6 +38,7 @@ from actors.gcpolicy import settle_heap
 from actors.observability import ShardMetrics
 from actors.write_behind import WriteBehind
 from engine import errors
+from engine.audit import Actor
 from engine.campaigns import Campaign
 from engine.events import Event, Rejection
 from engine.routing import BUCKETS, assignment_key, bucket_of
@@ -815,6 +816,21 @@ class ShardCore:
     async def voucher(self, code: str) -> dict[str, Any]:
         await self.ready()
         return self.state.voucher(code)
+
+    async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """A shop's change to one code (see :meth:`ShardState.control`), answered once it
+        is in Postgres with its event and audit entry, whatever the ack mode."""
+        async def decide() -> dict[str, Any]:
+            await self.ready()
+            state, writer = self._loaded()
+            with self._answering.batch():
+                out = state.control(code, changes, actor)
+                writer.mark()
+            await self._ack(writer)
+            await writer.durable()
+            return out
+
+        return await self._deadline(decide())
 
     async def flush(self) -> None:
         """Return once everything decided so far is in Postgres, ended campaigns' voids

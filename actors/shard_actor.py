@@ -15,6 +15,7 @@ from actors.health import InFlight, shard_health
 from actors.observability import configure_json_logging
 from actors.shard import ShardCore
 from actors.shard_socket import ChannelServer
+from engine.audit import Actor
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ class VoucherShard:
     @guarded
     async def voucher(self, code: str) -> dict[str, Any]:
         return await self.core.voucher(code)
+
+    @guarded
+    async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        return await self.core.control(code, changes, actor)
 
     @guarded
     async def flush(self) -> None:

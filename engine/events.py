@@ -14,6 +14,8 @@ from enum import IntEnum
 
 import msgspec
 
+from engine.audit import Actor
+
 
 class VoucherStatus(IntEnum):
     """A code's state: the integer stored in ``vouchers.status`` and in the shard's packed
@@ -153,8 +155,43 @@ class AssignmentRecorded(msgspec.Struct, frozen=True, tag=True):
     bucket: int
 
 
+class Control(msgspec.Struct, frozen=True):
+    """A code's own switch and window (narrowing its campaign's). The default -- on, no
+    window of its own -- is not kept per code."""
+
+    active: bool = True
+    starts_at: datetime | None = None
+    expires_at: datetime | None = None
+
+    def is_default(self) -> bool:
+        return self.active and self.starts_at is None and self.expires_at is None
+
+
+DEFAULT_CONTROL = Control()
+
+
+class VoucherControlled(msgspec.Struct, frozen=True, tag=True):
+    """A shop changed one code on its own: its switch, window or metadata. Persisted with
+    its ``voucher.updated`` event and its audit entry in one transaction.
+
+    ``metadata`` is the code's compact JSON metadata when this change set it
+    (``metadata_set``; ``None`` then clears it); ``change`` is ``{field: [before, after]}``
+    as JSON (metadata's "before" is not held in memory and is written as ``null``)."""
+
+    code: str
+    campaign_id: str
+    control: Control
+    metadata: str | None
+    metadata_set: bool
+    change: str
+    actor: Actor
+    event_id: str
+    at: datetime
+
+
 Event = (
     VoucherChanged
+    | VoucherControlled
     | RedemptionRecorded
     | RedemptionRolledBack
     | ReservationChanged
@@ -176,6 +213,7 @@ class Batch:
     idempotency: list[IdempotencyRecorded] = field(default_factory=list)
     voided: list[str] = field(default_factory=list)  # campaigns whose codes were voided
     foreign: list[AssignmentRecorded] = field(default_factory=list)
+    controls: list[VoucherControlled] = field(default_factory=list)  # in order
 
     @classmethod
     def of(cls, events: Iterable[Event]) -> Batch:
@@ -195,11 +233,13 @@ class Batch:
                 b.voided.append(e.campaign_id)
             elif isinstance(e, AssignmentRecorded):
                 b.foreign.append(e)
+            elif isinstance(e, VoucherControlled):
+                b.controls.append(e)
         return b
 
     def writes_rows(self) -> bool:
         """Whether a statement is needed (voided codes are written off the commit)."""
         return bool(
             self.vouchers or self.redemptions or self.rollbacks or self.reservations
-            or self.idempotency or self.foreign
+            or self.idempotency or self.foreign or self.controls
         )

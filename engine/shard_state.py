@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from engine import errors
+from engine import errors, metadata
+from engine.audit import Actor
 from engine.campaigns import (
     Campaign,
     check_order,
@@ -35,15 +36,18 @@ from engine.events import (
     ASSIGNED,
     AVAILABLE,
     CONFIRMED,
+    DEFAULT_CONTROL,
     EXPIRED,
     HELD,
     R_ROLLED_BACK,
     REDEEMED,
     RELEASED,
+    STATUS_NAMES,
     VOID,
     Assignment,
     AssignmentRecorded,
     CodesVoided,
+    Control,
     Event,
     IdempotencyRecorded,
     Redemption,
@@ -54,6 +58,7 @@ from engine.events import (
     ReservationChanged,
     Validation,
     VoucherChanged,
+    VoucherControlled,
 )
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
@@ -191,6 +196,8 @@ class ShardState:
         self.campaigns: dict[str, CampaignSlot] = {}
         self._slots: list[CampaignSlot] = []
         self.codes: dict[str, int] = {}
+        # codes switched off or with a window of their own (sparse: most codes have none)
+        self.controls: dict[str, Control] = {}
         self._interned: dict[int, int] = {}
         self._pending: set[str] = set()
         self.redemptions: dict[str, Redemption] = {}
@@ -332,6 +339,11 @@ class ShardState:
             if uses:
                 slot.gift_uses[code] = uses
 
+    def load_control(self, code: str, control: Control) -> None:
+        """Rebuild a code's own switch and window from its persisted row (no event)."""
+        if code in self.codes and not control.is_default():
+            self.controls[code] = control
+
     def load_redemption(self, r: Redemption) -> None:
         self.redemptions[r.id] = r
         slot = self.campaigns.get(r.campaign_id)
@@ -389,6 +401,10 @@ class ShardState:
         code, slot, status = self._locate(req.code)
         c = slot.campaign
         check_redeemable_now(c, self.clock())
+        if self.controls:
+            ctl = self.controls.get(code)
+            if ctl is not None:
+                _check_control(code, ctl, self.clock())
         check_order(c, req.amount, req.currency)
         cust = req.customer_id
         if c.is_shared:
@@ -659,6 +675,9 @@ class ShardState:
             if code in self.held:
                 held_back.append(code)  # back on the stack: the hold may be released
                 continue
+            ctl = self.controls.get(code)
+            if ctl is not None and not _usable(ctl, self.clock()):
+                continue  # off or past its window: back on the stack if switched on
             found = code
             break
         slot.available.extend(reversed(held_back))
@@ -703,6 +722,65 @@ class ShardState:
         slot = self.campaigns.get(campaign_id)
         if slot is not None:
             slot.by_customer.setdefault(customer_id, code)
+
+    # --- a code's own switch, window and metadata ----------------------------------------
+
+    def control(self, raw_code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """Apply a shop's change to one code: ``active``, ``starts_at``, ``expires_at``
+        (``None`` clears the code's own bound) and ``metadata`` (a JSON object, ``None``
+        clears it); fields absent from ``changes`` stay. Returns the code as
+        :meth:`voucher` shows it, with the metadata when this change set it."""
+        unknown = set(changes) - {"active", "starts_at", "expires_at", "metadata"}
+        if unknown:
+            raise errors.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        code, slot, status = self._locate(raw_code)
+        old = self.controls.get(code, DEFAULT_CONTROL)
+        active = changes.get("active", old.active)
+        if not isinstance(active, bool):
+            raise errors.InvalidInput("active must be true or false")
+        starts = changes.get("starts_at", old.starts_at)
+        expires = changes.get("expires_at", old.expires_at)
+        for name, value in (("starts_at", starts), ("expires_at", expires)):
+            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+                raise errors.InvalidInput(f"{name} must be a date-time with a time zone")
+        if starts is not None and expires is not None and starts >= expires:
+            raise errors.InvalidInput("starts_at must be before expires_at")
+        meta_set = "metadata" in changes
+        meta_text: str | None = None
+        if meta_set and changes["metadata"] is not None:
+            meta_text = metadata.encoded(metadata.check(changes["metadata"]))
+        new = Control(active, starts, expires)
+        change: dict[str, Any] = {}
+        for name in ("active", "starts_at", "expires_at"):
+            before, after = getattr(old, name), getattr(new, name)
+            if before != after:
+                change[name] = [_json_value(before), _json_value(after)]
+        if meta_set:
+            change["metadata"] = [None, changes["metadata"]]
+        if new.is_default():
+            self.controls.pop(code, None)
+        else:
+            self.controls[code] = new
+        if not old.active and new.active and status == AVAILABLE and not slot.campaign.is_shared:
+            slot.available.append(code)  # assignable again (a stale duplicate is skipped)
+        now = self.clock()
+        self.events.append(
+            VoucherControlled(
+                code=code,
+                campaign_id=slot.campaign.id,
+                control=new,
+                metadata=meta_text,
+                metadata_set=meta_set,
+                change=metadata.encoded(change),
+                actor=actor,
+                event_id=new_id("evt", bucket_of(code), self.random_bytes),
+                at=now,
+            )
+        )
+        out = self.voucher(code)
+        if meta_set:
+            out["metadata"] = changes["metadata"]
+        return out
 
     # --- idempotent entry points used by the actor --------------------------------------
 
@@ -875,10 +953,14 @@ class ShardState:
         out: dict[str, Any] = {
             "code": code,
             "campaign_id": c.id,
-            "status": ("available", "assigned", "redeemed", "void")[status],
+            "status": STATUS_NAMES[status],
             "customer_id": slot.assigned_to.get(code),
             "reserved": code in self.held,
         }
+        ctl = self.controls.get(code, DEFAULT_CONTROL)
+        out["active"] = ctl.active
+        out["starts_at"] = ctl.starts_at
+        out["expires_at"] = ctl.expires_at
         if c.is_gift_card:
             out["balance"] = slot.balances.get(code, 0)
         if c.is_shared:
@@ -937,6 +1019,24 @@ def _status(packed: int, slot: CampaignSlot) -> int:
     if status < REDEEMED and slot.campaign.state == "ended":
         return VOID
     return status
+
+
+def _check_control(code: str, ctl: Control, now: datetime) -> None:
+    """Raise why a code's own switch or window refuses it at ``now``."""
+    if not ctl.active:
+        raise errors.VoucherDisabled(f"code {code} is switched off")
+    if ctl.starts_at is not None and now < ctl.starts_at:
+        raise errors.VoucherNotStarted(f"code {code} is valid from {ctl.starts_at.isoformat()}")
+    if ctl.expires_at is not None and now >= ctl.expires_at:
+        raise errors.VoucherExpired(f"code {code} expired at {ctl.expires_at.isoformat()}")
+
+
+def _usable(ctl: Control, now: datetime) -> bool:
+    return ctl.active and (ctl.expires_at is None or now < ctl.expires_at)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _check_ids(customer_id: str | None, order_id: str | None) -> None:

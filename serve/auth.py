@@ -36,6 +36,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from engine import errors
+from engine.audit import Actor
 from engine.errors import ConfigError, InvalidInput
 
 # The API-key cache's Redis keys, for the gateway and the Users deployment.
@@ -61,6 +62,13 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 
     def has(self, role: str) -> bool:
         return role in self.roles
+
+
+def actor_of(principal: Principal) -> Actor:
+    """The principal as the audit log records it."""
+    if principal.kind == "api_key":
+        return Actor("api_key", principal.user_id, principal.api_key_id)
+    return Actor("user", principal.user_id)
 
 
 def customer_only(principal: Principal) -> bool:
@@ -593,6 +601,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "jobs.read": _STAFF_READ,
     # customer: own vouchers only, enforced by the caller.
     "vouchers.read": _ALL,
+    "vouchers.write": _STAFF_WRITE,
     # customer: own vouchers only, enforced by the caller.
     "validations.create": frozenset({"admin", "manager", "integration", "customer"}),
     "redemptions.create": _CHECKOUT,

@@ -21,6 +21,7 @@ from ray import serve
 from actors.calls import Failure, guarded
 from actors.client import attach_engine
 from engine import errors
+from engine.audit import Actor
 from engine.settings import Settings
 from store.pools import LazyPool
 
@@ -175,7 +176,21 @@ class Vouchers:
 
     @guarded
     async def get(self, code: str) -> dict[str, Any]:
-        return await self.engine.voucher(code)
+        from store import vouchers
+
+        found = await self.engine.voucher(code)
+        found["metadata"] = await vouchers.metadata_of(await self._pool(), found["code"])
+        return found
+
+    @guarded
+    async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        """Change one code (its owner shard decides); the answer shows its metadata."""
+        from store import vouchers
+
+        out = await self.engine.control(code, changes, actor)
+        if "metadata" not in out:
+            out["metadata"] = await vouchers.metadata_of(await self._pool(), out["code"])
+        return out
 
     @guarded
     async def of_customer(self, customer_id: str, limit: int) -> list[dict[str, Any]]:

@@ -255,6 +255,37 @@ class WindowIn(Strict):
     end: str = Field(pattern=r"^\d{2}:\d{2}$")
 
 
+class VoucherPatchIn(Strict):
+    """A shop's change to one code; fields left out stay as they are, ``null`` clears a
+    bound of the code's own window or its metadata."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"active": False}, {"expires_at": "2030-01-31T23:59:59Z"}]}
+    )
+
+    active: bool | None = None
+    starts_at: IsoDateTime | None = None
+    expires_at: IsoDateTime | None = None
+    metadata: Metadata | None = None
+
+
+class VoucherOut(BaseModel):
+    """One code as its owner shard holds it (``metadata`` from Postgres)."""
+
+    code: str
+    campaign_id: str
+    status: Literal["available", "assigned", "redeemed", "void"]
+    customer_id: str | None = None
+    reserved: bool = False
+    active: bool = True
+    starts_at: datetime | None = None
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+    balance: int | None = None
+    redemptions: int | None = None
+    limit: int | None = None
+
+
 class CodeIn(Strict):
     length: int | None = Field(default=None, ge=4, le=64)
     charset: str = Field(default="alphanumeric", max_length=100)

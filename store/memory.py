@@ -9,6 +9,9 @@ What it keeps, as Postgres would:
 * ``vouchers``: ``code -> [campaign_id, status, customer_id, balance, uses]`` (a code's
   bucket is ``bucket_of(code)``, as stored);
 * ``redemptions``, ``reservations``, ``assignments`` and ``idempotency`` rows;
+* ``controls`` (a code's own switch and window, when not the default), ``metadata``
+  (a code's, as JSON text), ``events`` (``(id, type)`` of the events written) and
+  ``audit`` (``(actor, action, resource_id)``);
 * ``owners``: the epochs of the writers. Every write checks the store's ``fence`` first
   and is refused as a whole (:class:`engine.errors.Fenced`, or
   :class:`engine.errors.ClaimLost` when the stored epoch went back) like
@@ -28,6 +31,7 @@ from typing import Any
 import msgspec
 
 from engine import errors
+from engine.audit import Actor
 from engine.campaigns import Campaign
 from engine.events import (
     ASSIGNED,
@@ -35,6 +39,7 @@ from engine.events import (
     R_ROLLED_BACK,
     VOID,
     Batch,
+    Control,
     Event,
     Redemption,
     Reservation,
@@ -73,6 +78,10 @@ class MemoryShardStore:
         #: ``(campaign_id, customer_id) -> (code, bucket)``; the bucket is the assignment's
         self.assignments: dict[tuple[str, str], tuple[str, int]] = {}
         self.idempotency: dict[str, KeyRow] = {}
+        self.controls: dict[str, Control] = {}
+        self.metadata: dict[str, str | None] = {}
+        self.events: list[tuple[str, str]] = []
+        self.audit: list[tuple[Actor, str, str]] = []
         self.closed = False
 
     # --- the coordinator's side and the owners --------------------------------------
@@ -139,6 +148,9 @@ class MemoryShardStore:
         for code, (cid, status, customer_id, balance, uses) in self.vouchers.items():
             if bucket_of(code) in mine:
                 state.load_voucher(code, cid, status, customer_id, balance, uses)
+        for code, ctl in self.controls.items():
+            if bucket_of(code) in mine:
+                state.load_control(code, ctl)
         for r in sorted(self.redemptions.values(), key=lambda r: r.created_at):
             if bucket_of(r.code) in mine:
                 state.load_redemption(r)
@@ -191,6 +203,18 @@ class MemoryShardStore:
                 self.idempotency[x.key] = KeyRow(x.bucket, x.fingerprint, x.response, x.at)
             elif key_row.response is None and key_row.fingerprint == x.fingerprint:
                 key_row.response, key_row.created_at, key_row.claim_token = x.response, x.at, None
+        for c in b.controls:
+            if c.code not in self.vouchers:
+                continue  # UPDATE ... WHERE code: no row, nothing changes
+            if c.control.is_default():
+                self.controls.pop(c.code, None)
+            else:
+                self.controls[c.code] = c.control
+            if c.metadata_set:
+                self.metadata[c.code] = c.metadata
+            if c.event_id not in {e[0] for e in self.events}:
+                self.events.append((c.event_id, "voucher.updated"))
+            self.audit.append((c.actor, "voucher.update", c.code))
         return voided
 
     async def void_chunk(self, campaign_id: str, buckets: list[int], chunk: int) -> int:

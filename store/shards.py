@@ -13,6 +13,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 import asyncpg
+import msgspec
 
 from engine.campaigns import Campaign
 from engine.events import (
@@ -21,14 +22,16 @@ from engine.events import (
     R_ROLLED_BACK,
     VOID,
     Batch,
+    Control,
     Event,
     Redemption,
     Reservation,
+    VoucherControlled,
 )
 from engine.idempotency import Claim, Stored
 from engine.routing import bucket_of
 from engine.shard_state import ShardState
-from store import campaigns
+from store import audit, campaigns, events
 from store.fencing import Fence, claim_shard, current_epoch, fenced, fenced_error
 
 _SERVER_STARTED = "SELECT pg_postmaster_start_time()"
@@ -233,6 +236,46 @@ def _one_statement(
     return "WITH " + ", ".join(ctes) + f" SELECT voucher_fence(${n + 1}, ${n + 2})", args
 
 
+_CONTROL = (
+    "UPDATE vouchers SET active = $2, starts_at = $3, expires_at = $4,"
+    " metadata = CASE WHEN $5 THEN $6::jsonb ELSE metadata END, updated_at = now()"
+    " WHERE code = $1"
+)
+# Codes with a switch or window of their own, read through their partial index (0014).
+_LOAD_CONTROLS = (
+    "SELECT code, active, starts_at, expires_at FROM vouchers WHERE bucket = ANY($1::int2[])"
+    " AND (NOT active OR starts_at IS NOT NULL OR expires_at IS NOT NULL)"
+)
+
+
+async def _write_control(conn: asyncpg.Connection, c: VoucherControlled) -> None:
+    """One code's change, its ``voucher.updated`` event and its audit entry."""
+    ctl = c.control
+    await conn.execute(
+        _CONTROL, c.code, ctl.active, ctl.starts_at, ctl.expires_at, c.metadata_set, c.metadata
+    )
+    change = msgspec.json.decode(c.change)
+    data = {
+        "code": c.code,
+        "campaign_id": c.campaign_id,
+        "active": ctl.active,
+        "starts_at": ctl.starts_at.isoformat() if ctl.starts_at else None,
+        "expires_at": ctl.expires_at.isoformat() if ctl.expires_at else None,
+        "changed": sorted(change),
+    }
+    if c.metadata_set:
+        data["metadata"] = None if c.metadata is None else msgspec.json.decode(c.metadata)
+    await events.record(
+        conn,
+        "voucher.updated",
+        data,
+        campaign_id=c.campaign_id,
+        resource_id=c.code,
+        event_id=c.event_id,
+    )
+    await audit.record(conn, c.actor, "voucher.update", "voucher", c.code, change)
+
+
 # Rows per round trip of a load's cursors: each fetch is its own short command (never one
 # statement for a whole table under the command timeout).
 _LOAD_PREFETCH = 20_000
@@ -286,6 +329,8 @@ class PgShardStore:
                 )
                 async for r in cur:
                     state.load_voucher(r[0], r[1], r[2], r[3], r[4], r[5])
+                async for r in conn.cursor(_LOAD_CONTROLS, buckets, prefetch=_LOAD_PREFETCH):
+                    state.load_control(r[0], Control(r[1], r[2], r[3]))
                 # Redemptions in the order they were made (a rollback's counters follow
                 # its redemption); the table's own order is close to it, so the sort is
                 # cheap, and rows stream through a cursor like everything else here.
@@ -330,6 +375,7 @@ class PgShardStore:
         b = Batch.of(events)
         vouchers, redemptions, rollbacks = b.vouchers, b.redemptions, b.rollbacks
         reservations, idem, voided, foreign = b.reservations, b.idempotency, b.voided, b.foreign
+        controls = b.controls
         parts: list[tuple[str, list[list[Any]]]] = []
         if vouchers:
             parts.append((_UPDATE_VOUCHERS, _columns(list(vouchers.values()), _VOUCHER_COLUMNS)))
@@ -347,15 +393,18 @@ class PgShardStore:
             # one row per key: an upsert may not touch a row twice in one statement
             idem = list({x.key: x for x in idem}.values())
             parts.append((_INSERT_IDEMPOTENCY, _columns(idem, "key bucket fingerprint response at")))
-        if not parts:
+        if not parts and not controls:
             return voided
         async with self.pool.acquire() as conn:
-            if rollbacks:
-                # These must see the batch's earlier changes: one statement after
-                # another, in one transaction that checks the fence first.
+            if rollbacks or controls:
+                # These must see the batch's earlier changes (a code's control may follow
+                # its redemption in one batch): one statement after another, in one
+                # transaction that checks the fence first.
                 async with fenced(conn, self.fence):
                     for sql, args in parts:
                         await conn.execute(_numbered(sql), *args)
+                    for c in controls:
+                        await _write_control(conn, c)
                 return voided
             # The usual batch (decisions on vouchers, new redemptions, reservations,
             # assignments, idempotency records) touches each row once: one statement of

@@ -9,7 +9,7 @@ from fastapi import Query, Request, Response
 from actors.calls import Failure
 from actors.issuance import JOB_PREFIX as ISSUANCE_JOB_PREFIX
 from engine import errors
-from serve.auth import Principal, customer_only
+from serve.auth import Principal, actor_of, customer_only
 from serve.models import (
     MAX_INT64,
     CampaignIn,
@@ -18,6 +18,8 @@ from serve.models import (
     IssuanceJobOut,
     JobOut,
     TransitionOut,
+    VoucherOut,
+    VoucherPatchIn,
 )
 from serve.problems import problem_responses
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
@@ -30,6 +32,7 @@ Generator = Annotated[Principal, require("campaigns.generate")]
 JobReader = Annotated[Principal, require("jobs.read")]
 OverviewReader = Annotated[Principal, require("overview.read")]
 VoucherReader = Annotated[Principal, require("vouchers.read")]
+VoucherWriter = Annotated[Principal, require("vouchers.write")]
 
 _TRANSITION: dict[str, Any] = dict(
     response_model=TransitionOut,
@@ -148,7 +151,13 @@ async def overview(campaign_id: str, caller: OverviewReader, svc: Svc) -> Any:
     return {"campaign": unwrap(campaign), "stats": unwrap(live), "delivery": unwrap(delivery)}
 
 
-@routes.get("/v1/vouchers/{code}", tags=["vouchers"], responses=problem_responses(*GUARDED, 404, 422))
+@routes.get(
+    "/v1/vouchers/{code}",
+    response_model=VoucherOut,
+    response_model_exclude_none=True,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, 404, 422),
+)
 async def voucher(code: str, request: Request, caller: VoucherReader, svc: Svc) -> Any:
     if customer_only(caller):
         ip = svc.gate.client(request.scope)
@@ -159,3 +168,21 @@ async def voucher(code: str, request: Request, caller: VoucherReader, svc: Svc) 
             raise errors.UnknownCode(f"no voucher of yours has code {code!r}")
         return found
     return unwrap(await svc.vouchers.get.remote(code))
+
+
+@routes.patch(
+    "/v1/vouchers/{code}",
+    response_model=VoucherOut,
+    response_model_exclude_none=True,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, *BODY, 404),
+)
+async def control_voucher(code: str, body: VoucherPatchIn, caller: VoucherWriter, svc: Svc) -> Any:
+    """Switch one code off or on (a code switched off is refused with ``voucher_disabled``),
+    give it a window of its own inside its campaign's, or set its metadata. Decided by the
+    code's owner shard and answered once it is in Postgres, with a ``voucher.updated``
+    event and an audit entry."""
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    if not changes:
+        raise errors.InvalidInput("nothing to change: send active, starts_at, expires_at or metadata")
+    return unwrap(await svc.vouchers.control.remote(code, changes, actor_of(caller)))

@@ -507,6 +507,7 @@ EXPECTED = {
     "campaigns.generate": {"admin", "manager"},
     "jobs.read": {"admin", "manager", "analyst"},
     "vouchers.read": set(ROLES),
+    "vouchers.write": {"admin", "manager"},
     "validations.create": {"admin", "manager", "integration", "customer"},
     "redemptions.create": {"admin", "manager", "integration"},
     "redemptions.rollback": {"admin", "manager", "integration"},

@@ -333,6 +333,7 @@ def test_gift_card_partial_spends_and_rollbacks(shop: Shop) -> None:
     assert s.voucher("GIFT-A") == {  # a partial spend does not tie the card to alice
         "code": "GIFT-A", "campaign_id": "gift", "status": "available",
         "customer_id": None, "reserved": False, "balance": 3000,
+        "active": True, "starts_at": None, "expires_at": None,
     }
     r2 = s.redeem(req("GIFT-A", 4500, "alice"))
     assert (r2.discount_amount, r2.balance_after) == (3000, 0)

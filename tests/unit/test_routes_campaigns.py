@@ -4,6 +4,7 @@
 from typing import Any
 
 from actors.calls import Failure
+from engine.audit import Actor
 from tests.route_fakes import assert_refused, gateway, problem_of
 
 CAMPAIGN: dict[str, Any] = {"id": "cmp_1", "name": "Spring", "type": "discount", "state": "draft", "currency": "EUR"}
@@ -84,7 +85,14 @@ def test_overview_gathers_three_answers() -> None:
 
 
 def test_customers_look_up_only_their_own_vouchers() -> None:
-    mine = {"code": "AB12", "customer_id": "cus_1"}
+    mine = {
+        "code": "AB12",
+        "campaign_id": "cmp_1",
+        "status": "assigned",
+        "customer_id": "cus_1",
+        "reserved": False,
+        "active": True,
+    }
     with gateway(vouchers={"get": mine}) as (client, fakes):
         r = client.get("/v1/vouchers/AB12", headers=fakes.token("customer", user_id="cus_1"))
         assert r.json() == mine
@@ -95,3 +103,24 @@ def test_customers_look_up_only_their_own_vouchers() -> None:
         # staff see any voucher, and spend no guessing budget
         r = client.get("/v1/vouchers/AB12", headers=fakes.token("manager", user_id="usr_1"))
         assert r.json() == mine and len(fakes.limiter.budget_checks) == 2
+
+
+def test_a_code_is_switched_off_by_staff_with_who_did_it() -> None:
+    off = {"code": "AB12", "campaign_id": "cmp_1", "status": "available", "active": False}
+    with gateway(vouchers={"control": off}) as (client, fakes):
+        r = client.patch(
+            "/v1/vouchers/AB12", json={"active": False}, headers=fakes.token("manager", user_id="usr_1")
+        )
+        assert r.status_code == 200 and r.json()["active"] is False
+        (call,) = fakes.vouchers.called("control")
+        assert call[0] == "AB12" and call[1] == {"active": False}
+        assert call[2] == Actor("user", "usr_1")
+        # nothing to change, a string for a boolean, metadata over 4 KB: 422s
+        for body in ({}, {"active": "no"}, {"metadata": {"k": "v" * 5000}}):
+            r = client.patch("/v1/vouchers/AB12", json=body, headers=fakes.token("manager"))
+            assert r.status_code == 422, body
+        r = client.patch("/v1/vouchers/AB12", json={"active": False}, headers=fakes.token("analyst"))
+        problem_of(r, 403, "forbidden")
+        r = client.patch("/v1/vouchers/AB12", json={"active": False}, headers=fakes.token("customer"))
+        problem_of(r, 403, "forbidden")
+        assert len(fakes.vouchers.called("control")) == 1
