@@ -63,6 +63,7 @@ class Redemption(msgspec.Struct, frozen=True):
     created_at: datetime
     status: int = R_ACTIVE
     rolled_back_at: datetime | None = None
+    metadata: str | None = None  # compact JSON, as the request gave it
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -77,6 +78,7 @@ class Reservation(msgspec.Struct, frozen=True):
     expires_at: datetime
     state: int = HELD
     redemption_id: str | None = None
+    metadata: str | None = None  # compact JSON, carried into its redemption
 
 
 class Validation(msgspec.Struct, frozen=True):

@@ -79,6 +79,8 @@ class RedeemRequest(msgspec.Struct, frozen=True):
     customer_id: str | None = None
     order_id: str | None = None
     idempotency_key: str | None = None
+    metadata: str | None = None  # the redemption's metadata as compact JSON
+
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -497,6 +499,7 @@ class ShardState:
             discount_amount=discount,
             balance_after=balance_after,
             created_at=now,
+            metadata=req.metadata,
         )
         self.redemptions[r.id] = r
         self.events.append(RedemptionRecorded(r))
@@ -569,6 +572,7 @@ class ShardState:
             currency=req.currency,
             discount_amount=discount,
             expires_at=self.clock() + self.reservation_ttl,
+            metadata=req.metadata,
         )
         self.reservations[r.id] = r
         self._hold(r)
@@ -624,6 +628,7 @@ class ShardState:
             currency=r.currency,
             customer_id=r.customer_id,
             order_id=r.order_id,
+            metadata=r.metadata,
         )
         redemption = self.redeem(req, reservation=r)
         self._close_reservation(r.id, CONFIRMED, redemption.id)

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from actors.observability import new_request_id, request_id_var
-from engine import errors
+from engine import errors, metadata
 from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
 from serve.auth import AuthError, Forbidden, Principal, authorize, customer_only
@@ -46,6 +46,7 @@ class _Checkout(msgspec.Struct, forbid_unknown_fields=True):
     code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     order: _Order
     customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    metadata: dict[str, Any] | None = None
 
 
 _checkout_decoder = msgspec.json.Decoder(_Checkout)
@@ -68,6 +69,13 @@ def decode_checkout(raw: bytes) -> _Checkout:
     body = _checkout_decoder.decode(raw)
     if unstorable((body.code, body.customer_id, body.order.id)):
         raise msgspec.ValidationError("unstorable text")
+    if body.metadata is not None:
+        try:
+            metadata.check(body.metadata)
+        except errors.InvalidMetadata:
+            raise msgspec.ValidationError("invalid metadata") from None
+        if unstorable(body.metadata):
+            raise msgspec.ValidationError("unstorable text")
     return body
 
 
@@ -75,12 +83,16 @@ def redemption_body(r: Any) -> dict[str, Any]:
     d = msgspec.to_builtins(r)
     d["balance"] = d.pop("balance_after", None)
     d["status"] = "rolled_back" if d["status"] == 1 else "redeemed"
+    if d.get("metadata") is not None:
+        d["metadata"] = msgspec.json.decode(d["metadata"])
     return d
 
 
 def reservation_body(r: Any) -> dict[str, Any]:
     d = msgspec.to_builtins(r)
     d["state"] = ("held", "confirmed", "released", "expired")[d["state"]]
+    if d.get("metadata") is not None:
+        d["metadata"] = msgspec.json.decode(d["metadata"])
     return d
 
 
@@ -128,6 +140,7 @@ class Checkout:
             customer_id=customer,
             order_id=body.order.id,
             idempotency_key=scoped_key(p, key),
+            metadata=None if body.metadata is None else metadata.encoded(body.metadata),
         )
 
     async def answer(

@@ -353,6 +353,7 @@ class CheckoutIn(Strict):
     code: str = Field(min_length=1, max_length=128)
     customer_id: str | None = Field(default=None, min_length=1, max_length=128)
     order: OrderIn
+    metadata: Metadata | None = None
 
 
 class ValidationOut(BaseModel):
@@ -378,6 +379,7 @@ class RedemptionOut(BaseModel):
     status: Literal["redeemed", "rolled_back"]
     created_at: datetime
     rolled_back_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class ReservationOut(BaseModel):
@@ -392,6 +394,7 @@ class ReservationOut(BaseModel):
     expires_at: datetime
     state: Literal["held", "confirmed", "released", "expired"]
     redemption_id: str | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class CampaignOut(BaseModel):

@@ -110,10 +110,10 @@ _VOID_CHUNK = (
 _INSERT_REDEMPTIONS = (
     "INSERT INTO redemptions (id, campaign_id, code, bucket, customer_id, order_id,"
     " order_amount, currency, discount_amount, balance_after, status, created_at,"
-    " rolled_back_at)"
+    " rolled_back_at, metadata)"
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[], {}::text[],"
     " {}::text[], {}::int8[], {}::text[], {}::int8[], {}::int8[], {}::int2[],"
-    " {}::timestamptz[], {}::timestamptz[])"
+    " {}::timestamptz[], {}::timestamptz[], {}::jsonb[])"
 )
 _ROLL_BACK = (
     f"UPDATE redemptions AS t SET status = {R_ROLLED_BACK:d}, rolled_back_at = u.at"
@@ -122,10 +122,10 @@ _ROLL_BACK = (
 _UPSERT_RESERVATIONS = (
     "INSERT INTO reservations (id, campaign_id, code, bucket, customer_id,"
     " order_id, order_amount, currency, discount_amount, expires_at, state,"
-    " redemption_id)"
+    " redemption_id, metadata)"
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[],"
     " {}::text[], {}::text[], {}::int8[], {}::text[], {}::int8[],"
-    " {}::timestamptz[], {}::int2[], {}::text[])"
+    " {}::timestamptz[], {}::int2[], {}::text[], {}::jsonb[])"
     " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
     " redemption_id = EXCLUDED.redemption_id"
 )
@@ -195,11 +195,11 @@ _DELETE_EXPIRED_KEYS = (
 _VOUCHER_COLUMNS = "code status customer_id balance uses"
 _REDEMPTION_COLUMNS = (
     "id campaign_id code code_bucket customer_id order_id order_amount currency "
-    "discount_amount balance_after status created_at rolled_back_at"
+    "discount_amount balance_after status created_at rolled_back_at metadata"
 )
 _RESERVATION_COLUMNS = (
     "id campaign_id code code_bucket customer_id order_id order_amount currency "
-    "discount_amount expires_at state redemption_id"
+    "discount_amount expires_at state redemption_id metadata"
 )
 
 
@@ -344,7 +344,7 @@ class PgShardStore:
                     state.load_redemption(Redemption(*r))
                 async for r in conn.cursor(
                     "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
-                    " discount_amount, expires_at, state, redemption_id"
+                    " discount_amount, expires_at, state, redemption_id, metadata"
                     " FROM reservations WHERE bucket = ANY($1::int2[])",
                     buckets,
                     prefetch=_LOAD_PREFETCH,

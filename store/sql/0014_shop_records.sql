@@ -13,6 +13,7 @@ CREATE INDEX vouchers_controlled_idx ON vouchers (bucket)
     WHERE NOT active OR starts_at IS NOT NULL OR expires_at IS NOT NULL;
 
 ALTER TABLE redemptions ADD COLUMN metadata jsonb;
+ALTER TABLE reservations ADD COLUMN metadata jsonb;  -- carried into its redemption
 
 -- A customer record may be linked to the user account that signs in as that customer,
 -- so "my vouchers" finds the codes assigned to an imported customer.
