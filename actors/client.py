@@ -31,7 +31,7 @@ from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
-from engine.events import Assignment, Redemption, Reservation, Validation
+from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.settings import Settings
 from engine.shard_state import (
@@ -300,6 +300,11 @@ class VoucherEngine:
     async def job(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = await _call(self.coordinator.job.remote(job_id))
         return job
+
+    async def import_codes(self, campaign_id: str, rows: list[ImportedCode]) -> dict[str, Any]:
+        """One chunk of a shop's own codes (see ``CoordinatorCore.import_codes``)."""
+        out: dict[str, Any] = await _call(self.coordinator.import_codes.remote(campaign_id, rows))
+        return out
 
     async def generate(
         self,

@@ -38,7 +38,8 @@ from actors.observability import configure_json_logging
 from actors.startup import Startup
 from engine import codes, errors
 from engine.campaigns import Campaign, new_campaign, transition
-from engine.routing import new_id, shard_of
+from engine.events import ImportedCode
+from engine.routing import assignment_key, new_id, shard_of
 from engine.settings import Settings
 from store import fencing, notifications
 from store.campaigns import (
@@ -498,6 +499,79 @@ class CoordinatorCore:
         except Exception:
             log.exception("recording the end of job %s failed", job["id"])
 
+    async def import_codes(self, campaign_id: str, rows: list[ImportedCode]) -> dict[str, Any]:
+        """Bring one chunk of a shop's own codes (distinct, well-formed) into the campaign:
+        each code goes to its owner shard, which refuses a code that exists in any
+        campaign. Within ``limits.total`` and the shards' memory, counted with the running
+        generation jobs and other imports: rows beyond either are refused (a refused
+        existing code frees its place for the next row). Customers given a code are
+        recorded where their assignments are decided. Returns
+        ``{"imported": n, "refused": {code: reason}}``."""
+        await self.ready()
+        refused: dict[str, str] = {}
+        imported: list[ImportedCode] = []
+        left = list(rows)
+        while left:
+            async with self._lock(campaign_id):
+                take, why = await self._import_room(campaign_id, len(left))
+                # counted before the shards answer, so a concurrent import or job sees them
+                self._admitted[campaign_id] += take
+            if not take:
+                refused.update((r.code, why) for r in left)
+                break
+            batch, left = left[:take], left[take:]
+            taken = await self._import_to_shards(campaign_id, batch)
+            for code in taken:
+                refused[code] = "exists: a code of that name is in this or another campaign"
+            imported += [r for r in batch if r.code not in taken]
+        by_shard: dict[int, list[tuple[str, str]]] = {}
+        for r in imported:
+            if r.customer_id is not None:
+                shard = shard_of(assignment_key(campaign_id, r.customer_id), len(self.shards))
+                by_shard.setdefault(shard, []).append((r.customer_id, r.code))
+        await asyncio.gather(
+            *[_call(self.shards[i].record_assignments.remote(campaign_id, p)) for i, p in by_shard.items()]
+        )
+        return {"imported": len(imported), "refused": refused}
+
+    async def _import_room(self, campaign_id: str, want: int) -> tuple[int, str]:
+        """How many of ``want`` imported codes fit now, and the reason for the rest."""
+        c = self.get(campaign_id)
+        if c.state == "ended":
+            raise errors.CannotGenerateEnded(f"campaign {campaign_id} has ended")
+        if c.is_shared:
+            raise errors.InvalidInput(f"campaign {campaign_id} uses one shared code")
+        if campaign_id not in self._admitted or not self._running(campaign_id):
+            self._admitted[campaign_id] = await self._count_codes(campaign_id)
+        total = c.limits.total
+        if total is not None:
+            room = total - self._admitted[campaign_id] - self._reserved(campaign_id)
+            if room <= 0:
+                return 0, f"over limits.total: the campaign allows {total} codes"
+            want = min(want, room)
+        try:
+            return await self._fits(campaign_id, want, up_to=True), ""
+        except errors.CapacityExceeded:
+            return 0, "capacity_exceeded: the shards' memory holds no more codes"
+
+    async def _import_to_shards(self, campaign_id: str, rows: list[ImportedCode]) -> set[str]:
+        """Each row to its owner shard; the codes refused as existing."""
+        parts: dict[int, list[ImportedCode]] = {}
+        for r in rows:
+            parts.setdefault(shard_of(r.code, len(self.shards)), []).append(r)
+        answers = await asyncio.gather(
+            *[_call(self.shards[i].import_codes.remote(campaign_id, p)) for i, p in parts.items()],
+            return_exceptions=True,
+        )
+        taken = {code for a in answers if not isinstance(a, BaseException) for code in a}
+        lost = sum(len(p) for p, a in zip(parts.values(), answers, strict=True) if isinstance(a, BaseException))
+        async with self._lock(campaign_id):
+            self._admitted[campaign_id] -= len(taken) + lost
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        return taken
+
     async def job(self, job_id: str) -> dict[str, Any]:
         await self.ready()
         job = self.jobs.get(job_id)
@@ -545,6 +619,10 @@ class Coordinator:
     @guarded
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self.core.job(job_id)
+
+    @guarded
+    async def import_codes(self, campaign_id: str, rows: list[ImportedCode]) -> dict[str, Any]:
+        return await self.core.import_codes(campaign_id, rows)
 
     async def shard_count(self) -> int:
         """The number of shards this coordinator drives (the deployment's topology)."""

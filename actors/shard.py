@@ -40,7 +40,7 @@ from actors.write_behind import WriteBehind
 from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Campaign
-from engine.events import Event, Rejection
+from engine.events import Event, ImportedCode, Rejection
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
 from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState
@@ -799,6 +799,45 @@ class ShardCore:
             raise
         self.state.admit_codes(campaign_id, fresh)
         return len(fresh)
+
+    async def import_codes(self, campaign_id: str, rows: list[ImportedCode]) -> list[str]:
+        """Add a shop's own codes to the bank, as :meth:`add_codes` adds generated ones;
+        returns the codes refused because a code of that name exists (in any campaign:
+        every code of this shard's buckets is held here)."""
+        await self.ready()
+        campaign = self.state.campaign(campaign_id)
+        if campaign.state == "ended":
+            raise errors.CannotGenerateEnded(f"campaign {campaign_id} has ended")
+        if not all(self.state.owns(bucket_of(r.code)) for r in rows):
+            raise errors.NotOwner(f"codes of buckets shard {self.shard_id} does not own; retry")
+        fresh = set(self.state.claim_new_codes([r.code for r in rows]))
+        taken = [r.code for r in rows if r.code not in fresh]
+        new = [r for r in rows if r.code in fresh]
+        if not new:
+            return taken
+        balance = campaign.gift_balance if campaign.is_gift_card else None
+        assert self.store is not None
+        try:
+            await self.store.copy_imported(campaign_id, new, balance)
+        except BaseException:
+            self.state.abandon_codes(fresh)
+            raise
+        self.state.admit_imported(campaign_id, new)
+        return taken
+
+    async def record_assignments(self, campaign_id: str, pairs: list[tuple[str, str]]) -> None:
+        """Record, on the shard deciding each customer's assignments, that they hold the
+        code (imported for them): the first record wins, so publications and issuance
+        answer the same code afterwards. Answered once in Postgres."""
+        await self.ready()
+        _, writer = self._loaded()
+        for customer_id, code in pairs:
+            out = self._record(campaign_id, customer_id, code)
+            writer.mark()
+            if out.rejection is not None:
+                raise errors.from_code(out.rejection.error, out.rejection.message)
+        await self._ack(writer)
+        await writer.durable()
 
     async def codes_held(self) -> int:
         """Codes in this shard's memory (every campaign, void ones included)."""

@@ -16,6 +16,7 @@ from actors.observability import configure_json_logging
 from actors.shard import ShardCore
 from actors.shard_socket import ChannelServer
 from engine.audit import Actor
+from engine.events import ImportedCode
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,14 @@ class VoucherShard:
     @guarded
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
         return await self.core.control(code, changes, actor)
+
+    @guarded
+    async def import_codes(self, campaign_id: str, rows: list[ImportedCode]) -> list[str]:
+        return await self.core.import_codes(campaign_id, rows)
+
+    @guarded
+    async def record_assignments(self, campaign_id: str, pairs: list[tuple[str, str]]) -> None:
+        await self.core.record_assignments(campaign_id, pairs)
 
     @guarded
     async def flush(self) -> None:

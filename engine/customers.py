@@ -24,7 +24,7 @@ import codecs
 import csv
 import re
 import zoneinfo
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -287,8 +287,9 @@ def validate_or_raise(raw: dict[str, Any]) -> Customer:
 # --- streamed imports ------------------------------------------------------------------
 
 
-ParsedRow = tuple[int, Customer | list[FieldError]]
-"""(line number, the customer or why the row is refused)"""
+ParsedRow = tuple[int, Any]
+"""(line number, the record (a Customer, ...) or the list of FieldErrors refusing it)"""
+Validator = Callable[[dict[str, Any]], Any]
 
 
 class CsvImport:
@@ -301,7 +302,12 @@ class CsvImport:
     quoted fields may span lines; a record is numbered by the line it starts on.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, fields: tuple[str, ...] = FIELDS, check: Validator | None = None, key: str = "id"
+    ) -> None:
+        """``fields``: the columns a header may name, ``key`` the one it must name;
+        ``check``: a raw row to its record or its FieldErrors (customers by default)."""
+        self.fields, self.check, self.key = fields, check or validate, key
         self._buf = b""  # bytes after the last line break
         self._skipping = False  # inside an overlong line, already rejected
         self._record: list[str] = []  # lines of the current, unfinished record
@@ -404,13 +410,13 @@ class CsvImport:
             return line, [FieldError("row", f"malformed CSV: {exc}")]
         if self.header is None:
             header = [c.strip().lower() for c in cells]
-            unknown = [h for h in header if h not in FIELDS]
+            unknown = [h for h in header if h not in self.fields]
             if unknown:
                 raise errors.InvalidInput(
-                    f"unknown CSV column(s) {', '.join(map(repr, unknown))}; columns are {', '.join(FIELDS)}"
+                    f"unknown CSV column(s) {', '.join(map(repr, unknown))}; columns are {', '.join(self.fields)}"
                 )
-            if "id" not in header:
-                raise errors.InvalidInput("the CSV header must name an 'id' column")
+            if self.key not in header:
+                raise errors.InvalidInput(f"the CSV header must name a {self.key!r} column")
             if len(set(header)) != len(header):
                 raise errors.InvalidInput("the CSV header names a column twice")
             self.header = header
@@ -419,14 +425,15 @@ class CsvImport:
             return line, [
                 FieldError("row", f"has {len(cells)} fields, the header has {len(self.header)}")
             ]
-        return line, validate(dict(zip(self.header, cells, strict=True)))
+        return line, self.check(dict(zip(self.header, cells, strict=True)))
 
 
 class JsonLinesImport:
     """Incremental JSON-lines parser: one JSON object per line (blank lines skipped).
     Holds at most one line (up to MAX_RECORD_BYTES) in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, check: Validator | None = None) -> None:
+        self.check = check or validate
         self._tail = b""
         self._line = 0
         self._skipping = False  # inside an overlong line, already rejected
@@ -472,17 +479,24 @@ class JsonLinesImport:
             return self._line, [FieldError("row", f"malformed JSON: {exc}")]
         if not isinstance(obj, dict):
             return self._line, [FieldError("row", "each line must be a JSON object")]
-        return self._line, validate(obj)
+        return self._line, self.check(obj)
 
 
-def parser_for(content_type: str | None) -> CsvImport | JsonLinesImport:
+def parser_for(
+    content_type: str | None,
+    fields: tuple[str, ...] = FIELDS,
+    check: Validator | None = None,
+    key: str = "id",
+    what: str = "customers",
+) -> CsvImport | JsonLinesImport:
+    """The streamed parser for ``content_type`` (customers unless told otherwise)."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media in ("text/csv", "application/csv"):
-        return CsvImport()
+        return CsvImport(fields, check, key)
     if media in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
-        return JsonLinesImport()
+        return JsonLinesImport(check)
     raise errors.UnsupportedMediaType(
-        "send the customers as text/csv or application/x-ndjson (one JSON object per line)"
+        f"send the {what} as text/csv or application/x-ndjson (one JSON object per line)"
     )
 
 

@@ -93,6 +93,15 @@ class Validation(msgspec.Struct, frozen=True):
     message: str | None = None
 
 
+class ImportedCode(msgspec.Struct, frozen=True):
+    """One of a shop's own codes brought into a campaign (engine/code_import.py)."""
+
+    code: str
+    customer_id: str | None = None
+    expires_at: datetime | None = None
+    metadata: str | None = None  # compact JSON
+
+
 class Rejection(msgspec.Struct, frozen=True):
     """A typed engine error, as it crosses the actor boundary."""
 

@@ -50,6 +50,7 @@ from engine.events import (
     Control,
     Event,
     IdempotencyRecorded,
+    ImportedCode,
     Redemption,
     RedemptionRecorded,
     RedemptionRolledBack,
@@ -305,6 +306,29 @@ class ShardState:
             self.events.append(CodesVoided(campaign_id))
         else:
             slot.available.extend(codes)
+
+    def admit_imported(self, campaign_id: str, rows: Sequence[ImportedCode]) -> None:
+        """Add claimed imported codes, already persisted, to the bank: a code with a
+        customer is theirs (assigned), one with its own end gets that window."""
+        slot = self.campaigns[campaign_id]
+        gift = slot.campaign.gift_balance if slot.campaign.is_gift_card else None
+        codes = []
+        for row in rows:
+            code = row.code
+            codes.append(code)
+            status = ASSIGNED if row.customer_id is not None else AVAILABLE
+            self.codes[code] = self._pack(slot.index, status)
+            slot.counts[status] += 1
+            if gift is not None:
+                slot.balances[code] = gift
+            if row.customer_id is not None:
+                slot.assigned_to[code] = row.customer_id
+                slot.by_customer.setdefault(row.customer_id, code)
+            else:
+                slot.available.append(code)
+            if row.expires_at is not None:
+                self.controls[code] = Control(expires_at=row.expires_at)
+        self._release_claims(codes)
 
     def codes_in_campaign(self, campaign_id: str) -> int:
         slot = self.campaigns.get(campaign_id)

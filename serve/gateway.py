@@ -42,6 +42,7 @@ from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.routes import (
     campaigns,
     checkout,
+    code_import,
     customers,
     delivery,
     health,
@@ -53,7 +54,9 @@ from serve.users import UserStore
 from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
-ROUTERS = (checkout, health, users, campaigns, notifications, customers, delivery, reports)
+ROUTERS = (
+    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports
+)
 
 
 async def _storable_params(request: Request) -> None:
@@ -90,7 +93,10 @@ def build_api(services: Services) -> GatewayAPI:
     api.add_middleware(
         BodySizeLimit,
         max_bytes=services.settings.max_body_bytes,
-        path_limits={"/v1/customers/import": services.settings.import_max_bytes},
+        path_limits={
+            "/v1/customers/import": services.settings.import_max_bytes,
+            "/v1/campaigns/{}/vouchers/import": services.settings.import_max_bytes,
+        },
     )
     # Added last, so outermost: even a 413 from the body limit is logged with the request
     # id. Serve reads X-Request-ID (or makes one), passes it on and returns it on every

@@ -462,20 +462,34 @@ class BodySizeLimit:
     def __init__(
         self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
     ) -> None:
-        """``path_limits``: exact paths with their own limit (a streamed bulk import reads
-        its body chunk by chunk, so it may accept far more than a JSON body)."""
+        """``path_limits``: paths with their own limit (a streamed bulk import reads its
+        body chunk by chunk, so it may accept far more than a JSON body); ``{}`` in a path
+        stands for one segment (``/v1/campaigns/{}/vouchers/import``)."""
         if max_bytes < 0 or any(v < 0 for v in (path_limits or {}).values()):
             raise ValueError("max_bytes must be >= 0")
         self.app = app
         self.default_max = max_bytes
-        self.path_limits = dict(path_limits or {})
+        self.path_limits = {p: v for p, v in (path_limits or {}).items() if "{}" not in p}
+        self.pattern_limits = [
+            (re.compile("^" + "[^/]+".join(map(re.escape, p.split("{}"))) + "$"), v)
+            for p, v in (path_limits or {}).items()
+            if "{}" in p
+        ]
+
+    def limit_of(self, path: str) -> int:
+        limit = self.path_limits.get(path)
+        if limit is not None:
+            return limit
+        for pattern, value in self.pattern_limits:
+            if pattern.match(path):
+                return value
+        return self.default_max
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.path_limits.get(scope.get("path", ""), self.default_max)
-        await _LimitedRequest(self.app, limit)(scope, receive, send)
+        await _LimitedRequest(self.app, self.limit_of(scope.get("path", "")))(scope, receive, send)
 
 
 class _LimitedRequest:

@@ -41,6 +41,7 @@ from engine.events import (
     Batch,
     Control,
     Event,
+    ImportedCode,
     Redemption,
     Reservation,
 )
@@ -229,6 +230,20 @@ class MemoryShardStore:
                 row[1] = VOID
                 n += 1
         return n
+
+    async def copy_imported(
+        self, campaign_id: str, rows: Sequence[ImportedCode], balance: int | None
+    ) -> None:
+        """A shop's own codes (a code that has a row refuses the whole copy)."""
+        self._check(self.fence)
+        self._add_codes(campaign_id, [r.code for r in rows], balance)
+        for r in rows:
+            if r.customer_id is not None:
+                self.vouchers[r.code][1:3] = [ASSIGNED, r.customer_id]
+            if r.expires_at is not None:
+                self.controls[r.code] = Control(expires_at=r.expires_at)
+            if r.metadata is not None:
+                self.metadata[r.code] = r.metadata
 
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
         """New available codes (a code that has a row refuses the whole copy)."""

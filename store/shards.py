@@ -24,6 +24,7 @@ from engine.events import (
     Batch,
     Control,
     Event,
+    ImportedCode,
     Redemption,
     Reservation,
     VoucherControlled,
@@ -58,6 +59,10 @@ class ShardStore(Protocol):
     async def write(self, events: Sequence[Event], buckets: list[int]) -> list[str]: ...
 
     async def void_chunk(self, campaign_id: str, buckets: list[int], chunk: int) -> int: ...
+
+    async def copy_imported(
+        self, campaign_id: str, rows: Sequence[ImportedCode], balance: int | None
+    ) -> None: ...
 
     async def copy_codes(
         self, campaign_id: str, codes: list[str], balance: int | None
@@ -478,6 +483,28 @@ class PgShardStore:
                 total += n
                 if n < chunk:
                     return total
+
+    async def copy_imported(
+        self, campaign_id: str, rows: Sequence[ImportedCode], balance: int | None
+    ) -> None:
+        """Stream a shop's own codes into the bank, as :meth:`copy_codes` does (a code
+        with a customer is stored assigned to them, with its own end and metadata)."""
+        records = [
+            (
+                r.code,
+                campaign_id,
+                bucket_of(r.code),
+                balance,
+                ASSIGNED if r.customer_id is not None else AVAILABLE,
+                r.customer_id,
+                r.expires_at,
+                r.metadata,
+            )
+            for r in rows
+        ]
+        columns = ["code", "campaign_id", "bucket", "balance", "status", "customer_id", "expires_at", "metadata"]
+        async with self.pool.acquire() as conn, fenced(conn, self.fence):
+            await conn.copy_records_to_table("vouchers", records=records, columns=columns)
 
     async def copy_codes(self, campaign_id: str, codes: list[str], balance: int | None) -> None:
         """Stream new available codes into the bank (one COPY after the fence check, in one
