@@ -32,6 +32,12 @@ def _blank(value: Any) -> bool:
 
 def check_row(raw: dict[str, Any]) -> ImportedCode | list[FieldError]:
     """One row as the code it imports, or every reason it is refused."""
+    if len(raw) == 1:  # the usual row: a code alone
+        only = raw.get("code")
+        if isinstance(only, str):
+            code = normalize(only)
+            if len(code) <= MAX_CODE_LEN and _CODE_RE.match(code):
+                return ImportedCode(code)
     problems: list[FieldError] = []
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
