@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import Query
 
 from engine import cursors, errors
+from engine.codes import normalize
 from serve.auth import Principal
 from serve.models import RedemptionOut
 from serve.problems import problem_responses
@@ -58,7 +59,7 @@ async def list_redemptions(
         after=after,
         limit=limit,
         campaign_id=campaign_id,
-        code=code,
+        code=None if code is None else normalize(code),  # as checkout stores it
         customer_id=customer_id,
         order_id=order_id,
         since=None if since is None else _utc(since),

@@ -72,6 +72,7 @@ def test_history_filters_rollbacks_and_pages(http_api: Any) -> None:
     assert found(order_id=f"{tag}-order-2") == {ids[codes[4]], ids[codes[5]]}
     assert found(customer_id=f"{tag}-cus-0") == {ids[codes[i]] for i in (0, 3, 6, 9)}
     assert found(code=codes[4]) == {rolled}
+    assert found(code=f" {codes[4].lower()} ") == {rolled}  # as checkout reads a code
     assert found(code=codes[4], campaign_id=cid, customer_id=f"{tag}-cus-1") == {rolled}
     assert found(code=codes[4], customer_id=f"{tag}-cus-0") == set()
     assert found(code=codes[11]) == set()  # never redeemed
