@@ -617,6 +617,10 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "webhooks.manage": _STAFF_WRITE,
     "templates.write": _STAFF_WRITE,
     "deliveries.read": _STAFF_READ,
+    "codes.read": _STAFF_READ,
+    "exports.create": _STAFF_WRITE,
+    "exports.read": _STAFF_READ,
+    "redemptions.read": frozenset({"admin", "manager", "analyst", "integration"}),
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

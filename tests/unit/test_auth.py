@@ -522,6 +522,10 @@ EXPECTED = {
     "webhooks.manage": {"admin", "manager"},
     "templates.write": {"admin", "manager"},
     "deliveries.read": {"admin", "manager", "analyst"},
+    "codes.read": {"admin", "manager", "analyst"},
+    "exports.create": {"admin", "manager"},
+    "exports.read": {"admin", "manager", "analyst"},
+    "redemptions.read": {"admin", "manager", "analyst", "integration"},
 }
 
 
