@@ -47,6 +47,7 @@ from serve.routes import (
     delivery,
     health,
     notifications,
+    publications,
     reports,
     users,
 )
@@ -55,7 +56,8 @@ from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
-    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports
+    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
+    publications,
 )
 
 
