@@ -90,7 +90,7 @@ class Publisher:
             for t in targets
             if t.address is not None
         ]
-        ids = {m.channel: m.id for m in messages}
+        ids: dict[str, str] = {m.channel: m.id for m in messages}
         pub = {
             "id": pub_id,
             "campaign_id": campaign_id,

@@ -32,17 +32,20 @@ class Target(msgspec.Struct, frozen=True):
 
 
 def check_publishable(campaign: Campaign, now: datetime) -> None:
-    """Raise the reason ``campaign`` cannot give a customer a code at ``now`` (409s)."""
+    """Raise the reason ``campaign`` cannot give a customer a code at ``now`` (409s):
+    ``campaign_not_active`` (a draft), ``campaign_paused``, ``cannot_issue_ended`` (ended,
+    or past its end)."""
     if campaign.state == "draft":
         raise errors.CampaignNotActive(
             f"campaign {campaign.id} is a draft; activate it before publishing codes"
         )
     if campaign.state == "paused":
         raise errors.CampaignPaused(f"campaign {campaign.id} is paused; resume it to publish codes")
+    # an issuance's refusal (409): the campaign is not gone for good as a resource
     if campaign.state == "ended":
-        raise errors.CampaignEnded(f"campaign {campaign.id} has ended; it publishes no codes")
+        raise errors.CannotIssueEnded(f"campaign {campaign.id} has ended; it publishes no codes")
     if campaign.ends_at is not None and now >= campaign.ends_at:
-        raise errors.CampaignExpired(
+        raise errors.CannotIssueEnded(
             f"campaign {campaign.id} expired at {campaign.ends_at.isoformat()}; it publishes no codes"
         )
 

@@ -604,10 +604,26 @@ class Customers:
         return await customers.get(await self._pool(), customer_id)
 
     @guarded
-    async def list(self, tag: str | None, after: str | None, limit: int) -> dict[str, Any]:
+    async def list(
+        self, tag: str | None, after: str | None, limit: int, metadata: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         from store import customers
 
-        return await customers.page(await self._pool(), tag=tag, after=after, limit=limit)
+        return await customers.page(
+            await self._pool(), tag=tag, after=after, limit=limit, metadata=metadata
+        )
+
+    @guarded
+    async def update(self, customer_id: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        from store import customers
+
+        return await customers.update(await self._pool(), customer_id, changes, actor)
+
+    @guarded
+    async def linked_customer(self, user_id: str) -> str | None:
+        from store import customers
+
+        return await customers.linked_customer(await self._pool(), user_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
