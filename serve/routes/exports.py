@@ -85,13 +85,14 @@ async def start_export(
 ) -> Any:
     """Export the campaign's codes (or those of one ``status``) as CSV: a job, answered at
     once; follow it at ``GET /v1/exports/{id}`` and download the file once it is done. It
-    continues where it stopped if the process running it stops."""
+    continues where it stopped if the process running it stops. The audit log names who
+    started it."""
     rec = records_of(svc)
     db = await rec.pool()
     if not await records.campaign_exists(db, campaign_id):
         raise errors.UnknownCampaign(f"no campaign has id {campaign_id!r}")
     status = None if body.status is None else STATUS_NAMES.index(body.status)
-    job = await rec.start_export(campaign_id, body.format, status, actor_of(caller).id)
+    job = await rec.start_export(campaign_id, body.format, status, actor_of(caller))
     response.headers["Location"] = f"/v1/exports/{job['id']}"
     return job
 

@@ -237,6 +237,9 @@ def test_export_csv_matches_postgres(http_api: Any) -> None:
     event = asyncio.run(fetch(dsn, "SELECT type, campaign_id, data FROM events WHERE resource_id = $1", job["id"]))
     assert len(event) == 1 and event[0]["type"] == "export.completed" and event[0]["campaign_id"] == cid
     assert json.loads(event[0]["data"])["rows"] == 2502
+    audit = asyncio.run(fetch(dsn, "SELECT actor_kind, action, resource_id FROM audit_log"
+                                   " WHERE action = 'exports.create' AND change->>'export_id' = $1", job["id"]))
+    assert [tuple(a) for a in audit] == [("user", "exports.create", cid)]
 
     # only the assigned codes
     r = httpx.post(f"{url}/v1/campaigns/{cid}/exports", json={"status": "assigned"}, headers=admin)
