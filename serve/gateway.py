@@ -50,6 +50,7 @@ from serve.routes import (
     health,
     history,
     notifications,
+    publications,
     reports,
     users,
 )
@@ -59,7 +60,7 @@ from store.pools import LazyPool
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
     checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
-    exports, history,
+    exports, history, publications,
 )
 
 

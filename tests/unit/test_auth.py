@@ -519,6 +519,7 @@ EXPECTED = {
     "customers.read": {"admin", "manager", "analyst"},
     "customers.write": {"admin", "manager"},
     "issuance.create": {"admin", "manager"},
+    "publications.create": {"admin", "manager", "integration"},
     "webhooks.manage": {"admin", "manager"},
     "templates.write": {"admin", "manager"},
     "deliveries.read": {"admin", "manager", "analyst"},
