@@ -23,6 +23,7 @@ ExportWriter = Annotated[Principal, require("exports.create")]
 ExportReader = Annotated[Principal, require("exports.read")]
 
 _STATUS = "^(available|assigned|redeemed|void)$"
+EXPORT_JOB_PREFIX = "exp_"  # an export's id: also a job of GET /v1/jobs/{id}
 
 
 def records_of(svc: Svc) -> Records:
@@ -103,6 +104,11 @@ async def _export(svc: Svc, export_id: str) -> tuple[Any, dict[str, Any]]:
     if job is None:
         raise errors.UnknownExport(f"no export has id {export_id!r}")
     return db, job
+
+
+async def export_job(svc: Svc, export_id: str) -> dict[str, Any]:
+    """An export as a job of ``GET /v1/jobs/{id}``."""
+    return (await _export(svc, export_id))[1]
 
 
 @routes.get(

@@ -220,6 +220,8 @@ def test_export_csv_matches_postgres(http_api: Any) -> None:
     job = _finished(url, admin, r.json()["id"])
     assert job["state"] == "done" and job["rows"] == job["total"] == 2502, job
     assert job["download"] == f"/v1/exports/{job['id']}/download"
+    as_job = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=admin)  # a job like any other
+    assert as_job.status_code == 200 and as_job.json() == job, as_job.text
 
     with httpx.stream("GET", f"{url}{job['download']}", headers=admin, timeout=60) as resp:
         assert resp.status_code == 200
