@@ -101,6 +101,12 @@ def test_publish_gives_a_code_and_a_repeat_the_same_one(http_api: Any, admin: di
         "publication_id": first["id"], "campaign_id": cid, "customer_id": cust["id"],
         "code": first["code"], "channels": [],
     }
+    [entry] = _sql(
+        http_api, "SELECT action, actor_kind, change::text AS change FROM audit_log WHERE resource_id = $1",
+        first["id"],
+    )
+    assert (entry["action"], entry["actor_kind"]) == ("publications.create", "user")
+    assert json.loads(entry["change"])["code"] == first["code"]
 
 
 def test_20_concurrent_repeats_give_one_code_and_one_row(http_api: Any, admin: dict[str, str]) -> None:
