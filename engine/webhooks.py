@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from engine.errors import InvalidInput
+from engine.errors import InvalidCursor, InvalidInput
 
 SIGNATURE_HEADER = "Voucher-Signature"
 EVENT_ID_HEADER = "Voucher-Event-Id"
@@ -193,7 +193,7 @@ def decode_cursor(cursor: str, field: str = "cursor") -> Position:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         p = msgspec.json.decode(raw, type=Position)
     except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise InvalidInput(f"{field} is not a cursor this API returned") from None
+        raise InvalidCursor(f"{field} is not a cursor this API returned") from None
     if not 0 <= p.txid < 2**63 or p.kind not in (-1, 0, 1) or len(p.id) > 200:
-        raise InvalidInput(f"{field} is not a cursor this API returned")
+        raise InvalidCursor(f"{field} is not a cursor this API returned")
     return p

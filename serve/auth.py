@@ -617,6 +617,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "webhooks.manage": _STAFF_WRITE,
     "templates.write": _STAFF_WRITE,
     "deliveries.read": _STAFF_READ,
+    "webhooks.read": _STAFF_WRITE,
+    "webhooks.write": _STAFF_WRITE,
+    "events.read": _STAFF_WRITE,
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

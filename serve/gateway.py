@@ -45,17 +45,20 @@ from serve.routes import (
     code_import,
     customers,
     delivery,
+    events,
     health,
     notifications,
     reports,
     users,
+    webhooks,
 )
 from serve.users import UserStore
 from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
-    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports
+    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
+    webhooks, events,
 )
 
 

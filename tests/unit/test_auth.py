@@ -522,6 +522,9 @@ EXPECTED = {
     "webhooks.manage": {"admin", "manager"},
     "templates.write": {"admin", "manager"},
     "deliveries.read": {"admin", "manager", "analyst"},
+    "webhooks.read": {"admin", "manager"},
+    "webhooks.write": {"admin", "manager"},
+    "events.read": {"admin", "manager"},
 }
 
 

@@ -1,0 +1,262 @@
+"""The shop webhook dispatcher: reads the event stream per endpoint and delivers it.
+
+Each enabled endpoint has a position in the event stream (Postgres, ``webhook_endpoints``).
+A round reads the next events after it (``store.webhooks.read_events``), posts each one,
+signed (:mod:`engine.webhooks`), and then, in one transaction, logs every attempt,
+schedules the failed ones for a retry with exponential backoff and moves the position on.
+A dispatcher that dies before that commit sends the round again when it comes back: at
+least once, with the event id in the body and the ``Voucher-Event-Id`` header for the
+receiver to deduplicate. Retries are rows of their own (``webhook_retries``), so one
+failing receiver never holds back the events after the failed one.
+
+The hot path pays nothing: the events of redemptions are the redemptions' own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import ray
+
+from actors import outbound
+from engine import errors
+from engine import webhooks as wh
+from engine.settings import Settings
+from store import webhooks as store
+from store.pools import open_pool
+
+log = logging.getLogger("voucher.webhooks")
+
+_json = msgspec.json.Encoder()
+USER_AGENT = "voucher-engine-webhooks/1"
+
+
+def new_endpoint_id() -> str:
+    return "we_" + secrets.token_hex(10)
+
+
+def body_of(event: dict[str, Any]) -> bytes:
+    """What a receiver gets: the event as ``GET /v1/events`` lists it."""
+    return _json.encode({"object": "event", **event})
+
+
+class Dispatcher:
+    """Delivers the event stream to every enabled endpoint. ``clock`` and ``rand`` are
+    injected (tests); ``http`` defaults to the pinned client of :mod:`actors.outbound`,
+    which checks every connection's address against ``VOUCHER_OUTBOUND_ALLOW``."""
+
+    def __init__(
+        self,
+        dsn: str,
+        settings: Settings,
+        *,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.http = http
+        self.clock = clock
+        self.rand = rand
+        self.rounds = 0
+        self.sent = 0
+        self.failed = 0
+
+    async def open(self) -> None:
+        if self.pool is None:
+            self.pool = await open_pool(self.dsn, 4, writer=True)
+        if self.http is None:
+            n = self.settings.webhook_concurrency
+            self.http = outbound.client(
+                outbound.allow_of(self.settings),
+                timeout=self.settings.webhook_timeout_s,
+                limits=httpx.Limits(max_connections=4 * n, max_keepalive_connections=4 * n),
+            )
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def run_forever(self) -> None:
+        await self.open()
+        while True:
+            try:
+                busy = await self.step()
+            except Exception:
+                log.exception("webhook dispatch round failed")
+                busy = False
+            if not busy:
+                await asyncio.sleep(self.settings.webhook_poll_s)
+
+    async def step(self) -> bool:
+        """One round over every endpoint and the due retries; whether there was work."""
+        await self.open()
+        assert self.pool is not None
+        endpoints = await store.active_endpoints(self.pool)
+        results = await asyncio.gather(*[self.deliver_new(e) for e in endpoints])
+        retried = await self.retry_due()
+        self.rounds += 1
+        return any(results) or retried > 0
+
+    async def deliver_new(self, ep: store.Endpoint) -> bool:
+        """Deliver the next events after ``ep``'s position; whether more may be waiting."""
+        assert self.pool is not None
+        s = self.settings
+        page = await store.read_events(
+            self.pool,
+            ep.position,
+            types=wh.expand(ep.events),
+            limit=s.webhook_batch,
+            window=s.webhook_scan_txids,
+        )
+        if not page.events and page.next == ep.position:
+            return False
+        gate = asyncio.Semaphore(s.webhook_concurrency)
+
+        async def one(event: dict[str, Any]) -> store.Attempt:
+            async with gate:
+                return await self.attempt(ep.id, ep.url, ep.secret, event, 1)
+
+        attempts = await asyncio.gather(*[one(e) for e in page.events])
+        async with self.pool.acquire() as conn:
+            await store.record_attempts(conn, attempts, endpoint_id=ep.id, position=page.next)
+        return not page.complete
+
+    async def retry_due(self) -> int:
+        """Attempt the retries that are due; returns how many."""
+        assert self.pool is not None
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        due = await store.due_retries(self.pool, now, self.settings.webhook_batch)
+        if not due:
+            return 0
+        gate = asyncio.Semaphore(self.settings.webhook_concurrency)
+        hooks: dict[str, tuple[str, str, bool] | None] = {}
+        for endpoint_id, _, _ in due:
+            if endpoint_id not in hooks:
+                hooks[endpoint_id] = await store.endpoint_secret(self.pool, endpoint_id)
+
+        async def one(endpoint_id: str, event_id: str, attempts: int) -> store.Attempt | None:
+            hook = hooks[endpoint_id]
+            if hook is None:
+                return None  # endpoint deleted: its retries went with it
+            assert self.pool is not None
+            event = await store.get_event(self.pool, event_id)
+            if event is None:
+                return self._gone(endpoint_id, event_id, attempts + 1)
+            async with gate:
+                return await self.attempt(endpoint_id, hook[0], hook[1], event, attempts + 1)
+
+        results = await asyncio.gather(*[one(*d) for d in due])
+        attempts = [a for a in results if a is not None]
+        async with self.pool.acquire() as conn:
+            await store.record_attempts(conn, attempts)
+        return len(due)
+
+    def _gone(self, endpoint_id: str, event_id: str, attempt: int) -> store.Attempt:
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        return store.Attempt(
+            endpoint_id, event_id, "unknown", attempt, now, False, None, "event not found", 0, None
+        )
+
+    async def attempt(
+        self, endpoint_id: str, url: str, secret: str, event: dict[str, Any], attempt: int
+    ) -> store.Attempt:
+        """POST ``event`` to ``url`` once; the outcome, with the next attempt's time when it
+        failed and attempts remain."""
+        assert self.http is not None
+        body = body_of(event)
+        started = self.clock()
+        ts = int(started)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            wh.SIGNATURE_HEADER: wh.sign(secret, body, ts),
+            wh.EVENT_ID_HEADER: event["id"],
+            wh.EVENT_TYPE_HEADER: event["type"],
+            wh.ATTEMPT_HEADER: str(attempt),
+        }
+        status: int | None = None
+        error: str | None = None
+        try:
+            resp = await self.http.post(url, content=body, headers=headers)
+            status = resp.status_code
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except errors.VoucherError as exc:  # the address check refused the connection
+            error = f"{exc.code}: {exc}"[:500]
+        except (httpx.HTTPError, OSError) as exc:
+            error = f"{exc.__class__.__name__}: {exc}"[:500]
+        ok = error is None
+        s = self.settings
+        next_at = None
+        if not ok and not wh.gives_up(attempt, s.webhook_max_attempts):
+            delay = wh.backoff_s(attempt, s.webhook_backoff_base_s, s.webhook_backoff_max_s, self.rand())
+            next_at = datetime.fromtimestamp(started, UTC) + timedelta(seconds=delay)
+        if ok:
+            self.sent += 1
+        else:
+            self.failed += 1
+        return store.Attempt(
+            endpoint_id,
+            event["id"],
+            event["type"],
+            attempt,
+            datetime.fromtimestamp(started, UTC),
+            ok,
+            status,
+            error,
+            int((self.clock() - started) * 1000),
+            next_at,
+        )
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=100, num_cpus=0)
+class WebhookDispatcher:
+    """Ray face of :class:`Dispatcher`. The loop runs on its own thread and event loop from
+    construction on, so an actor that Ray restarts resumes from the stored positions."""
+
+    def __init__(self, settings: bytes, dsn: str) -> None:
+        import threading
+
+        from actors.observability import configure_json_logging
+
+        decoded = msgspec.msgpack.decode(settings, type=Settings)
+        configure_json_logging(decoded.log_level)
+        self.dispatcher = Dispatcher(dsn, decoded)
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self.dispatcher.run_forever(),), daemon=True, name="webhooks"
+        )
+        self._thread.start()
+
+    async def start(self) -> bool:
+        """Whether the dispatch loop is alive (it starts with the actor)."""
+        return self._thread.is_alive()
+
+    async def info(self) -> dict[str, Any]:
+        d = self.dispatcher
+        return {"rounds": d.rounds, "sent": d.sent, "failed": d.failed}
+
+
+def start_webhooks(settings: Settings, dsn: str, *, name: str = "webhooks") -> Any:
+    """Create (or attach to) the named dispatcher actor and start its loop."""
+    enc = msgspec.msgpack.encode(settings)
+    actor = WebhookDispatcher.options(  # type: ignore[attr-defined]
+        name=name, namespace=settings.namespace, get_if_exists=True, lifetime="detached"
+    ).remote(enc, dsn)
+    if not ray.get(actor.start.remote()):
+        raise errors.Unavailable("the webhook dispatcher is not running")
+    return actor
