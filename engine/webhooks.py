@@ -152,15 +152,15 @@ def verify(
 # --- retries ---------------------------------------------------------------------------
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.0) -> float:
+def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float | None = None) -> float:
     """Delay after failed attempt number ``attempt`` (1 = the first delivery): base *
     2^(attempt-1), capped at ``cap_s``; ``jitter`` in [0, 1) (a random draw the caller
-    passes) spreads it over [delay/2, delay) so endpoints that failed together do not
+    passes, None for none) spreads it over [delay/2, delay) so endpoints that failed together do not
     retry together."""
     if attempt < 1:
         return 0.0
     delay = min(cap_s, base_s * (2.0 ** min(attempt - 1, 62)))
-    if jitter:
+    if jitter is not None:
         delay = delay / 2 + delay / 2 * jitter
     return float(delay)
 
