@@ -181,6 +181,9 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
     id: str = ""
 
 
+_CURSOR_ID = re.compile(r"^[A-Za-z0-9_]{0,200}$")
+
+
 def encode_cursor(p: Position) -> str:
     raw = msgspec.json.encode(p)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -194,6 +197,6 @@ def decode_cursor(cursor: str, field: str = "cursor") -> Position:
         p = msgspec.json.decode(raw, type=Position)
     except (binascii.Error, ValueError, msgspec.DecodeError):
         raise InvalidCursor(f"{field} is not a cursor this API returned") from None
-    if not 0 <= p.txid < 2**63 or p.kind not in (-1, 0, 1) or len(p.id) > 200:
+    if not 0 <= p.txid < 2**63 or p.kind not in (-1, 0, 1) or not _CURSOR_ID.match(p.id):
         raise InvalidCursor(f"{field} is not a cursor this API returned")
     return p

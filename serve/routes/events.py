@@ -7,12 +7,13 @@ events committed before the oldest transaction still running, so following
 ``next_cursor`` never skips an event that commits late.
 """
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Query
 
 from engine import webhooks as wh
+from engine.errors import InvalidInput
 from engine.webhooks import Position
 from serve.auth import Principal
 from serve.problems import problem_responses
@@ -40,6 +41,11 @@ async def list_events(
     if type is not None:
         types = frozenset(wh.event_types([t.strip() for t in type.split(",") if t.strip()], "type"))
     after = Position(0) if cursor is None else wh.decode_cursor(cursor)
+    if since is not None:
+        try:
+            since = since.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise InvalidInput("since is outside the range of timestamps") from None
     page = await store.read_events(
         await svc.import_db(), after, types=types, since=since, limit=limit
     )
