@@ -15,7 +15,9 @@ The hot path pays nothing: the events of redemptions are the redemptions' own ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
 import secrets
 import time
@@ -236,6 +238,9 @@ class WebhookDispatcher:
 
         decoded = msgspec.msgpack.decode(settings, type=Settings)
         configure_json_logging(decoded.log_level)
+        # This process only delivers webhooks: beneath checkout's processes on a busy node.
+        with contextlib.suppress(OSError):
+            os.nice(max(0, decoded.webhook_niceness - os.nice(0)))
         self.dispatcher = Dispatcher(dsn, decoded)
         self._thread = threading.Thread(
             target=asyncio.run, args=(self.dispatcher.run_forever(),), daemon=True, name="webhooks"
@@ -248,7 +253,7 @@ class WebhookDispatcher:
 
     async def info(self) -> dict[str, Any]:
         d = self.dispatcher
-        return {"rounds": d.rounds, "sent": d.sent, "failed": d.failed}
+        return {"rounds": d.rounds, "sent": d.sent, "failed": d.failed, "nice": os.nice(0)}
 
 
 def start_webhooks(settings: Settings, dsn: str, *, name: str = "webhooks") -> Any:

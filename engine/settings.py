@@ -89,6 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 12
     webhook_backoff_base_s: Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)] = 5.0
     webhook_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 3600.0
+    webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
     outbound_allow: str = ""
@@ -406,6 +407,12 @@ _ENV: dict[str, tuple[str, str]] = {
     "webhook_backoff_max_s": (
         "VOUCHER_WEBHOOK_BACKOFF_MAX_S",
         "Longest delay between two attempts of one delivery.",
+    ),
+    "webhook_niceness": (
+        "VOUCHER_WEBHOOK_NICENESS",
+        "Nice level of the webhook dispatcher's process (0..19): deliveries are background "
+        "work and take the cores checkout leaves free; under a burst they fall behind and "
+        "catch up after it.",
     ),
     "sms_webhook_url": (
         "VOUCHER_SMS_WEBHOOK_URL",
