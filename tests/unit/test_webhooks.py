@@ -122,11 +122,19 @@ def _event() -> dict[str, object]:
 
 
 def _dispatcher(handler: object, **settings: object) -> object:
+    """A dispatcher whose deliveries go to ``handler`` (an httpx mock handler)."""
     from actors.webhooks import Dispatcher
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+
+    async def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+        try:
+            return (await http.post(url, content=body, headers=headers)).status_code
+        except httpx.ConnectError as exc:
+            raise OSError(str(exc)) from None
+
     s = Settings(webhook_backoff_base_s=2.0, webhook_backoff_max_s=60.0, **settings)  # type: ignore[arg-type]
-    return Dispatcher("postgresql://unused", s, http=http, clock=lambda: 1000.0, rand=lambda: 0.0)
+    return Dispatcher("postgresql://unused", s, post=post, clock=lambda: 1000.0, rand=lambda: 0.0)
 
 
 def test_a_delivery_is_signed_and_carries_the_event_id() -> None:
@@ -162,5 +170,31 @@ def test_a_connection_error_is_a_failed_attempt_not_a_crash() -> None:
 
     d = _dispatcher(handler)
     a = asyncio.run(d.attempt("we_1", "https://shop.example/hook", SECRET, _event(), 1))  # type: ignore[attr-defined]
-    assert not a.ok and a.status_code is None and "ConnectError" in (a.error or "")
+    assert not a.ok and a.status_code is None and "refused" in (a.error or "")
     assert a.next_at is not None
+
+
+def test_the_poster_refuses_internal_addresses_at_connect_time() -> None:
+    """An internal IP literal is refused before any connection; a name is checked when it
+    resolves, whatever it resolved to at registration (DNS rebinding)."""
+    from actors.webhooks import Poster, VettingResolver
+    from engine import urls
+    from engine.errors import InternalAddress
+
+    poster = Poster((), timeout_s=1.0, connections=1)
+    for url in ("http://127.0.0.1:9/x", "http://169.254.169.254/latest", "http://[::1]/x",
+                "http://2130706433/x", "http://10.0.0.1/x"):
+        with pytest.raises(InternalAddress):
+            asyncio.run(poster(url, b"{}", {}))
+    assert poster.session is None  # nothing was opened
+
+    async def rebinding(host: str, port: int) -> list[urls.IP]:
+        import ipaddress
+
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    with pytest.raises(InternalAddress, match="resolves to 127.0.0.1"):
+        asyncio.run(VettingResolver((), rebinding).resolve("shop.example", 443))
+    allowed = VettingResolver(urls.parse_allow("shop.example:443"), rebinding)
+    [res] = asyncio.run(allowed.resolve("shop.example", 443))
+    assert res["host"] == "127.0.0.1" and res["hostname"] == "shop.example"
