@@ -315,6 +315,20 @@ class Dispatcher:
         )
 
 
+def lower_priority(settings: Settings) -> str:
+    """Put this process (it only delivers webhooks) beneath checkout's on a busy node:
+    idle priority where the OS has it, else the configured nice level. Returns which."""
+    if settings.webhook_idle_priority and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except (OSError, AttributeError):
+            pass
+    with contextlib.suppress(OSError):
+        os.nice(max(0, settings.webhook_niceness - os.nice(0)))
+    return f"nice {os.nice(0)}"
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=100, num_cpus=0)
 class WebhookDispatcher:
     """Ray face of :class:`Dispatcher`. The loop runs on its own thread and event loop from
@@ -327,9 +341,7 @@ class WebhookDispatcher:
 
         decoded = msgspec.msgpack.decode(settings, type=Settings)
         configure_json_logging(decoded.log_level)
-        # This process only delivers webhooks: beneath checkout's processes on a busy node.
-        with contextlib.suppress(OSError):
-            os.nice(max(0, decoded.webhook_niceness - os.nice(0)))
+        lower_priority(decoded)
         self.dispatcher = Dispatcher(dsn, decoded)
         self._thread = threading.Thread(
             target=asyncio.run, args=(self.dispatcher.run_forever(),), daemon=True, name="webhooks"
@@ -342,7 +354,9 @@ class WebhookDispatcher:
 
     async def info(self) -> dict[str, Any]:
         d = self.dispatcher
-        return {"rounds": d.rounds, "sent": d.sent, "failed": d.failed, "nice": os.nice(0)}
+        idle = hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_IDLE
+        return {"rounds": d.rounds, "sent": d.sent, "failed": d.failed,
+                "priority": "idle" if idle else f"nice {os.nice(0)}"}
 
 
 def start_webhooks(settings: Settings, dsn: str, *, name: str = "webhooks") -> Any:

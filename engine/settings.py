@@ -90,6 +90,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_backoff_base_s: Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)] = 5.0
     webhook_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 3600.0
     webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    webhook_idle_priority: bool = True
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
     outbound_allow: str = ""
@@ -410,9 +411,15 @@ _ENV: dict[str, tuple[str, str]] = {
     ),
     "webhook_niceness": (
         "VOUCHER_WEBHOOK_NICENESS",
-        "Nice level of the webhook dispatcher's process (0..19): deliveries are background "
-        "work and take the cores checkout leaves free; under a burst they fall behind and "
-        "catch up after it.",
+        "Nice level of the webhook dispatcher's process (0..19) when it does not run at idle "
+        "priority.",
+    ),
+    "webhook_idle_priority": (
+        "VOUCHER_WEBHOOK_IDLE_PRIORITY",
+        "Run the webhook dispatcher's process at idle priority (Linux `SCHED_IDLE`): "
+        "deliveries take only the CPU time nothing else wants, so checkout keeps its cores; "
+        "in a burst that saturates the node they fall behind and catch up after it. "
+        "`false`: the nice level above.",
     ),
     "sms_webhook_url": (
         "VOUCHER_SMS_WEBHOOK_URL",

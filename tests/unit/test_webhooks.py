@@ -198,3 +198,22 @@ def test_the_poster_refuses_internal_addresses_at_connect_time() -> None:
     allowed = VettingResolver(urls.parse_allow("shop.example:443"), rebinding)
     [res] = asyncio.run(allowed.resolve("shop.example", 443))
     assert res["host"] == "127.0.0.1" and res["hostname"] == "shop.example"
+
+
+def test_the_dispatcher_process_runs_at_idle_priority_or_niced() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from actors.webhooks import lower_priority; from engine.settings import Settings; "
+        "import sys; print(lower_priority(Settings(webhook_idle_priority=sys.argv[1] == '1', "
+        "webhook_niceness=7)))"
+    )
+    out = [
+        subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        for flag in ("1", "0")
+    ]
+    assert out[0] in ("idle", "nice 7") and out[1].startswith("nice ")
+    if sys.platform == "linux":
+        assert out[0] == "idle"
