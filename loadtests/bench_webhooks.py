@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             admin_password="bench-admin-password",
             data_dir=str(tmp),
             outbound_allow=f"127.0.0.1:{hook_port}",
+            **({} if args.dispatcher_nice is None
+               else {"webhook_idle_priority": False, "webhook_niceness": args.dispatcher_nice}),
         )
         engine = start_engine(settings, dsn)  # noqa: F841 -- keep the named actors alive
         base = start_http(settings, dsn, svc.redis_url, replicas={"Gateway": args.gateways})
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--window-ms", type=float, default=2.0)
     p.add_argument("--lag-timeout", type=float, default=120.0)
+    p.add_argument("--dispatcher-nice", type=int, default=None,
+                   help="run the dispatcher at this nice level instead of idle priority")
     p.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
     table, ok = run(args)
