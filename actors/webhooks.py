@@ -43,6 +43,8 @@ log = logging.getLogger("voucher.webhooks")
 
 _json = msgspec.json.Encoder()
 USER_AGENT = "voucher-engine-webhooks/1"
+PRUNE_EVERY_S = 60.0
+PRUNE_CHUNK = 10_000
 
 
 def new_endpoint_id() -> str:
@@ -164,6 +166,7 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.rounds = 0
+        self._pruned_at = 0.0
         self.sent = 0
         self.failed = 0
 
@@ -201,8 +204,9 @@ class Dispatcher:
         endpoints = await store.active_endpoints(self.pool)
         results = await asyncio.gather(*[self.deliver_new(e) for e in endpoints])
         retried = await self.retry_due()
+        pruned = await self.prune()
         self.rounds += 1
-        return any(results) or retried > 0
+        return any(results) or retried > 0 or pruned
 
     async def deliver_new(self, ep: store.Endpoint) -> bool:
         """Deliver the next events after ``ep``'s position; whether more may be waiting."""
@@ -227,6 +231,19 @@ class Dispatcher:
         async with self.pool.acquire() as conn:
             await store.record_attempts(conn, attempts, endpoint_id=ep.id, position=page.next)
         return not page.complete
+
+    async def prune(self) -> bool:
+        """Now and then, one chunk of the delivery log older than its retention; whether a
+        full chunk went (then more may be waiting)."""
+        assert self.pool is not None
+        now = self.clock()
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return False
+        cutoff = datetime.fromtimestamp(now, UTC) - timedelta(days=self.settings.webhook_log_days)
+        n = await store.prune_log(self.pool, cutoff, PRUNE_CHUNK)
+        if n < PRUNE_CHUNK:
+            self._pruned_at = now
+        return n >= PRUNE_CHUNK
 
     async def retry_due(self) -> int:
         """Attempt the retries that are due; returns how many."""

@@ -91,6 +91,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 3600.0
     webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     webhook_idle_priority: bool = True
+    webhook_log_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
     outbound_allow: str = ""
@@ -420,6 +421,11 @@ _ENV: dict[str, tuple[str, str]] = {
         "deliveries take only the CPU time nothing else wants, so checkout keeps its cores; "
         "in a burst that saturates the node they fall behind and catch up after it. "
         "`false`: the nice level above.",
+    ),
+    "webhook_log_days": (
+        "VOUCHER_WEBHOOK_LOG_DAYS",
+        "Days an attempt stays in the delivery log (`GET /v1/webhooks/{id}/deliveries`); "
+        "older ones are deleted in small chunks by the dispatcher.",
     ),
     "sms_webhook_url": (
         "VOUCHER_SMS_WEBHOOK_URL",

@@ -373,3 +373,14 @@ async def deliveries(
         limit,
     )
     return [dict(r) for r in rows]
+
+
+async def prune_log(db: Db, before: datetime, chunk: int = 10_000) -> int:
+    """Delete up to ``chunk`` log rows older than ``before`` (oldest first); how many."""
+    status = await db.execute(
+        "DELETE FROM webhook_deliveries WHERE id = ANY(ARRAY(SELECT id FROM webhook_deliveries"
+        " WHERE at < $1 ORDER BY id LIMIT $2))",
+        before,
+        chunk,
+    )
+    return int(status.split()[-1])
