@@ -39,6 +39,7 @@ from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
 from serve.ratelimit import RateLimiter, RateLimitPolicy
+from serve.records import Records
 from serve.routes import (
     campaigns,
     checkout,
@@ -46,8 +47,11 @@ from serve.routes import (
     customers,
     delivery,
     events,
+    exports,
     health,
+    history,
     notifications,
+    publications,
     reports,
     users,
     webhooks,
@@ -58,7 +62,7 @@ from store.pools import LazyPool
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
     checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
-    webhooks, events,
+    exports, history, publications, webhooks, events,
 )
 
 
@@ -174,6 +178,7 @@ class Gateway:
             devices=DeviceTokens(secret),
             health=HealthProbe(engine=engine, dsn=dsn, valkey_ping=limiter.ping),
             import_db=LazyPool(dsn, 2),
+            records=Records(dsn),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
