@@ -7,10 +7,12 @@ events committed before the oldest transaction still running, so following
 ``next_cursor`` never skips an event that commits late.
 """
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Query
+from pydantic import BeforeValidator
 
 from engine import webhooks as wh
 from engine.errors import InvalidInput
@@ -22,6 +24,19 @@ from store import webhooks as store
 
 routes = router()
 
+# RFC 3339, as the schema's ``date-time`` says: a number (which pydantic would read as Unix
+# seconds) or a time without its zone is refused.
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 date-time with its zone, e.g. 2030-01-31T12:00:00Z")
+    return value
+
+
+Since = Annotated[datetime | None, BeforeValidator(_rfc3339)]
+
 Reader = Annotated[Principal, require("events.read")]
 
 
@@ -32,7 +47,7 @@ async def list_events(
     type: str | None = Query(
         None, max_length=400, description="event types, comma-separated (e.g. `redemption.succeeded`)"
     ),
-    since: Annotated[datetime | None, Query(description="only events created at or after")] = None,
+    since: Annotated[Since, Query(description="only events created at or after")] = None,
     cursor: str | None = Query(None, max_length=400),
     limit: int = Query(100, ge=1, le=1000),
 ) -> Any:

@@ -287,7 +287,7 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
     assert listing(since="2999-01-01T00:00:00Z") == []
 
     for params in ({"cursor": "not-a-cursor"}, {"cursor": "eyJ4Ijox"}, {"type": "nope.nope"},
-                   {"limit": 0}, {"since": "yesterday"}):
+                   {"limit": 0}, {"since": "yesterday"}, {"since": "0.5"}, {"since": "2026-12-03T06:00:00"}):
         r = httpx.get(f"{url}/v1/events", params=params, headers=admin)
         assert r.status_code == 422, (params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
