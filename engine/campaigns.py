@@ -419,11 +419,11 @@ def edit(
     starts = c.starts_at
     if "starts_at" in changes:
         starts = _require_aware(changes["starts_at"], "starts_at")
-        if starts != c.starts_at and c.state != "draft":
-            if c.starts_at is None or c.starts_at <= now:
-                raise errors.StartAlreadyPassed(
-                    f"campaign {c.id} has started selling: starts_at cannot move"
-                )
+        selling = c.state != "draft" and (c.starts_at is None or c.starts_at <= now)
+        if starts != c.starts_at and selling:
+            raise errors.StartAlreadyPassed(
+                f"campaign {c.id} has started selling: starts_at cannot move"
+            )
         new["starts_at"] = starts
     ends = c.ends_at
     if "ends_at" in changes:

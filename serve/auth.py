@@ -617,6 +617,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "webhooks.manage": _STAFF_WRITE,
     "templates.write": _STAFF_WRITE,
     "deliveries.read": _STAFF_READ,
+    "audit.read": frozenset({"admin"}),
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

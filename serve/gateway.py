@@ -40,6 +40,8 @@ from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.routes import (
+    audit,
+    campaign_editing,
     campaigns,
     checkout,
     code_import,
@@ -55,7 +57,8 @@ from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
-    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports
+    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
+    campaign_editing, audit,
 )
 
 

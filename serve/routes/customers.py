@@ -5,7 +5,7 @@ from urllib.parse import quote
 
 from fastapi import Query, Request, Response
 
-from serve.auth import Principal
+from serve.auth import Principal, actor_of
 from serve.models import CustomerIn, CustomerOut, ImportOut, IssuanceIn, IssuanceJobOut
 from serve.problems import problem_responses
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
@@ -25,7 +25,9 @@ Issuer = Annotated[Principal, require("issuance.create")]
     responses=problem_responses(*GUARDED, *BODY, 409),
 )
 async def create_customer(body: CustomerIn, response: Response, caller: Writer, svc: Svc) -> Any:
-    c = unwrap(await svc.customers.create.remote(body.model_dump(exclude_none=True)))
+    c = unwrap(
+        await svc.customers.create.remote(body.model_dump(exclude_none=True), actor_of(caller))
+    )
     response.headers["Location"] = f"/v1/customers/{quote(c['id'], safe='')}"
     return c
 
@@ -79,6 +81,7 @@ async def import_customers(request: Request, caller: Writer, svc: Svc) -> Any:
         request.headers.get("content-type"),
         request.stream(),
         svc.settings.import_batch,
+        actor_of(caller),
     )
 
 

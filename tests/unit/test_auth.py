@@ -522,6 +522,7 @@ EXPECTED = {
     "webhooks.manage": {"admin", "manager"},
     "templates.write": {"admin", "manager"},
     "deliveries.read": {"admin", "manager", "analyst"},
+    "audit.read": {"admin"},
 }
 
 
