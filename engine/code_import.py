@@ -35,9 +35,9 @@ def check_row(raw: dict[str, Any]) -> ImportedCode | list[FieldError]:
     if len(raw) == 1:  # the usual row: a code alone
         only = raw.get("code")
         if isinstance(only, str):
-            code = normalize(only)
-            if len(code) <= MAX_CODE_LEN and _CODE_RE.match(code):
-                return ImportedCode(code)
+            plain = normalize(only)
+            if len(plain) <= MAX_CODE_LEN and _CODE_RE.match(plain):
+                return ImportedCode(plain)
     problems: list[FieldError] = []
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:

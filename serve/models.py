@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
 )
@@ -92,8 +93,10 @@ def _metadata(value: Any) -> Any:
         raise PydanticCustomError("invalid_metadata", exc.message) from None
 
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
-"""A shop's own JSON object (engine.metadata: at most 4 KB, string keys)."""
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=metadata.MAX_KEY_LEN)]
+Metadata = Annotated[dict[MetadataKey, Any], AfterValidator(_metadata)]
+"""A shop's own JSON object (engine.metadata: keys of 1 to 64 characters; at most 4 KB as
+compact JSON and 8 levels deep, which JSON Schema cannot say: ``invalid_metadata``)."""
 
 METADATA_SCHEMA: dict[str, Any] = {
     "propertyNames": {"minLength": 1, "maxLength": metadata.MAX_KEY_LEN},

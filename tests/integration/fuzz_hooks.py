@@ -49,7 +49,8 @@ def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool
     needs another, a template that does not compile, an id of the wrong shape, a time
     range too long): the API answers those with a 422 problem of its own type. And no
     string may hold a NUL character (the API's description says so; Postgres cannot store
-    one): those are ``unstorable_text`` validation errors. Any other 422
+    one): those are ``unstorable_text`` validation errors; and metadata has a size and a
+    depth JSON Schema does not bound: ``invalid_metadata``. Any other 422
     ``validation-error`` is the request model refusing what the schema allows -- a real
     mismatch, kept -- and so is every other status."""
     if getattr(failure, "code", None) != "ST202" or response.status_code != 422:
@@ -58,4 +59,4 @@ def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool
     if problem.get("type") != VALIDATION_ERROR:
         return not problem  # the API's own rule (a problem of another type): not a failure
     kinds = {e.get("type") for e in problem.get("errors") or [] if isinstance(e, dict)}
-    return kinds != {"unstorable_text"}
+    return not kinds or not kinds <= {"unstorable_text", "invalid_metadata"}
