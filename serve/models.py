@@ -98,12 +98,6 @@ Metadata = Annotated[dict[MetadataKey, Any], AfterValidator(_metadata)]
 """A shop's own JSON object (engine.metadata: keys of 1 to 64 characters; at most 4 KB as
 compact JSON and 8 levels deep, which JSON Schema cannot say: ``invalid_metadata``)."""
 
-METADATA_SCHEMA: dict[str, Any] = {
-    "propertyNames": {"minLength": 1, "maxLength": metadata.MAX_KEY_LEN},
-    "description": "The shop's own JSON object: at most 4 KB as compact JSON, keys of 1-64 "
-    "characters, at most 8 levels deep.",
-}
-"""What a metadata field's schema says beyond being an object (``json_schema_extra``)."""
 
 # The one header whose value is stored (scoped, with the redemption it keys).
 _STORED_HEADERS = ("idempotency-key",)
@@ -335,7 +329,7 @@ class CampaignIn(Strict):
     windows: list[WindowIn] = Field(default_factory=list, max_length=28)
     code: CodeIn | None = None
     shared_code: str | None = Field(default=None, max_length=64)
-    metadata: Metadata | None = Field(default=None, json_schema_extra=METADATA_SCHEMA)
+    metadata: Metadata | None = None
 
 
 class LimitsPatchIn(Strict):
@@ -366,7 +360,7 @@ class CampaignPatchIn(Strict):
     discount: DiscountIn = Field(default=None)  # type: ignore[assignment]
     min_order: int = Field(default=None, ge=0, le=10**12)  # type: ignore[assignment]
     windows: list[WindowIn] = Field(default=None, max_length=28)  # type: ignore[arg-type]
-    metadata: Metadata | None = Field(default=None, json_schema_extra=METADATA_SCHEMA)
+    metadata: Metadata | None = None
 
     def changes(self) -> dict[str, Any]:
         """The fields the request sent, as plain values (``limits`` with only its sent

@@ -43,7 +43,9 @@ def with_etag(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def etag(response: Response, campaign: dict[str, Any]) -> dict[str, Any]:
     """Set the campaign's ETag (its version, a strong validator) on ``response``."""
-    response.headers["ETag"] = f'"{campaign["version"]}"'
+    version = campaign.get("version")
+    if isinstance(version, int):
+        response.headers["ETag"] = f'"{version}"'
     return campaign
 
 
