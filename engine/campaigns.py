@@ -104,7 +104,10 @@ def _require_aware(value: datetime | None, field: str) -> datetime | None:
         raise errors.InvalidInput(f"{field} must be an ISO 8601 date-time, got {value!r}")
     if value.tzinfo is None:
         raise errors.InvalidInput(f"{field} must carry a time zone offset, got {value!r}")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise errors.InvalidInput(f"{field} is too close to the ends of the calendar") from None
 
 
 def _check_amount(value: int | None, field: str, *, positive: bool = False) -> None:

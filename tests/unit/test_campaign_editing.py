@@ -177,6 +177,8 @@ def test_bad_values_are_refused_like_at_creation() -> None:
     for change in bad:
         with pytest.raises(errors.InvalidInput):
             edit(c, change, NOW, Usage())
+    with pytest.raises(errors.InvalidInput, match="ends of the calendar"):
+        edit(c, {"starts_at": datetime.fromisoformat("0001-01-01T00:00:00+05:00")}, NOW)
     with pytest.raises(errors.InvalidMetadata):
         edit(c, {"metadata": {"": 1}}, NOW)
     with pytest.raises(errors.InvalidMetadata):
