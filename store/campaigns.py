@@ -109,14 +109,15 @@ async def update_campaign(
     reload rather than overwrite it), and then writes nothing."""
     async with fenced(conn, fence):
         status = await conn.execute(
-            "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5"
-            " WHERE id = $1 AND version = $6",
+            "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5,"
+            " name = $7 WHERE id = $1 AND version = $6",
             c.id,
             c.state,
             _campaign_encoder.encode(c).decode(),
             c.updated_at,
             c.version,
             was,
+            c.name,
         )
         if status != "UPDATE 1":
             raise errors.Unavailable(

@@ -96,6 +96,7 @@ def test_each_field_is_edited_with_its_version_event_and_audit_entry(http_api: A
         assert tag == f'"{version}"'
     final = len(edits) + 1
     assert asyncio.run(fetchval(dsn, "SELECT version FROM campaigns WHERE id = $1", cid)) == final
+    assert asyncio.run(fetchval(dsn, "SELECT name FROM campaigns WHERE id = $1", cid)) == "edited"
     assert httpx.get(f"{url}/v1/campaigns/{cid}", headers=admin).json()["name"] == "edited"
 
     # a change to the same values changes nothing: same version, no event
