@@ -233,3 +233,20 @@ def test_metadata_filter_matches_json_values() -> None:
     assert not has_metadata(c, {"n": "1"})
     assert not has_metadata(c, {"channel": "web"}) and not has_metadata(c, {"other": "print"})
     assert not has_metadata(make(), {"channel": "print"})
+
+
+def test_a_shards_limit_usage_counts_redemptions_and_holds_per_customer() -> None:
+    import random
+
+    from engine.shard_state import RedeemRequest, ShardState
+
+    state = ShardState(clock=lambda: NOW, random_bytes=random.Random(1).randbytes)
+    c = shared(limits=Limits(total=10, per_customer=5))
+    state.put_campaign(c)
+    assert state.limit_usage(c.id) == (0, 0)
+    assert state.limit_usage("unknown") == (0, 0)
+    for customer in ("a", "b", "b"):
+        state.redeem(RedeemRequest("SPRING", 1000, "EUR", customer))
+    state.reserve(RedeemRequest("SPRING", 1000, "EUR", "a"))
+    state.reserve(RedeemRequest("SPRING", 1000, "EUR", "a"))
+    assert state.limit_usage(c.id) == (5, 3)
