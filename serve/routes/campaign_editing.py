@@ -73,13 +73,14 @@ async def edit_campaign(
     response: Response,
     caller: Writer,
     svc: Svc,
+    # typed str (not Optional), so the document says a string, never null, when sent
     if_match: Annotated[
-        str | None,
+        str,
         Header(
             pattern=IF_MATCH_PATTERN,
             description='Apply only to this version: the ETag of a GET, e.g. "3" (or *).',
         ),
-    ] = None,
+    ] = None,  # type: ignore[assignment]
 ) -> Any:
     """Change a campaign's name, dates, limits, discount, minimum order, sale windows or
     metadata. Only changes safe for its state apply: nothing of an ended campaign
