@@ -73,12 +73,15 @@ async def edit_campaign(
     response: Response,
     caller: Writer,
     svc: Svc,
-    # typed str (not Optional), so the document says a string, never null, when sent
+    # typed str (not Optional), so the document says a string, never null, when sent; its
+    # form is checked here (a 422 problem naming it), as generators of headers do not
+    # always honour a pattern
     if_match: Annotated[
         str,
         Header(
-            pattern=IF_MATCH_PATTERN,
-            description='Apply only to this version: the ETag of a GET, e.g. "3" (or *).',
+            max_length=100,
+            description='Apply only to this version: the ETag of a GET, e.g. "3" with its '
+            "quotes, or * (any version). Anything else is a 422.",
         ),
     ] = None,  # type: ignore[assignment]
 ) -> Any:
