@@ -28,7 +28,7 @@ from actors.calls import call as _call
 from actors.coordinator import Coordinator, TransitionResult
 from actors.shard_actor import VoucherShard
 from engine import errors
-from engine.audit import Actor
+from engine.audit import SYSTEM, Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
@@ -234,7 +234,11 @@ class VoucherEngine:
         windows: Sequence[Window | dict[str, Any]] = (),
         code: CodeSpec | dict[str, Any] | None = None,
         shared_code: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        actor: Actor = SYSTEM,
     ) -> Campaign:
+        """A new campaign in ``draft``, recorded with its ``campaign.created`` event and
+        an audit entry naming ``actor``."""
         try:
             fields: dict[str, Any] = {
                 "id": id,
@@ -252,9 +256,11 @@ class VoucherEngine:
                 "code_spec": _code_spec(code),
                 "shared_code": shared_code,
             }
+            if metadata is not None:
+                fields["metadata"] = metadata
         except msgspec.ValidationError as exc:
             raise errors.InvalidInput(str(exc)) from exc
-        result: Campaign = await _call(self.coordinator.create_campaign.remote(fields))
+        result: Campaign = await _call(self.coordinator.create_campaign.remote(fields, actor))
         return result
 
     async def activate(self, campaign_id: str) -> Campaign:
@@ -269,11 +275,29 @@ class VoucherEngine:
     async def transition(self, campaign_id: str, action: str) -> Campaign:
         return (await self.transition_result(campaign_id, action)).campaign
 
-    async def transition_result(self, campaign_id: str, action: str) -> TransitionResult:
+    async def transition_result(
+        self, campaign_id: str, action: str, actor: Actor = SYSTEM
+    ) -> TransitionResult:
         """A lifecycle move, answered once every shard applied it; the answer also names
         the shards that did not confirm in time and were fenced (they restart and reload)."""
         result: TransitionResult = await _call(
-            self.coordinator.transition.remote(campaign_id, action)
+            self.coordinator.transition.remote(campaign_id, action, actor)
+        )
+        return result
+
+    async def edit_campaign(
+        self,
+        campaign_id: str,
+        changes: dict[str, Any],
+        if_version: int | None = None,
+        actor: Actor = SYSTEM,
+    ) -> TransitionResult:
+        """A shop's change to a campaign (:func:`engine.campaigns.edit`), made against
+        version ``if_version`` (any when None; another one raises
+        :class:`errors.VersionMismatch`), answered like a lifecycle move: once every shard
+        applied the new version or was fenced."""
+        result: TransitionResult = await _call(
+            self.coordinator.edit_campaign.remote(campaign_id, changes, if_version, actor)
         )
         return result
 

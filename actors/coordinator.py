@@ -3,8 +3,9 @@
 It claims its ownership epoch when it loads and checks it in every write
 (``store/fencing.py``); a replaced coordinator stops answering and exits.
 
-Campaign definitions and lifecycle moves are persisted here first (each change a new
-version), then pushed to every shard's replica. A move answers only once every shard has
+Campaign definitions, lifecycle moves and edits are persisted here first (each change a new
+version, written with its ``campaign.*`` event and its audit entry in one transaction),
+then pushed to every shard's replica. A move or an edit answers only once every shard has
 confirmed it; a shard that has not confirmed within ``campaign_confirm_timeout_s`` is
 fenced (its owner epoch is bumped, so its next commit is refused and it exits, and its
 restart reloads the campaign from Postgres) and the answer names it. Shards that missed a
@@ -37,12 +38,14 @@ from actors.calls import guarded
 from actors.observability import configure_json_logging
 from actors.startup import Startup
 from engine import codes, errors
-from engine.campaigns import Campaign, new_campaign, transition
+from engine.audit import SYSTEM, Actor
+from engine.campaigns import Campaign, Usage, edit, new_campaign, transition
 from engine.events import ImportedCode
 from engine.routing import assignment_key, new_id, shard_of
 from engine.settings import Settings
 from store import fencing, notifications
 from store.campaigns import (
+    History,
     fence_owner,
     insert_campaign,
     load_campaigns,
@@ -55,6 +58,9 @@ from store.pools import open_pool
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()
 T = TypeVar("T")
+
+# a lifecycle action's event type
+_MOVED = {"activate": "campaign.activated", "pause": "campaign.paused", "end": "campaign.ended"}
 
 # backoff of the background re-sends to a shard that missed campaign changes
 _CATCH_UP_FIRST_S = 0.5
@@ -278,7 +284,7 @@ class CoordinatorCore:
 
     # --- campaigns ---------------------------------------------------------------------
 
-    async def create_campaign(self, fields: dict[str, Any]) -> Campaign:
+    async def create_campaign(self, fields: dict[str, Any], actor: Actor = SYSTEM) -> Campaign:
         await self.ready()
         if "id" not in fields or fields["id"] is None:
             fields = {**fields, "id": new_id("cmp", 0, os.urandom)[4:]}
@@ -292,14 +298,19 @@ class CoordinatorCore:
         async with self._lock(c.id):
             if c.id in self.campaigns:
                 raise errors.DuplicateCampaign(f"campaign {c.id} exists already")
-            await self._write(insert_campaign, c)
+            created = History(
+                "campaign.created", actor, "campaign.create", {"campaign": [None, c.id]}
+            )
+            await self._write(insert_campaign, c, history=created)
             self.campaigns[c.id] = c
             # A draft sells nothing, so a shard that misses it is not fenced: it gets it
             # in the background or from its own re-sync.
             await self._deliver(c, fence_late=False)
         return c
 
-    async def transition(self, campaign_id: str, action: str) -> TransitionResult:
+    async def transition(
+        self, campaign_id: str, action: str, actor: Actor = SYSTEM
+    ) -> TransitionResult:
         """Persist a lifecycle move, then answer once every shard applied it or was
         fenced. A repeated move changes nothing and is pushed again all the same."""
         await self.ready()
@@ -307,9 +318,52 @@ class CoordinatorCore:
             current = self.get(campaign_id)
             c = transition(current, action, utcnow())
             if c is not current:
-                await self._write(update_campaign, c, was=current.version)
+                moved = History(
+                    _MOVED[action], actor, f"campaign.{action}", {"state": [current.state, c.state]}
+                )
+                await self._write(update_campaign, c, was=current.version, history=moved)
                 self.campaigns[c.id] = c
             return await self._deliver(c, fence_late=True)
+
+    async def edit_campaign(
+        self,
+        campaign_id: str,
+        changes: dict[str, Any],
+        if_version: int | None = None,
+        actor: Actor = SYSTEM,
+    ) -> TransitionResult:
+        """Apply a shop's change (:func:`engine.campaigns.edit`) made against version
+        ``if_version`` (any, when None), persist it, then answer like a lifecycle move:
+        once every shard applied the new version or was fenced. Limits are checked against
+        the usage counted under the campaign's lock, which generation jobs and imports
+        also take to reserve their codes."""
+        await self.ready()
+        async with self._lock(campaign_id):
+            current = self.get(campaign_id)
+            if if_version is not None and if_version != current.version:
+                raise errors.VersionMismatch(
+                    f"campaign {campaign_id} is at version {current.version}, not {if_version}"
+                )
+            usage = await self._usage(current) if "limits" in changes else None
+            c, diff = edit(current, changes, utcnow(), usage)
+            if c is not current:
+                edited = History("campaign.updated", actor, "campaign.update", diff)
+                await self._write(update_campaign, c, was=current.version, history=edited)
+                self.campaigns[c.id] = c
+            return await self._deliver(c, fence_late=True)
+
+    async def _usage(self, c: Campaign) -> Usage:
+        """What the campaign used: codes in circulation (counted by the shards, or more
+        while jobs and imports hold reservations) or a shared code's redemptions."""
+        if not c.is_shared:
+            counted = await self._count_codes(c.id)
+            reserved = self._admitted.get(c.id, 0) + self._reserved(c.id)
+            return Usage(codes=max(counted, reserved))
+        used = await asyncio.gather(*[_call(s.limit_usage.remote(c.id)) for s in self.shards])
+        return Usage(
+            redemptions=sum(int(u[0]) for u in used),
+            per_customer=max((int(u[1]) for u in used), default=0),
+        )
 
     async def campaign(self, campaign_id: str) -> Campaign:
         await self.ready()
@@ -595,12 +649,24 @@ class Coordinator:
         return True
 
     @guarded
-    async def create_campaign(self, fields: dict[str, Any]) -> Campaign:
-        return await self.core.create_campaign(fields)
+    async def create_campaign(self, fields: dict[str, Any], actor: Actor = SYSTEM) -> Campaign:
+        return await self.core.create_campaign(fields, actor)
 
     @guarded
-    async def transition(self, campaign_id: str, action: str) -> TransitionResult:
-        return await self.core.transition(campaign_id, action)
+    async def transition(
+        self, campaign_id: str, action: str, actor: Actor = SYSTEM
+    ) -> TransitionResult:
+        return await self.core.transition(campaign_id, action, actor)
+
+    @guarded
+    async def edit_campaign(
+        self,
+        campaign_id: str,
+        changes: dict[str, Any],
+        if_version: int | None = None,
+        actor: Actor = SYSTEM,
+    ) -> TransitionResult:
+        return await self.core.edit_campaign(campaign_id, changes, if_version, actor)
 
     @guarded
     async def campaign(self, campaign_id: str) -> Campaign:

@@ -848,6 +848,10 @@ class ShardCore:
         await self.ready()
         return self.state.codes_in_campaign(campaign_id)
 
+    async def limit_usage(self, campaign_id: str) -> tuple[int, int]:
+        await self.ready()
+        return self.state.limit_usage(campaign_id)
+
     async def stats(self, campaign_id: str) -> bytes:
         await self.ready()
         return _enc.encode(self.state.stats(campaign_id))

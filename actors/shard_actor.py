@@ -124,6 +124,10 @@ class VoucherShard:
         return await self.core.codes_in_campaign(campaign_id)
 
     @guarded
+    async def limit_usage(self, campaign_id: str) -> tuple[int, int]:
+        return await self.core.limit_usage(campaign_id)
+
+    @guarded
     async def codes_held(self) -> int:
         return await self.core.codes_held()
 

@@ -9,14 +9,15 @@ wall-clock hours (so a 09:00-11:00 window stays 09:00-11:00 across a DST change)
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, time, timedelta, timezone
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 from engine import errors
+from engine import metadata as metadata_module
 from engine.codes import CodeSpec, normalize
 
 CampaignType = Literal["discount", "gift_card", "shared_code", "flash_sale"]
@@ -76,6 +77,8 @@ class Campaign(msgspec.Struct, frozen=True):
     updated_at: datetime | None = None
     #: bumped by every change; replicas apply only a newer version (see :func:`supersedes`)
     version: int = 0
+    #: the shop's own JSON object (:mod:`engine.metadata`)
+    metadata: dict[str, Any] | None = None
 
     @property
     def is_shared(self) -> bool:
@@ -97,9 +100,14 @@ def _parse_hhmm(value: str, field: str) -> time:
 def _require_aware(value: datetime | None, field: str) -> datetime | None:
     if value is None:
         return None
+    if not isinstance(value, datetime):
+        raise errors.InvalidInput(f"{field} must be an ISO 8601 date-time, got {value!r}")
     if value.tzinfo is None:
         raise errors.InvalidInput(f"{field} must carry a time zone offset, got {value!r}")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise errors.InvalidInput(f"{field} is too close to the ends of the calendar") from None
 
 
 def _check_amount(value: int | None, field: str, *, positive: bool = False) -> None:
@@ -130,6 +138,7 @@ def new_campaign(
     windows: tuple[Window, ...] = (),
     code_spec: CodeSpec | None = None,
     shared_code: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Campaign:
     """Validate a campaign definition and return it in ``draft``.
 
@@ -154,10 +163,7 @@ def new_campaign(
         raise errors.InvalidInput("ends_at must be after starts_at")
     _check_amount(min_order, "min_order")
     lim = limits or Limits()
-    for fname in ("total", "per_customer"):
-        v = getattr(lim, fname)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise errors.InvalidInput(f"limits.{fname} must be a positive integer")
+    _check_limits(lim)
 
     if type == "gift_card":
         if discount is not None:
@@ -180,20 +186,10 @@ def new_campaign(
         shared_code = normalize(shared_code)
         if not re.fullmatch(r"[A-Z0-9_-]{3,64}", shared_code):
             raise errors.InvalidInput("shared_code must be 3-64 characters of A-Z, 0-9, '_', '-'")
-    if type == "flash_sale":
-        if lim.total is None:
-            raise errors.InvalidInput("a flash_sale needs limits.total (the quantity on sale)")
-        if starts is None or ends is None:
-            raise errors.InvalidInput("a flash_sale needs starts_at and ends_at")
-    if windows and type != "flash_sale":
-        raise errors.InvalidInput("recurring windows are only for flash_sale campaigns")
-    for i, w in enumerate(windows):
-        if not w.days or any(d not in range(7) for d in w.days):
-            raise errors.InvalidInput(f"windows[{i}].days must be weekdays 0 (Mon) to 6 (Sun)")
-        s = _parse_hhmm(w.start, f"windows[{i}].start")
-        e = _parse_hhmm(w.end, f"windows[{i}].end")
-        if s == e:
-            raise errors.InvalidInput(f"windows[{i}] is empty: start equals end")
+    _check_flash_sale(type, lim, starts, ends)
+    _check_windows(type, windows)
+    if metadata is not None:
+        metadata = metadata_module.check(metadata)
 
     return Campaign(
         id=id,
@@ -213,7 +209,37 @@ def new_campaign(
         created_at=now,
         updated_at=now,
         version=1,
+        metadata=metadata,
     )
+
+
+def _check_limits(lim: Limits) -> None:
+    for fname in ("total", "per_customer"):
+        v = getattr(lim, fname)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise errors.InvalidInput(f"limits.{fname} must be a positive integer")
+
+
+def _check_flash_sale(
+    type: str, lim: Limits, starts: datetime | None, ends: datetime | None
+) -> None:
+    if type == "flash_sale":
+        if lim.total is None:
+            raise errors.InvalidInput("a flash_sale needs limits.total (the quantity on sale)")
+        if starts is None or ends is None:
+            raise errors.InvalidInput("a flash_sale needs starts_at and ends_at")
+
+
+def _check_windows(type: str, windows: tuple[Window, ...] | list[Window]) -> None:
+    if windows and type != "flash_sale":
+        raise errors.InvalidInput("recurring windows are only for flash_sale campaigns")
+    for i, w in enumerate(windows):
+        if not w.days or any(d not in range(7) for d in w.days):
+            raise errors.InvalidInput(f"windows[{i}].days must be weekdays 0 (Mon) to 6 (Sun)")
+        s = _parse_hhmm(w.start, f"windows[{i}].start")
+        e = _parse_hhmm(w.end, f"windows[{i}].end")
+        if s == e:
+            raise errors.InvalidInput(f"windows[{i}] is empty: start equals end")
 
 
 def _check_discount(d: Discount) -> None:
@@ -271,6 +297,203 @@ def supersedes(incoming: Campaign, current: Campaign) -> bool:
     if incoming.version <= current.version:
         return False
     return not (current.state == "ended" and incoming.state != "ended")
+
+
+# --- editing ---------------------------------------------------------------------------
+
+EDITABLE: tuple[str, ...] = (
+    "name",
+    "starts_at",
+    "ends_at",
+    "limits",
+    "discount",
+    "min_order",
+    "windows",
+    "metadata",
+)
+"""The fields a shop may change after creation. The rest (id, type, currency, time zone,
+gift balance, code pattern, shared code) define what was issued and stay as created."""
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """What a campaign already used, so an edit never lowers a limit below it.
+
+    ``codes``: unique codes in circulation (in the bank, or reserved by running generation
+    jobs and imports); ``redemptions``: a shared code's active redemptions and open holds;
+    ``per_customer``: the most any one customer holds of those."""
+
+    codes: int = 0
+    redemptions: int = 0
+    per_customer: int = 0
+
+
+def _builtin(value: Any) -> Any:
+    return msgspec.json.decode(msgspec.json.encode(value))
+
+
+def _convert(value: Any, typ: Any, field: str) -> Any:
+    try:
+        return msgspec.convert(value, typ, from_attributes=True)
+    except msgspec.ValidationError as exc:
+        raise errors.InvalidInput(f"{field}: {exc}") from None
+
+
+def _edited_limits(current: Limits, change: Any) -> Limits:
+    """``limits`` merged like a JSON merge patch: a key sent sets that limit, ``null``
+    removes it, a key left out stays."""
+    if change is None:
+        return Limits()
+    if isinstance(change, Limits):
+        change = {f: getattr(change, f) for f in Limits.__struct_fields__}
+    if not isinstance(change, Mapping):
+        raise errors.InvalidInput("limits must be an object of total and per_customer")
+    unknown = set(change) - set(Limits.__struct_fields__)
+    if unknown:
+        raise errors.InvalidInput(f"limits has no field {sorted(unknown)[0]!r}")
+    merged = {f: change.get(f, getattr(current, f)) for f in Limits.__struct_fields__}
+    lim = Limits(**merged)
+    _check_limits(lim)
+    return lim
+
+
+def _check_usage(c: Campaign, lim: Limits, usage: Usage | None) -> None:
+    """Refuse a limit lowered (or set where there was none) below what is used."""
+    lowered = [
+        f
+        for f in Limits.__struct_fields__
+        if getattr(lim, f) is not None
+        and (getattr(c.limits, f) is None or getattr(lim, f) < getattr(c.limits, f))
+    ]
+    if not lowered:
+        return
+    if usage is None:
+        raise ValueError("lowering a limit needs the campaign's usage")
+    if "total" in lowered:
+        assert lim.total is not None
+        used, what = (
+            (usage.redemptions, "redemptions (with open reservations)")
+            if c.is_shared
+            else (usage.codes, "codes in circulation (or being generated)")
+        )
+        if lim.total < used:
+            raise errors.LimitBelowUsage(
+                f"limits.total {lim.total} is below what campaign {c.id} already used: "
+                f"{used} {what}"
+            )
+    if "per_customer" in lowered:
+        assert lim.per_customer is not None
+        if lim.per_customer < usage.per_customer:
+            raise errors.LimitBelowUsage(
+                f"limits.per_customer {lim.per_customer} is below what one customer of "
+                f"campaign {c.id} already used: {usage.per_customer}"
+            )
+
+
+def edit(
+    campaign: Campaign, changes: Mapping[str, Any], now: datetime, usage: Usage | None = None
+) -> tuple[Campaign, dict[str, list[Any]]]:
+    """Apply a shop's change to ``campaign`` if it is safe for its state; returns the new
+    campaign (next version) and what changed as ``{field: [before, after]}`` (JSON values).
+    A change that changes nothing returns ``campaign`` itself and ``{}``.
+
+    ``changes`` holds some of :data:`EDITABLE`; ``None`` clears an optional field
+    (``ends_at``, ``starts_at``, ``metadata``), ``limits`` merges. Safe means: nothing of
+    an ended campaign changes; ``starts_at`` of a campaign that has started selling
+    (activated once, its start passed) stays; a limit is never lowered below ``usage``
+    (needed only when one is lowered); every rule of a new campaign still holds. An
+    ``ends_at`` in the past is allowed: it closes the campaign to redemptions at once.
+    """
+    if campaign.state == "ended":
+        raise errors.CannotEditEnded(f"campaign {campaign.id} has ended: it cannot change")
+    unknown = [k for k in changes if k not in EDITABLE]
+    if unknown:
+        raise errors.InvalidInput(
+            f"{unknown[0]} cannot be changed; editable fields are {', '.join(EDITABLE)}"
+        )
+    if not changes:
+        raise errors.InvalidInput(f"nothing to change: send one of {', '.join(EDITABLE)}")
+    c = campaign
+    new: dict[str, Any] = {}
+    if "name" in changes:
+        name = changes["name"]
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise errors.InvalidInput("name must be 1-200 characters")
+        new["name"] = name
+    starts = c.starts_at
+    if "starts_at" in changes:
+        starts = _require_aware(changes["starts_at"], "starts_at")
+        selling = c.state != "draft" and (c.starts_at is None or c.starts_at <= now)
+        if starts != c.starts_at and selling:
+            raise errors.StartAlreadyPassed(
+                f"campaign {c.id} has started selling: starts_at cannot move"
+            )
+        new["starts_at"] = starts
+    ends = c.ends_at
+    if "ends_at" in changes:
+        ends = _require_aware(changes["ends_at"], "ends_at")
+        new["ends_at"] = ends
+    if starts is not None and ends is not None and ends <= starts:
+        raise errors.InvalidInput("ends_at must be after starts_at")
+    if "min_order" in changes:
+        min_order = changes["min_order"]
+        if min_order is None:
+            raise errors.InvalidInput("min_order must be an integer in minor units (0: none)")
+        _check_amount(min_order, "min_order")
+        new["min_order"] = min_order
+    lim = c.limits
+    if "limits" in changes:
+        lim = _edited_limits(c.limits, changes["limits"])
+        _check_usage(c, lim, usage)
+        new["limits"] = lim
+    if "discount" in changes:
+        if c.is_gift_card:
+            raise errors.InvalidInput("a gift_card campaign has gift_balance, not discount")
+        if changes["discount"] is None:
+            raise errors.InvalidInput(f"discount is required for a {c.type} campaign")
+        discount = _convert(changes["discount"], Discount, "discount")
+        _check_discount(discount)
+        new["discount"] = discount
+    windows = c.windows
+    if "windows" in changes:
+        raw = changes["windows"] or ()
+        windows = tuple(_convert(w, Window, f"windows[{i}]") for i, w in enumerate(raw))
+        _check_windows(c.type, windows)
+        new["windows"] = windows
+    _check_flash_sale(c.type, lim, starts, ends)
+    if "metadata" in changes:
+        md = changes["metadata"]
+        new["metadata"] = None if md is None else metadata_module.check(md)
+    diff = {
+        f: [_builtin(getattr(c, f)), _builtin(v)]
+        for f, v in new.items()
+        if _builtin(getattr(c, f)) != _builtin(v)
+    }
+    if not diff:
+        return campaign, {}
+    edited = msgspec.structs.replace(
+        c, **{f: new[f] for f in diff}, updated_at=now, version=c.version + 1
+    )
+    return edited, diff
+
+
+def has_metadata(campaign: Campaign, wanted: Mapping[str, Any]) -> bool:
+    """Whether the campaign's metadata holds every key of ``wanted`` with that value (a
+    JSON equality: ``1`` matches neither ``true`` nor ``"1"``)."""
+    md = campaign.metadata or {}
+    for key, value in wanted.items():
+        if key not in md:
+            return False
+        have = md[key]
+        if type(have) is not type(value) and not (
+            isinstance(have, (int, float))
+            and isinstance(value, (int, float))
+            and not isinstance(have, bool)
+            and not isinstance(value, bool)
+        ):
+            return False
+        if have != value:
+            return False
+    return True
 
 
 # --- rules at redemption time ----------------------------------------------------------

@@ -39,6 +39,11 @@ The tree (codes in parentheses; a transient error and its subclasses only mean "
       * CannotIssueEnded (``cannot_issue_ended``)
       * CannotGenerateEnded (``cannot_generate_ended``)
     * TopologyMismatch (``topology_mismatch``)
+    * UnsafeEdit (``unsafe_edit``)
+      * CannotEditEnded (``cannot_edit_ended``)
+      * LimitBelowUsage (``limit_below_usage``)
+      * StartAlreadyPassed (``start_already_passed``)
+    * VersionMismatch (``version_mismatch``, answered 412)
   * NotRedeemable (``not_redeemable``)
     * CampaignNotStarted (``not_started``, transient)
     * CampaignExpired (``expired``)
@@ -471,6 +476,40 @@ class TopologyMismatch(Conflict):
     """The configured shard count differs from the one stored for this deployment."""
 
     code = "topology_mismatch"
+
+
+# --- editing a campaign ----------------------------------------------------------------
+
+
+class UnsafeEdit(Conflict):
+    """A campaign change that is not safe for the campaign's state."""
+
+    code = "unsafe_edit"
+
+
+class CannotEditEnded(UnsafeEdit):
+    """An ended campaign is final: nothing of it can change."""
+
+    code = "cannot_edit_ended"
+
+
+class LimitBelowUsage(UnsafeEdit):
+    """A limit lowered below what the campaign already used (codes in circulation,
+    redemptions, or one customer's redemptions)."""
+
+    code = "limit_below_usage"
+
+
+class StartAlreadyPassed(UnsafeEdit):
+    """``starts_at`` of a campaign that has started selling cannot move."""
+
+    code = "start_already_passed"
+
+
+class VersionMismatch(Conflict):
+    """The request's ``If-Match`` names a version the resource no longer has."""
+
+    code = "version_mismatch"
 
 
 

@@ -334,6 +334,20 @@ class ShardState:
         slot = self.campaigns.get(campaign_id)
         return sum(slot.counts) if slot else 0
 
+    def limit_usage(self, campaign_id: str) -> tuple[int, int]:
+        """What counts against a shared code's limits here: its active redemptions with
+        the open holds, and the most of those that one customer has (a limit may not be
+        lowered below either)."""
+        slot = self.campaigns.get(campaign_id)
+        if slot is None:
+            return 0, 0
+        customers = set(slot.per_customer) | set(slot.held_by_customer)
+        most = max(
+            (slot.per_customer.get(c, 0) + slot.held_by_customer.get(c, 0) for c in customers),
+            default=0,
+        )
+        return slot.uses + slot.held_units, most
+
     # --- recovery ----------------------------------------------------------------------
 
     def load_voucher(

@@ -626,6 +626,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "webhooks.read": _STAFF_WRITE,
     "webhooks.write": _STAFF_WRITE,
     "events.read": _STAFF_WRITE,
+    "audit.read": frozenset({"admin"}),
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

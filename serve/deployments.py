@@ -96,13 +96,15 @@ class Users:
             log.warning("could not re-flag API keys %s after the change: %s", key_ids, exc)
 
     @guarded
-    async def set_roles(self, user_id: str, roles: list[str]) -> dict[str, Any]:
+    async def set_roles(
+        self, user_id: str, roles: list[str], actor: Actor | None = None
+    ) -> dict[str, Any]:
         await self._start()
         # Flag before the change (a failure changes nothing) and after it (the flag then
         # outlives every cache entry made before the commit).
         keys = await self.store.api_key_ids(user_id)
         await self._flag_keys(keys, strict=True)
-        out = dict(await self.store.set_roles(user_id, roles))
+        out = dict(await self.store.set_roles(user_id, roles, actor))
         await self._flag_keys(keys, strict=False)
         return out
 
@@ -134,18 +136,30 @@ class Campaigns:
         self.engine = attach_engine(_settings(settings))
 
     @guarded
-    async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
-        return campaign_json(await self.engine.create_campaign(**fields))
+    async def create(self, fields: dict[str, Any], actor: Actor | None = None) -> dict[str, Any]:
+        from engine.audit import SYSTEM
+
+        return campaign_json(await self.engine.create_campaign(**fields, actor=actor or SYSTEM))
 
     @guarded
     async def get(self, campaign_id: str) -> dict[str, Any]:
         return campaign_json(await self.engine.campaign(campaign_id))
 
     @guarded
-    async def list(self, state: str | None, limit: int, offset: int) -> dict[str, Any]:
+    async def list(
+        self,
+        state: str | None,
+        limit: int,
+        offset: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        from engine.campaigns import has_metadata
+
         items = await self.engine.campaigns()
         if state is not None:
             items = [c for c in items if c.state == state]
+        if metadata is not None:
+            items = [c for c in items if has_metadata(c, metadata)]
         items.sort(key=lambda c: (c.created_at or datetime.min.replace(tzinfo=UTC)), reverse=True)
         return {
             "items": [campaign_json(c) for c in items[offset : offset + limit]],
@@ -153,8 +167,21 @@ class Campaigns:
         }
 
     @guarded
-    async def transition(self, campaign_id: str, action: str) -> dict[str, Any]:
-        result = await self.engine.transition_result(campaign_id, action)
+    async def transition(
+        self, campaign_id: str, action: str, actor: Actor | None = None
+    ) -> dict[str, Any]:
+        from engine.audit import SYSTEM
+
+        result = await self.engine.transition_result(campaign_id, action, actor or SYSTEM)
+        return campaign_json(result.campaign) | {"fenced_shards": list(result.fenced)}
+
+    @guarded
+    async def edit(
+        self, campaign_id: str, changes: dict[str, Any], if_version: int | None, actor: Actor
+    ) -> dict[str, Any]:
+        """A shop's change (``engine.campaigns.edit``), answered once every shard holds
+        the new version or was fenced."""
+        result = await self.engine.edit_campaign(campaign_id, changes, if_version, actor)
         return campaign_json(result.campaign) | {"fenced_shards": list(result.fenced)}
 
     @guarded
@@ -591,11 +618,11 @@ class Customers:
         self._pool = LazyPool(dsn, 2)
 
     @guarded
-    async def create(self, fields: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, fields: dict[str, Any], actor: Actor | None = None) -> dict[str, Any]:
         from engine.customers import validate_or_raise
         from store import customers
 
-        return await customers.create(await self._pool(), validate_or_raise(fields))
+        return await customers.create(await self._pool(), validate_or_raise(fields), actor)
 
     @guarded
     async def get(self, customer_id: str) -> dict[str, Any]:

@@ -41,6 +41,8 @@ from serve.problems import BodySizeLimit, document_problems, install_problem_han
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.records import Records
 from serve.routes import (
+    audit,
+    campaign_editing,
     campaigns,
     checkout,
     code_import,
@@ -62,7 +64,7 @@ from store.pools import LazyPool
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
     checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
-    exports, history, publications, webhooks, events,
+    exports, history, publications, webhooks, events, campaign_editing, audit,
 )
 
 

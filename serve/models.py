@@ -98,6 +98,7 @@ Metadata = Annotated[dict[MetadataKey, Any], AfterValidator(_metadata)]
 """A shop's own JSON object (engine.metadata: keys of 1 to 64 characters; at most 4 KB as
 compact JSON and 8 levels deep, which JSON Schema cannot say: ``invalid_metadata``)."""
 
+
 # The one header whose value is stored (scoped, with the redemption it keys).
 _STORED_HEADERS = ("idempotency-key",)
 
@@ -328,6 +329,53 @@ class CampaignIn(Strict):
     windows: list[WindowIn] = Field(default_factory=list, max_length=28)
     code: CodeIn | None = None
     shared_code: str | None = Field(default=None, max_length=64)
+    metadata: Metadata | None = None
+
+
+class LimitsPatchIn(Strict):
+    """Limits merge: a key sent sets that limit, ``null`` removes it, a key left out stays."""
+
+    total: int | None = Field(default=None, ge=1, le=10**12)
+    per_customer: int | None = Field(default=None, ge=1, le=10**9)
+
+
+class CampaignPatchIn(Strict):
+    """A shop's change to a campaign: fields left out stay as they are; ``null`` clears
+    ``starts_at``, ``ends_at`` or ``metadata``. Only changes safe for the campaign's state
+    apply (see ``PATCH /v1/campaigns/{id}``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"ends_at": "2099-12-31T23:59:59Z"},
+                {"limits": {"total": 5000}, "discount": {"kind": "percent", "value": 15}},
+            ]
+        }
+    )
+
+    name: str = Field(default=None, min_length=1, max_length=200)  # type: ignore[assignment]
+    starts_at: IsoDateTime | None = None
+    ends_at: IsoDateTime | None = None
+    limits: LimitsPatchIn = Field(default=None)  # type: ignore[assignment]
+    discount: DiscountIn = Field(default=None)  # type: ignore[assignment]
+    min_order: int = Field(default=None, ge=0, le=10**12)  # type: ignore[assignment]
+    windows: list[WindowIn] = Field(default=None, max_length=28)  # type: ignore[arg-type]
+    metadata: Metadata | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the request sent, as plain values (``limits`` with only its sent
+        keys)."""
+        out: dict[str, Any] = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if name == "limits":
+                value = value.model_dump(include=value.model_fields_set)
+            elif isinstance(value, BaseModel):
+                value = value.model_dump()
+            elif name == "windows":
+                value = [w.model_dump() for w in value]
+            out[name] = value
+        return out
 
 
 class GenerateIn(Strict):
@@ -419,6 +467,7 @@ class CampaignOut(BaseModel):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     version: int = 0
+    metadata: dict[str, Any] | None = None
 
 
 class TransitionOut(CampaignOut):
@@ -573,3 +622,30 @@ class TemplateIn(Strict):
     # The whole request must fit the 64 KiB body limit (VOUCHER_MAX_BODY_BYTES).
     body: str = Field(min_length=1, max_length=60_000)
     default: bool = False
+
+
+# --- audit log --------------------------------------------------------------------------
+
+
+class AuditActorOut(BaseModel):
+    kind: Literal["user", "api_key", "system"]
+    id: str
+    key_id: str | None = None
+
+
+class AuditEntryOut(BaseModel):
+    """Who did what to which resource, when, and the change (``{field: [before, after]}``
+    for most actions)."""
+
+    id: int
+    at: datetime
+    actor: AuditActorOut
+    action: str
+    resource_type: str
+    resource_id: str
+    change: dict[str, Any]
+
+
+class AuditPageOut(BaseModel):
+    data: list[AuditEntryOut]
+    next_cursor: str | None = None

@@ -53,6 +53,7 @@ _STATUS_BY_CLASS: dict[type, int] = {
     errors.CampaignEnded: 410,
     errors.CodeVoid: 410,
     errors.Unavailable: 503,
+    errors.VersionMismatch: 412,
 }
 
 # Seconds a client should wait before retrying a 503 (a shard reloads in about that).
@@ -413,6 +414,7 @@ _WHEN: dict[int, str] = {
     404: "No such resource",
     409: "Conflicts with the current state (duplicate, illegal transition, not redeemable)",
     410: "Gone for good (campaign ended or expired, code void)",
+    412: "If-Match names a version the resource no longer has",
     413: "Request body too large",
     415: "Unsupported Content-Type for this endpoint",
     422: "Request validation failed",

@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from engine.audit import Actor
 from engine.errors import Conflict, InvalidInput, NotFound
 from engine.settings import Settings
 from serve.auth import (
@@ -41,6 +42,7 @@ from serve.auth import (
     Principal,
     RoleNotDelegable,
     WeakPassword,
+    actor_of,
     canonical_roles,
     check_api_key_roles,
     check_password,
@@ -250,9 +252,12 @@ class UserStore:
             raise UnknownUser("no user with this email")
         return _user(row)
 
-    async def set_roles(self, user_id: str, roles: Sequence[str]) -> dict[str, Any]:
-        """Replace the user's roles. InvalidRole (422) for an unknown name, UnknownUser
-        (404), LastAdmin (409) when it would leave no admin. Applies at the next login."""
+    async def set_roles(
+        self, user_id: str, roles: Sequence[str], actor: Actor | None = None
+    ) -> dict[str, Any]:
+        """Replace the user's roles (``actor`` recorded in the audit log). InvalidRole
+        (422) for an unknown name, UnknownUser (404), LastAdmin (409) when it would leave
+        no admin. Applies at the next login."""
         wanted = canonical_roles(roles)
 
         def keep_an_admin(admins: set[str]) -> None:
@@ -260,7 +265,11 @@ class UserStore:
                 raise LastAdmin("this is the last admin; make another admin first")
 
         row = await users.set_roles(
-            await self._db(), user_id, list(wanted), None if "admin" in wanted else keep_an_admin
+            await self._db(),
+            user_id,
+            list(wanted),
+            None if "admin" in wanted else keep_an_admin,
+            actor,
         )
         if row is None:
             raise UnknownUser(f"no user {user_id!r}")
@@ -325,7 +334,13 @@ class UserStore:
         for _ in range(3):
             parts = generate_api_key()
             stored = await users.insert_api_key(
-                pool, parts.key_id, owner.user_id, label, hash_api_secret(parts.secret), list(wanted)
+                pool,
+                parts.key_id,
+                owner.user_id,
+                label,
+                hash_api_secret(parts.secret),
+                list(wanted),
+                actor_of(owner),
             )
             if not stored:
                 continue  # 60-bit id collision: astronomically rare, just draw again
@@ -340,7 +355,7 @@ class UserStore:
         owner_id = await users.api_key_owner(pool, key_id)
         if owner_id is None or not (owner_id == by.user_id or by.has("admin")):
             raise UnknownApiKey(f"no API key {key_id!r}")
-        await users.revoke_api_key(pool, key_id)
+        await users.revoke_api_key(pool, key_id, actor_of(by))
         log.info("API key %s revoked by %s", key_id, by.user_id)
 
     async def api_key_ids(self, owner_id: str) -> list[str]:

@@ -12,9 +12,11 @@ import asyncpg
 import msgspec
 
 from engine import errors
+from engine.audit import Actor
 from engine.campaigns import Campaign
 from engine.events import AVAILABLE
 from engine.routing import bucket_of
+from store import audit, events
 from store.fencing import Fence, bump, fenced
 
 _campaign_decoder = msgspec.json.Decoder(Campaign)
@@ -26,11 +28,46 @@ _INSERT_SHARED_CODE = (
 )
 
 
-async def insert_campaign(conn: asyncpg.Connection, c: Campaign, *, fence: Fence | None) -> None:
-    """Insert ``c`` (and its shared code's row). Raises :class:`errors.DuplicateCampaign`
-    when its id or shared code is taken."""
+class History(msgspec.Struct, frozen=True):
+    """What a campaign change writes beside the campaign's row, in its transaction: the
+    ``event`` (``campaign.created|updated|activated|paused|ended``) and the audit entry
+    (``actor`` did ``action``; ``change`` as ``{field: [before, after]}``)."""
+
+    event: str
+    actor: Actor
+    action: str
+    change: dict[str, Any]
+
+
+def event_id(c: Campaign) -> str:
+    """A campaign change's event id: one per version, so a retried write is one event."""
+    return f"evt_{c.id}_v{c.version}"
+
+
+def event_data(c: Campaign) -> dict[str, Any]:
+    """The campaign as the API shows it (``code_spec`` is ``code`` at the edge)."""
+    data: dict[str, Any] = msgspec.json.decode(_campaign_encoder.encode(c))
+    data["code"] = data.pop("code_spec", {})
+    return data
+
+
+async def _record(conn: asyncpg.Connection, c: Campaign, history: History | None) -> None:
+    if history is None:
+        return
+    data = event_data(c) | {"changed": sorted(history.change)}
+    await events.record(
+        conn, history.event, data, campaign_id=c.id, resource_id=c.id, event_id=event_id(c)
+    )
+    await audit.record(conn, history.actor, history.action, "campaign", c.id, history.change)
+
+
+async def insert_campaign(
+    conn: asyncpg.Connection, c: Campaign, *, fence: Fence | None, history: History | None = None
+) -> None:
+    """Insert ``c`` (and its shared code's row, and ``history``). Raises
+    :class:`errors.DuplicateCampaign` when its id or shared code is taken."""
     try:
-        await _insert_campaign(conn, c, fence)
+        await _insert_campaign(conn, c, fence, history)
     except asyncpg.UniqueViolationError as exc:
         what = "code" if "vouchers" in str(exc) else "id"
         raise errors.DuplicateCampaign(
@@ -38,7 +75,9 @@ async def insert_campaign(conn: asyncpg.Connection, c: Campaign, *, fence: Fence
         ) from exc
 
 
-async def _insert_campaign(conn: asyncpg.Connection, c: Campaign, fence: Fence | None) -> None:
+async def _insert_campaign(
+    conn: asyncpg.Connection, c: Campaign, fence: Fence | None, history: History | None
+) -> None:
     async with fenced(conn, fence):
         await conn.execute(
             "INSERT INTO campaigns (id, name, type, state, spec, created_at, updated_at,"
@@ -54,28 +93,37 @@ async def _insert_campaign(conn: asyncpg.Connection, c: Campaign, fence: Fence |
         )
         if c.shared_code is not None:
             await conn.execute(_INSERT_SHARED_CODE, c.shared_code, c.id, bucket_of(c.shared_code))
+        await _record(conn, c, history)
 
 
 async def update_campaign(
-    conn: asyncpg.Connection, c: Campaign, *, was: int, fence: Fence | None
+    conn: asyncpg.Connection,
+    c: Campaign,
+    *,
+    was: int,
+    fence: Fence | None,
+    history: History | None = None,
 ) -> None:
-    """Store ``c`` over the row at version ``was``; raises :class:`errors.Unavailable` when
-    the row moved on (another writer: this one must reload rather than overwrite it)."""
+    """Store ``c`` over the row at version ``was`` (with ``history``); raises
+    :class:`errors.Unavailable` when the row moved on (another writer: this one must
+    reload rather than overwrite it), and then writes nothing."""
     async with fenced(conn, fence):
         status = await conn.execute(
-            "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5"
-            " WHERE id = $1 AND version = $6",
+            "UPDATE campaigns SET state = $2, spec = $3::jsonb, updated_at = $4, version = $5,"
+            " name = $7 WHERE id = $1 AND version = $6",
             c.id,
             c.state,
             _campaign_encoder.encode(c).decode(),
             c.updated_at,
             c.version,
             was,
+            c.name,
         )
-    if status != "UPDATE 1":
-        raise errors.Unavailable(
-            f"campaign {c.id} changed in storage since version {was}; not overwritten"
-        )
+        if status != "UPDATE 1":
+            raise errors.Unavailable(
+                f"campaign {c.id} changed in storage since version {was}; not overwritten"
+            )
+        await _record(conn, c, history)
 
 
 async def load_campaigns(conn: asyncpg.Connection) -> list[Campaign]:

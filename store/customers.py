@@ -18,6 +18,7 @@ from store import audit
 from store.pools import Db
 
 MAX_REPORTED_REJECTIONS = 1000
+_AUDITED_IDS = 100  # ids named in an import batch's audit entry
 COLUMNS = (
     "id, email, phone, push_token, name, locale, time_zone, consent_email, consent_sms,"
     " consent_push, tags, metadata::text AS metadata, user_id, created_at, updated_at"
@@ -69,18 +70,25 @@ async def upsert(db: asyncpg.Pool | asyncpg.Connection, batch: Sequence[Customer
     return len(unique)
 
 
-async def create(db: asyncpg.Pool, customer: Customer) -> dict[str, Any]:
+async def create(
+    db: asyncpg.Pool, customer: Customer, actor: Actor | None = None
+) -> dict[str, Any]:
+    """Insert one customer (with ``actor``'s audit entry); a taken id is a conflict."""
     cols = _columns([customer])
-    row = await db.fetchrow(
-        "INSERT INTO customers (id, email, phone, push_token, name, locale, time_zone,"
-        " consent_email, consent_sms, consent_push, tags, metadata)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-        " coalesce(string_to_array($11, E'\\x1f'), '{}'), $12::jsonb)"
-        f" ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}",
-        *[c[0] for c in cols],
-    )
-    if row is None:
-        raise errors.Conflict(f"customer {customer.id} exists already")
+    async with audit.changing(db) as conn:
+        row = await conn.fetchrow(
+            "INSERT INTO customers (id, email, phone, push_token, name, locale, time_zone,"
+            " consent_email, consent_sms, consent_push, tags, metadata)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+            " coalesce(string_to_array($11, E'\\x1f'), '{}'), $12::jsonb)"
+            f" ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}",
+            *[c[0] for c in cols],
+        )
+        if row is None:
+            raise errors.Conflict(f"customer {customer.id} exists already")
+        if actor is not None:
+            change = {"customer": [None, customer.id]}
+            await audit.record(conn, actor, "customer.create", "customer", customer.id, change)
     return _out(row)
 
 
@@ -215,9 +223,12 @@ async def import_stream(
     content_type: str | None,
     chunks: AsyncIterator[bytes],
     batch_size: int,
+    actor: Actor | None = None,
 ) -> dict[str, Any]:
     """Parse ``chunks`` as they arrive and upsert valid rows every ``batch_size``; holds
-    one batch and the rejection report (capped) in memory, never the whole file."""
+    one batch and the rejection report (capped) in memory, never the whole file. Each
+    batch is written with one audit entry of ``actor`` (how many customers, the first
+    ids) in its transaction."""
     parser = parser_for(content_type)
     batch: list[Customer] = []
     rejections: list[dict[str, Any]] = []
@@ -226,7 +237,12 @@ async def import_stream(
     async def flush() -> None:
         nonlocal imported, batch
         if batch:
-            await upsert(db, batch)
+            async with audit.changing(db) as conn:
+                n = await upsert(conn, batch)
+                if actor is not None:
+                    ids = list(dict.fromkeys(c.id for c in batch))
+                    change = {"upserted": n, "ids": ids[:_AUDITED_IDS]}
+                    await audit.record(conn, actor, "customers.import", "customer", "*", change)
             imported += len(batch)
             batch = []
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import asyncpg
 
+from engine.audit import Actor
+from store import audit
 from store.pools import Db
 
 USER_COLUMNS = "id, email, name, roles, created_at, updated_at"
@@ -88,22 +90,29 @@ async def set_roles(
     user_id: str,
     roles: list[str],
     check_admins: Callable[[set[str]], None] | None,
+    actor: Actor | None = None,
 ) -> asyncpg.Record | None:
-    """Replace the user's roles in one transaction; the updated row, or None for an
-    unknown user. ``check_admins`` (when given) sees the ids of every admin, their rows
-    locked first (two concurrent demotions cannot both pass it), and may refuse."""
+    """Replace the user's roles in one transaction (with ``actor``'s audit entry); the
+    updated row, or None for an unknown user. ``check_admins`` (when given) sees the ids of
+    every admin, their rows locked first (two concurrent demotions cannot both pass it),
+    and may refuse."""
     async with pool.acquire() as conn, conn.transaction():
         if check_admins is not None:
             admins = await conn.fetch(
                 "SELECT id FROM users WHERE 'admin' = ANY(roles) ORDER BY id FOR UPDATE"
             )
             check_admins({r["id"] for r in admins})
-        return await conn.fetchrow(
+        before = await conn.fetchval("SELECT roles FROM users WHERE id = $1 FOR UPDATE", user_id)
+        row = await conn.fetchrow(
             f"UPDATE users SET roles = $2, updated_at = now() WHERE id = $1"
             f" RETURNING {USER_COLUMNS}",
             user_id,
             roles,
         )
+        if row is not None and actor is not None and list(before) != roles:
+            change = {"roles": [list(before), roles]}
+            await audit.record(conn, actor, "user.set_roles", "user", user_id, change)
+        return row
 
 
 async def grant_admin(db: Db, user_id: str) -> bool:
@@ -123,19 +132,30 @@ async def grant_admin(db: Db, user_id: str) -> bool:
 
 
 async def insert_api_key(
-    db: Db, key_id: str, owner_id: str, name: str, secret_hash: str, roles: list[str]
+    db: Db,
+    key_id: str,
+    owner_id: str,
+    name: str,
+    secret_hash: str,
+    roles: list[str],
+    actor: Actor | None = None,
 ) -> bool:
-    """Store a key; False when ``key_id`` is taken already."""
+    """Store a key (with ``actor``'s audit entry); False when ``key_id`` is taken
+    already."""
     try:
-        await db.execute(
-            "INSERT INTO api_keys (id, owner_id, name, secret_hash, roles)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            key_id,
-            owner_id,
-            name,
-            secret_hash,
-            roles,
-        )
+        async with audit.changing(db) as conn:
+            await conn.execute(
+                "INSERT INTO api_keys (id, owner_id, name, secret_hash, roles)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                key_id,
+                owner_id,
+                name,
+                secret_hash,
+                roles,
+            )
+            if actor is not None:
+                change = {"owner_id": [None, owner_id], "name": [None, name], "roles": [None, roles]}
+                await audit.record(conn, actor, "api_key.create", "api_key", key_id, change)
     except asyncpg.UniqueViolationError:
         return False
     return True
@@ -146,10 +166,14 @@ async def api_key_owner(db: Db, key_id: str) -> str | None:
     return None if row is None else str(row["owner_id"])
 
 
-async def revoke_api_key(db: Db, key_id: str) -> None:
-    await db.execute(
-        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
-    )
+async def revoke_api_key(db: Db, key_id: str, actor: Actor | None = None) -> None:
+    async with audit.changing(db) as conn:
+        status = await conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
+        )
+        if status == "UPDATE 1" and actor is not None:
+            change = {"revoked": [False, True]}
+            await audit.record(conn, actor, "api_key.revoke", "api_key", key_id, change)
 
 
 async def api_key_ids(db: Db, owner_id: str) -> list[str]:

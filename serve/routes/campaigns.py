@@ -9,6 +9,7 @@ from fastapi import Query, Request, Response
 from actors.calls import Failure
 from actors.issuance import JOB_PREFIX as ISSUANCE_JOB_PREFIX
 from engine import errors
+from engine import metadata as metadata_filter
 from serve.auth import Principal, actor_of, customer_only
 from serve.models import (
     MAX_INT64,
@@ -23,6 +24,7 @@ from serve.models import (
 )
 from serve.problems import problem_responses
 from serve.record_models import ExportOut
+from serve.routes.campaign_editing import etag, with_etag
 from serve.routes.customers import holds
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
 from serve.routes.exports import EXPORT_JOB_PREFIX, export_job
@@ -40,7 +42,7 @@ VoucherWriter = Annotated[Principal, require("vouchers.write")]
 _TRANSITION: dict[str, Any] = dict(
     response_model=TransitionOut,
     tags=["campaigns"],
-    responses=problem_responses(*GUARDED, 404, 409, 422),
+    responses=with_etag(*GUARDED, 404, 409, 422),
 )
 _PAST = {"activate": "started", "pause": "paused", "end": "ended"}
 
@@ -63,9 +65,9 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 async def create_campaign(body: CampaignIn, response: Response, caller: Writer, svc: Svc) -> Any:
     fields = body.model_dump(exclude_none=True)
     fields["windows"] = [w for w in fields.get("windows", [])]
-    c = unwrap(await svc.campaigns.create.remote(fields))
+    c = unwrap(await svc.campaigns.create.remote(fields, actor_of(caller)))
     response.headers["Location"] = f"/v1/campaigns/{c['id']}"
-    return c
+    return etag(response, c)
 
 
 @routes.get("/v1/campaigns", tags=["campaigns"], responses=problem_responses(*GUARDED, 422))
@@ -75,22 +77,30 @@ async def list_campaigns(
     state: str | None = Query(None, pattern="^(draft|active|paused|ended)$"),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=MAX_INT64),
+    metadata: str | None = Query(
+        None,
+        max_length=300,
+        description="key=value: only campaigns whose metadata has that key with that value "
+        "(read as JSON when it is a JSON scalar, e.g. 42 or true, else as a string)",
+    ),
 ) -> Any:
-    return unwrap(await svc.campaigns.list.remote(state, limit, offset))
+    wanted = metadata_filter.parse_filter(metadata) if metadata is not None else None
+    return unwrap(await svc.campaigns.list.remote(state, limit, offset, wanted))
 
 
 @routes.get(
     "/v1/campaigns/{campaign_id}",
     response_model=CampaignOut,
     tags=["campaigns"],
-    responses=problem_responses(*GUARDED, 404, 422),
+    responses=with_etag(*GUARDED, 404, 422),
 )
-async def get_campaign(campaign_id: str, caller: Reader, svc: Svc) -> Any:
-    return unwrap(await svc.campaigns.get.remote(campaign_id))
+async def get_campaign(campaign_id: str, response: Response, caller: Reader, svc: Svc) -> Any:
+    """The campaign, with its version as ``ETag`` (send it in ``If-Match`` to edit)."""
+    return etag(response, unwrap(await svc.campaigns.get.remote(campaign_id)))
 
 
-async def _transition(svc: Svc, campaign_id: str, action: str) -> Any:
-    c = unwrap(await svc.campaigns.transition.remote(campaign_id, action))
+async def _transition(svc: Svc, campaign_id: str, action: str, caller: Principal) -> Any:
+    c = unwrap(await svc.campaigns.transition.remote(campaign_id, action, actor_of(caller)))
     svc.notifications.record.remote(
         f"campaign_{_PAST[action]}", campaign_id, f"campaign {c['name']} ({campaign_id}) {_PAST[action]}"
     )
@@ -98,18 +108,18 @@ async def _transition(svc: Svc, campaign_id: str, action: str) -> Any:
 
 
 @routes.post("/v1/campaigns/{campaign_id}/activate", **_TRANSITION)
-async def activate(campaign_id: str, caller: Writer, svc: Svc) -> Any:
-    return await _transition(svc, campaign_id, "activate")
+async def activate(campaign_id: str, response: Response, caller: Writer, svc: Svc) -> Any:
+    return etag(response, await _transition(svc, campaign_id, "activate", caller))
 
 
 @routes.post("/v1/campaigns/{campaign_id}/pause", **_TRANSITION)
-async def pause(campaign_id: str, caller: Writer, svc: Svc) -> Any:
-    return await _transition(svc, campaign_id, "pause")
+async def pause(campaign_id: str, response: Response, caller: Writer, svc: Svc) -> Any:
+    return etag(response, await _transition(svc, campaign_id, "pause", caller))
 
 
 @routes.post("/v1/campaigns/{campaign_id}/end", **_TRANSITION)
-async def end(campaign_id: str, caller: Writer, svc: Svc) -> Any:
-    return await _transition(svc, campaign_id, "end")
+async def end(campaign_id: str, response: Response, caller: Writer, svc: Svc) -> Any:
+    return etag(response, await _transition(svc, campaign_id, "end", caller))
 
 
 @routes.post(

@@ -34,7 +34,9 @@ Issuer = Annotated[Principal, require("issuance.create")]
     responses=problem_responses(*GUARDED, *BODY, 409),
 )
 async def create_customer(body: CustomerIn, response: Response, caller: Writer, svc: Svc) -> Any:
-    c = unwrap(await svc.customers.create.remote(body.model_dump(exclude_none=True)))
+    c = unwrap(
+        await svc.customers.create.remote(body.model_dump(exclude_none=True), actor_of(caller))
+    )
     response.headers["Location"] = f"/v1/customers/{quote(c['id'], safe='')}"
     return c
 
@@ -133,6 +135,7 @@ async def import_customers(request: Request, caller: Writer, svc: Svc) -> Any:
         request.headers.get("content-type"),
         request.stream(),
         svc.settings.import_batch,
+        actor_of(caller),
     )
 
 

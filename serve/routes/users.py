@@ -6,7 +6,7 @@ from fastapi import Query, Request, Response
 
 from actors.calls import Failure
 from engine import keys
-from serve.auth import Principal
+from serve.auth import Principal, actor_of
 from serve.devices import account_key
 from serve.gate import RateLimited
 from serve.models import ApiKeyIn, ApiKeyOut, LoginIn, RegisterIn, RolesIn, TokenOut, UserOut
@@ -87,7 +87,7 @@ async def my_vouchers(caller: VoucherReader, svc: Svc, limit: int = Query(100, g
     responses=problem_responses(*GUARDED, *BODY, 404, 409),
 )
 async def set_roles(user_id: str, body: RolesIn, caller: RoleSetter, svc: Svc) -> Any:
-    return unwrap(await svc.users.set_roles.remote(user_id, body.roles))
+    return unwrap(await svc.users.set_roles.remote(user_id, body.roles, actor_of(caller)))
 
 
 @routes.post(

@@ -50,14 +50,20 @@ def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool
     range too long): the API answers those with a 422 problem of its own type. And no
     string may hold a NUL character (the API's description says so; Postgres cannot store
     one): those are ``unstorable_text`` validation errors; and metadata has a size and a
-    depth JSON Schema does not bound: ``invalid_metadata``. Any other 422
-    ``validation-error`` is the request model refusing what the schema allows -- a real
-    mismatch, kept -- and so is every other status."""
-    if getattr(failure, "code", None) == "ST202" and response.status_code == 410:
+    depth JSON Schema does not bound: ``invalid_metadata``. A well-formed ``If-Match`` that
+    names another version than the resource has is refused with 412 ``version_mismatch``:
+    the client's stale copy, not a schema mismatch. Any other 422 ``validation-error`` is
+    the request model refusing what the schema allows -- a real mismatch, kept -- and so is
+    every other status."""
+    if getattr(failure, "code", None) != "ST202":
+        return True
+    if response.status_code == 410:
         # what the request found (a code of a campaign that ended, listed by the code list
         # or the history), a documented answer of the checkout routes, not a schema mismatch
         return not _problem(response).get("code")
-    if getattr(failure, "code", None) != "ST202" or response.status_code != 422:
+    if response.status_code == 412:
+        return _problem(response).get("code") != "version_mismatch"
+    if response.status_code != 422:
         return True
     problem = _problem(response)
     if problem.get("type") != VALIDATION_ERROR:

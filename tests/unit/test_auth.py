@@ -530,6 +530,7 @@ EXPECTED = {
     "webhooks.read": {"admin", "manager"},
     "webhooks.write": {"admin", "manager"},
     "events.read": {"admin", "manager"},
+    "audit.read": {"admin"},
 }
 
 

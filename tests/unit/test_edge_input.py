@@ -248,7 +248,7 @@ def test_fast_lane_hands_unstorable_bodies_to_the_validating_route(client: TestC
         ("PUT", "/v1/customers", "GET, POST"),
         ("OPTIONS", "/v1/notification-webhooks", "GET, POST"),
         ("PATCH", "/v1/redemptions", "GET, POST"),  # the fast lane's path too
-        ("OPTIONS", "/v1/campaigns/c1", "GET"),
+        ("OPTIONS", "/v1/campaigns/c1", "GET, PATCH"),
         ("DELETE", "/v1/campaigns/c1/templates/email", "PUT"),
         # a concrete path shadows the templated one (/v1/customers/{customer_id}): GET of
         # the import endpoint is not a look-up of the customer "import"

@@ -144,7 +144,7 @@ def test_every_registered_code_has_a_status_and_problem() -> None:
     cat = catalog()
     assert set(cat) == set(errors.registry())
     for code, entry in cat.items():
-        assert entry["status"] in {401, 403, 404, 409, 410, 415, 422, 500, 503}, code
+        assert entry["status"] in {401, 403, 404, 409, 410, 412, 415, 422, 500, 503}, code
         assert entry["type"] == PROBLEM_BASE + code.replace("_", "-")
     # Nothing a client can cause on purpose should look like a server bug.
     assert [c for c, e in cat.items() if e["status"] == 500] == ["config_error", "voucher_error"]

@@ -18,7 +18,8 @@ def test_campaigns_are_created_by_staff_who_write() -> None:
         assert r.status_code == 201, r.text
         assert r.headers["location"] == "/v1/campaigns/cmp_1"
         assert r.headers["ratelimit-limit"] == "100"  # set by the guard on the route's response
-        [(fields,)] = fakes.campaigns.called("create")
+        [(fields, actor)] = fakes.campaigns.called("create")
+        assert actor == Actor("user", "usr_1")
         assert fields["name"] == "Spring" and fields["discount"] == {"kind": "percent", "value": 10}
         assert fields["windows"] == []
 
@@ -36,7 +37,7 @@ def test_campaigns_are_listed_and_read_with_their_parameters() -> None:
         assert_refused(client, fakes, "GET", "/v1/campaigns", "campaigns.read", "integration")
         r = client.get("/v1/campaigns?state=active&limit=5&offset=10", headers=fakes.token("analyst"))
         assert r.json() == {"items": []}
-        assert fakes.campaigns.called("list") == [("active", 5, 10)]
+        assert fakes.campaigns.called("list") == [("active", 5, 10, None)]
         r = client.get("/v1/campaigns/cmp_1", headers=fakes.token("analyst"))
         assert r.json()["id"] == "cmp_1"
         fakes.campaigns.answers["get"] = Failure("unknown_campaign", "no campaign cmp_2")
@@ -49,7 +50,7 @@ def test_transitions_notify_the_staff() -> None:
         for action, word in (("activate", "started"), ("pause", "paused"), ("end", "ended")):
             r = client.post(f"/v1/campaigns/cmp_1/{action}", headers=fakes.token("manager"))
             assert r.status_code == 200 and r.json()["state"] == "active"
-            assert fakes.campaigns.called("transition")[-1] == ("cmp_1", action)
+            assert fakes.campaigns.called("transition")[-1] == ("cmp_1", action, Actor("user", "usr_1"))
             assert fakes.notifications.called("record")[-1] == (
                 f"campaign_{word}", "cmp_1", f"campaign Spring (cmp_1) {word}"
             )

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 
+from engine.audit import Actor
 from tests.route_fakes import assert_refused, gateway, problem_of
 
 CUSTOMER: dict[str, Any] = {
@@ -18,7 +19,7 @@ def test_customers_are_created_by_staff_who_write() -> None:
         r = client.post("/v1/customers", json={"id": "c/1", "tags": ["vip"]}, headers=fakes.token("manager"))
         assert r.status_code == 201, r.text
         assert r.headers["location"] == "/v1/customers/c%2F1"
-        assert fakes.customers.called("create") == [({"id": "c/1", "tags": ["vip"]},)]
+        assert fakes.customers.called("create") == [({"id": "c/1", "tags": ["vip"]}, Actor("user", "usr_1"))]
         r = client.post("/v1/customers", json={"id": ""}, headers=fakes.token("manager"))
         assert any(e["loc"] == ["body", "id"] for e in problem_of(r, 422)["errors"])
 
@@ -55,9 +56,9 @@ def test_import_is_refused_before_its_body_is_read() -> None:
 def test_import_streams_into_the_gateways_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    async def import_stream(pool: Any, ctype: str, chunks: Any, batch: int) -> dict[str, Any]:
+    async def import_stream(pool: Any, ctype: str, chunks: Any, batch: int, actor: Actor) -> dict[str, Any]:
         body = b"".join([c async for c in chunks])
-        seen.update(pool=pool, ctype=ctype, body=body, batch=batch)
+        seen.update(pool=pool, ctype=ctype, body=body, batch=batch, actor=actor)
         return {"rows": 1, "imported": 1, "rejected": 0, "rejections": [], "rejections_truncated": False}
 
     import store.customers
@@ -68,7 +69,7 @@ def test_import_streams_into_the_gateways_pool(monkeypatch: pytest.MonkeyPatch) 
                         headers={**fakes.token("manager"), "content-type": "text/csv"})
     assert r.status_code == 200, r.text
     assert seen == {"pool": "pool", "ctype": "text/csv", "body": b"id\nc1\n",
-                    "batch": fakes.services.settings.import_batch}
+                    "batch": fakes.services.settings.import_batch, "actor": Actor("user", "usr_1")}
 
 
 def test_issuance_starts_a_job() -> None:

@@ -2,6 +2,7 @@
 (serve/routes/users.py) over fake services."""
 
 from actors.calls import Failure
+from engine.audit import Actor
 from serve.auth import API_KEY_PREFIX, KEY_ID_LEN, SECRET_LEN, Principal
 from serve.devices import account_key
 from tests.route_fakes import assert_refused, decision, gateway, problem_of
@@ -87,7 +88,7 @@ def test_roles_are_set_by_admins_only() -> None:
         assert problem_of(r, 422)["errors"][0]["loc"][:2] == ["body", "roles"]
         r = client.put("/v1/users/usr_2/roles", json={"roles": ["manager"]}, headers=fakes.token("admin"))
         assert r.status_code == 200 and r.json()["roles"] == ["manager"]
-        assert fakes.users.called("set_roles") == [("usr_2", ["manager"])]
+        assert fakes.users.called("set_roles") == [("usr_2", ["manager"], Actor("user", "usr_1"))]
 
 
 def test_api_keys_act_for_their_creator() -> None:
