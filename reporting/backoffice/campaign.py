@@ -37,9 +37,15 @@ def lifecycle(c: dict[str, Any]) -> None:
 
 
 def edit_form(c: dict[str, Any], etag: str) -> None:
+    """The form shows the campaign as read now; a save sends the entity tag of the version
+    the user saw when the form was drawn, so a change made by someone else in between is
+    refused (412) instead of overwritten."""
     st.subheader("Edit")
     if not ui.offered("PATCH", "/v1/campaigns/{campaign_id}", "campaign editing"):
         return
+    seen = st.session_state.get("bo_edit_seen")
+    seen_etag = seen[1] if isinstance(seen, tuple) and seen[0] == c["id"] else etag
+    st.session_state["bo_edit_seen"] = (c["id"], etag)
     limits = c.get("limits") or {}
     discount = c.get("discount") or {}
     with st.form("bo-edit-campaign"):
@@ -71,7 +77,7 @@ def edit_form(c: dict[str, Any], etag: str) -> None:
         st.info("Nothing changed.")
         return
     try:
-        after = ui.client().edit_campaign(c["id"], changes, etag)
+        after = ui.client().edit_campaign(c["id"], changes, seen_etag)
     except ApiError as exc:
         ui.show_problem(exc, "edit campaigns")
         return
