@@ -29,7 +29,7 @@ class ApiError(Exception):
 
     @property
     def missing_endpoint(self) -> bool:
-        """The API this app talks to does not offer the route (an older engine)."""
+        """The API this app talks to has no such route (an engine without it)."""
         return self.status == 405 or (self.status == 404 and not self.code)
 
 

@@ -16,7 +16,7 @@ COLUMNS = ["code", "status", "customer_id", "active", "starts_at", "expires_at",
 
 def browse(cid: str) -> None:
     st.subheader("Codes")
-    if not ui.offered("GET", "/v1/campaigns/{campaign_id}/vouchers", "a list of a campaign's codes"):
+    if not ui.offered("GET", "/v1/campaigns/{campaign_id}/vouchers", "list a campaign's codes"):
         return
     a, b, c = st.columns(3)
     status = a.selectbox("Status", STATUSES, format_func=lambda s: s or "any", key="bo_browse_status")
@@ -31,7 +31,7 @@ def browse(cid: str) -> None:
     try:
         page = ui.client().vouchers(cid, status=status or None, customer_id=customer, limit=limit, cursor=cursors[-1])
     except ApiError as exc:
-        ui.show_problem(exc, "a list of a campaign's codes")
+        ui.show_problem(exc, "list a campaign's codes")
         return
     rows = page.get("data") or []
     st.caption(f"Page {len(cursors)} · {len(rows)} codes" + ("" if page.get("next_cursor") else " · the last page"))
@@ -47,7 +47,7 @@ def browse(cid: str) -> None:
 
 def export(cid: str) -> None:
     st.subheader("Export")
-    if not ui.offered("POST", "/v1/campaigns/{campaign_id}/exports", "exports of a campaign's codes"):
+    if not ui.offered("POST", "/v1/campaigns/{campaign_id}/exports", "export a campaign's codes"):
         return
     with st.form("bo-export"):
         status = st.selectbox("Codes", STATUSES, format_func=lambda s: s or "all", key="bo_export_status")
@@ -59,7 +59,7 @@ def export(cid: str) -> None:
             job = api.start_export(cid, status or None)
             job = ui.follow_job(lambda: api.export_job(job["id"]), job)
         except ApiError as exc:
-            ui.show_problem(exc, "exports of a campaign's codes")
+            ui.show_problem(exc, "export a campaign's codes")
             return
         if job.get("state") not in ("done", "completed"):
             st.warning(f"The export is {job.get('state')}: {ui.job_line(job)}")
@@ -70,7 +70,7 @@ def export(cid: str) -> None:
         try:
             data = ui.client().download_export(done["id"])
         except ApiError as exc:
-            ui.show_problem(exc, "export downloads")
+            ui.show_problem(exc, "download exports")
             return
         lines = max(0, data.count(b"\n") - 1)
         st.success(f"Export {done['id']} is ready: {lines:,} codes.")

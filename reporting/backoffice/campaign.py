@@ -41,7 +41,7 @@ def edit_form(c: dict[str, Any], etag: str) -> None:
     the user saw when the form was drawn, so a change made by someone else in between is
     refused (412) instead of overwritten."""
     st.subheader("Edit")
-    if not ui.offered("PATCH", "/v1/campaigns/{campaign_id}", "campaign editing"):
+    if not ui.offered("PATCH", "/v1/campaigns/{campaign_id}", "edit campaigns"):
         return
     seen = st.session_state.get("bo_edit_seen")
     seen_etag = seen[1] if isinstance(seen, tuple) and seen[0] == c["id"] else etag

@@ -16,7 +16,7 @@ CHANNELS = ("email", "sms", "push")
 
 def publish(cid: str) -> None:
     st.subheader("Publish a code to a customer")
-    if not ui.offered("POST", "/v1/campaigns/{campaign_id}/publications", "publishing a code to one customer"):
+    if not ui.offered("POST", "/v1/campaigns/{campaign_id}/publications", "publish a code to one customer"):
         return
     with st.form("bo-publish"):
         customer = st.text_input("Customer id", key="bo_publish_customer")

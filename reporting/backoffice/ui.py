@@ -57,7 +57,7 @@ def show_problem(exc: ApiError, what: str) -> None:
         st.warning("Your session expired; please log in again.")
         st.rerun()
     if exc.missing_endpoint:
-        st.warning(f"This engine's API does not offer {what} (it answered {exc.status}: {exc.detail}).")
+        st.warning(f"This engine's API cannot {what} (it answered {exc.status}: {exc.detail}).")
     elif exc.status == 403:
         st.error(f"Your role may not {what}: {exc.detail}")
     elif exc.status == 412:
@@ -73,9 +73,9 @@ def offered(method: str, path: str, what: str) -> bool:
         if client().offers(method, path):
             return True
     except ApiError as exc:
-        show_problem(exc, "its OpenAPI document")
+        show_problem(exc, "show its OpenAPI document")
         return False
-    st.info(f"This engine's API does not offer {what} (`{method} {path}`); the page works once it does.")
+    st.info(f"This engine's API cannot {what}: it has no `{method} {path}`.")
     return False
 
 
@@ -167,12 +167,12 @@ REDEMPTION_COLUMNS = ["id", "created_at", "code", "campaign_id", "customer_id", 
 
 def redemptions_table(what: str, **filters: Any) -> None:
     """The redemptions that match ``filters`` (rolled back ones too), if the API lists them."""
-    if not offered("GET", "/v1/redemptions", "a list of redemptions"):
+    if not offered("GET", "/v1/redemptions", "list redemptions"):
         return
     try:
         page = client().redemptions(**filters, limit=1000)
     except ApiError as exc:
-        show_problem(exc, "a list of redemptions")
+        show_problem(exc, "list redemptions")
         return
     rows = page.get("data") or []
     if not rows:
