@@ -28,6 +28,7 @@ OPTIONAL = {
     ("PATCH", "/v1/campaigns/{campaign_id}"),
     ("POST", "/v1/campaigns/{campaign_id}/publications"),
     ("GET", "/v1/redemptions"),
+    ("GET", "/v1/exports/{export_id}/download"),
 }
 CORE = {
     ("GET", "/v1/campaigns"), ("POST", "/v1/campaigns"), ("GET", "/v1/campaigns/{campaign_id}"),
@@ -48,6 +49,8 @@ class FakeApi:
         self.documented = documented
         self.lie_about = lie_about  # document the optional routes but answer 404/405
         self.calls: list[tuple[str, str]] = []
+        self.campaign = dict(CAMPAIGN)
+        self.codes = [f"SPRING-{i:03d}" for i in range(7)]
 
     def openapi(self) -> dict[str, Any]:
         paths: dict[str, dict[str, Any]] = {}
@@ -79,16 +82,41 @@ class FakeApi:
         if path == "/v1/reports/campaigns":
             return ok({"campaigns": 0, "totals": {"net_redemptions": 0, "by_currency": {}}, "rows": [], "top": []})
         template = re.sub(r"^/v1/campaigns/[^/]+", "/v1/campaigns/{campaign_id}", path)
+        template = re.sub(r"^/v1/exports/[^/]+", "/v1/exports/{export_id}", template)
         template = re.sub(r"^/v1/(vouchers|customers|jobs)/[^/]+$",
                           lambda m: f"/v1/{m[1]}/{{{dict(vouchers='code', customers='customer_id', jobs='job_id')[m[1]]}}}",
                           template)
+        params = kw.get("params") or {}
         if (method, template) not in self.documented:
             known = {p for _, p in self.documented}
             return problem(405, "Method Not Allowed") if template in known else problem(404, "Not Found")
         if template == "/v1/campaigns":
             return ok({"items": [CAMPAIGN], "total": 1}) if method == "GET" else ok(CAMPAIGN | kw["json"], 201)
-        if template == "/v1/campaigns/{campaign_id}":
-            return ok(CAMPAIGN)
+        c = self.campaign
+        if template == "/v1/campaigns/{campaign_id}" and method == "GET":
+            return httpx.Response(200, json=c, headers={"ETag": f'"{c["version"]}"'}, request=req)
+        if template == "/v1/campaigns/{campaign_id}":  # PATCH
+            if (kw.get("headers") or {}).get("If-Match") != f'"{c["version"]}"':
+                return problem(412, "the campaign changed", "version_mismatch")
+            c.update(kw["json"], version=c["version"] + 1)
+            return ok(c)
+        if template == "/v1/campaigns/{campaign_id}/vouchers":
+            start = int(params.get("cursor", 0))
+            end = start + int(params["limit"])
+            rows = [{"code": x, "status": "available", "customer_id": None, "active": True,
+                     "starts_at": None, "expires_at": None, "metadata": None} for x in self.codes[start:end]]
+            return ok({"data": rows, "next_cursor": str(end) if end < len(self.codes) else None})
+        if template == "/v1/campaigns/{campaign_id}/exports":
+            return ok({"id": "exp-1", "state": "running", "rows": 0, "total": len(self.codes)}, 202)
+        if template == "/v1/jobs/{job_id}" and path.endswith("exp-1"):
+            return ok({"id": "exp-1", "state": "done", "rows": len(self.codes), "total": len(self.codes)})
+        if template == "/v1/exports/{export_id}/download":
+            return httpx.Response(200, text="code,status\n" + "".join(f"{x},available\n" for x in self.codes), request=req)
+        if template == "/v1/campaigns/{campaign_id}/publications":
+            return ok({"code": "SPRING-PUB", "customer_id": kw["json"]["customer_id"], "campaign_id": c["id"]}, 201)
+        if template == "/v1/redemptions":
+            return ok({"data": [{"id": "r1", "code": "SPRING-001", "order_id": params.get("order_id"),
+                                 "customer_id": "k", "status": "succeeded"}], "next_cursor": None})
         if template == "/v1/vouchers/{code}":
             return problem(404, "no such code", "unknown_code")
         if template == "/v1/customers/{customer_id}":
@@ -193,3 +221,36 @@ def test_routes_that_answer_404_or_405_are_a_message_not_a_traceback(app) -> Non
     at.run()
     assert any("No code 'NOPE'" in w for w in _texts(at.warning))
     assert not at.exception
+
+
+def test_pages_of_the_routes_built_alongside_against_their_shapes(app) -> None:
+    at, fake = app("admin", CORE | OPTIONAL)
+    _page(at, "backoffice/browse.py")
+    at.selectbox(key="bo_browse_limit").set_value(25)
+    at.run()
+    assert list(at.dataframe[0].value["code"]) == fake.codes
+    assert any("the last page" in c for c in _texts(at.caption))
+    _click(at, "Export as CSV")
+    assert any("ready: 7 codes" in s for s in _texts(at.success)), _texts(at.success)
+    assert at.get("download_button")
+
+    _page(at, "backoffice/campaign.py")
+    at.text_input(key="bo_edit_name").input("Summer")
+    _click(at, "Save changes")
+    assert fake.campaign["name"] == "Summer" and fake.campaign["version"] == 2
+    assert any("Saved name; version 2" in s for s in _texts(at.success))
+    fake.campaign.update(name="Theirs", version=3)  # someone else saves in between
+    at.number_input(key="bo_edit_total").set_value(100)
+    _click(at, "Save changes")
+    assert any("changed this in the meantime" in e for e in _texts(at.error)), _texts(at.error)
+    assert fake.campaign["version"] == 3
+
+    _page(at, "backoffice/issue.py")
+    at.text_input(key="bo_publish_customer").input("cust-1")
+    _click(at, "Publish")
+    assert any("cust-1 has code SPRING-PUB" in s for s in _texts(at.success))
+
+    _page(at, "backoffice/customers.py")
+    at.text_input(key="bo_order_id").input("order-9")
+    at.run()
+    assert list(at.dataframe[0].value["order_id"]) == ["order-9"]
