@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from reporting.backoffice import ui
@@ -35,7 +34,7 @@ def browse(cid: str) -> None:
         return
     rows = page.get("data") or []
     st.caption(f"Page {len(cursors)} · {len(rows)} codes" + ("" if page.get("next_cursor") else " · the last page"))
-    st.dataframe(pd.DataFrame(rows, columns=COLUMNS), hide_index=True, width="stretch")
+    st.dataframe(ui.frame(rows, COLUMNS), hide_index=True, width="stretch")
     left, right = st.columns(2)
     if left.button("Previous page", disabled=len(cursors) < 2, key="bo_browse_prev"):
         cursors.pop()

@@ -3,6 +3,7 @@ campaign picker, job progress, and problems shown as messages (never a traceback
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -156,13 +157,24 @@ def parse_time(text: str, field: str) -> str | None:
     return value.isoformat()
 
 
+def frame(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:
+    """A table of API rows; nested values (metadata) shown as compact JSON."""
+    flat = [{k: json.dumps(v, separators=(",", ":")) if isinstance(v, dict | list) else v for k, v in r.items()}
+            for r in rows]
+    out = pd.DataFrame(flat)
+    if columns is None:
+        return out
+    known = [c for c in columns if c in out.columns] if len(out.columns) else columns
+    return pd.DataFrame(flat, columns=known + [c for c in out.columns if c not in known])
+
+
 def header(title: str, caption: str) -> None:
     st.header(title)
     st.caption(caption)
 
 
 REDEMPTION_COLUMNS = ["id", "created_at", "code", "campaign_id", "customer_id", "order_id",
-                      "amount", "discount_amount", "currency", "status", "rolled_back_at"]
+                      "order_amount", "discount_amount", "currency", "balance", "status", "rolled_back_at", "metadata"]
 
 
 def redemptions_table(what: str, **filters: Any) -> None:
@@ -178,7 +190,5 @@ def redemptions_table(what: str, **filters: Any) -> None:
     if not rows:
         st.caption(f"No redemptions of {what}.")
         return
-    frame = pd.DataFrame(rows)
-    cols = [c for c in REDEMPTION_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in REDEMPTION_COLUMNS]
     st.caption(f"{len(rows)} redemptions of {what}" + (" (more on later pages)" if page.get("next_cursor") else ""))
-    st.dataframe(frame[cols], hide_index=True, width="stretch")
+    st.dataframe(frame(rows, REDEMPTION_COLUMNS), hide_index=True, width="stretch")
