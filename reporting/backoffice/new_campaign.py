@@ -81,7 +81,8 @@ def main() -> None:
         return
     st.session_state["bo_campaign"] = made["id"]
     st.success(f"Created campaign {made['name']} ({made['id']}), state {made['state']}.")
-    st.json(made, expanded=False)
+    with st.expander("What the API answered"):
+        st.json(made)
 
 
 main()

@@ -61,12 +61,13 @@ def main() -> None:
         else:
             ui.show_problem(exc, "look up codes")
         return
-    cols = st.columns(5)
+    cols = st.columns(4)
     cols[0].metric("Status", v["status"])
-    cols[1].metric("Active", "yes" if v.get("active", True) else "switched off")
+    cols[1].metric("Active", "on" if v.get("active", True) else "off")
     cols[2].metric("Customer", v.get("customer_id") or "–")
-    cols[3].metric("Campaign", v["campaign_id"])
-    cols[4].metric("Reserved", "yes" if v.get("reserved") else "no")
+    cols[3].metric("Reserved", "yes" if v.get("reserved") else "no")
+    window = " – ".join(x or "…" for x in (v.get("starts_at"), v.get("expires_at")))
+    st.caption(f"campaign {v['campaign_id']}" + (f" · own window {window}" if window != "… – …" else ""))
     st.json(v, expanded=False)
     if ui.can_write():
         control(v)
