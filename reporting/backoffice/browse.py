@@ -13,6 +13,19 @@ STATUSES = ("", "available", "assigned", "redeemed", "void")
 COLUMNS = ["code", "status", "customer_id", "active", "starts_at", "expires_at", "metadata"]
 
 
+def counts(cid: str) -> None:
+    """How many codes are in each state, from the shards' memory (every engine has this)."""
+    try:
+        stats = ui.client().overview(cid)["stats"]
+    except ApiError as exc:
+        ui.show_problem(exc, "count a campaign's codes")
+        return
+    cols = st.columns(5)
+    for col, (label, key) in zip(cols, [("Available", "available"), ("Assigned", "assigned"),
+                                        ("Redeemed", "redeemed"), ("Reserved", "held"), ("Void", "void")]):
+        col.metric(label, f"{stats.get(key, 0):,}")
+
+
 def browse(cid: str) -> None:
     st.subheader("Codes")
     if not ui.offered("GET", "/v1/campaigns/{campaign_id}/vouchers", "list a campaign's codes"):
@@ -81,6 +94,7 @@ def main() -> None:
     cid = ui.pick_campaign("bo_browse_pick")
     if cid is None:
         return
+    counts(cid)
     browse(cid)
     if ui.can_write():
         export(cid)

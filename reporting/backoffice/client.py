@@ -69,6 +69,10 @@ class BackOffice(Api):
 
     # --- codes --------------------------------------------------------------------------
 
+    def overview(self, cid: str) -> dict[str, Any]:
+        """The campaign, its counters from the shards and its delivery status."""
+        return dict(self._json("GET", f"/v1/campaigns/{cid}/overview"))
+
     def generate(self, cid: str, count: int) -> dict[str, Any]:
         return dict(self._json("POST", f"/v1/campaigns/{cid}/generate", {"count": count}))
 

@@ -253,6 +253,9 @@ def test_analyst_sees_no_write_pages_and_cannot_switch_codes_off(http_api, admin
     assert {m.label: m.value for m in at.metric}["Status"] == "available"
     assert not [b for b in at.button if b.label in ("Switch off", "Switch on", "Save window")]
     at = open_page(at, "backoffice/browse.py")
+    pick(at, "bo_browse_pick", cid)
+    metrics = {m.label: m.value for m in at.metric}
+    assert (metrics["Available"], metrics["Redeemed"]) == ("5", "0"), metrics
     assert not [b for b in at.button if b.label == "Export as CSV"]
 
     # the admin gets every page

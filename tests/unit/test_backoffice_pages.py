@@ -35,6 +35,7 @@ CORE = {
     ("POST", "/v1/campaigns/{campaign_id}/generate"), ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/vouchers/{code}"), ("PATCH", "/v1/vouchers/{code}"),
     ("GET", "/v1/customers/{customer_id}"), ("POST", "/v1/redemptions"),
+    ("GET", "/v1/campaigns/{campaign_id}/overview"),
 }
 CAMPAIGN = {"id": "c1", "name": "Spring", "type": "discount", "state": "draft", "currency": "EUR",
             "discount": {"kind": "percent", "value": 10}, "limits": {}, "min_order": 0, "version": 1}
@@ -100,6 +101,8 @@ class FakeApi:
                 return problem(412, "the campaign changed", "version_mismatch")
             c.update(kw["json"], version=c["version"] + 1)
             return ok(c)
+        if template == "/v1/campaigns/{campaign_id}/overview":
+            return ok({"campaign": c, "stats": {"available": 5, "assigned": 2}, "delivery": {}})
         if template == "/v1/campaigns/{campaign_id}/vouchers":
             start = int(params.get("cursor", 0))
             end = start + int(params["limit"])
@@ -229,6 +232,7 @@ def test_pages_of_the_routes_built_alongside_against_their_shapes(app) -> None:
     at.selectbox(key="bo_browse_limit").set_value(25)
     at.run()
     assert list(at.dataframe[0].value["code"]) == fake.codes
+    assert {m.label: m.value for m in at.metric}["Available"] == "5"
     assert any("the last page" in c for c in _texts(at.caption))
     _click(at, "Export as CSV")
     assert any("ready: 7 codes" in s for s in _texts(at.success)), _texts(at.success)
