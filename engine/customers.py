@@ -16,12 +16,15 @@ Rules (documented in docs/delivery.md, "Customers"):
   channel must say whether the customer consented to it (a missing consent is rejected).
 * ``tags``: up to 50 segment tags, each 1..64 characters of letters, digits and ``_ . : -``
   (CSV: separated by ``;`` or ``|``); stored lower-case, deduplicated.
+* ``metadata``: the shop's own JSON object (``engine.metadata``; CSV: its JSON text in a
+  quoted cell). Kept as compact JSON text.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import json
 import re
 import zoneinfo
 from collections.abc import Callable, Iterator
@@ -32,7 +35,7 @@ import msgspec
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
-from engine import errors
+from engine import errors, metadata
 from engine.delivery import CHANNELS
 
 FIELDS = (
@@ -47,6 +50,7 @@ FIELDS = (
     "consent_sms",
     "consent_push",
     "tags",
+    "metadata",
 )
 # the address field of each channel, and its consent field
 ADDRESS = {"email": "email", "sms": "phone", "push": "push_token"}
@@ -76,6 +80,7 @@ class Customer(msgspec.Struct, frozen=True, kw_only=True):
     consent_sms: bool = False
     consent_push: bool = False
     tags: tuple[str, ...] = ()
+    metadata: str | None = None  # compact JSON text of a valid metadata object
 
     def address(self, channel: str) -> str | None:
         value: str | None = getattr(self, ADDRESS[channel])
@@ -269,6 +274,16 @@ def validate(raw: dict[str, Any]) -> Customer | list[FieldError]:
             out["tags"] = check_tags(tags)
         except ValueError as exc:
             fail("tags", str(exc))
+
+    meta = raw.get("metadata")
+    if not _missing(meta):
+        try:
+            value = json.loads(meta) if isinstance(meta, str) else meta
+            out["metadata"] = metadata.encoded(metadata.check(value))
+        except (ValueError, RecursionError):
+            fail("metadata", "not JSON: a JSON object is expected")
+        except errors.InvalidMetadata as exc:
+            fail("metadata", exc.message)
 
     if problems:
         return problems

@@ -218,6 +218,12 @@ class UnknownJob(NotFound):
     code = "unknown_job"
 
 
+class UnknownExport(NotFound):
+    """No export has this id."""
+
+    code = "unknown_export"
+
+
 # --- conflicts -------------------------------------------------------------------------
 
 
@@ -245,6 +251,12 @@ class IdempotencyInProgress(Conflict):
 
     code = "idempotency_in_progress"
     transient = True
+
+
+class ExportNotReady(Conflict):
+    """The export is still running (or failed): there is nothing to download yet."""
+
+    code = "export_not_ready"
 
 
 class AlreadyRolledBack(Conflict):

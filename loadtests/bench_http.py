@@ -435,6 +435,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     from engine.settings import Settings
     from loadtests import naive_service
     from loadtests.fence_ab import set_fence
+    from loadtests.history_index_ab import set_history_indexes
     from ops.servers import embedded_for_tests
     from ops.start import RAY_NICENESS_VAR, local_ray_environment, start_http
     from store.migrations import migrate
@@ -505,6 +506,12 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             targets.insert(2, Target(
                 "nofence", "engine with the fence check off (A/B)", base,
                 ["post", "/v1/redemptions", code, api_key, "f", idem]))
+        if args.history_index_ab:
+            # the same engine and requests without the redemption history's indexes
+            # (loadtests/history_index_ab.py), measured before the engine with them
+            targets.insert(1, Target(
+                "noidx", "engine without the history's indexes (A/B)", base,
+                ["post", "/v1/redemptions", code, api_key, "i", idem]))
         metrics_before = _gateway_metrics(base, admin_token)
         metrics_after = metrics_before
         shards_before: list[dict[str, Any]] = []
@@ -517,6 +524,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 wargs[4] = f"{wargs[4]}{rnd}w"
                 if t.key == "nofence":
                     asyncio.run(set_fence(dsn, on=False))
+                if t.key == "noidx":
+                    asyncio.run(set_history_indexes(dsn, on=False))
                 warm = None
                 if args.warmup > 0:
                     warm = run_wrk(script, t.url, wargs, seconds=args.warmup,
@@ -534,6 +543,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                     shards_after = asyncio.run(engine.shard_info())
                 if t.key == "nofence":
                     asyncio.run(set_fence(dsn, on=True))
+                if t.key == "noidx":
+                    asyncio.run(set_history_indexes(dsn, on=True))
                 t.ok_total += res.ok
                 t.runs.append(res)
                 t.cpu.append(box.cpu)
@@ -590,6 +601,10 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 x = eng.rps / by["nofence"].median()[0].rps
                 check("engine ÷ engine with the fence check off (req/s)", f"{x:.3f}×",
                       "≥ 0.95×", x >= 0.95)
+            if "noidx" in by:
+                x = eng.rps / by["noidx"].median()[0].rps
+                check("engine ÷ engine without the history's indexes (req/s)", f"{x:.3f}×",
+                      "≥ 0.95×", x >= 0.95)
             check(f"engine p99 at {args.connections} connections", f"{eng.p99_ms:.1f} ms",
                   "≤ 50 ms", eng.p99_ms <= 50.0)
             bad = sum(sum(r.non_2xx.values()) + sum(r.socket_errors.values())
@@ -598,9 +613,10 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         for key in ("engine", "naive"):
             if key in by:
                 answered = by[key].ok_total
-                if key == "engine" and "nofence" in by:  # one campaign for both targets
-                    answered += by["nofence"].ok_total
-                slack = args.connections * 2 * args.rounds * (2 if "nofence" in by else 1)
+                ab = [k for k in ("nofence", "noidx") if k in by] if key == "engine" else []
+                for other in ab:  # one campaign for the engine and its A/B targets
+                    answered += by[other].ok_total
+                slack = args.connections * 2 * args.rounds * (1 + len(ab))
                 ok = answered <= db[key] <= answered + slack
                 check(f"{key}: redemptions in Postgres vs 2xx answers (warm-ups included)",
                       f"{db[key]:,} / {answered:,}", f"rows ≥ answers (≤ +{slack} unanswered "
@@ -729,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="nice level of Ray's worker processes (engine default 0; Ray's own 15)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the default integration rate limit (2000/s per key)")
-    p.add_argument("--only", nargs="+", choices=["noop", "engine", "nofence", "naive"], default=[])
+    p.add_argument("--only", nargs="+", choices=["noop", "engine", "nofence", "noidx", "naive"], default=[])
+    p.add_argument("--history-index-ab", action="store_true",
+                   help="also measure the engine without the redemption history's indexes")
     p.add_argument("--fence-ab", action="store_true",
                    help="also run the engine with the fence check off, to measure its cost")
     p.add_argument("--record", action="store_true", help=f"write the table into BENCHMARKS.md "

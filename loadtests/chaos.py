@@ -562,7 +562,12 @@ async def inject(run: Run, fault: Fault) -> None:
 
 async def zombie(run: Run, fault: Fault) -> str:
     """Freeze a shard with requests queued in it; a replacement claims the shard and serves
-    redemptions meanwhile; then the replacement goes and the old process is thawed."""
+    redemptions meanwhile; then the replacement goes and the old process is thawed.
+
+    Thawed, the old process must stop answering from its memory: it exits when it learns
+    it was fenced, or, when a commit it had in flight timed out across the freeze (outcome
+    unknown), it reloads and claims the shard anew, above the replacement's epoch. Either
+    is safe; a process that goes on at its old epoch is the anomaly."""
     import msgspec
     import ray
 
@@ -575,6 +580,7 @@ async def zombie(run: Run, fault: Fault) -> str:
     pid = await _pid_of(engine.shards[i])
     os.kill(pid, signal.SIGSTOP)
     replacement = None
+    fenced_at: int | None = None  # the replacement's epoch
     served = 0
     try:
         await asyncio.sleep(0.5)
@@ -612,19 +618,42 @@ async def zombie(run: Run, fault: Fault) -> str:
             run.ops.append(op)
     finally:
         if replacement is not None:
+            with contextlib.suppress(Exception):
+                fenced_at = await asyncio.wait_for(replacement.__ray_call__.remote(_epoch), 5.0)
             ray.kill(replacement, no_restart=True)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     thawed = time.monotonic()
+    reclaimed: int | None = None
     while _running(pid) and time.monotonic() - thawed < run.args.recovery_timeout:
+        if fenced_at is not None:
+            with contextlib.suppress(Exception):
+                owner_pid, epoch = await asyncio.wait_for(
+                    engine.shards[i].__ray_call__.remote(_pid_and_epoch), 2.0)
+                if owner_pid == pid and epoch is not None and epoch > fenced_at:
+                    reclaimed = epoch
+                    break
         await asyncio.sleep(0.1)
+    took = time.monotonic() - thawed
+    if reclaimed is not None:
+        return (f"shard {i} pid {pid}; replacement redeemed {served}; the thawed process reloaded"
+                f" and claimed epoch {reclaimed} (the replacement's was {fenced_at}) {took:.1f}s after the thaw")
     if _running(pid):
         run.anomalies.append(
-            f"zombie_shard #{fault.n}: the fenced process {pid} of shard {i} still runs"
-            f" {run.args.recovery_timeout:.0f}s after it was thawed")
+            f"zombie_shard #{fault.n}: the fenced process {pid} of shard {i} still runs at its old"
+            f" epoch {run.args.recovery_timeout:.0f}s after it was thawed")
         return f"shard {i} pid {pid}; replacement redeemed {served}; fenced process still running"
-    return (f"shard {i} pid {pid}; replacement redeemed {served}; fenced process exited"
-            f" {time.monotonic() - thawed:.1f}s after the thaw")
+    return f"shard {i} pid {pid}; replacement redeemed {served}; fenced process exited {took:.1f}s after the thaw"
+
+
+def _epoch(actor: Any) -> int | None:
+    """The fencing epoch a shard actor holds (run inside the actor)."""
+    fence = actor.core.fence
+    return None if fence is None else int(fence.epoch)
+
+
+def _pid_and_epoch(actor: Any) -> tuple[int, int | None]:
+    return os.getpid(), _epoch(actor)
 
 
 def _running(pid: int) -> bool:

@@ -614,9 +614,15 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "customers.read": _STAFF_READ,
     "customers.write": _STAFF_WRITE,
     "issuance.create": _STAFF_WRITE,
+    # a shop's backend gives a customer a code (e.g. at sign-up) with its integration key
+    "publications.create": _CHECKOUT,
     "webhooks.manage": _STAFF_WRITE,
     "templates.write": _STAFF_WRITE,
     "deliveries.read": _STAFF_READ,
+    "codes.read": _STAFF_READ,
+    "exports.create": _STAFF_WRITE,
+    "exports.read": _STAFF_READ,
+    "redemptions.read": frozenset({"admin", "manager", "analyst", "integration"}),
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

@@ -37,3 +37,4 @@ class Services:
     devices: DeviceTokens
     health: Any  # serve.health.HealthProbe
     import_db: LazyPool  # the gateway's own small pool for streamed customer imports
+    records: Any = None  # serve.records.Records: code lists, exports, redemption history

@@ -604,10 +604,26 @@ class Customers:
         return await customers.get(await self._pool(), customer_id)
 
     @guarded
-    async def list(self, tag: str | None, after: str | None, limit: int) -> dict[str, Any]:
+    async def list(
+        self, tag: str | None, after: str | None, limit: int, metadata: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         from store import customers
 
-        return await customers.page(await self._pool(), tag=tag, after=after, limit=limit)
+        return await customers.page(
+            await self._pool(), tag=tag, after=after, limit=limit, metadata=metadata
+        )
+
+    @guarded
+    async def update(self, customer_id: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
+        from store import customers
+
+        return await customers.update(await self._pool(), customer_id, changes, actor)
+
+    @guarded
+    async def linked_customer(self, user_id: str) -> str | None:
+        from store import customers
+
+        return await customers.linked_customer(await self._pool(), user_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -619,14 +635,29 @@ class Issuance:
 
         self.settings = _settings(settings)
         self.dsn = dsn
+        self.redis_url = redis_url
         self.issuer = issuer_handle(self.settings, dsn, redis_url)
         self._pool = LazyPool(dsn, 2)
+        self._publisher: Any = None
 
     async def start(self, campaign_id: str, selection: dict[str, Any], channels: list[str]) -> Any:
         return await self.issuer.start.remote(campaign_id, selection, channels)
 
     async def job(self, job_id: str) -> Any:
         return await self.issuer.job.remote(job_id)
+
+    @guarded
+    async def publish(self, campaign_id: str, customer_id: str, channels: list[str]) -> dict[str, Any]:
+        """One customer given a code now (``actors.publications``)."""
+        if self._publisher is None:
+            from redis.asyncio import Redis
+
+            from actors.publications import Publisher
+
+            redis = Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
+            self._publisher = Publisher(attach_engine(self.settings), self._pool, redis)
+        out: dict[str, Any] = await self._publisher.publish(campaign_id, customer_id, channels)
+        return out
 
     @guarded
     async def add_webhook(self, url: str, secret: str | None, kinds: list[str] | None) -> dict[str, Any]:

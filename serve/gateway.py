@@ -39,14 +39,18 @@ from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
 from serve.ratelimit import RateLimiter, RateLimitPolicy
+from serve.records import Records
 from serve.routes import (
     campaigns,
     checkout,
     code_import,
     customers,
     delivery,
+    exports,
     health,
+    history,
     notifications,
+    publications,
     reports,
     users,
 )
@@ -55,7 +59,8 @@ from store.pools import LazyPool
 
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
-    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports
+    checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
+    exports, history, publications,
 )
 
 
@@ -171,6 +176,7 @@ class Gateway:
             devices=DeviceTokens(secret),
             health=HealthProbe(engine=engine, dsn=dsn, valkey_ping=limiter.ping),
             import_db=LazyPool(dsn, 2),
+            records=Records(dsn),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -461,6 +461,27 @@ class CustomerIn(Strict):
     consent_sms: bool | None = None
     consent_push: bool | None = None
     tags: list[str] | None = Field(None, max_length=50)
+    metadata: Metadata | None = None
+
+
+class CustomerPatchIn(Strict):
+    """Changes to a customer: fields given are set (``null`` clears one; consent rules
+    apply to the record as changed), fields absent stay. ``user_id`` links the user account
+    that signs in as this customer (its "my vouchers" then lists the customer's codes);
+    ``null`` unlinks it. A user account is linked to one customer at most."""
+
+    email: str | None = None
+    phone: str | None = Field(None, description="E.164, e.g. +4915112345678")
+    push_token: str | None = None
+    name: str | None = None
+    locale: str | None = Field(None, description="BCP 47, e.g. de-AT (null: en)")
+    time_zone: str | None = Field(None, description="IANA zone, e.g. Europe/Berlin (null: UTC)")
+    consent_email: bool | None = None
+    consent_sms: bool | None = None
+    consent_push: bool | None = None
+    tags: list[str] | None = Field(None, max_length=50)
+    metadata: Metadata | None = None
+    user_id: str | None = Field(None, min_length=1, max_length=128)
 
 
 class CustomerOut(BaseModel):
@@ -475,6 +496,8 @@ class CustomerOut(BaseModel):
     consent_sms: bool
     consent_push: bool
     tags: list[str]
+    metadata: dict[str, Any] | None = None
+    user_id: str | None = Field(None, description="the user account linked to this customer")
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

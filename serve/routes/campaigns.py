@@ -22,6 +22,7 @@ from serve.models import (
     VoucherPatchIn,
 )
 from serve.problems import problem_responses
+from serve.routes.customers import holds
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
 
 routes = router()
@@ -163,7 +164,7 @@ async def voucher(code: str, request: Request, caller: VoucherReader, svc: Svc) 
         ip = svc.gate.client(request.scope)
         await svc.gate.check_guessing(ip, caller.user_id, caller)
         found = await svc.vouchers.get.remote(code)
-        if isinstance(found, Failure) or found.get("customer_id") != caller.user_id:
+        if isinstance(found, Failure) or not await holds(svc, caller, found.get("customer_id")):
             await svc.gate.penalize(ip, caller.user_id, caller)
             raise errors.UnknownCode(f"no voucher of yours has code {code!r}")
         return found

@@ -5,8 +5,16 @@ from urllib.parse import quote
 
 from fastapi import Query, Request, Response
 
-from serve.auth import Principal
-from serve.models import CustomerIn, CustomerOut, ImportOut, IssuanceIn, IssuanceJobOut
+from engine import metadata as metadata_rules
+from serve.auth import Principal, actor_of
+from serve.models import (
+    CustomerIn,
+    CustomerOut,
+    CustomerPatchIn,
+    ImportOut,
+    IssuanceIn,
+    IssuanceJobOut,
+)
 from serve.problems import problem_responses
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
 
@@ -37,8 +45,17 @@ async def list_customers(
     tag: str | None = Query(None, max_length=64),
     after: str | None = Query(None, max_length=128, description="last id of the previous page"),
     limit: int = Query(100, ge=1, le=1000),
+    metadata: str | None = Query(
+        None,
+        max_length=4200,
+        description="key=value: customers whose metadata holds that key with that value "
+        "(value read as JSON when it is a JSON scalar, else as a string)",
+    ),
 ) -> Any:
-    return unwrap(await svc.customers.list.remote(tag.lower() if tag else None, after, limit))
+    meta = metadata_rules.parse_filter(metadata) if metadata is not None else None
+    return unwrap(
+        await svc.customers.list.remote(tag.lower() if tag else None, after, limit, meta)
+    )
 
 
 @routes.get(
@@ -49,6 +66,31 @@ async def list_customers(
 )
 async def get_customer(customer_id: str, caller: Reader, svc: Svc) -> Any:
     return unwrap(await svc.customers.get.remote(customer_id))
+
+
+@routes.patch(
+    "/v1/customers/{customer_id}",
+    response_model=CustomerOut,
+    tags=["customers"],
+    responses=problem_responses(*GUARDED, *BODY, 404, 409),
+)
+async def update_customer(customer_id: str, body: CustomerPatchIn, caller: Writer, svc: Svc) -> Any:
+    """Change a customer: the fields given (``null`` clears one), validated as the whole
+    record, with an audit entry. ``user_id`` links a user account to this customer, so its
+    "my vouchers" (``GET /v1/users/me/vouchers``) lists the customer's codes: 422 when no
+    such user exists, 409 when it is linked to another customer."""
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    return unwrap(await svc.customers.update.remote(customer_id, changes, actor_of(caller)))
+
+
+async def holds(svc: Any, caller: Principal, customer_id: str | None) -> bool:
+    """Whether a code held by ``customer_id`` is the caller's own: the caller's own id, or
+    the customer record linked to the caller's user account."""
+    if customer_id is None:
+        return False
+    if customer_id == caller.user_id:
+        return True
+    return bool(unwrap(await svc.customers.linked_customer.remote(caller.user_id)) == customer_id)
 
 
 @routes.post(

@@ -6,6 +6,7 @@ with the ended campaign. A replaced coordinator stops writing."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,12 +48,13 @@ class Attempt:
 
 
 async def _load(
-    engine: Any, unique: tuple[str, list[str]], shared: tuple[str, str], stop: asyncio.Event
+    engine: Any, unique: tuple[str, list[str]], shared: tuple[str, str], stop: asyncio.Event,
+    log: list[Attempt],
 ) -> list[Attempt]:
-    """``CLIENTS`` clients, one request at a time each, alternating a unique code (each
-    tried once) and the shared code (a new customer every time)."""
-    log: list[Attempt] = []
-    codes = iter(unique[1])
+    """``CLIENTS`` clients, one request at a time each, alternating a unique code (round
+    after round: a code already redeemed is refused) and the shared code (a new customer
+    every time)."""
+    codes = itertools.cycle(unique[1])
 
     async def client(k: int) -> None:
         i = 0
@@ -95,7 +97,10 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     # codes of the victim kept aside, to try once it is back
     spare = victim_codes[-20:]
     stop = asyncio.Event()
-    load = asyncio.ensure_future(_load(engine, (cid, victim_codes[:-20] + others), (scid, code), stop))
+    log: list[Attempt] = []
+    load = asyncio.ensure_future(
+        _load(engine, (cid, victim_codes[:-20] + others), (scid, code), stop, log)
+    )
     await asyncio.sleep(1.5)
     assert not load.done()
 
@@ -107,9 +112,21 @@ async def test_no_redemption_succeeds_after_the_end_returns(engine: Any, service
     ray.kill(engine.shards[victim], no_restart=False)
     ends = dict(zip((cid, scid), await asyncio.gather(end(cid), end(scid)), strict=True))
     await engine.wait_ready(timeout_s=120)
-    await asyncio.sleep(1.0)  # the load goes on against every shard, the victim back too
+
+    def answered_after_end(campaign_id: str) -> bool:
+        return any(
+            a.campaign_id == campaign_id and a.sent > ends[campaign_id][1] and a.outcome is not None
+            for a in log
+        )
+
+    # the load goes on against every shard, the victim back too, until both campaigns had
+    # answers to requests sent after their end returned (at most 30 s on a busy machine)
+    await asyncio.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while not all(map(answered_after_end, ends)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     stop.set()
-    log = await load
+    await load
 
     for campaign_id, (result, returned, returned_wall) in ends.items():
         assert result.campaign.state == "ended"

@@ -6,6 +6,7 @@ a 4xx with nothing written."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,13 +24,26 @@ def _order(code: str, n: int) -> dict[str, Any]:
     return {"code": code, "customer_id": f"c-{n}", "order": {"id": f"o-{n}", "amount": 5000, "currency": "EUR"}}
 
 
+def _post(url: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+    """``body`` posted as a client honouring Retry-After would: a 503 (a shard restarting,
+    the gateway reconnecting to it) is asked again, for at most 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = httpx.post(url, json=body, headers=headers, timeout=30)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            return r
+        time.sleep(min(float(r.headers.get("retry-after", "1")), 1.0))
+
+
 def _reasons(url: str, headers: dict[str, str], code: str, n: int) -> list[Any]:
     """What validation, reservation and redemption answer for ``code``."""
     body = _order(code, n)
-    v = httpx.post(f"{url}/v1/validations", json=body, headers=headers).json()
+    r = _post(f"{url}/v1/validations", body, headers)
+    assert r.status_code == 200, r.text
+    v = r.json()
     out: list[Any] = [v.get("reason") if not v["valid"] else "valid"]
     for path in ("reservations", "redemptions"):
-        r = httpx.post(f"{url}/v1/{path}", json=body, headers=headers)
+        r = _post(f"{url}/v1/{path}", body, headers)
         out.append(r.json()["code"] if r.status_code >= 400 else r.status_code)
     return out
 

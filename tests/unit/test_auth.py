@@ -519,9 +519,14 @@ EXPECTED = {
     "customers.read": {"admin", "manager", "analyst"},
     "customers.write": {"admin", "manager"},
     "issuance.create": {"admin", "manager"},
+    "publications.create": {"admin", "manager", "integration"},
     "webhooks.manage": {"admin", "manager"},
     "templates.write": {"admin", "manager"},
     "deliveries.read": {"admin", "manager", "analyst"},
+    "codes.read": {"admin", "manager", "analyst"},
+    "exports.create": {"admin", "manager"},
+    "exports.read": {"admin", "manager", "analyst"},
+    "redemptions.read": {"admin", "manager", "analyst", "integration"},
 }
 
 

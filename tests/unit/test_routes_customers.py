@@ -28,9 +28,15 @@ def test_customers_are_listed_by_lower_case_tag_and_read() -> None:
         assert_refused(client, fakes, "GET", "/v1/customers", "customers.read", "customer")
         r = client.get("/v1/customers?tag=VIP&after=c0&limit=3", headers=fakes.token("analyst"))
         assert r.json() == {"items": []}
-        assert fakes.customers.called("list") == [("vip", "c0", 3)]
+        assert fakes.customers.called("list") == [("vip", "c0", 3, None)]
         client.get("/v1/customers", headers=fakes.token("analyst"))
-        assert fakes.customers.called("list")[-1] == (None, None, 100)
+        assert fakes.customers.called("list")[-1] == (None, None, 100, None)
+        client.get("/v1/customers?metadata=tier=3", headers=fakes.token("analyst"))
+        assert fakes.customers.called("list")[-1] == (None, None, 100, {"tier": 3})
+        client.get("/v1/customers?metadata=tier=gold", headers=fakes.token("analyst"))
+        assert fakes.customers.called("list")[-1] == (None, None, 100, {"tier": "gold"})
+        r = client.get("/v1/customers?metadata=tier", headers=fakes.token("analyst"))
+        assert problem_of(r, 422)["code"] == "invalid_metadata"
         r = client.get("/v1/customers/c1", headers=fakes.token("analyst"))
         assert r.json()["id"] == "c/1" and fakes.customers.called("get") == [("c1",)]
 
@@ -76,4 +82,19 @@ def test_issuance_starts_a_job() -> None:
         assert (campaign, selection, channels) == ("cmp_1", {"tag": "vip"}, ["email"])
         r = client.post("/v1/campaigns/cmp_1/issuance", json={**body, "channels": ["fax"]},
                         headers=fakes.token("manager"))
+        problem_of(r, 422)
+
+
+def test_customer_patch_sends_only_the_fields_given() -> None:
+    with gateway(customers={"update": CUSTOMER}) as (client, fakes):
+        assert_refused(client, fakes, "PATCH", "/v1/customers/c1", "customers.write", "analyst",
+                       json={"user_id": "u1"})
+        body = {"user_id": "u1", "metadata": {"tier": "gold"}, "name": None}
+        r = client.patch("/v1/customers/c1", json=body, headers=fakes.token("manager"))
+        assert r.status_code == 200, r.text
+        [(cid, changes, actor)] = fakes.customers.called("update")
+        assert cid == "c1" and changes == body and actor.kind == "user"
+        r = client.patch("/v1/customers/c1", json={"metadata": {"": 1}}, headers=fakes.token("manager"))
+        problem_of(r, 422)
+        r = client.patch("/v1/customers/c1", json={"id": "c2"}, headers=fakes.token("manager"))
         problem_of(r, 422)

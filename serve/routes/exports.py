@@ -1,0 +1,148 @@
+"""A campaign's codes: listed a page at a time, and exported as CSV by a job whose file
+streams from Postgres."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Query, Response
+from fastapi.responses import StreamingResponse
+
+from engine import cursors, errors, metadata
+from engine.events import STATUS_NAMES
+from serve.auth import Principal, actor_of
+from serve.problems import problem_responses
+from serve.record_models import ExportIn, ExportOut, VoucherPage
+from serve.records import Records
+from serve.routes.deps import BODY, GUARDED, Svc, require, router
+from store import exports, records
+
+routes = router()
+
+CodeReader = Annotated[Principal, require("codes.read")]
+ExportWriter = Annotated[Principal, require("exports.create")]
+ExportReader = Annotated[Principal, require("exports.read")]
+
+_STATUS = "^(available|assigned|redeemed|void)$"
+
+
+def records_of(svc: Svc) -> Records:
+    found: Records | None = svc.records
+    if found is None:
+        raise errors.Unavailable("records are not served by this gateway")
+    return found
+
+
+@routes.get(
+    "/v1/campaigns/{campaign_id}/vouchers",
+    response_model=VoucherPage,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, 404, 422),
+)
+async def list_vouchers(
+    campaign_id: str,
+    caller: CodeReader,
+    svc: Svc,
+    status: str | None = Query(None, pattern=_STATUS),
+    customer_id: str | None = Query(None, min_length=1, max_length=256),
+    metadata_filter: str | None = Query(
+        None, alias="metadata", min_length=3, max_length=4096,
+        description="key=value: codes whose metadata holds that key with that value",
+    ),
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = Query(None, min_length=1, max_length=cursors.MAX_CURSOR_LEN),
+) -> Any:
+    """The campaign's codes in code order, as Postgres holds them, a page at a time: pass
+    ``next_cursor`` as ``cursor`` for the next page. Paging by code keeps every code in
+    exactly one page while codes are redeemed between pages (a filter on ``status`` shows
+    each code in the state it has when its page is read)."""
+    after = None if cursor is None else cursors.decode(cursor, "v", campaign_id)
+    wanted = None if metadata_filter is None else metadata.parse_filter(metadata_filter)
+    db = await records_of(svc).pool()
+    if not await records.campaign_exists(db, campaign_id):
+        raise errors.UnknownCampaign(f"no campaign has id {campaign_id!r}")
+    rows, more = await records.voucher_page(
+        db,
+        campaign_id,
+        after=after,
+        limit=limit,
+        status=None if status is None else STATUS_NAMES.index(status),
+        customer_id=customer_id,
+        metadata=wanted,
+    )
+    nxt = cursors.encode("v", campaign_id, rows[-1]["code"]) if more and rows else None
+    return {"data": rows, "next_cursor": nxt}
+
+
+@routes.post(
+    "/v1/campaigns/{campaign_id}/exports",
+    status_code=202,
+    response_model=ExportOut,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, *BODY, 404),
+)
+async def start_export(
+    campaign_id: str, body: ExportIn, response: Response, caller: ExportWriter, svc: Svc
+) -> Any:
+    """Export the campaign's codes (or those of one ``status``) as CSV: a job, answered at
+    once; follow it at ``GET /v1/exports/{id}`` and download the file once it is done. It
+    continues where it stopped if the process running it stops."""
+    rec = records_of(svc)
+    db = await rec.pool()
+    if not await records.campaign_exists(db, campaign_id):
+        raise errors.UnknownCampaign(f"no campaign has id {campaign_id!r}")
+    status = None if body.status is None else STATUS_NAMES.index(body.status)
+    job = await rec.start_export(campaign_id, body.format, status, actor_of(caller).id)
+    response.headers["Location"] = f"/v1/exports/{job['id']}"
+    return job
+
+
+async def _export(svc: Svc, export_id: str) -> tuple[Any, dict[str, Any]]:
+    db = await records_of(svc).pool()
+    job = await exports.get(db, export_id)
+    if job is None:
+        raise errors.UnknownExport(f"no export has id {export_id!r}")
+    return db, job
+
+
+@routes.get(
+    "/v1/exports/{export_id}",
+    response_model=ExportOut,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, 404, 422),
+)
+async def get_export(export_id: str, caller: ExportReader, svc: Svc) -> Any:
+    return (await _export(svc, export_id))[1]
+
+
+@routes.get(
+    "/v1/exports/{export_id}/download",
+    response_class=StreamingResponse,
+    tags=["vouchers"],
+    responses={
+        200: {"description": "the CSV file", "content": {"text/csv": {"schema": {"type": "string"}}}},
+        **problem_responses(*GUARDED, 404, 409, 422),
+    },
+)
+async def download_export(export_id: str, caller: ExportReader, svc: Svc) -> StreamingResponse:
+    """The finished export as ``text/csv`` (a header line, then one line per code in code
+    order), streamed from Postgres a stored chunk at a time. 409 ``export_not_ready`` while
+    it runs."""
+    db, job = await _export(svc, export_id)
+    if job["state"] != "done":
+        raise errors.ExportNotReady(f"export {export_id} is {job['state']}; nothing to download yet")
+    count = await exports.chunk_count(db, export_id)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield exports.HEADER.encode()
+        async for chunk in exports.chunks(db, export_id, count):
+            yield chunk.encode()
+
+    name = f"{job['campaign_id']}-{export_id}.csv"
+    return StreamingResponse(
+        body(),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Content-Length": str(len(exports.HEADER) + job["bytes"]),
+        },
+    )
