@@ -32,7 +32,11 @@ def publish(cid: str) -> None:
     except ApiError as exc:
         ui.show_problem(exc, "publish codes")
         return
-    st.success(f"Customer {pub['customer_id']} has code {pub['code']} (the same one on a repeat).")
+    again = "" if pub.get("created", True) else " (published to them before: the same code, nothing sent again)"
+    st.success(f"Customer {pub['customer_id']} has code {pub['code']}{again}.")
+    sent = pub.get("deliveries") or []
+    if sent:
+        st.dataframe(sent, hide_index=True)
 
 
 def selection_of(kind: str, tag: str, ids: str) -> dict[str, Any] | None:

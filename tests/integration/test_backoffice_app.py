@@ -355,6 +355,9 @@ def test_publish_a_code_to_a_customer(http_api, admin, services, monkeypatch):
     need_route(http_api, "POST", "/v1/campaigns/{campaign_id}/publications")
     cid = new_campaign(http_api, admin, codes=10, activate=True)
     person = uid("pub")
+    r = httpx.post(f"{http_api.url}/v1/customers", headers=admin,
+                   json={"id": person, "email": "pub@example.com", "consent_email": True})
+    assert r.status_code in (200, 201), r.text
     at = open_page(as_admin(http_api, monkeypatch), "backoffice/issue.py")
     pick(at, "bo_issue_pick", cid)
     at.text_input(key="bo_publish_customer").input(person)
@@ -364,7 +367,14 @@ def test_publish_a_code_to_a_customer(http_api, admin, services, monkeypatch):
     rows = sql(services, "SELECT code FROM vouchers WHERE campaign_id = $1 AND customer_id = $2", cid, person)
     assert len(rows) == 1 and any(rows[0]["code"] in s for s in first)
     click(at, "Publish")  # the same code again
-    assert texts(at.success) == first
+    again = texts(at.success)
+    assert any(rows[0]["code"] in s and "published to them before" in s for s in again), again
+    assert len(sql(services, "SELECT code FROM vouchers WHERE campaign_id = $1 AND customer_id = $2", cid, person)) == 1
+
+    # an unknown customer: the API's problem on the page
+    at.text_input(key="bo_publish_customer").input(uid("nobody"))
+    click(at, "Publish")
+    assert any("404" in e for e in texts(at.error)), texts(at.error)
 
 
 def test_edit_a_campaign_and_a_stale_version_is_refused(http_api, admin, monkeypatch):
