@@ -66,13 +66,17 @@ def edit_form(c: dict[str, Any], etag: str) -> None:
         changes["name"] = name.strip()
     if ends.strip() != (c.get("ends_at") or ""):
         changes["ends_at"] = ui.parse_time(ends, "Ends at")  # empty: no end
-    new_limits = {k: int(x) for k, x in (("total", total), ("per_customer", per)) if x}
-    if new_limits != {k: x for k, x in limits.items() if x}:
+    # limits merge: send the limits that changed, null for one taken away (0)
+    new_limits = {k: int(x) or None for k, x in (("total", total), ("per_customer", per))
+                  if (int(x) or None) != (limits.get(k) or None)}
+    if new_limits:
         changes["limits"] = new_limits
     if int(min_order) != int(c.get("min_order") or 0):
         changes["min_order"] = int(min_order)
     if value is not None and int(value) != int(discount["value"]):
-        changes["discount"] = {**discount, "value": int(value)}
+        changes["discount"] = {"kind": discount["kind"], "value": int(value)}
+        if discount.get("max") is not None:
+            changes["discount"]["max"] = discount["max"]
     if not changes:
         st.info("Nothing changed.")
         return
