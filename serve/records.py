@@ -16,8 +16,9 @@ import logging
 import os
 from typing import Any
 
+from engine.audit import Actor
 from engine.routing import new_id
-from store import exports
+from store import audit, exports
 from store.pools import LazyPool
 
 log = logging.getLogger("voucher.exports")
@@ -51,14 +52,18 @@ class Records:
         return await self.db()
 
     async def start_export(
-        self, campaign_id: str, fmt: str, status: int | None, created_by: str | None
+        self, campaign_id: str, fmt: str, status: int | None, actor: Actor
     ) -> dict[str, Any]:
-        """A new export, already running on this replica."""
+        """A new export, already running on this replica, with its audit entry (one
+        transaction: a shop sees who took its codes out)."""
         db = await self.pool()
-        job = await exports.create(
-            db, new_id("exp", 0, os.urandom), campaign_id, fmt, status, self.runner,
-            self.lease_s, created_by,
-        )
+        async with db.acquire() as conn, conn.transaction():
+            job = await exports.create(
+                conn, new_id("exp", 0, os.urandom), campaign_id, fmt, status, self.runner,
+                self.lease_s, actor.id,
+            )
+            change = {"export_id": job["id"], "format": fmt, "status": job["status"]}
+            await audit.record(conn, actor, "exports.create", "campaign", campaign_id, change)
         self._run(job["id"])
         return job
 

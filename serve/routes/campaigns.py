@@ -22,8 +22,10 @@ from serve.models import (
     VoucherPatchIn,
 )
 from serve.problems import problem_responses
+from serve.record_models import ExportOut
 from serve.routes.customers import holds
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
+from serve.routes.exports import EXPORT_JOB_PREFIX, export_job
 
 routes = router()
 
@@ -127,11 +129,13 @@ async def generate(
 
 @routes.get(
     "/v1/jobs/{job_id}",
-    response_model=IssuanceJobOut | JobOut,
+    response_model=IssuanceJobOut | JobOut | ExportOut,
     tags=["campaigns"],
     responses=problem_responses(*GUARDED, 404, 422),
 )
 async def job(job_id: str, caller: JobReader, svc: Svc) -> Any:
+    if job_id.startswith(EXPORT_JOB_PREFIX):
+        return await export_job(svc, job_id)
     if job_id.startswith(ISSUANCE_JOB_PREFIX):
         return unwrap(await svc.issuance.job.remote(job_id))
     return _job(unwrap(await svc.campaigns.job.remote(job_id)))

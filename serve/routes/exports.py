@@ -23,6 +23,7 @@ ExportWriter = Annotated[Principal, require("exports.create")]
 ExportReader = Annotated[Principal, require("exports.read")]
 
 _STATUS = "^(available|assigned|redeemed|void)$"
+EXPORT_JOB_PREFIX = "exp_"  # an export's id: also a job of GET /v1/jobs/{id}
 
 
 def records_of(svc: Svc) -> Records:
@@ -85,13 +86,14 @@ async def start_export(
 ) -> Any:
     """Export the campaign's codes (or those of one ``status``) as CSV: a job, answered at
     once; follow it at ``GET /v1/exports/{id}`` and download the file once it is done. It
-    continues where it stopped if the process running it stops."""
+    continues where it stopped if the process running it stops. The audit log names who
+    started it."""
     rec = records_of(svc)
     db = await rec.pool()
     if not await records.campaign_exists(db, campaign_id):
         raise errors.UnknownCampaign(f"no campaign has id {campaign_id!r}")
     status = None if body.status is None else STATUS_NAMES.index(body.status)
-    job = await rec.start_export(campaign_id, body.format, status, actor_of(caller).id)
+    job = await rec.start_export(campaign_id, body.format, status, actor_of(caller))
     response.headers["Location"] = f"/v1/exports/{job['id']}"
     return job
 
@@ -102,6 +104,11 @@ async def _export(svc: Svc, export_id: str) -> tuple[Any, dict[str, Any]]:
     if job is None:
         raise errors.UnknownExport(f"no export has id {export_id!r}")
     return db, job
+
+
+async def export_job(svc: Svc, export_id: str) -> dict[str, Any]:
+    """An export as a job of ``GET /v1/jobs/{id}``."""
+    return (await _export(svc, export_id))[1]
 
 
 @routes.get(

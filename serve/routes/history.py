@@ -9,7 +9,7 @@ from fastapi import Query
 from engine import cursors, errors
 from engine.codes import normalize
 from serve.auth import Principal
-from serve.models import RedemptionOut
+from serve.models import IsoDateTime, RedemptionOut
 from serve.problems import problem_responses
 from serve.record_models import RedemptionPage
 from serve.routes.deps import GUARDED, Svc, require, router
@@ -45,7 +45,7 @@ async def list_redemptions(
     code: str | None = Query(None, **_TEXT),
     customer_id: str | None = Query(None, **_TEXT),
     order_id: str | None = Query(None, **_TEXT),
-    since: Annotated[datetime | None, Query(description="only redemptions made at or after this")] = None,
+    since: Annotated[IsoDateTime | None, Query(description="only redemptions made at or after this")] = None,
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = Query(None, min_length=1, max_length=cursors.MAX_CURSOR_LEN),
 ) -> Any:

@@ -220,6 +220,8 @@ def test_export_csv_matches_postgres(http_api: Any) -> None:
     job = _finished(url, admin, r.json()["id"])
     assert job["state"] == "done" and job["rows"] == job["total"] == 2502, job
     assert job["download"] == f"/v1/exports/{job['id']}/download"
+    as_job = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=admin)  # a job like any other
+    assert as_job.status_code == 200 and as_job.json() == job, as_job.text
 
     with httpx.stream("GET", f"{url}{job['download']}", headers=admin, timeout=60) as resp:
         assert resp.status_code == 200
@@ -237,6 +239,9 @@ def test_export_csv_matches_postgres(http_api: Any) -> None:
     event = asyncio.run(fetch(dsn, "SELECT type, campaign_id, data FROM events WHERE resource_id = $1", job["id"]))
     assert len(event) == 1 and event[0]["type"] == "export.completed" and event[0]["campaign_id"] == cid
     assert json.loads(event[0]["data"])["rows"] == 2502
+    audit = asyncio.run(fetch(dsn, "SELECT actor_kind, action, resource_id FROM audit_log"
+                                   " WHERE action = 'exports.create' AND change->>'export_id' = $1", job["id"]))
+    assert [tuple(a) for a in audit] == [("user", "exports.create", cid)]
 
     # only the assigned codes
     r = httpx.post(f"{url}/v1/campaigns/{cid}/exports", json={"status": "assigned"}, headers=admin)
