@@ -16,7 +16,7 @@ COLUMNS = ["code", "status", "customer_id", "active", "starts_at", "expires_at",
 def counts(cid: str) -> None:
     """How many codes are in each state, from the shards' memory (every engine has this)."""
     try:
-        stats = ui.client().overview(cid)["stats"]
+        stats = ui.client().campaign_overview(cid)["stats"]
     except ApiError as exc:
         ui.show_problem(exc, "count a campaign's codes")
         return

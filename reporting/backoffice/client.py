@@ -69,7 +69,7 @@ class BackOffice(Api):
 
     # --- codes --------------------------------------------------------------------------
 
-    def overview(self, cid: str) -> dict[str, Any]:
+    def campaign_overview(self, cid: str) -> dict[str, Any]:
         """The campaign, its counters from the shards and its delivery status."""
         return dict(self._json("GET", f"/v1/campaigns/{cid}/overview"))
 

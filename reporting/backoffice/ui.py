@@ -95,7 +95,7 @@ def pick_campaign(key: str, label: str = "Campaign") -> str | None:
     ids = list(names)
     wanted = st.session_state.get("bo_campaign") or st.query_params.get("campaign")
     index = ids.index(wanted) if wanted in ids else 0
-    cid = st.selectbox(label, ids, index=index, format_func=names.get, key=key)
+    cid = st.selectbox(label, ids, index=index, format_func=lambda i: names[i], key=key)
     if cid:
         st.session_state["bo_campaign"] = cid
     return cid

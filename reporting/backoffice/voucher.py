@@ -14,6 +14,7 @@ from reporting.client import ApiError
 def control(v: dict[str, Any]) -> None:
     st.subheader("Control")
     api = ui.client()
+    change: dict[str, Any]
     if v.get("active", True):
         st.caption("The code is on: it validates and redeems as its campaign allows.")
         label, change = "Switch off", {"active": False}
