@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from actors.delivery_queue import add_to_streams
 from engine import errors
+from engine.audit import Actor
 from engine.delivery import new_message
 from engine.publications import check_publishable, plan_deliveries, unique_channels
 from store import publications as store
@@ -53,7 +54,11 @@ class Publisher:
         self.clock = clock
 
     async def publish(
-        self, campaign_id: str, customer_id: str, channels: Sequence[str]
+        self,
+        campaign_id: str,
+        customer_id: str,
+        channels: Sequence[str],
+        actor: Actor | None = None,
     ) -> dict[str, Any]:
         """The publication (``created``: whether this call made it). Raises UnknownCampaign
         / NotFound (404), the campaign's state (409), BankExhausted (409)."""
@@ -104,7 +109,7 @@ class Publisher:
                 for t in targets
             ],
         }
-        out, created, to_add = await store.create(pool, pub, messages)
+        out, created, to_add = await store.create(pool, pub, messages, actor)
         if to_add:
             try:
                 await add_to_streams(pool, self.redis, to_add)

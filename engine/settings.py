@@ -81,6 +81,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 6
     notify_retry_base_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600.0)] = 2.0
     notify_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)] = 1.0
+    webhook_poll_s: Annotated[float, msgspec.Meta(ge=0.01, le=60.0)] = 0.5
+    webhook_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    webhook_scan_txids: Annotated[int, msgspec.Meta(ge=100, le=100_000_000)] = 20_000
+    webhook_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    webhook_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=120.0)] = 10.0
+    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 12
+    webhook_backoff_base_s: Annotated[float, msgspec.Meta(ge=0.001, le=3600.0)] = 5.0
+    webhook_backoff_max_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400.0)] = 3600.0
+    webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    webhook_idle_priority: bool = True
+    webhook_log_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
     outbound_allow: str = ""
@@ -363,6 +374,58 @@ _ENV: dict[str, tuple[str, str]] = {
     "notify_poll_s": (
         "VOUCHER_NOTIFY_POLL_S",
         "How often the notification dispatcher looks for new notifications and due retries.",
+    ),
+    "webhook_poll_s": (
+        "VOUCHER_WEBHOOK_POLL_S",
+        "How often the shop webhook dispatcher looks for new events and due retries when it "
+        "has nothing to do (a busy dispatcher goes on at once).",
+    ),
+    "webhook_batch": (
+        "VOUCHER_WEBHOOK_BATCH",
+        "Events one read of an endpoint takes (delivered together, then its position moves "
+        "on in one commit).",
+    ),
+    "webhook_scan_txids": (
+        "VOUCHER_WEBHOOK_SCAN_TXIDS",
+        "Transaction ids one read of the event stream looks through at most, so an endpoint "
+        "far behind reads its backlog slice by slice.",
+    ),
+    "webhook_concurrency": (
+        "VOUCHER_WEBHOOK_CONCURRENCY",
+        "Deliveries in flight at once, per endpoint.",
+    ),
+    "webhook_timeout_s": (
+        "VOUCHER_WEBHOOK_TIMEOUT_S",
+        "Time a receiver has to answer a delivery; no 2xx answer in time is a failed attempt.",
+    ),
+    "webhook_max_attempts": (
+        "VOUCHER_WEBHOOK_MAX_ATTEMPTS",
+        "Attempts per event and endpoint before the delivery is given up (logged `failed`).",
+    ),
+    "webhook_backoff_base_s": (
+        "VOUCHER_WEBHOOK_BACKOFF_BASE_S",
+        "Delay before the first retry of a delivery; doubles per attempt, with jitter.",
+    ),
+    "webhook_backoff_max_s": (
+        "VOUCHER_WEBHOOK_BACKOFF_MAX_S",
+        "Longest delay between two attempts of one delivery.",
+    ),
+    "webhook_niceness": (
+        "VOUCHER_WEBHOOK_NICENESS",
+        "Nice level of the webhook dispatcher's process (0..19) when it does not run at idle "
+        "priority.",
+    ),
+    "webhook_idle_priority": (
+        "VOUCHER_WEBHOOK_IDLE_PRIORITY",
+        "Run the webhook dispatcher's process at idle priority (Linux `SCHED_IDLE`): "
+        "deliveries take only the CPU time nothing else wants, so checkout keeps its cores; "
+        "in a burst that saturates the node they fall behind and catch up after it. "
+        "`false`: the nice level above.",
+    ),
+    "webhook_log_days": (
+        "VOUCHER_WEBHOOK_LOG_DAYS",
+        "Days an attempt stays in the delivery log (`GET /v1/webhooks/{id}/deliveries`); "
+        "older ones are deleted in small chunks by the dispatcher.",
     ),
     "sms_webhook_url": (
         "VOUCHER_SMS_WEBHOOK_URL",

@@ -83,6 +83,10 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     issuer_handle(settings, dsn, redis_url)
     start_notifier(settings, dsn)  # detached, like the engine
     print("notify:   issuer and notification dispatcher (detached)")
+    from actors.webhooks import start_webhooks
+
+    start_webhooks(settings, dsn)  # detached, like the engine
+    print("webhooks: shop webhook dispatcher (detached)")
     if args.no_http:
         # the Serve app comes from `serve deploy serve/config.cluster.yaml`; the admin
         # must exist either way

@@ -125,6 +125,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             + (f"via {notify_settings.smtp_url}" if notify_settings.smtp_url else "off: no VOUCHER_SMTP_URL")
             + ", signed webhooks)"
         )
+        from actors.webhooks import start_webhooks
+
+        start_webhooks(settings, services.database_url)
+        print("webhooks: shop webhook dispatcher running (signed, retried; docs/webhooks.md)")
         _stop_if_terminated()
         if args.demo:
             asyncio.run(demo_campaign(engine))

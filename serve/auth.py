@@ -623,6 +623,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "exports.create": _STAFF_WRITE,
     "exports.read": _STAFF_READ,
     "redemptions.read": frozenset({"admin", "manager", "analyst", "integration"}),
+    "webhooks.read": _STAFF_WRITE,
+    "webhooks.write": _STAFF_WRITE,
+    "events.read": _STAFF_WRITE,
 }
 """action -> roles allowed to perform it. Unknown actions are refused (fail closed)."""
 

@@ -647,7 +647,9 @@ class Issuance:
         return await self.issuer.job.remote(job_id)
 
     @guarded
-    async def publish(self, campaign_id: str, customer_id: str, channels: list[str]) -> dict[str, Any]:
+    async def publish(
+        self, campaign_id: str, customer_id: str, channels: list[str], actor: Actor | None = None
+    ) -> dict[str, Any]:
         """One customer given a code now (``actors.publications``)."""
         if self._publisher is None:
             from redis.asyncio import Redis
@@ -656,7 +658,7 @@ class Issuance:
 
             redis = Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
             self._publisher = Publisher(attach_engine(self.settings), self._pool, redis)
-        out: dict[str, Any] = await self._publisher.publish(campaign_id, customer_id, channels)
+        out: dict[str, Any] = await self._publisher.publish(campaign_id, customer_id, channels, actor)
         return out
 
     @guarded

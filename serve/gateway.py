@@ -46,6 +46,7 @@ from serve.routes import (
     code_import,
     customers,
     delivery,
+    events,
     exports,
     health,
     history,
@@ -53,6 +54,7 @@ from serve.routes import (
     publications,
     reports,
     users,
+    webhooks,
 )
 from serve.users import UserStore
 from store.pools import LazyPool
@@ -60,7 +62,7 @@ from store.pools import LazyPool
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
     checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
-    exports, history, publications,
+    exports, history, publications, webhooks, events,
 )
 
 

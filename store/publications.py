@@ -15,10 +15,11 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from engine.audit import Actor
 from engine.customers import Customer
 from engine.delivery import DeliveryMessage
+from store import audit, events
 from store import delivery as delivery_store
-from store import events
 from store.pools import Db
 
 _COLUMNS = "id, campaign_id, customer_id, code, channels, deliveries::text, created_at"
@@ -71,9 +72,11 @@ async def create(
     pool: asyncpg.Pool,
     pub: dict[str, Any],
     messages: Sequence[DeliveryMessage],
+    actor: Actor | None = None,
 ) -> tuple[dict[str, Any], bool, list[DeliveryMessage]]:
     """Insert ``pub`` (id, campaign_id, customer_id, code, channels, deliveries) with its
-    event and ``messages`` recorded as queued, in one transaction. Returns the publication
+    event, ``messages`` recorded as queued and the audit entry of ``actor``, in one
+    transaction. Returns the publication
     as stored, whether this call created it, and the messages to add to the streams (those
     whose row is queued; none when the publication existed already)."""
     async with pool.acquire() as conn, conn.transaction():
@@ -118,5 +121,15 @@ async def create(
             resource_id=pub["code"],
             event_id=f"evt_{pub['id']}",
         )
+        if actor is not None:
+            await audit.record(
+                conn,
+                actor,
+                "publications.create",
+                "publication",
+                pub["id"],
+                {"campaign_id": pub["campaign_id"], "customer_id": pub["customer_id"],
+                 "code": pub["code"], "channels": list(pub["channels"])},
+            )
         out = await _with_states(conn, _row(r))
     return out, True, [m for m in messages if m.id in queued]

@@ -121,7 +121,8 @@ _INSERT_REDEMPTIONS = (
     " {}::timestamptz[], {}::timestamptz[], {}::jsonb[])"
 )
 _ROLL_BACK = (
-    f"UPDATE redemptions AS t SET status = {R_ROLLED_BACK:d}, rolled_back_at = u.at"
+    f"UPDATE redemptions AS t SET status = {R_ROLLED_BACK:d}, rolled_back_at = u.at,"
+    " rb_txid = txid_current()"  # the redemption.rolled_back event's position (0016)
     " FROM unnest({}::text[], {}::timestamptz[]) AS u(id, at) WHERE t.id = u.id"
 )
 _UPSERT_RESERVATIONS = (

@@ -5,6 +5,7 @@ from urllib.parse import quote
 
 from fastapi import Query, Request, Response
 
+from engine import errors
 from engine import metadata as metadata_rules
 from serve.auth import Principal, actor_of
 from serve.models import (
@@ -52,10 +53,21 @@ async def list_customers(
         "(value read as JSON when it is a JSON scalar, else as a string)",
     ),
 ) -> Any:
-    meta = metadata_rules.parse_filter(metadata) if metadata is not None else None
+    meta = _metadata_filter(metadata) if metadata is not None else None
     return unwrap(
         await svc.customers.list.remote(tag.lower() if tag else None, after, limit, meta)
     )
+
+
+def _metadata_filter(text: str) -> dict[str, Any]:
+    """``key=value`` as the object a customer's metadata must contain; a value JSON reads
+    as no JSON value (``1e999``, ``NaN``) is a 422."""
+    meta = metadata_rules.parse_filter(text)
+    try:
+        metadata_rules.encoded(meta)
+    except ValueError:
+        raise errors.InvalidMetadata("the metadata filter's value is not a finite JSON value") from None
+    return meta
 
 
 @routes.get(

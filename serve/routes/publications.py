@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Response
 from pydantic import BaseModel, Field
 
-from serve.auth import Principal
+from serve.auth import Principal, actor_of
 from serve.models import Strict
 from serve.problems import problem_responses
 from serve.routes.deps import BODY, GUARDED, Svc, require, router, unwrap
@@ -65,9 +65,13 @@ async def publish(
     ``channels``, one message per channel goes through the delivery pipeline, to customers
     who gave that address and consented to it; ``deliveries`` says, per channel, what
     happened. A shared-code campaign publishes its shared code. The campaign must be
-    active (or not started yet) and have a code left."""
+    active (or not started yet) and have a code left. The publication, its
+    ``voucher.published`` event, its messages and an audit entry naming the caller are
+    written in one transaction."""
     out = unwrap(
-        await svc.issuance.publish.remote(campaign_id, body.customer_id, list(body.channels))
+        await svc.issuance.publish.remote(
+            campaign_id, body.customer_id, list(body.channels), actor_of(caller)
+        )
     )
     if not out["created"]:
         response.status_code = 200

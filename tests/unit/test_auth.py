@@ -527,6 +527,9 @@ EXPECTED = {
     "exports.create": {"admin", "manager"},
     "exports.read": {"admin", "manager", "analyst"},
     "redemptions.read": {"admin", "manager", "analyst", "integration"},
+    "webhooks.read": {"admin", "manager"},
+    "webhooks.write": {"admin", "manager"},
+    "events.read": {"admin", "manager"},
 }
 
 

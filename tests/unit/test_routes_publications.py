@@ -32,7 +32,8 @@ def test_repeat_answers_200() -> None:
         assert (first.status_code, again.status_code) == (201, 200)
         assert first.json()["code"] == again.json()["code"] == "ABC-123"
         assert first.json()["created"] is True and again.json()["created"] is False
-        assert fakes.issuance.called("publish")[0] == ("c1", "k1", ["email", "email"])
+        cid, customer, channels, actor = fakes.issuance.called("publish")[0]
+        assert (cid, customer, channels, actor.kind) == ("c1", "k1", ["email", "email"], "user")
 
 
 def test_engine_refusals_are_problems() -> None:
