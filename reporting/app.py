@@ -3,11 +3,14 @@
     streamlit run reporting/app.py          (VOUCHER_API_URL=http://127.0.0.1:8000)
     voucher-engine reports                  (the same, with the configured host and port)
 
-Log in with a user of the engine (role analyst, manager or admin); the access token stays
-in the session. Pages: an overview across campaigns, a campaign page (funnel, redemptions
-over time, hour of day, segments, channel comparison, CSV downloads) and a live flash-sale
-view that refreshes itself. Everything is read through the reports endpoints; the app
-never opens the database.
+Log in with a user of the engine (role analyst, manager or admin); the access token and
+the user's roles stay in the session. Reports: an overview across campaigns, a campaign
+page (funnel, redemptions over time, hour of day, segments, channel comparison, CSV
+downloads) and a live flash-sale view that refreshes itself, all read through the reports
+endpoints. Back office (``reporting/backoffice/``, pages registered with
+``st.navigation``): managers and admins create, edit, pause and end campaigns, generate,
+import, export and switch off codes and hand codes to customers; analysts browse codes and
+look up codes, customers and orders. The app never opens the database.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.settings import Settings
+from reporting.backoffice import ui
 from reporting.client import Api, ApiError, api_url
 
 API_URL = api_url(Settings.from_env())
@@ -82,6 +86,10 @@ def login_page() -> None:
             return
         st.session_state["token"] = token
         st.session_state["user"] = email.strip()
+        try:
+            st.session_state["roles"] = list(Api(API_URL, token).me().get("roles") or ())
+        except ApiError:
+            st.session_state["roles"] = []
         st.rerun()
 
 
@@ -309,11 +317,7 @@ def live_panel(cid: str) -> None:
 # --- the app -----------------------------------------------------------------------------
 
 
-def main() -> None:
-    st.set_page_config(page_title="Voucher reports", layout="wide")
-    if not st.session_state.get("token"):
-        login_page()
-        return
+def reports_page() -> None:
     try:
         data = api().overview(top=10)
     except ApiError as exc:
@@ -322,7 +326,6 @@ def main() -> None:
     rows = data["rows"]
     names = {r["id"]: f"{r['name']} ({r['type']})" for r in rows}
     with st.sidebar:
-        st.write(f"Logged in as **{st.session_state.get('user', '')}**")
         page = st.radio("Page", PAGES, key="page")
         wanted = st.query_params.get("campaign")
         ids = list(names)
@@ -331,9 +334,6 @@ def main() -> None:
             ids = flash + [i for i in ids if i not in flash]
         index = ids.index(wanted) if wanted in ids else 0
         cid = st.selectbox("Campaign", ids, index=index, format_func=names.get, key=f"campaign-{page}") if ids else None
-        if st.button("Log out"):
-            st.session_state.clear()
-            st.rerun()
     try:
         if page == "Overview":
             overview_page(data)
@@ -345,6 +345,59 @@ def main() -> None:
             live_panel(cid)
     except ApiError as exc:
         show_error(exc)
+
+
+# The back office's pages (scripts in reporting/backoffice/): title, file, who sees it.
+BACK_OFFICE: tuple[tuple[str, str, str, bool], ...] = (
+    ("New campaign", "backoffice/new_campaign.py", ":material/add_circle:", True),
+    ("Campaign", "backoffice/campaign.py", ":material/tune:", True),
+    ("Codes", "backoffice/codes.py", ":material/upload:", True),
+    ("Browse codes", "backoffice/browse.py", ":material/list:", False),
+    ("Look up a code", "backoffice/voucher.py", ":material/search:", False),
+    ("Customers and orders", "backoffice/customers.py", ":material/person_search:", False),
+    ("Publish and issue", "backoffice/issue.py", ":material/send:", True),
+)
+
+
+def user_roles() -> set[str]:
+    """The logged-in user's roles (asked once per session; the API checks them again)."""
+    if "roles" not in st.session_state:
+        try:
+            st.session_state["roles"] = list(api().me().get("roles") or ())
+        except ApiError as exc:
+            show_error(exc)
+            st.session_state["roles"] = []
+    return set(st.session_state["roles"])
+
+
+def pages_for(roles: set[str]) -> dict[str, list[Any]]:
+    """The navigation a user gets: the reports, and the back-office pages of their roles
+    (analysts only the read-only ones)."""
+    nav: dict[str, list[Any]] = {
+        "Reports": [st.Page(reports_page, title="Reports", icon=":material/monitoring:", default=True)]
+    }
+    writes, reads = bool(roles & ui.WRITE_ROLES), bool(roles & ui.READ_ROLES)
+    office = [st.Page(path, title=title, icon=icon) for title, path, icon, write in BACK_OFFICE
+              if (writes if write else reads)]
+    if office:
+        nav["Back office"] = office
+    return nav
+
+
+def main() -> None:
+    st.set_page_config(page_title="Voucher reports", layout="wide")
+    if not st.session_state.get("token"):
+        st.navigation([st.Page(login_page, title="Log in", default=True)], position="hidden").run()
+        return
+    roles = user_roles()
+    nav = st.navigation(pages_for(roles))
+    with st.sidebar:
+        st.write(f"Logged in as **{st.session_state.get('user', '')}**")
+        st.caption("roles: " + (", ".join(sorted(roles)) or "none"))
+        if st.button("Log out"):
+            st.session_state.clear()
+            st.rerun()
+    nav.run()
 
 
 main()

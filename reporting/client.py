@@ -15,12 +15,22 @@ def api_url(settings: Settings) -> str:
 
 
 class ApiError(Exception):
-    """A problem answer (RFC 9457) or a connection failure, with a message to show."""
+    """A problem answer (RFC 9457) or a connection failure, with a message to show.
 
-    def __init__(self, status: int, detail: str) -> None:
+    ``code`` is the engine's stable code (``unknown_campaign``, ``voucher_disabled``, ...);
+    a 404 without one, or a 405, means the API has no such route or method at all."""
+
+    def __init__(self, status: int, detail: str, code: str | None = None, body: Any = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.code = code
+        self.body = body
+
+    @property
+    def missing_endpoint(self) -> bool:
+        """The API this app talks to has no such route (an engine without it)."""
+        return self.status == 405 or (self.status == 404 and not self.code)
 
 
 class Api:
@@ -38,16 +48,20 @@ class Api:
 
     def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            r = httpx.request(method, f"{self.base_url}{path}", timeout=self.timeout, **kw)
+            kw.setdefault("timeout", self.timeout)
+            r = httpx.request(method, f"{self.base_url}{path}", **kw)
         except httpx.HTTPError as exc:
             raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
         if r.status_code >= 400:
+            body: Any = None
+            code = None
             try:
                 body = r.json()
                 detail = str(body.get("detail") or body.get("title") or r.text)
-            except ValueError:
+                code = body.get("code")
+            except (ValueError, AttributeError):
                 detail = r.text or r.reason_phrase
-            raise ApiError(r.status_code, detail)
+            raise ApiError(r.status_code, detail, code, body)
         return r
 
     def login(self, email: str, password: str) -> str:
