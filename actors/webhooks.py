@@ -227,10 +227,19 @@ class Dispatcher:
             async with gate:
                 return await self.attempt(ep.id, ep.url, ep.secret, event, 1)
 
+        started = time.monotonic()
         attempts = await asyncio.gather(*[one(e) for e in page.events])
         async with self.pool.acquire() as conn:
             await store.record_attempts(conn, attempts, endpoint_id=ep.id, position=page.next)
+        await self.pace(len(attempts), time.monotonic() - started)
         return not page.complete
+
+    async def pace(self, sent: int, took_s: float) -> None:
+        """Hold the delivery rate to ``VOUCHER_WEBHOOK_MAX_RATE`` (when set): a round of
+        ``sent`` deliveries that took ``took_s`` waits out the rest of its share."""
+        rate = self.settings.webhook_max_rate
+        if rate > 0 and sent:
+            await asyncio.sleep(max(0.0, sent / rate - took_s))
 
     async def prune(self) -> bool:
         """Now and then, one chunk of the delivery log older than its retention; whether a

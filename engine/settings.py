@@ -92,6 +92,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     webhook_idle_priority: bool = True
     webhook_log_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
+    webhook_max_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1_000_000.0)] = 0.0
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
     outbound_allow: str = ""
@@ -421,6 +422,12 @@ _ENV: dict[str, tuple[str, str]] = {
         "deliveries take only the CPU time nothing else wants, so checkout keeps its cores; "
         "in a burst that saturates the node they fall behind and catch up after it. "
         "`false`: the nice level above.",
+    ),
+    "webhook_max_rate": (
+        "VOUCHER_WEBHOOK_MAX_RATE",
+        "Deliveries per second the dispatcher makes at most (0: no bound). A bound keeps "
+        "deliveries from taking cores checkout wants during a burst; events wait in the "
+        "stream and go out after it.",
     ),
     "webhook_log_days": (
         "VOUCHER_WEBHOOK_LOG_DAYS",

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             admin_password="bench-admin-password",
             data_dir=str(tmp),
             outbound_allow=f"127.0.0.1:{hook_port}",
+            webhook_max_rate=args.max_rate,
             **({} if args.dispatcher_nice is None
                else {"webhook_idle_priority": False, "webhook_niceness": args.dispatcher_nice}),
         )
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--window-ms", type=float, default=2.0)
     p.add_argument("--lag-timeout", type=float, default=120.0)
+    p.add_argument("--max-rate", type=float, default=0.0,
+                   help="VOUCHER_WEBHOOK_MAX_RATE of the dispatcher (0: no bound)")
     p.add_argument("--dispatcher-nice", type=int, default=None,
                    help="run the dispatcher at this nice level instead of idle priority")
     p.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")

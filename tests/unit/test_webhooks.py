@@ -217,3 +217,19 @@ def test_the_dispatcher_process_runs_at_idle_priority_or_niced() -> None:
     assert out[0] in ("idle", "nice 7") and out[1].startswith("nice ")
     if sys.platform == "linux":
         assert out[0] == "idle"
+
+
+def test_a_rate_bound_paces_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import webhooks as actor
+
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+
+    monkeypatch.setattr(actor.asyncio, "sleep", fake_sleep)
+    d = actor.Dispatcher("postgresql://unused", Settings(webhook_max_rate=100.0))
+    asyncio.run(d.pace(50, 0.1))  # 50 at 100/s take 0.5 s: 0.4 s to wait
+    asyncio.run(d.pace(50, 0.7))  # slower than the bound already
+    asyncio.run(actor.Dispatcher("postgresql://unused", Settings()).pace(50, 0.0))  # no bound
+    assert slept == [pytest.approx(0.4), 0.0]
