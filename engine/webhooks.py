@@ -181,7 +181,7 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
     id: str = ""
 
 
-_CURSOR_ID = re.compile(r"^[A-Za-z0-9_]{0,200}$")
+_CURSOR_ID = re.compile(r"^[A-Za-z0-9_.:-]{0,300}$")  # event ids (campaign ids carry "-")
 
 
 def encode_cursor(p: Position) -> str:

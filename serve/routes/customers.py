@@ -50,7 +50,7 @@ async def list_customers(
     limit: int = Query(100, ge=1, le=1000),
     metadata: str | None = Query(
         None,
-        max_length=4200,
+        max_length=512,
         description="key=value: customers whose metadata holds that key with that value "
         "(value read as JSON when it is a JSON scalar, else as a string)",
     ),

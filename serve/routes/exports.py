@@ -46,7 +46,7 @@ async def list_vouchers(
     status: str | None = Query(None, pattern=_STATUS),
     customer_id: str | None = Query(None, min_length=1, max_length=256),
     metadata_filter: str | None = Query(
-        None, alias="metadata", min_length=3, max_length=4096,
+        None, alias="metadata", min_length=3, max_length=512,
         description="key=value: codes whose metadata holds that key with that value",
     ),
     limit: int = Query(100, ge=1, le=1000),

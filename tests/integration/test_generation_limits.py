@@ -176,19 +176,27 @@ async def test_jobs_and_a_refill_never_exceed_the_total(services: Any) -> None:
 
 async def test_generation_beyond_the_shards_memory_is_refused(services: Any) -> None:
     dsn = services.database_url
+    fields = {"name": "capacity", "type": "discount", "currency": "EUR",
+              "discount": Discount("percent", 5)}
+    cid = uid("cap")
+    # the shard's bank holds the codes of every campaign other tests left in this database
+    # too: its capacity is set to those plus 1,000
+    probe_bank = BankShard(dsn)
+    probe = CoordinatorCore([probe_bank], dsn, Settings(shards=1, namespace=uid("gen-ns")))
+    try:
+        await probe.create_campaign({**fields, "id": cid})
+        base = await probe_bank._held()
+    finally:
+        await probe.close()
     settings = Settings(
-        shards=1, namespace=uid("gen-ns"), generation_chunk=500, max_codes_per_shard=1000
+        shards=1, namespace=uid("gen-ns"), generation_chunk=500, max_codes_per_shard=base + 1000
     )
     bank = BankShard(dsn)
     core = CoordinatorCore([bank], dsn, settings)
     try:
-        fields = {"name": "capacity", "type": "discount", "currency": "EUR",
-                  "discount": Discount("percent", 5)}
-        cid = uid("cap")
-        await core.create_campaign({**fields, "id": cid})
-        base = await bank._held()  # codes of campaigns other tests left in this database
-        assert base <= 300
-        room = 1000 - base
+        await core.ready()
+        assert await bank._held() == base
+        room = 1000
         with pytest.raises(errors.CapacityExceeded, match=f"at most {room} more"):
             await core.start_generation(cid, room + 1)
         running = await core.start_generation(cid, 500)
@@ -202,7 +210,7 @@ async def test_generation_beyond_the_shards_memory_is_refused(services: Any) -> 
         refill = await core.start_generation(cid, room, up_to=True)
         assert refill["requested"] == room - 500
         assert (await _wait(core, refill["id"]))["state"] == "done"
-        assert await bank._held() == 1000
+        assert await bank._held() == base + 1000
     finally:
         await core.close()
 

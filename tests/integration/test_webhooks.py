@@ -268,7 +268,8 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
                 return out
 
     def mine(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [e for e in events if e["campaign_id"] == c["id"]]
+        """This campaign's redemption events (its campaign.* events are checked apart)."""
+        return [e for e in events if e["campaign_id"] == c["id"] and e["type"].startswith("redemption.")]
 
     everything = _wait(lambda: (lambda ev: ev if len(ev) == 11 else None)(mine(listing(limit=3))))
     ids = [e["id"] for e in everything]
@@ -278,6 +279,9 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
     assert everything[3]["data"]["metadata"] == {"n": 3}
     assert everything[3]["object"] == "event" and everything[3]["type"] == "redemption.succeeded"
 
+    lifecycle = [e["type"] for e in listing(type="campaign.created,campaign.activated", limit=1000)
+                 if e["campaign_id"] == c["id"]]
+    assert lifecycle == ["campaign.created", "campaign.activated"]
     only_rb = mine(listing(type="redemption.rolled_back", limit=1000))
     assert [e["id"] for e in only_rb] == [wh.rolled_back_id(rids[0])]
     both = mine(listing(type="redemption.rolled_back,redemption.succeeded", limit=1000))
