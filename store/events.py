@@ -13,20 +13,10 @@ from typing import Any
 
 from engine import metadata
 from engine.routing import new_id
+from engine.webhooks import EVENT_TYPES
 from store.pools import Db
 
-TYPES = (
-    "redemption.succeeded",
-    "redemption.rolled_back",
-    "voucher.published",
-    "voucher.updated",
-    "campaign.created",
-    "campaign.updated",
-    "campaign.activated",
-    "campaign.paused",
-    "campaign.ended",
-    "export.completed",
-)
+TYPES = EVENT_TYPES  # every type a shop's webhooks may subscribe to
 
 _INSERT = (
     "INSERT INTO events (id, type, campaign_id, resource_id, data)"

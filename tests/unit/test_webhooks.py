@@ -96,10 +96,14 @@ def test_event_types_are_checked_sorted_and_star_means_all() -> None:
         wh.event_types([])
 
 
-def test_event_types_match_the_recorded_ones() -> None:
+def test_event_types_match_the_recorded_and_documented_ones() -> None:
+    from typing import get_args
+
+    from serve.routes.webhooks import EventType
     from store import events
 
     assert tuple(events.TYPES) == wh.EVENT_TYPES
+    assert get_args(EventType) == (wh.WILDCARD, *wh.EVENT_TYPES)  # the OpenAPI enum
 
 
 def test_redemption_event_ids_are_derived_from_the_redemption() -> None:
