@@ -16,16 +16,13 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 
-from loadtests.bench_plumbing import fetch_count, wait_http
-from loadtests.harness import machine_summary
+from loadtests.bench_plumbing import fetch_count, http_engine
 
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
@@ -76,70 +73,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=2)
     args = ap.parse_args(argv)
 
-    import ray
-
-    from actors.client import start_engine
-    from engine.settings import Settings
-    from ops.servers import embedded_for_tests
-    from ops.start import local_ray_environment, start_http
-    from store.migrations import migrate
-    from tests.support import free_port
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-import-", dir="/tmp"))
-    os.chmod(tmp, 0o755)
-    svc = embedded_for_tests(tmp)
-    try:
-        dsn = svc.database_url
-        asyncio.run(migrate(dsn))
-        print(f"machine: {machine_summary()}", flush=True)
-        local_ray_environment()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, namespace="bench-import")
-        settings = Settings(
-            shards=args.shards, namespace="bench-import", http_port=free_port(),
-            admin_email="admin@bench.example", admin_password="bench-admin-password",
-            data_dir=str(tmp),
-        )
-        engine = start_engine(settings, dsn)  # noqa: F841 -- the handle keeps the actors alive
-        base = start_http(settings, dsn, svc.redis_url, replicas={"Gateway": 1})
-        wait_http(f"{base}/healthz", 60.0)
-        rows = []
-        with httpx.Client(base_url=base, timeout=600.0) as c:
-            r = c.post("/v1/auth/login", json={"email": settings.admin_email, "password": settings.admin_password})
+    rows = []
+    with http_engine("bench-import", args.shards) as e:
+        c, admin, dsn = e.client, e.admin, e.dsn
+        for i in range(args.rounds):
+            gen_s, gen_cid = _generate(c, admin, args.codes, i)
+            cid = _campaign(c, admin, f"bench import {i}")
+            t0 = time.perf_counter()
+            r = c.post(
+                f"/v1/campaigns/{cid}/vouchers/import",
+                content=_csv(f"R{i}X", args.codes),
+                headers={**admin, "Content-Type": "text/csv"},
+            )
+            imp_s = time.perf_counter() - t0
             r.raise_for_status()
-            admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
-            for i in range(args.rounds):
-                gen_s, gen_cid = _generate(c, admin, args.codes, i)
-                cid = _campaign(c, admin, f"bench import {i}")
-                t0 = time.perf_counter()
-                r = c.post(
-                    f"/v1/campaigns/{cid}/vouchers/import",
-                    content=_csv(f"R{i}X", args.codes),
-                    headers={**admin, "Content-Type": "text/csv"},
-                )
-                imp_s = time.perf_counter() - t0
-                r.raise_for_status()
-                out = r.json()
-                assert out["imported"] == args.codes and out["rejected"] == 0, out
-                for campaign in (gen_cid, cid):
-                    rows_in = asyncio.run(fetch_count(dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign))
-                    assert rows_in == args.codes, (campaign, rows_in)
-                rows.append((gen_s, imp_s))
-                print(
-                    f"round {i + 1}: generate {args.codes:,} in {gen_s:.2f} s ({args.codes / gen_s:,.0f}/s),"
-                    f" import {imp_s:.2f} s ({args.codes / imp_s:,.0f}/s),"
-                    f" import ÷ generate {gen_s / imp_s:.2f}x (codes/s)",
-                    flush=True,
-                )
-        ratios = [g / i for g, i in rows]
-        print(
-            f"median: import {statistics.median(i for _, i in rows):.2f} s for {args.codes:,} codes,"
-            f" ratio {statistics.median(ratios):.2f}x of generation's rate; every code checked in Postgres"
-        )
-        return 0
-    finally:
-        ray.shutdown()
-        svc.stop()
+            out = r.json()
+            assert out["imported"] == args.codes and out["rejected"] == 0, out
+            for campaign in (gen_cid, cid):
+                rows_in = asyncio.run(fetch_count(dsn, "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign))
+                assert rows_in == args.codes, (campaign, rows_in)
+            rows.append((gen_s, imp_s))
+            print(
+                f"round {i + 1}: generate {args.codes:,} in {gen_s:.2f} s ({args.codes / gen_s:,.0f}/s),"
+                f" import {imp_s:.2f} s ({args.codes / imp_s:,.0f}/s),"
+                f" import ÷ generate {gen_s / imp_s:.2f}x (codes/s)",
+                flush=True,
+            )
+    ratios = [g / i for g, i in rows]
+    print(
+        f"median: import {statistics.median(i for _, i in rows):.2f} s for {args.codes:,} codes,"
+        f" ratio {statistics.median(ratios):.2f}x of generation's rate; every code checked in Postgres"
+    )
+    return 0
 
 
 if __name__ == "__main__":

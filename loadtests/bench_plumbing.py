@@ -1,18 +1,72 @@
-"""Plumbing the benchmarks share: waiting for a server to answer, one count query, and the
-baseline worker shape of the delivery benchmarks (a Postgres pool and a Valkey client,
+"""Plumbing the benchmarks share: an engine with its HTTP API on one machine, waiting for a
+server to answer, one count query, and the baseline worker shape of the delivery benchmarks (a Postgres pool and a Valkey client,
 ``concurrency`` loops popping jobs off one list until it is empty)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 from redis.asyncio import Redis
+
+
+@dataclass(frozen=True)
+class HttpEngine:
+    """An engine a benchmark drives over HTTP: ``client`` on its API, ``admin`` headers."""
+
+    dsn: str
+    client: httpx.Client
+    admin: dict[str, str]
+
+
+@contextlib.contextmanager
+def http_engine(name: str, shards: int, **settings: Any) -> Iterator[HttpEngine]:
+    """Embedded Postgres and Valkey, a local Ray, ``shards`` shards and one gateway replica
+    (namespace ``name``, extra ``settings``), logged in as the admin; all stopped after."""
+    import ray
+
+    from actors.client import start_engine
+    from engine.settings import Settings
+    from loadtests.harness import machine_summary
+    from ops.servers import embedded_for_tests
+    from ops.start import local_ray_environment, start_http
+    from store.migrations import migrate
+    from tests.support import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    svc = embedded_for_tests(tmp)
+    try:
+        dsn = svc.database_url
+        asyncio.run(migrate(dsn))
+        print(f"machine: {machine_summary()}", flush=True)
+        local_ray_environment()
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, namespace=name)
+        conf = Settings(
+            shards=shards, namespace=name, http_port=free_port(),
+            admin_email="admin@bench.example", admin_password="bench-admin-password",
+            data_dir=str(tmp), **settings,
+        )
+        engine = start_engine(conf, dsn)  # noqa: F841 -- the handle keeps the actors alive
+        base = start_http(conf, dsn, svc.redis_url, replicas={"Gateway": 1})
+        wait_http(f"{base}/healthz", 60.0)
+        with httpx.Client(base_url=base, timeout=600.0) as c:
+            r = c.post("/v1/auth/login", json={"email": conf.admin_email, "password": conf.admin_password})
+            r.raise_for_status()
+            yield HttpEngine(dsn, c, {"Authorization": f"Bearer {r.json()['access_token']}"})
+    finally:
+        ray.shutdown()
+        svc.stop()
 
 
 def wait_http(url: str, timeout_s: float = 90.0) -> None:
