@@ -31,6 +31,7 @@ from engine.campaigns import (
     discount_for,
     supersedes,
 )
+from engine.code_control import change_control, check_control, usable
 from engine.codes import normalize
 from engine.events import (
     ASSIGNED,
@@ -444,7 +445,7 @@ class ShardState:
         if self.controls:
             ctl = self.controls.get(code)
             if ctl is not None:
-                _check_control(code, ctl, self.clock())
+                check_control(code, ctl, self.clock())
         check_order(c, req.amount, req.currency)
         cust = req.customer_id
         if c.is_shared:
@@ -719,7 +720,7 @@ class ShardState:
                 held_back.append(code)  # back on the stack: the hold may be released
                 continue
             ctl = self.controls.get(code)
-            if ctl is not None and not _usable(ctl, self.clock()):
+            if ctl is not None and not usable(ctl, self.clock()):
                 continue  # off or past its window: back on the stack if switched on
             found = code
             break
@@ -773,33 +774,10 @@ class ShardState:
         (``None`` clears the code's own bound) and ``metadata`` (a JSON object, ``None``
         clears it); fields absent from ``changes`` stay. Returns the code as
         :meth:`voucher` shows it, with the metadata when this change set it."""
-        unknown = set(changes) - {"active", "starts_at", "expires_at", "metadata"}
-        if unknown:
-            raise errors.InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
         code, slot, status = self._locate(raw_code)
         old = self.controls.get(code, DEFAULT_CONTROL)
-        active = changes.get("active", old.active)
-        if not isinstance(active, bool):
-            raise errors.InvalidInput("active must be true or false")
-        starts = changes.get("starts_at", old.starts_at)
-        expires = changes.get("expires_at", old.expires_at)
-        for name, value in (("starts_at", starts), ("expires_at", expires)):
-            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
-                raise errors.InvalidInput(f"{name} must be a date-time with a time zone")
-        if starts is not None and expires is not None and starts >= expires:
-            raise errors.InvalidInput("starts_at must be before expires_at")
-        meta_set = "metadata" in changes
-        meta_text: str | None = None
-        if meta_set and changes["metadata"] is not None:
-            meta_text = metadata.encoded(metadata.check(changes["metadata"]))
-        new = Control(active, starts, expires)
-        change: dict[str, Any] = {}
-        for name in ("active", "starts_at", "expires_at"):
-            before, after = getattr(old, name), getattr(new, name)
-            if before != after:
-                change[name] = [_json_value(before), _json_value(after)]
-        if meta_set:
-            change["metadata"] = [None, changes["metadata"]]
+        applied = change_control(old, changes)
+        new = applied.control
         if new.is_default():
             self.controls.pop(code, None)
         else:
@@ -812,16 +790,16 @@ class ShardState:
                 code=code,
                 campaign_id=slot.campaign.id,
                 control=new,
-                metadata=meta_text,
-                metadata_set=meta_set,
-                change=metadata.encoded(change),
+                metadata=applied.metadata_text,
+                metadata_set=applied.metadata_set,
+                change=metadata.encoded(applied.change),
                 actor=actor,
                 event_id=new_id("evt", bucket_of(code), self.random_bytes),
                 at=now,
             )
         )
         out = self.voucher(code)
-        if meta_set:
+        if applied.metadata_set:
             out["metadata"] = changes["metadata"]
         return out
 
@@ -1062,24 +1040,6 @@ def _status(packed: int, slot: CampaignSlot) -> int:
     if status < REDEEMED and slot.campaign.state == "ended":
         return VOID
     return status
-
-
-def _check_control(code: str, ctl: Control, now: datetime) -> None:
-    """Raise why a code's own switch or window refuses it at ``now``."""
-    if not ctl.active:
-        raise errors.VoucherDisabled(f"code {code} is switched off")
-    if ctl.starts_at is not None and now < ctl.starts_at:
-        raise errors.VoucherNotStarted(f"code {code} is valid from {ctl.starts_at.isoformat()}")
-    if ctl.expires_at is not None and now >= ctl.expires_at:
-        raise errors.VoucherExpired(f"code {code} expired at {ctl.expires_at.isoformat()}")
-
-
-def _usable(ctl: Control, now: datetime) -> bool:
-    return ctl.active and (ctl.expires_at is None or now < ctl.expires_at)
-
-
-def _json_value(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _check_ids(customer_id: str | None, order_id: str | None) -> None:
