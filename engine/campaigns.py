@@ -9,7 +9,7 @@ wall-clock hours (so a 09:00-11:00 window stays 09:00-11:00 across a DST change)
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, time, timedelta, timezone
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,7 +18,12 @@ import msgspec
 
 from engine import errors
 from engine import metadata as metadata_module
+from engine import rules as rules_module
 from engine.codes import CodeSpec, normalize
+from engine.currencies import check_currency
+from engine.orders import MAX_AMOUNT, MAX_QUANTITY, Order
+from engine.pricing import Pricing, price
+from engine.rules import Rules
 
 CampaignType = Literal["discount", "gift_card", "shared_code", "flash_sale"]
 State = Literal["draft", "active", "paused", "ended"]
@@ -26,17 +31,25 @@ Action = Literal["activate", "pause", "end"]
 
 CAMPAIGN_TYPES: tuple[str, ...] = ("discount", "gift_card", "shared_code", "flash_sale")
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
-MAX_AMOUNT = 10**12  # minor units; far above any real order, keeps sums in int64
+
+
+DiscountKind = Literal["percent", "amount", "fixed_price", "free_units", "free_shipping"]
+Target = Literal["order", "items", "cheapest_item", "shipping"]
+KINDS: tuple[str, ...] = ("percent", "amount", "fixed_price", "free_units", "free_shipping")
+TARGETS: tuple[str, ...] = ("order", "items", "cheapest_item", "shipping")
 
 
 class Discount(msgspec.Struct, frozen=True):
-    """``percent``: value is 1..100 percent of the order; ``amount``: value in minor units.
-    ``max`` caps the discount (minor units)."""
+    """What the campaign takes off, on which ``target`` (see :mod:`engine.pricing`):
+    ``percent`` (``value`` 1..100), ``amount`` (``value`` in minor units), ``fixed_price``
+    (the target costs ``value``), ``free_units`` (``value`` units free; ``sku`` picks
+    which), ``free_shipping`` (no ``value``). ``max`` caps the discount (minor units)."""
 
-    kind: Literal["percent", "amount"]
-    value: int
+    kind: DiscountKind
+    value: int = 0
     max: int | None = None
+    target: Target = "order"
+    sku: str | None = None
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -79,6 +92,8 @@ class Campaign(msgspec.Struct, frozen=True):
     version: int = 0
     #: the shop's own JSON object (:mod:`engine.metadata`)
     metadata: dict[str, Any] | None = None
+    #: conditions on the order and customer (:mod:`engine.rules`)
+    rules: Rules | None = None
 
     @property
     def is_shared(self) -> bool:
@@ -139,6 +154,7 @@ def new_campaign(
     code_spec: CodeSpec | None = None,
     shared_code: str | None = None,
     metadata: dict[str, Any] | None = None,
+    rules: Rules | None = None,
 ) -> Campaign:
     """Validate a campaign definition and return it in ``draft``.
 
@@ -149,8 +165,7 @@ def new_campaign(
         raise errors.InvalidInput("name must be 1-200 characters")
     if type not in CAMPAIGN_TYPES:
         raise errors.InvalidInput(f"type must be one of {', '.join(CAMPAIGN_TYPES)}")
-    if not _CURRENCY_RE.match(currency or ""):
-        raise errors.InvalidInput("currency must be an ISO 4217 code such as EUR")
+    check_currency(currency, "currency")
     try:
         ZoneInfo(timezone_name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -190,6 +205,7 @@ def new_campaign(
     _check_windows(type, windows)
     if metadata is not None:
         metadata = metadata_module.check(metadata)
+    rules, discount = _check_rules(rules, discount, min_order)
 
     return Campaign(
         id=id,
@@ -210,6 +226,7 @@ def new_campaign(
         updated_at=now,
         version=1,
         metadata=metadata,
+        rules=rules,
     )
 
 
@@ -243,14 +260,60 @@ def _check_windows(type: str, windows: tuple[Window, ...] | list[Window]) -> Non
 
 
 def _check_discount(d: Discount) -> None:
-    if d.kind not in ("percent", "amount"):
-        raise errors.InvalidInput("discount.kind must be 'percent' or 'amount'")
+    if d.kind not in KINDS:
+        raise errors.InvalidInput(f"discount.kind must be one of {', '.join(KINDS)}")
+    if d.target not in TARGETS:
+        raise errors.InvalidInput(f"discount.target must be one of {', '.join(TARGETS)}")
+    v = d.value
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise errors.InvalidInput("discount.value must be an integer")
     if d.kind == "percent":
-        if isinstance(d.value, bool) or not isinstance(d.value, int) or not 1 <= d.value <= 100:
+        if not 1 <= v <= 100:
             raise errors.InvalidInput("discount.value must be 1..100 for a percent discount")
-    else:
-        _check_amount(d.value, "discount.value", positive=True)
+    elif d.kind == "amount":
+        _check_amount(v, "discount.value", positive=True)
+    elif d.kind == "fixed_price":
+        _check_amount(v, "discount.value")
+    elif d.kind == "free_units":
+        if not 1 <= v <= MAX_QUANTITY:
+            raise errors.InvalidInput(
+                f"discount.value is the number of free units for free_units: 1 to {MAX_QUANTITY}"
+            )
+        if d.target == "shipping":
+            raise errors.InvalidRule("free_units gives items, not shipping: use target items")
+    elif v != 0:
+        raise errors.InvalidInput("a free_shipping discount has no value")
+    if d.kind == "free_shipping" and d.target not in ("order", "shipping"):
+        raise errors.InvalidRule("free_shipping discounts shipping: use target shipping")
+    if d.kind == "fixed_price" and d.target == "order" and v == 0:
+        raise errors.InvalidRule("a fixed_price of 0 on the whole order makes it free: use percent 100")
+    if d.sku is not None:
+        if d.kind != "free_units":
+            raise errors.InvalidInput("discount.sku only picks the free units of free_units")
+        if not isinstance(d.sku, str) or not 1 <= len(d.sku) <= 128:
+            raise errors.InvalidInput("discount.sku must be 1-128 characters")
     _check_amount(d.max, "discount.max", positive=True)
+
+
+def _check_rules(
+    rules: Rules | None, discount: Discount | None, min_order: int
+) -> tuple[Rules | None, Discount | None]:
+    """The rules and discount of a campaign, checked together: a rule that can never hold,
+    or a discount whose free units the rules exclude, is refused (``invalid_rule``).
+    ``free_shipping`` always targets shipping."""
+    if rules is not None:
+        rules_module.check(rules, min_order=min_order)
+        if rules.min_order is not None and min_order and rules.min_order != min_order:
+            raise errors.InvalidRule("min_order is given twice: as min_order and rules.min_order")
+    if discount is not None:
+        if discount.kind == "free_shipping" and discount.target != "shipping":
+            discount = msgspec.structs.replace(discount, target="shipping")
+        ex = rules.exclude if rules is not None else None
+        if discount.sku is not None and ex is not None and discount.sku in ex.skus:
+            raise errors.InvalidRule(
+                f"discount.sku {discount.sku} is excluded by rules.exclude: no unit could be free"
+            )
+    return rules, discount
 
 
 # --- lifecycle -------------------------------------------------------------------------
@@ -310,6 +373,7 @@ EDITABLE: tuple[str, ...] = (
     "min_order",
     "windows",
     "metadata",
+    "rules",
 )
 """The fields a shop may change after creation. The rest (id, type, currency, time zone,
 gift balance, code pattern, shared code) define what was issued and stay as created."""
@@ -460,6 +524,15 @@ def edit(
         _check_windows(c.type, windows)
         new["windows"] = windows
     _check_flash_sale(c.type, lim, starts, ends)
+    if "rules" in changes:
+        raw_rules = changes["rules"]
+        new["rules"] = None if raw_rules is None else _convert(raw_rules, Rules, "rules")
+    if {"rules", "discount", "min_order"} & set(new):
+        rules, discount = _check_rules(
+            new.get("rules", c.rules), new.get("discount", c.discount), new.get("min_order", c.min_order)
+        )
+        if "discount" in new:
+            new["discount"] = discount
     if "metadata" in changes:
         md = changes["metadata"]
         new["metadata"] = None if md is None else metadata_module.check(md)
@@ -558,28 +631,33 @@ def next_window_start(campaign: Campaign, now: datetime) -> datetime | None:
 
 
 def discount_for(campaign: Campaign, amount: int, balance: int | None = None) -> int:
-    """The discount an order of ``amount`` gets (gift cards: what the balance covers)."""
-    if campaign.is_gift_card:
-        return min(balance or 0, amount)
-    d = campaign.discount
-    assert d is not None
-    value = amount * d.value // 100 if d.kind == "percent" else d.value
-    if d.max is not None:
-        value = min(value, d.max)
-    return min(value, amount)
+    """The discount an amount-only order of ``amount`` gets (gift cards: what the balance
+    covers); :func:`pricing_for` prices any order."""
+    order = Order(amount=amount, currency=campaign.currency)
+    return price(campaign, order, None, balance).discount
 
 
-def check_order(campaign: Campaign, amount: int, currency: str) -> None:
-    """Reject malformed orders and orders the campaign does not apply to."""
-    _check_amount(amount, "order.amount")
-    if currency != campaign.currency:
+def check_order(campaign: Campaign, order: Order) -> None:
+    """Reject orders the campaign does not take: a malformed amount, another currency,
+    below ``min_order``."""
+    _check_amount(order.amount, "order.amount")
+    if order.currency != campaign.currency:
         raise errors.CurrencyMismatch(
-            f"order currency {currency} does not match campaign currency {campaign.currency}"
+            f"order currency {order.currency} does not match campaign currency {campaign.currency}"
         )
-    if amount < campaign.min_order:
+    if order.amount < campaign.min_order:
         raise errors.OrderTooSmall(
-            f"order amount {amount} is below the minimum {campaign.min_order}"
+            f"order amount {order.amount} is below the minimum {campaign.min_order}"
         )
+
+
+def pricing_for(
+    campaign: Campaign, order: Order, tags: Sequence[str] | None = None, balance: int | None = None
+) -> Pricing:
+    """Whether ``campaign`` takes ``order`` (for a customer with ``tags``) and what it takes
+    off: the one rule every path applies (:func:`engine.pricing.price`)."""
+    check_order(campaign, order)
+    return price(campaign, order, tags, balance)
 
 
 Clock = Callable[[], datetime]

@@ -18,6 +18,10 @@ The tree (codes in parentheses; a transient error and its subclasses only mean "
     * UnsupportedMediaType (``unsupported_media_type``)
     * InternalAddress (``internal_address``)
     * CurrencyMismatch (``currency_mismatch``)
+    * UnknownCurrency (``unknown_currency``)
+    * InvalidOrder (``invalid_order``)
+      * OrderAmountMismatch (``order_amount_mismatch``)
+    * InvalidRule (``invalid_rule``)
   * NotFound (``not_found``)
     * UnknownCampaign (``unknown_campaign``)
     * UnknownCode (``unknown_code``)
@@ -55,6 +59,7 @@ The tree (codes in parentheses; a transient error and its subclasses only mean "
     * CustomerLimitReached (``customer_limit_reached``)
     * WrongCustomer (``wrong_customer``)
     * OrderTooSmall (``order_too_small``)
+    * RuleNotMet (``rule_not_met``)
     * AlreadyRedeemed (``already_redeemed``)
     * CodeVoid (``code_void``)
     * CodeReserved (``code_reserved``, transient)
@@ -182,6 +187,33 @@ class CurrencyMismatch(InvalidInput):
     """The order's currency differs from the campaign's."""
 
     code = "currency_mismatch"
+
+
+class UnknownCurrency(InvalidInput):
+    """A currency that is not an ISO 4217 code."""
+
+    code = "unknown_currency"
+
+
+class InvalidOrder(InvalidInput):
+    """An order's lines, shipping or amount are malformed (a negative price, a zero
+    quantity, a subtotal out of range...)."""
+
+    code = "invalid_order"
+
+
+class OrderAmountMismatch(InvalidOrder):
+    """An order gives both ``amount`` and items, and the amount is not their subtotal."""
+
+    code = "order_amount_mismatch"
+
+
+class InvalidRule(InvalidInput):
+    """A campaign's rules or discount target cannot work: a condition that can never hold
+    (a category both required and excluded, a minimum above the maximum), a kind that does
+    not fit its target."""
+
+    code = "invalid_rule"
 
 
 # --- lookups ---------------------------------------------------------------------------
@@ -398,6 +430,14 @@ class OrderTooSmall(NotRedeemable):
     """The order amount is below the campaign's minimum."""
 
     code = "order_too_small"
+
+
+class RuleNotMet(NotRedeemable):
+    """The order or customer does not meet one of the campaign's rules; the message names
+    the condition and what the order has ("needs 2 items in category shoes, the order
+    has 1")."""
+
+    code = "rule_not_met"
 
 
 class AlreadyRedeemed(NotRedeemable):

@@ -64,6 +64,9 @@ class Redemption(msgspec.Struct, frozen=True):
     status: int = R_ACTIVE
     rolled_back_at: datetime | None = None
     metadata: str | None = None  # compact JSON, as the request gave it
+    #: how the discount falls on the order's lines and shipping, as compact JSON
+    #: (engine.pricing.detail_json); None for an amount-only order
+    detail: str | None = None
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -79,6 +82,10 @@ class Reservation(msgspec.Struct, frozen=True):
     state: int = HELD
     redemption_id: str | None = None
     metadata: str | None = None  # compact JSON, carried into its redemption
+    detail: str | None = None  # as Redemption.detail
+    #: the order's lines, shipping and customer tags (engine.pricing.cart_json), so its
+    #: confirm prices the order it held; None for an amount-only order
+    cart: str | None = None
 
 
 class Validation(msgspec.Struct, frozen=True):
@@ -91,6 +98,7 @@ class Validation(msgspec.Struct, frozen=True):
     balance: int | None = None
     error: str | None = None
     message: str | None = None
+    detail: str | None = None  # as Redemption.detail
 
 
 class ImportedCode(msgspec.Struct, frozen=True):

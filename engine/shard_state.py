@@ -28,7 +28,6 @@ from engine.campaigns import (
     Campaign,
     check_order,
     check_redeemable_now,
-    discount_for,
     supersedes,
 )
 from engine.code_control import change_control, check_control, usable
@@ -63,6 +62,8 @@ from engine.events import (
     VoucherControlled,
 )
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
+from engine.orders import Item, Order
+from engine.pricing import Cart, Pricing, cart_json, detail_json, price, read_cart
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
@@ -82,7 +83,16 @@ class RedeemRequest(msgspec.Struct, frozen=True):
     order_id: str | None = None
     idempotency_key: str | None = None
     metadata: str | None = None  # the redemption's metadata as compact JSON
+    shipping: int | None = None
+    items: tuple[Item, ...] | None = None  # checked by engine.orders.build at the edge
+    tags: tuple[str, ...] | None = None  # the customer's tags, for customer rules
 
+    def order(self) -> Order:
+        return Order(self.amount, self.currency, self.shipping, self.items or ())
+
+    def has_cart(self) -> bool:
+        """Whether the order says more than an amount (its answer then explains itself)."""
+        return bool(self.items) or self.shipping is not None
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -434,9 +444,9 @@ class ShardState:
 
     def _check(
         self, req: RedeemRequest, *, reservation: Reservation | None = None
-    ) -> tuple[str, CampaignSlot, int, int, int | None]:
+    ) -> tuple[str, CampaignSlot, int, Pricing, int | None]:
         """Everything that must hold for ``req`` to redeem now; returns
-        ``(code, slot, status, discount, balance)`` or raises the reason it cannot."""
+        ``(code, slot, status, pricing, balance)`` or raises the reason it cannot."""
         _check_ids(req.customer_id, req.order_id)
         self.expire_reservations()
         code, slot, status = self._locate(req.code)
@@ -446,7 +456,8 @@ class ShardState:
             ctl = self.controls.get(code)
             if ctl is not None:
                 check_control(code, ctl, self.clock())
-        check_order(c, req.amount, req.currency)
+        order = req.order()
+        check_order(c, order)
         cust = req.customer_id
         if c.is_shared:
             total, per = c.limits.total, c.limits.per_customer
@@ -461,7 +472,7 @@ class ShardState:
                     raise errors.CustomerLimitReached(
                         f"customer {cust} used code {code} {per} time(s) already"
                     )
-            return code, slot, status, discount_for(c, req.amount), None
+            return code, slot, status, price(c, order, req.tags), None
         if status == REDEEMED:
             if c.is_gift_card:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
@@ -479,24 +490,26 @@ class ShardState:
             balance = slot.balances.get(code, 0)
             if balance <= 0:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
-        return code, slot, status, discount_for(c, req.amount, balance), balance
+        return code, slot, status, price(c, order, req.tags, balance), balance
 
     def validate(self, req: RedeemRequest) -> Validation:
         """Explain whether ``req`` would redeem now, without changing anything."""
         try:
-            code, slot, _status, discount, balance = self._check(req)
+            code, slot, _status, pricing, balance = self._check(req)
         except errors.VoucherError as exc:
             return Validation(code=_safe_code(req.code), valid=False, error=exc.code, message=exc.message)
         return Validation(
             code=code,
             valid=True,
             campaign_id=slot.campaign.id,
-            discount_amount=discount,
+            discount_amount=pricing.discount,
             balance=balance,
+            detail=detail_json(pricing) if req.has_cart() else None,
         )
 
     def redeem(self, req: RedeemRequest, *, reservation: Reservation | None = None) -> Redemption:
-        code, slot, status, discount, balance = self._check(req, reservation=reservation)
+        code, slot, status, pricing, balance = self._check(req, reservation=reservation)
+        discount = pricing.discount
         c = slot.campaign
         now = self.clock()
         cust = req.customer_id
@@ -539,6 +552,7 @@ class ShardState:
             balance_after=balance_after,
             created_at=now,
             metadata=req.metadata,
+            detail=detail_json(pricing) if req.has_cart() else None,
         )
         self.redemptions[r.id] = r
         self.events.append(RedemptionRecorded(r))
@@ -600,7 +614,8 @@ class ShardState:
 
     def reserve(self, req: RedeemRequest) -> Reservation:
         self.expire_reservations()
-        code, slot, _status, discount, _balance = self._check(req)
+        code, slot, _status, pricing, _balance = self._check(req)
+        cart = req.has_cart() or req.tags is not None
         r = Reservation(
             id=new_id("res", bucket_of(code), self.random_bytes),
             campaign_id=slot.campaign.id,
@@ -609,9 +624,11 @@ class ShardState:
             order_id=req.order_id,
             order_amount=req.amount,
             currency=req.currency,
-            discount_amount=discount,
+            discount_amount=pricing.discount,
             expires_at=self.clock() + self.reservation_ttl,
             metadata=req.metadata,
+            detail=detail_json(pricing) if req.has_cart() else None,
+            cart=cart_json(req.shipping, req.items, req.tags) if cart else None,
         )
         self.reservations[r.id] = r
         self._hold(r)
@@ -661,6 +678,7 @@ class ShardState:
 
     def confirm(self, reservation_id: str) -> Redemption:
         r = self._open_reservation(reservation_id)
+        cart = read_cart(r.cart) if r.cart is not None else Cart()
         req = RedeemRequest(
             code=r.code,
             amount=r.order_amount,
@@ -668,6 +686,9 @@ class ShardState:
             customer_id=r.customer_id,
             order_id=r.order_id,
             metadata=r.metadata,
+            shipping=cart.shipping,
+            items=cart.items,
+            tags=cart.tags,
         )
         redemption = self.redeem(req, reservation=r)
         self._close_reservation(r.id, CONFIRMED, redemption.id)
