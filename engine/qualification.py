@@ -1,0 +1,214 @@
+"""Qualification: every offer one shard would apply now to a customer's order, each with
+the discount it gives, best first.
+
+Pure and read-only (beyond expiring holds past their TTL, as every decision does): it
+reads the shard's campaign slots and decides each candidate with the rules a redemption
+applies, in the same order (:meth:`engine.shard_state.ShardState._check`): the campaign's
+state, start, end and sale windows (:func:`engine.campaigns.check_redeemable_now`), the
+code's own switch and window (:func:`engine.code_control.check_control`), the order's
+currency and minimum (:func:`engine.campaigns.check_order`), the limits (a shared code's
+total with its open holds, its per-customer uses with theirs), the code's status (not
+redeemed, void or held; assigned to this customer; a gift card's balance left), then the
+price (:func:`engine.pricing.price`: rules, lines, shipping). So an offer is exactly what a
+redemption of it would give at that instant.
+
+Candidates, by campaign type (:data:`CANDIDATES`):
+
+* ``shared_code`` and ``flash_sale``: the campaign's one code, on the shard owning its
+  bucket (the only shard that holds it, so each is offered once).
+* ``discount`` and ``gift_card``: the code the customer was given, on the shard owning
+  that code (``CampaignSlot.by_customer`` holds it; a foreign record of it on another shard
+  is skipped there). Gift cards come with their balance.
+
+A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
+from the shard, the campaign slot and the request to the offers it makes. An automatic
+campaign without a code (a promotion) would be decided on exactly one shard (say, the one
+owning its id's bucket) and offered with ``kind="promotion"`` and ``code=None``.
+
+Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
+no code here, no code for this customer), then one pricing of the order per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from engine import errors
+from engine.campaigns import check_order, check_redeemable_now
+from engine.code_control import check_control
+from engine.events import REDEEMED, VOID
+from engine.orders import Order
+from engine.pricing import Line, Pricing, price
+from engine.shard_state import CampaignSlot, ShardState
+
+OfferKind = Literal["shared_code", "unique_code"]
+MAX_OFFERS = 1000
+
+
+class QualifyRequest(msgspec.Struct, frozen=True):
+    """What a shard is asked: the customer, their order (checked by
+    :func:`engine.orders.build` at the edge), their tags for customer rules, and at most
+    how many offers to answer (the best ``limit``; all when None)."""
+
+    customer_id: str
+    order: Order
+    tags: tuple[str, ...] | None = None
+    limit: int | None = None
+
+
+class Offer(msgspec.Struct, frozen=True):
+    """One offer: the code to send at checkout (``None`` for a campaign without codes),
+    what it takes off (``discount_amount``: the lines' part plus ``shipping_discount``),
+    how it falls on the order's lines, and a gift card's balance."""
+
+    kind: str
+    campaign_id: str
+    campaign_name: str
+    campaign_type: str
+    code: str | None
+    discount_amount: int
+    items: tuple[Line, ...] = ()
+    shipping_discount: int = 0
+    balance: int | None = None
+
+
+Candidate = Callable[[ShardState, CampaignSlot, QualifyRequest, datetime], Iterable[Offer]]
+
+
+def _offer(kind: OfferKind, slot: CampaignSlot, code: str, p: Pricing, balance: int | None) -> Offer:
+    c = slot.campaign
+    return Offer(kind, c.id, c.name, c.type, code, p.discount, p.items, p.shipping_discount, balance)
+
+
+def shared_code_offers(
+    state: ShardState, slot: CampaignSlot, req: QualifyRequest, now: datetime
+) -> Iterable[Offer]:
+    """The campaign's shared code, when this shard holds it and it would redeem now."""
+    c = slot.campaign
+    code = c.shared_code
+    if code is None or code not in state.codes:
+        return ()
+    check_redeemable_now(c, now)
+    ctl = state.controls.get(code) if state.controls else None
+    if ctl is not None:
+        check_control(code, ctl, now)
+    check_order(c, req.order)
+    total, per = c.limits.total, c.limits.per_customer
+    if total is not None and slot.uses + slot.held_units >= total:
+        raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
+    cust = req.customer_id
+    if per is not None and slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) >= per:
+        raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
+    return (_offer("shared_code", slot, code, price(c, req.order, req.tags), None),)
+
+
+def assigned_code_offers(
+    state: ShardState, slot: CampaignSlot, req: QualifyRequest, now: datetime
+) -> Iterable[Offer]:
+    """The unique code the customer was given, when this shard owns it and it would
+    redeem now (gift cards: with the balance left)."""
+    code = slot.by_customer.get(req.customer_id)
+    if code is None:
+        return ()
+    packed = state.codes.get(code)
+    if packed is None or slot.assigned_to.get(code) != req.customer_id:
+        return ()  # another shard's code (recorded here), or given back
+    c = slot.campaign
+    check_redeemable_now(c, now)
+    ctl = state.controls.get(code) if state.controls else None
+    if ctl is not None:
+        check_control(code, ctl, now)
+    check_order(c, req.order)
+    status = packed & 3
+    if status == REDEEMED:
+        raise errors.AlreadyRedeemed(f"code {code} was redeemed already")
+    if status == VOID:
+        raise errors.CodeVoid(f"code {code} is void")
+    if code in state.held:
+        raise errors.CodeReserved(f"code {code} is held by an open reservation")
+    balance: int | None = None
+    if c.is_gift_card:
+        balance = slot.balances.get(code, 0)
+        if balance <= 0:
+            raise errors.Exhausted(f"gift card {code} has no balance left")
+    return (_offer("unique_code", slot, code, price(c, req.order, req.tags, balance), balance),)
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "shared_code": shared_code_offers,
+    "flash_sale": shared_code_offers,
+    "discount": assigned_code_offers,
+    "gift_card": assigned_code_offers,
+}
+"""Campaign type -> the offers a campaign of that type makes (a type not listed makes
+none). Each raises the engine error a redemption would give, for a candidate that does not
+apply now; :func:`explain` keeps those reasons, :func:`qualify` drops them."""
+
+
+def best_first(offers: Iterable[Offer], limit: int | None = None) -> list[Offer]:
+    """Largest discount first; ties by campaign id, then code. The best ``limit``."""
+    ranked = sorted(offers, key=lambda o: (-o.discount_amount, o.campaign_id, o.code or ""))
+    return ranked if limit is None else ranked[:limit]
+
+
+def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
+    """Every offer of this shard for ``req`` (unsorted), and, per campaign that had a
+    candidate here but does not apply, the error code a redemption would give."""
+    state.expire_reservations()  # a hold past its TTL holds nothing
+    now = state.clock()
+    offers: list[Offer] = []
+    refused: dict[str, str] = {}
+    for slot in state.campaigns.values():
+        c = slot.campaign
+        if c.state != "active":
+            continue  # draft, paused, ended: nothing of it redeems (the cheap, common case)
+        candidate = CANDIDATES.get(c.type)
+        if candidate is None:
+            continue
+        try:
+            found = candidate(state, slot, req, now)
+        except errors.VoucherError as exc:
+            refused[c.id] = exc.code
+            continue
+        for o in found:
+            if o.discount_amount > 0:
+                offers.append(o)
+            else:
+                refused[c.id] = "no_discount"
+    return offers, refused
+
+
+def qualify(
+    state: ShardState,
+    customer_id: str,
+    order: Order,
+    tags: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[Offer]:
+    """Every offer this shard would apply now to ``customer_id``'s ``order``, best first
+    (see :func:`best_first`); an offer that takes nothing off is left out."""
+    req = QualifyRequest(customer_id, order, tuple(tags) if tags is not None else None, limit)
+    return best_first(explain(state, req)[0], limit)
+
+
+def qualify_request(state: ShardState, req: QualifyRequest) -> list[Offer]:
+    """:func:`qualify` for a request as the shard actor receives it."""
+    return best_first(explain(state, req)[0], req.limit)
+
+
+def merge(parts: Iterable[Sequence[Offer]], limit: int | None = None) -> list[Offer]:
+    """The shards' answers as one list, best first; an offer answered twice (a shard
+    answering during a topology change) counts once."""
+    seen: set[tuple[str, str | None]] = set()
+    out: list[Offer] = []
+    for part in parts:
+        for o in part:
+            key = (o.campaign_id, o.code)
+            if key not in seen:
+                seen.add(key)
+                out.append(o)
+    return best_first(out, limit)
