@@ -140,6 +140,11 @@ class VoucherShard:
         return await self.core.voucher(code)
 
     @guarded
+    async def qualify(self, payload: bytes) -> bytes:
+        with self._inflight.track():
+            return await self.core.qualify(payload)
+
+    @guarded
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
         return await self.core.control(code, changes, actor)
 
