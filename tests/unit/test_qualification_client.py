@@ -1,0 +1,69 @@
+"""The engine client's scatter-gather of a qualification (actors/client.py): one call per
+shard, the answers merged best first, and a shard that does not answer within the deadline
+(or is away) an ``unavailable``, never a hang and never a partial list."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import pytest
+
+from actors.client import VoucherEngine
+from engine import errors
+from engine.orders import Order
+from engine.qualification import Offer, QualifyRequest
+
+REQ = QualifyRequest("ann", Order(4000, "EUR"), None, None)
+
+
+class _Shard:
+    """A shard handle whose ``qualify.remote`` answers ``offers`` after ``delay_s`` (or
+    raises ``fail``)."""
+
+    def __init__(self, offers: list[Offer], delay_s: float = 0.0, fail: Exception | None = None) -> None:
+        self.offers, self.delay_s, self.fail = offers, delay_s, fail
+        self.asked: list[QualifyRequest] = []
+        self.qualify = self
+
+    def remote(self, payload: bytes) -> Any:
+        self.asked.append(msgspec.msgpack.decode(payload, type=QualifyRequest))
+
+        async def answer() -> bytes:
+            await asyncio.sleep(self.delay_s)
+            if self.fail is not None:
+                raise self.fail
+            return msgspec.msgpack.encode(self.offers)
+
+        return answer()
+
+
+def _offer(cid: str, discount: int, code: str | None = None) -> Offer:
+    return Offer("shared_code", cid, cid, "shared_code", code or cid.upper(), discount)
+
+
+def test_every_shard_is_asked_and_the_answers_merge_best_first() -> None:
+    shards = [_Shard([_offer("b", 300), _offer("c", 900)]), _Shard([_offer("a", 300)]), _Shard([])]
+    engine = VoucherEngine(shards, None)  # type: ignore[arg-type]
+    got = asyncio.run(engine.qualify(REQ, 1.0))
+    assert [o.campaign_id for o in got] == ["c", "a", "b"]
+    assert all(s.asked == [REQ] for s in shards)
+    limited = msgspec.structs.replace(REQ, limit=2)
+    assert [o.campaign_id for o in asyncio.run(engine.qualify(limited, 1.0))] == ["c", "a"]
+
+
+def test_a_shard_that_does_not_answer_in_time_is_unavailable_within_the_deadline() -> None:
+    engine = VoucherEngine([_Shard([_offer("a", 1)]), _Shard([], delay_s=30)], None)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable, match="did not answer"):
+        asyncio.run(engine.qualify(REQ, 0.2))
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_a_shard_away_is_unavailable() -> None:
+    away = _Shard([], fail=errors.Unavailable("actor unavailable, retry"))
+    engine = VoucherEngine([_Shard([_offer("a", 1)]), away], None)  # type: ignore[arg-type]
+    with pytest.raises(errors.Unavailable):
+        asyncio.run(engine.qualify(REQ, 1.0))
