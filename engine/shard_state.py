@@ -86,6 +86,9 @@ class RedeemRequest(msgspec.Struct, frozen=True):
     shipping: int | None = None
     items: tuple[Item, ...] | None = None  # checked by engine.orders.build at the edge
     tags: tuple[str, ...] | None = None  # the customer's tags, for customer rules
+    #: the tags are the stored customer's, looked up by the gateway (not the caller's):
+    #: they are not part of what the idempotency key's fingerprint identifies
+    stored_tags: bool = False
 
     def order(self) -> Order:
         return Order(self.amount, self.currency, self.shipping, self.items or ())
@@ -175,6 +178,13 @@ class CampaignStats(msgspec.Struct):
         return CampaignStats(
             self.campaign_id, *(getattr(self, f) + getattr(other, f) for f in fields)
         )
+
+
+def _as_sent(req: Any) -> Any:
+    """The request as its caller sent it: without the tags the gateway looked up."""
+    if isinstance(req, RedeemRequest) and req.stored_tags:
+        return msgspec.structs.replace(req, tags=None, stored_tags=False)
+    return req
 
 
 def fingerprint(op: str, payload: Any) -> bytes:
@@ -459,6 +469,8 @@ class ShardState:
         order = req.order()
         check_order(c, order)
         cust = req.customer_id
+        if req.tags is None and cust is not None and c.rules is not None and c.rules.customer is not None:
+            raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
         if c.is_shared:
             total, per = c.limits.total, c.limits.per_customer
             mine = 1 if reservation is not None else 0
@@ -496,6 +508,8 @@ class ShardState:
         """Explain whether ``req`` would redeem now, without changing anything."""
         try:
             code, slot, _status, pricing, balance = self._check(req)
+        except errors.TagsNeeded:
+            raise
         except errors.VoucherError as exc:
             return Validation(code=_safe_code(req.code), valid=False, error=exc.code, message=exc.message)
         return Validation(
@@ -847,7 +861,7 @@ class ShardState:
                 return _reject(
                     errors.InvalidInput(f"an idempotency key must be 1-{MAX_KEY_LEN} characters")
                 )
-            fp = fingerprint(op, req)
+            fp = fingerprint(op, _as_sent(req))
             seen = self._remembered(key)
             if seen is not None:
                 if seen[0] != fp:
@@ -901,7 +915,7 @@ class ShardState:
             if self._remembered(key) is not None:
                 continue
             seen.add(key)
-            out.append(Claim(key, route, fingerprint(op, body), now))
+            out.append(Claim(key, route, fingerprint(op, _as_sent(body)), now))
         return out
 
     def accept_claims(self, claims: Sequence[Claim], stored: Iterable[Stored]) -> None:
