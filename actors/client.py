@@ -33,7 +33,7 @@ from engine.audit import SYSTEM, Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
-from engine.qualification import Offer, QualifyRequest, merge
+from engine.qualification import Qualified, QualifyRequest, merge
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.rules import Rules
 from engine.settings import Settings
@@ -50,7 +50,7 @@ from store.pools import with_connection
 _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _stats = msgspec.msgpack.Decoder(CampaignStats)
-_offers = msgspec.msgpack.Decoder(list[Offer])
+_qualified = msgspec.msgpack.Decoder(Qualified)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 COORDINATOR = "coordinator"
@@ -474,7 +474,7 @@ class VoucherEngine:
             total = total.merge(_stats.decode(p))
         return total
 
-    async def qualify(self, req: QualifyRequest, deadline_s: float) -> list[Offer]:
+    async def qualify(self, req: QualifyRequest, deadline_s: float) -> Qualified:
         """Every offer for ``req`` across the shards, best first (the best ``req.limit``):
         one call per shard, all at once. A shard that cannot answer within ``deadline_s``
         (it is reloading, its node is away) makes the whole answer ``unavailable``: a
@@ -492,7 +492,7 @@ class VoucherEngine:
         except errors.Unavailable:
             await self._refresh_briefly()
             raise
-        return merge((_offers.decode(p) for p in parts), req.limit)
+        return merge((_qualified.decode(p) for p in parts), req.limit)
 
     async def _refresh_briefly(self) -> None:
         """:meth:`refresh` for an answer that must not wait on it: at most a second (a

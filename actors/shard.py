@@ -867,10 +867,10 @@ class ShardCore:
         (:func:`engine.qualification.qualify`): a read, answered within the decision
         deadline. Holds past their TTL expire on the way, as on every decision."""
         await self._deadline(self.ready())
-        offers = qualify_request(self.state, _qualify_dec.decode(payload))
+        answer = qualify_request(self.state, _qualify_dec.decode(payload))
         if self.state.events:
             self._commit_later()
-        return _enc.encode(offers)
+        return _enc.encode(answer)
 
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
         """A shop's change to one code (see :meth:`ShardState.control`), answered once it

@@ -6,7 +6,9 @@ reads the shard's campaign slots and decides each candidate with the rules a red
 applies, in the same order (:meth:`engine.shard_state.ShardState._check`): the campaign's
 state, start, end and sale windows (:func:`engine.campaigns.check_redeemable_now`), the
 code's own switch and window (:func:`engine.code_control.check_control`), the order's
-currency and minimum (:func:`engine.campaigns.check_order`), the limits (a shared code's
+currency and minimum (:func:`engine.campaigns.check_order`), the customer's tags for a
+campaign with customer rules (none given: ``customer_tags_needed``, and the answer says so,
+:attr:`Qualified.tags_needed`, for the gateway to ask again with the stored ones), the limits (a shared code's
 total with its open holds, its per-customer uses with theirs), the code's status (not
 redeemed, void or held; assigned to this customer; a gift card's balance left), then the
 price (:func:`engine.pricing.price`: rules, lines, shipping). So an offer is exactly what a
@@ -76,7 +78,21 @@ class Offer(msgspec.Struct, frozen=True):
     balance: int | None = None
 
 
+class Qualified(msgspec.Struct, frozen=True):
+    """A shard's (or the merged) answer: the offers, best first, and whether a campaign
+    with customer rules was left out because the request carried no tags."""
+
+    offers: list[Offer]
+    tags_needed: bool = False
+
+
 Candidate = Callable[[ShardState, CampaignSlot, QualifyRequest, datetime], Iterable[Offer]]
+
+
+def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
+    c = slot.campaign
+    if req.tags is None and c.rules is not None and c.rules.customer is not None:
+        raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
 
 
 def _offer(kind: OfferKind, slot: CampaignSlot, code: str, p: Pricing, balance: int | None) -> Offer:
@@ -97,6 +113,7 @@ def shared_code_offers(
     if ctl is not None:
         check_control(code, ctl, now)
     check_order(c, req.order)
+    _check_tags(slot, req)
     total, per = c.limits.total, c.limits.per_customer
     if total is not None and slot.uses + slot.held_units >= total:
         raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
@@ -123,6 +140,7 @@ def assigned_code_offers(
     if ctl is not None:
         check_control(code, ctl, now)
     check_order(c, req.order)
+    _check_tags(slot, req)
     status = packed & 3
     if status == REDEEMED:
         raise errors.AlreadyRedeemed(f"code {code} was redeemed already")
@@ -195,20 +213,25 @@ def qualify(
     return best_first(explain(state, req)[0], limit)
 
 
-def qualify_request(state: ShardState, req: QualifyRequest) -> list[Offer]:
-    """:func:`qualify` for a request as the shard actor receives it."""
-    return best_first(explain(state, req)[0], req.limit)
+def qualify_request(state: ShardState, req: QualifyRequest) -> Qualified:
+    """:func:`qualify` for a request as the shard actor receives it, saying whether tags
+    were needed."""
+    offers, refused = explain(state, req)
+    needed = errors.TagsNeeded.code in refused.values()
+    return Qualified(best_first(offers, req.limit), needed)
 
 
-def merge(parts: Iterable[Sequence[Offer]], limit: int | None = None) -> list[Offer]:
-    """The shards' answers as one list, best first; an offer answered twice (a shard
-    answering during a topology change) counts once."""
+def merge(parts: Iterable[Qualified], limit: int | None = None) -> Qualified:
+    """The shards' answers as one, best first; an offer answered twice (a shard answering
+    during a topology change) counts once."""
     seen: set[tuple[str, str | None]] = set()
     out: list[Offer] = []
+    needed = False
     for part in parts:
-        for o in part:
+        needed = needed or part.tags_needed
+        for o in part.offers:
             key = (o.campaign_id, o.code)
             if key not in seen:
                 seen.add(key)
                 out.append(o)
-    return best_first(out, limit)
+    return Qualified(best_first(out, limit), needed)

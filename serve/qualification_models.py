@@ -30,8 +30,8 @@ class QualificationIn(Strict):
     customer_tags: list[Tag] | None = Field(
         default=None,
         max_length=MAX_TAGS,
-        description="the customer's tags for the campaigns' customer rules (not for "
-        "customer callers: their stored tags count)",
+        description="the customer's tags for customer rules, from a trusted caller (not a "
+        "customer); without them the stored customer's tags are used",
     )
     limit: int | None = Field(
         default=None, ge=1, le=MAX_OFFERS, description="at most this many offers, the best"

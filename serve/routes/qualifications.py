@@ -13,7 +13,7 @@ from fastapi import Response
 
 from engine import orders
 from engine.orders import Item, Order
-from engine.qualification import QualifyRequest
+from engine.qualification import Qualified, QualifyRequest
 from serve.auth import Forbidden, Principal, customer_only
 from serve.models import OrderIn
 from serve.problems import problem_responses
@@ -27,35 +27,42 @@ _json = msgspec.json.Encoder()
 
 
 def order_of(o: OrderIn) -> Order:
-    """The engine's order from checkout's :class:`OrderIn`, checked by
-    :func:`engine.orders.build` (lines and shipping when the model carries them)."""
-    lines = getattr(o, "items", None)
+    """The engine's order from checkout's :class:`OrderIn`, checked as checkout checks it
+    (:func:`engine.orders.build`)."""
     items = None
-    if lines:
+    if o.items:
         items = [
-            Item(
-                sku=line.sku,
-                quantity=line.quantity,
-                unit_price=line.unit_price,
-                product_id=getattr(line, "product_id", None),
-                categories=tuple(getattr(line, "categories", None) or ()),
-            )
-            for line in lines
+            Item(it.sku, it.quantity, it.unit_price, it.product_id, tuple(it.categories))
+            for it in o.items
         ]
-    return orders.build(
-        currency=o.currency, amount=o.amount, shipping=getattr(o, "shipping", None), items=items
-    )
+    return orders.build(currency=o.currency, amount=o.amount, shipping=o.shipping, items=items)
 
 
-def customer_tags(caller: Principal, body: QualificationIn) -> tuple[str, ...] | None:
-    """The tags the campaigns' customer rules see: a trusted caller's ``customer_tags``. A
-    customer may not state their own (403); the stored customer's tags go here for them
-    and for callers that send none."""
+def sent_tags(caller: Principal, body: QualificationIn) -> tuple[str, ...] | None:
+    """A trusted caller's ``customer_tags``; a customer may not state their own (403)."""
     if body.customer_tags is None:
         return None
     if customer_only(caller):
-        raise Forbidden("forbidden", "customers cannot state their own tags")
+        raise Forbidden("forbidden", "customer_tags come from the shop, not from the customer")
     return orders.check_tags(body.customer_tags)
+
+
+async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
+    """The shards' answer. Without tags sent, the campaigns' customer rules see the stored
+    customer's (``serve.customer_tags``, as checkout): the replica's cached ones ride along
+    with the request; when none were cached and a campaign with customer rules was a
+    candidate, they are read and every shard asked again."""
+    deadline = svc.settings.decision_deadline_s
+    stored = svc.checkout.tags
+    if req.tags is None and stored is not None:
+        cached = stored.cached(req.customer_id)
+        if cached is not None:
+            req = msgspec.structs.replace(req, tags=cached)
+    answer: Qualified = await svc.engine.qualify(req, deadline)
+    if answer.tags_needed and req.tags is None and stored is not None:
+        tags = await stored.load(req.customer_id)
+        answer = await svc.engine.qualify(msgspec.structs.replace(req, tags=tags), deadline)
+    return answer
 
 
 @routes.post(
@@ -68,8 +75,8 @@ async def qualify(body: QualificationIn, caller: Qualifier, svc: Svc) -> Any:
     """Every offer that applies now to ``customer_id``'s order, largest discount first."""
     if customer_only(caller) and body.customer_id != caller.user_id:
         raise Forbidden("forbidden", "customers qualify only themselves")
-    req = QualifyRequest(body.customer_id, order_of(body.order), customer_tags(caller, body), body.limit)
-    offers = await svc.engine.qualify(req, svc.settings.decision_deadline_s)
+    req = QualifyRequest(body.customer_id, order_of(body.order), sent_tags(caller, body), body.limit)
+    offers = (await _qualified(svc, req)).offers
     out = {
         "customer_id": body.customer_id,
         "currency": req.order.currency,

@@ -187,15 +187,49 @@ def test_paused_ended_and_outside_the_sale_window(shop: Shop) -> None:
     assert "percent" not in shop.names(shop.qualify())
 
 
-def test_customer_rules_see_the_callers_tags(shop: Shop) -> None:
-    cid = shop.open("vip", {"type": "shared_code", "shared_code": uid("QV").upper(),
-                            "discount": {"kind": "amount", "value": 900}})
-    asyncio.run(shop.engine.edit_campaign(cid, {"rules": {"customer": {"tags_any": ["vip"]}}}))
+def test_customer_rules_see_the_callers_or_the_stored_tags(shop: Shop) -> None:
+    shop.open("vip", {"type": "shared_code", "shared_code": uid("QV").upper(),
+                      "discount": {"kind": "amount", "value": 900},
+                      "rules": {"customer": {"tags_any": ["vip"]}}})
     cust = uid("tags")
     assert "vip" not in shop.names(shop.qualify(customer=cust))
     assert "vip" not in shop.names(shop.qualify(customer=cust, customer_tags=["regular"]))
     offers = shop.qualify(customer=cust, customer_tags=["vip"])
     assert shop.names(offers)[0] == "vip" and offers[0]["discount_amount"] == 900
+    # a stored customer tagged vip qualifies without tags sent, as checkout sees it
+    stored = uid("stored")
+    r = httpx.post(f"{shop.url}/v1/customers", headers=shop.admin, json={"id": stored, "tags": ["vip"]})
+    assert r.status_code == 201, r.text
+    offers = shop.qualify(customer=stored)
+    assert shop.names(offers)[0] == "vip"
+    r = shop.checkout("redemptions", offers[0]["code"], stored)
+    assert r.status_code == 201 and r.json()["discount_amount"] == 900, r.text
+
+
+def test_lines_and_shipping_are_priced_as_checkout_prices_them(shop: Shop) -> None:
+    shop.open("shoes", {"type": "shared_code", "shared_code": uid("QH").upper(),
+                        "discount": {"kind": "percent", "value": 20, "target": "items"},
+                        "rules": {"items": [{"any_of": {"categories": ["shoes"]}, "min_quantity": 2}]}})
+    shop.open("ship", {"type": "shared_code", "shared_code": uid("QP").upper(),
+                       "discount": {"kind": "free_shipping"}})
+    order = {"currency": "EUR", "shipping": 490, "items": [
+        {"sku": "SHOE-1", "quantity": 2, "unit_price": 3000, "categories": ["shoes"]},
+        {"sku": "SOCK-1", "quantity": 3, "unit_price": 500, "categories": ["socks"]},
+    ]}
+    cust = uid("cart")
+    offers = {o["campaign_id"]: o for o in shop.qualify(order, customer=cust)}
+    shoes, ship = offers[shop.ids["shoes"]], offers[shop.ids["ship"]]
+    assert shoes["discount_amount"] == 1200
+    assert shoes["items"] == [{"line": 0, "sku": "SHOE-1", "discount": 1200}]
+    assert ship["discount_amount"] == ship["shipping_discount"] == 490 and ship["items"] == []
+    for o in (shoes, ship):
+        r = shop.checkout("redemptions", o["code"], cust, order)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        assert (got["discount_amount"], got["items"], got["shipping_discount"]) == (
+            o["discount_amount"], o["items"], o["shipping_discount"])
+    one_shoe = {**order, "items": [{**order["items"][0], "quantity": 1}]}
+    assert shop.ids["shoes"] not in {o["campaign_id"] for o in shop.qualify(one_shoe, customer=cust)}
 
 
 def test_a_customer_qualifies_only_themselves(shop: Shop, http_api: Any) -> None:

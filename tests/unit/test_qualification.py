@@ -11,6 +11,7 @@ from datetime import timedelta
 import msgspec
 import pytest
 
+from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Discount, Limits, new_campaign
 from engine.orders import Item, Order, build
@@ -18,10 +19,12 @@ from engine.pricing import detail_json
 from engine.qualification import (
     CANDIDATES,
     Offer,
+    Qualified,
     QualifyRequest,
     explain,
     merge,
     qualify,
+    qualify_request,
 )
 from engine.routing import BUCKETS, bucket_of
 from engine.rules import CustomerCondition, ItemCondition, ItemFilter, Rules
@@ -220,8 +223,25 @@ def test_merge_counts_an_offer_once_and_ranks_the_whole() -> None:
     a = Offer("shared_code", "b", "b", "shared_code", "B", 300)
     b = Offer("unique_code", "a", "a", "discount", "A-1", 300)
     c = Offer("shared_code", "c", "c", "shared_code", "C", 900)
-    assert [o.campaign_id for o in merge([[a, c], [b, a]])] == ["c", "a", "b"]
-    assert [o.campaign_id for o in merge([[a, c], [b]], limit=1)] == ["c"]
+    merged = merge([Qualified([a, c]), Qualified([b, a])])
+    assert [o.campaign_id for o in merged.offers] == ["c", "a", "b"] and not merged.tags_needed
+    one = merge([Qualified([a, c]), Qualified([b], tags_needed=True)], limit=1)
+    assert [o.campaign_id for o in one.offers] == ["c"] and one.tags_needed
+
+
+def test_customer_rules_without_tags_say_the_tags_are_needed() -> None:
+    s = Shop()
+    s.install(active(new_campaign(
+        id="vip", name="vip", type="shared_code", currency="EUR", now=T0,
+        discount=Discount("amount", 100), shared_code="VIP1",
+        rules=Rules(customer=CustomerCondition(tags_none=("blocked",))),
+    )))
+    s.install(shared_campaign())
+    got = qualify_request(s.state, QualifyRequest("ann", order()))
+    assert [o.campaign_id for o in got.offers] == ["shared"] and got.tags_needed
+    got = qualify_request(s.state, QualifyRequest("ann", order(), ()))
+    assert [o.campaign_id for o in got.offers] == ["shared", "vip"] and not got.tags_needed
+    assert not qualify_request(s.state, QualifyRequest("ann", order(), ("blocked",))).tags_needed
 
 
 def test_every_campaign_type_that_can_qualify_has_a_candidate() -> None:
@@ -305,9 +325,13 @@ def test_every_offer_is_what_validation_of_its_code_says(seed: int) -> None:
             for (cid_, c2), code_ in codes.items():
                 if c2 != cust_:
                     continue
-                v = st.validate(RedeemRequest(
-                    code_, o.amount, "EUR", cust_, shipping=o.shipping, items=o.items or None, tags=tags,
-                ))
+                try:
+                    v = st.validate(RedeemRequest(
+                        code_, o.amount, "EUR", cust_, shipping=o.shipping, items=o.items or None, tags=tags,
+                    ))
+                except errors.TagsNeeded:
+                    assert cid_ not in got  # checkout asks again with the stored tags
+                    continue
                 offered = got.get(cid_)
                 seen[offered is not None] += 1
                 if offered is None:

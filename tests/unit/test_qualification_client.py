@@ -14,7 +14,7 @@ import pytest
 from actors.client import VoucherEngine
 from engine import errors
 from engine.orders import Order
-from engine.qualification import Offer, QualifyRequest
+from engine.qualification import Offer, Qualified, QualifyRequest
 
 REQ = QualifyRequest("ann", Order(4000, "EUR"), None, None)
 
@@ -23,8 +23,11 @@ class _Shard:
     """A shard handle whose ``qualify.remote`` answers ``offers`` after ``delay_s`` (or
     raises ``fail``)."""
 
-    def __init__(self, offers: list[Offer], delay_s: float = 0.0, fail: Exception | None = None) -> None:
-        self.offers, self.delay_s, self.fail = offers, delay_s, fail
+    def __init__(
+        self, offers: list[Offer], delay_s: float = 0.0, fail: Exception | None = None,
+        tags_needed: bool = False,
+    ) -> None:
+        self.offers, self.delay_s, self.fail, self.tags_needed = offers, delay_s, fail, tags_needed
         self.asked: list[QualifyRequest] = []
         self.qualify = self
 
@@ -35,7 +38,7 @@ class _Shard:
             await asyncio.sleep(self.delay_s)
             if self.fail is not None:
                 raise self.fail
-            return msgspec.msgpack.encode(self.offers)
+            return msgspec.msgpack.encode(Qualified(self.offers, self.tags_needed))
 
         return answer()
 
@@ -45,13 +48,16 @@ def _offer(cid: str, discount: int, code: str | None = None) -> Offer:
 
 
 def test_every_shard_is_asked_and_the_answers_merge_best_first() -> None:
-    shards = [_Shard([_offer("b", 300), _offer("c", 900)]), _Shard([_offer("a", 300)]), _Shard([])]
+    shards = [
+        _Shard([_offer("b", 300), _offer("c", 900)]), _Shard([_offer("a", 300)]),
+        _Shard([], tags_needed=True),
+    ]
     engine = VoucherEngine(shards, None)  # type: ignore[arg-type]
     got = asyncio.run(engine.qualify(REQ, 1.0))
-    assert [o.campaign_id for o in got] == ["c", "a", "b"]
+    assert [o.campaign_id for o in got.offers] == ["c", "a", "b"] and got.tags_needed
     assert all(s.asked == [REQ] for s in shards)
     limited = msgspec.structs.replace(REQ, limit=2)
-    assert [o.campaign_id for o in asyncio.run(engine.qualify(limited, 1.0))] == ["c", "a"]
+    assert [o.campaign_id for o in asyncio.run(engine.qualify(limited, 1.0)).offers] == ["c", "a"]
 
 
 def test_a_shard_that_does_not_answer_in_time_is_unavailable_within_the_deadline() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from engine import errors
 from engine.orders import Order
 from engine.pricing import Line
-from engine.qualification import Offer, QualifyRequest
+from engine.qualification import Offer, Qualified, QualifyRequest
 from tests.route_fakes import Gateway, assert_refused, gateway, problem_of
 
 BODY: dict[str, Any] = {"customer_id": "cus_1", "order": {"amount": 4000, "currency": "EUR"}}
@@ -22,11 +22,13 @@ OFFERS = [
 def _engine(fakes: Gateway, answer: Any = OFFERS) -> list[tuple[QualifyRequest, float]]:
     asked: list[tuple[QualifyRequest, float]] = []
 
-    async def qualify(req: QualifyRequest, deadline_s: float) -> list[Offer]:
+    async def qualify(req: QualifyRequest, deadline_s: float) -> Qualified:
         asked.append((req, deadline_s))
         if isinstance(answer, Exception):
             raise answer
-        return list(answer)
+        if callable(answer):
+            return answer(req)  # type: ignore[no-any-return]
+        return Qualified(list(answer))
 
     fakes.engine.qualify = qualify  # type: ignore[attr-defined]
     return asked
@@ -94,3 +96,46 @@ def test_a_shard_that_does_not_answer_in_time_is_a_503_with_retry_after() -> Non
         r = client.post("/v1/qualifications", json=BODY, headers=fakes.token("admin"))
         problem_of(r, 503, "unavailable")
         assert int(r.headers["retry-after"]) >= 1
+
+
+class _StoredTags:
+    """The replica's stored customer tags (serve.customer_tags.CustomerTags), faked."""
+
+    def __init__(self, cached: dict[str, tuple[str, ...]], stored: dict[str, tuple[str, ...]]) -> None:
+        self._cached, self.stored, self.loads = cached, stored, 0
+
+    def cached(self, customer_id: str) -> tuple[str, ...] | None:
+        return self._cached.get(customer_id)
+
+    async def load(self, customer_id: str) -> tuple[str, ...]:
+        self.loads += 1
+        return self.stored.get(customer_id, ())
+
+
+def test_without_tags_sent_the_stored_customers_tags_count() -> None:
+    vip = Offer("shared_code", "vip", "vip", "shared_code", "VIP", 900)
+
+    def answer(req: QualifyRequest) -> Qualified:
+        if req.tags is None:
+            return Qualified(OFFERS[1:], tags_needed=True)
+        return Qualified([vip, *OFFERS[1:]] if "vip" in req.tags else OFFERS[1:])
+
+    with gateway() as (client, fakes):
+        tags = _StoredTags({"cus_cached": ("vip",)}, {"cus_1": ("vip",)})
+        object.__setattr__(fakes.services.checkout, "tags", tags)
+        asked = _engine(fakes, answer)
+        me = fakes.token("customer", user_id="cus_1")
+        r = client.post("/v1/qualifications", json=BODY, headers=me)
+        assert [o["code"] for o in r.json()["offers"]] == ["VIP", "SAVE5"]
+        assert [a[0].tags for a in asked] == [None, ("vip",)] and tags.loads == 1
+        # cached tags ride along: one call, no read
+        asked.clear()
+        r = client.post("/v1/qualifications", json={**BODY, "customer_id": "cus_cached"},
+                        headers=fakes.token("integration"))
+        assert [o["code"] for o in r.json()["offers"]] == ["VIP", "SAVE5"]
+        assert [a[0].tags for a in asked] == [("vip",)] and tags.loads == 1
+        # tags sent by a trusted caller are the ones that count
+        asked.clear()
+        r = client.post("/v1/qualifications", json={**BODY, "customer_tags": []},
+                        headers=fakes.token("integration"))
+        assert [o["code"] for o in r.json()["offers"]] == ["SAVE5"] and [a[0].tags for a in asked] == [()]
