@@ -23,24 +23,26 @@ Candidates, by campaign type (:data:`CANDIDATES`):
   is skipped there). Gift cards come with their balance.
 
 A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
-from the shard, the campaign slot and the request to the offers it makes. An automatic
+from the shard, the campaign slot and the request's :class:`Context` to the offers it
+makes. An automatic
 campaign without a code (a promotion) would be decided on exactly one shard (say, the one
 owning its id's bucket) and offered with ``kind="promotion"`` and ``code=None``.
 
 Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
-no code here, no code for this customer), then one pricing of the order per candidate.
+no code here, no code for this customer), then one pricing of the order per candidate
+shape (:class:`Context`: campaigns with the same discount and rules share one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from engine import errors
-from engine.campaigns import check_order, check_redeemable_now
+from engine.campaigns import Campaign, check_order, check_redeemable_now
 from engine.code_control import check_control
 from engine.events import REDEEMED, VOID
 from engine.orders import Order
@@ -86,7 +88,37 @@ class Qualified(msgspec.Struct, frozen=True):
     tags_needed: bool = False
 
 
-Candidate = Callable[[ShardState, CampaignSlot, QualifyRequest, datetime], Iterable[Offer]]
+class Context:
+    """One request as the candidates see it: the request, the shard's clock reading, and
+    the prices computed for it so far. A price depends only on the campaign's discount and
+    rules (and a gift card's balance), so campaigns of the same shape (every "10% off"
+    without rules, say) share one pricing of the order."""
+
+    __slots__ = ("req", "now", "_prices", "priced")
+
+    def __init__(self, req: QualifyRequest, now: datetime) -> None:
+        self.req = req
+        self.now = now
+        self._prices: dict[tuple[Any, Any, int | None], Pricing | errors.VoucherError] = {}
+        self.priced = 0  # prices computed (the rest came from the memo)
+
+    def price(self, c: Campaign, balance: int | None = None) -> Pricing:
+        """:func:`engine.pricing.price` of the request's order for ``c``, or its error."""
+        key = (c.discount, c.rules, balance)
+        hit = self._prices.get(key)
+        if hit is None:
+            self.priced += 1
+            try:
+                hit = price(c, self.req.order, self.req.tags, balance)
+            except errors.VoucherError as exc:
+                hit = exc
+            self._prices[key] = hit
+        if isinstance(hit, errors.VoucherError):
+            raise hit.with_traceback(None)
+        return hit
+
+
+Candidate = Callable[[ShardState, CampaignSlot, Context], Iterable[Offer]]
 
 
 def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
@@ -100,10 +132,9 @@ def _offer(kind: OfferKind, slot: CampaignSlot, code: str, p: Pricing, balance: 
     return Offer(kind, c.id, c.name, c.type, code, p.discount, p.items, p.shipping_discount, balance)
 
 
-def shared_code_offers(
-    state: ShardState, slot: CampaignSlot, req: QualifyRequest, now: datetime
-) -> Iterable[Offer]:
+def shared_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Offer]:
     """The campaign's shared code, when this shard holds it and it would redeem now."""
+    req, now = ctx.req, ctx.now
     c = slot.campaign
     code = c.shared_code
     if code is None or code not in state.codes:
@@ -120,14 +151,13 @@ def shared_code_offers(
     cust = req.customer_id
     if per is not None and slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) >= per:
         raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
-    return (_offer("shared_code", slot, code, price(c, req.order, req.tags), None),)
+    return (_offer("shared_code", slot, code, ctx.price(c), None),)
 
 
-def assigned_code_offers(
-    state: ShardState, slot: CampaignSlot, req: QualifyRequest, now: datetime
-) -> Iterable[Offer]:
+def assigned_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Offer]:
     """The unique code the customer was given, when this shard owns it and it would
     redeem now (gift cards: with the balance left)."""
+    req, now = ctx.req, ctx.now
     code = slot.by_customer.get(req.customer_id)
     if code is None:
         return ()
@@ -153,7 +183,7 @@ def assigned_code_offers(
         balance = slot.balances.get(code, 0)
         if balance <= 0:
             raise errors.Exhausted(f"gift card {code} has no balance left")
-    return (_offer("unique_code", slot, code, price(c, req.order, req.tags, balance), balance),)
+    return (_offer("unique_code", slot, code, ctx.price(c, balance), balance),)
 
 
 CANDIDATES: dict[str, Candidate] = {
@@ -177,7 +207,7 @@ def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[s
     """Every offer of this shard for ``req`` (unsorted), and, per campaign that had a
     candidate here but does not apply, the error code a redemption would give."""
     state.expire_reservations()  # a hold past its TTL holds nothing
-    now = state.clock()
+    ctx = Context(req, state.clock())
     offers: list[Offer] = []
     refused: dict[str, str] = {}
     for slot in state.campaigns.values():
@@ -188,7 +218,7 @@ def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[s
         if candidate is None:
             continue
         try:
-            found = candidate(state, slot, req, now)
+            found = candidate(state, slot, ctx)
         except errors.VoucherError as exc:
             refused[c.id] = exc.code
             continue

@@ -22,6 +22,33 @@ from serve.routes.deps import BODY, GUARDED, Svc, require, router
 
 routes = router()
 
+
+class _Line(msgspec.Struct):
+    line: int
+    sku: str
+    discount: int
+
+
+class _Offer(msgspec.Struct):
+    kind: str
+    campaign_id: str
+    campaign_name: str
+    campaign_type: str
+    code: str | None
+    discount_amount: int
+    items: list[_Line]
+    shipping_discount: int
+    balance: int | None
+
+
+class _Answer(msgspec.Struct):
+    """:class:`QualificationOut` as msgspec writes it (a long list of offers costs no
+    pydantic validation on its way out)."""
+
+    customer_id: str
+    currency: str
+    offers: list[_Offer]
+
 Qualifier = Annotated[Principal, require("qualifications.create")]
 _json = msgspec.json.Encoder()
 
@@ -77,23 +104,5 @@ async def qualify(body: QualificationIn, caller: Qualifier, svc: Svc) -> Any:
         raise Forbidden("forbidden", "customers qualify only themselves")
     req = QualifyRequest(body.customer_id, order_of(body.order), sent_tags(caller, body), body.limit)
     offers = (await _qualified(svc, req)).offers
-    out = {
-        "customer_id": body.customer_id,
-        "currency": req.order.currency,
-        "offers": [
-            {
-                "kind": o.kind,
-                "campaign_id": o.campaign_id,
-                "campaign_name": o.campaign_name,
-                "campaign_type": o.campaign_type,
-                "code": o.code,
-                "discount_amount": o.discount_amount,
-                "items": [{"line": ln.line, "sku": ln.sku, "discount": ln.discount} for ln in o.items],
-                "shipping_discount": o.shipping_discount,
-                "balance": o.balance,
-            }
-            for o in offers
-        ],
-    }
-    # encoded here: a long list of offers is not validated again on its way out
+    out = _Answer(body.customer_id, req.order.currency, msgspec.convert(offers, list[_Offer], from_attributes=True))
     return Response(_json.encode(out), media_type="application/json")
