@@ -23,18 +23,20 @@ Candidates, by campaign type (:data:`CANDIDATES`):
   is skipped there). Gift cards come with their balance.
 
 A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
-from the shard, the campaign slot and the request's :class:`Context` to the offers it
-makes. An automatic
-campaign without a code (a promotion) would be decided on exactly one shard (say, the one
-owning its id's bucket) and offered with ``kind="promotion"`` and ``code=None``.
+from the shard, the campaign slot and the request's :class:`Context` to the
+:class:`Candidate` codes it makes (raising why it makes none); pricing is common. An
+automatic campaign without a code (a promotion) would be decided on exactly one shard
+(say, the one owning its id's bucket) and be a ``Candidate("promotion", slot, None)``.
 
 Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
 no code here, no code for this customer), then one pricing of the order per candidate
-shape (:class:`Context`: campaigns with the same discount and rules share one).
+shape (:class:`Context`: campaigns with the same discount and rules share one); with a
+``limit``, only the candidates whose bound can still reach the best ``limit`` are priced.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -88,19 +90,31 @@ class Qualified(msgspec.Struct, frozen=True):
     tags_needed: bool = False
 
 
+class Candidate(msgspec.Struct, frozen=True):
+    """A code that passed every check but the price: what :func:`explain` prices."""
+
+    kind: str
+    slot: CampaignSlot
+    code: str | None
+    balance: int | None = None
+
+
 class Context:
     """One request as the candidates see it: the request, the shard's clock reading, and
     the prices computed for it so far. A price depends only on the campaign's discount and
     rules (and a gift card's balance), so campaigns of the same shape (every "10% off"
     without rules, say) share one pricing of the order."""
 
-    __slots__ = ("req", "now", "_prices", "priced")
+    __slots__ = ("req", "now", "_prices", "priced", "_top_unit", "_units")
 
     def __init__(self, req: QualifyRequest, now: datetime) -> None:
         self.req = req
         self.now = now
         self._prices: dict[tuple[Any, Any, int | None], Pricing | errors.VoucherError] = {}
         self.priced = 0  # prices computed (the rest came from the memo)
+        items = req.order.items
+        self._top_unit = max((it.unit_price for it in items), default=0)
+        self._units = sum(it.quantity for it in items)
 
     def price(self, c: Campaign, balance: int | None = None) -> Pricing:
         """:func:`engine.pricing.price` of the request's order for ``c``, or its error."""
@@ -117,8 +131,31 @@ class Context:
             raise hit.with_traceback(None)
         return hit
 
+    def bound(self, c: Campaign, balance: int | None) -> int:
+        """At least the discount :meth:`price` can give (cheap, from the discount's kind
+        and the order's totals): a candidate whose bound cannot reach the offers found so
+        far is never priced when only the best ``limit`` are asked for."""
+        order = self.req.order
+        amount = order.amount
+        d = c.discount
+        if d is None:  # a gift card: its balance, on at most the subtotal
+            return min(balance or 0, amount)
+        if d.target == "shipping" or d.kind == "free_shipping":
+            top = order.shipping or 0
+        elif d.kind == "free_units":
+            top = min(amount, d.value * self._top_unit)
+        elif d.kind == "percent":
+            top = amount * d.value // 100
+        elif d.kind == "amount" and d.target == "order":
+            top = min(d.value, amount)
+        elif d.kind == "amount" and d.target == "items":
+            top = min(d.value * self._units, amount)
+        else:  # amount off the cheapest item, a fixed price: never more than the order
+            top = min(d.value, amount) if d.kind == "amount" else amount
+        return top if d.max is None else min(top, d.max)
 
-Candidate = Callable[[ShardState, CampaignSlot, Context], Iterable[Offer]]
+
+Check = Callable[[ShardState, CampaignSlot, Context], Iterable[Candidate]]
 
 
 def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
@@ -127,13 +164,9 @@ def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
         raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
 
 
-def _offer(kind: OfferKind, slot: CampaignSlot, code: str, p: Pricing, balance: int | None) -> Offer:
-    c = slot.campaign
-    return Offer(kind, c.id, c.name, c.type, code, p.discount, p.items, p.shipping_discount, balance)
-
-
-def shared_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Offer]:
-    """The campaign's shared code, when this shard holds it and it would redeem now."""
+def shared_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+    """The campaign's shared code, when this shard holds it and every check but the price
+    passes."""
     req, now = ctx.req, ctx.now
     c = slot.campaign
     code = c.shared_code
@@ -151,12 +184,12 @@ def shared_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) -> I
     cust = req.customer_id
     if per is not None and slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) >= per:
         raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
-    return (_offer("shared_code", slot, code, ctx.price(c), None),)
+    return (Candidate("shared_code", slot, code),)
 
 
-def assigned_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Offer]:
-    """The unique code the customer was given, when this shard owns it and it would
-    redeem now (gift cards: with the balance left)."""
+def assigned_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+    """The unique code the customer was given, when this shard owns it and every check
+    but the price passes (gift cards: with the balance left)."""
     req, now = ctx.req, ctx.now
     code = slot.by_customer.get(req.customer_id)
     if code is None:
@@ -183,18 +216,19 @@ def assigned_code_offers(state: ShardState, slot: CampaignSlot, ctx: Context) ->
         balance = slot.balances.get(code, 0)
         if balance <= 0:
             raise errors.Exhausted(f"gift card {code} has no balance left")
-    return (_offer("unique_code", slot, code, ctx.price(c, balance), balance),)
+    return (Candidate("unique_code", slot, code, balance),)
 
 
-CANDIDATES: dict[str, Candidate] = {
-    "shared_code": shared_code_offers,
-    "flash_sale": shared_code_offers,
-    "discount": assigned_code_offers,
-    "gift_card": assigned_code_offers,
+CANDIDATES: dict[str, Check] = {
+    "shared_code": shared_code,
+    "flash_sale": shared_code,
+    "discount": assigned_code,
+    "gift_card": assigned_code,
 }
-"""Campaign type -> the offers a campaign of that type makes (a type not listed makes
-none). Each raises the engine error a redemption would give, for a candidate that does not
-apply now; :func:`explain` keeps those reasons, :func:`qualify` drops them."""
+"""Campaign type -> the candidates a campaign of that type makes (a type not listed makes
+none). Each raises the engine error a redemption would give, for a campaign that does not
+apply now; :func:`explain` keeps those reasons, :func:`qualify` drops them. A candidate is
+priced by :meth:`Context.price`, the same for every type."""
 
 
 def best_first(offers: Iterable[Offer], limit: int | None = None) -> list[Offer]:
@@ -203,30 +237,57 @@ def best_first(offers: Iterable[Offer], limit: int | None = None) -> list[Offer]
     return ranked if limit is None else ranked[:limit]
 
 
+def _rank(o: Offer) -> tuple[int, str, str]:
+    return (-o.discount_amount, o.campaign_id, o.code or "")
+
+
 def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
-    """Every offer of this shard for ``req`` (unsorted), and, per campaign that had a
-    candidate here but does not apply, the error code a redemption would give."""
+    """This shard's offers for ``req`` (every one, or at least the best ``req.limit``;
+    unsorted), and, per campaign that had a candidate here but does not apply, the error
+    code a redemption would give. With a limit, candidates are priced in the order of
+    their :meth:`Context.bound`, and pricing stops once no bound left can reach the
+    ``limit``-th best offer found."""
     state.expire_reservations()  # a hold past its TTL holds nothing
     ctx = Context(req, state.clock())
-    offers: list[Offer] = []
     refused: dict[str, str] = {}
+    pending: list[Candidate] = []
     for slot in state.campaigns.values():
         c = slot.campaign
         if c.state != "active":
             continue  # draft, paused, ended: nothing of it redeems (the cheap, common case)
-        candidate = CANDIDATES.get(c.type)
-        if candidate is None:
+        check = CANDIDATES.get(c.type)
+        if check is None:
             continue
         try:
-            found = candidate(state, slot, ctx)
+            pending.extend(check(state, slot, ctx))
+        except errors.VoucherError as exc:
+            refused[c.id] = exc.code
+    limit = req.limit
+    if limit is not None and len(pending) > limit:
+        bounds = [ctx.bound(p.slot.campaign, p.balance) for p in pending]
+        order = sorted(range(len(pending)), key=lambda i: -bounds[i])
+    else:
+        limit, bounds, order = None, [], list(range(len(pending)))
+    offers: list[Offer] = []
+    top: list[tuple[int, str, str]] = []  # ranks of the best `limit` so far, sorted
+    for i in order:
+        if limit is not None and len(top) == limit and bounds[i] < -top[-1][0]:
+            break  # sorted by bound: nothing left can enter the best `limit`
+        p = pending[i]
+        c = p.slot.campaign
+        try:
+            pr = ctx.price(c, p.balance)
         except errors.VoucherError as exc:
             refused[c.id] = exc.code
             continue
-        for o in found:
-            if o.discount_amount > 0:
-                offers.append(o)
-            else:
-                refused[c.id] = "no_discount"
+        if pr.discount <= 0:
+            refused[c.id] = "no_discount"
+            continue
+        o = Offer(p.kind, c.id, c.name, c.type, p.code, pr.discount, pr.items, pr.shipping_discount, p.balance)
+        offers.append(o)
+        if limit is not None:
+            bisect.insort(top, _rank(o))
+            del top[limit:]
     return offers, refused
 
 

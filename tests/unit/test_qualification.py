@@ -18,6 +18,7 @@ from engine.orders import Item, Order, build
 from engine.pricing import detail_json
 from engine.qualification import (
     CANDIDATES,
+    Context,
     Offer,
     Qualified,
     QualifyRequest,
@@ -244,6 +245,29 @@ def test_customer_rules_without_tags_say_the_tags_are_needed() -> None:
     assert not qualify_request(s.state, QualifyRequest("ann", order(), ("blocked",))).tags_needed
 
 
+def test_with_a_limit_only_candidates_that_can_make_it_are_priced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.qualification as q
+
+    s = Shop()
+    for i in range(30):  # 100, 200, ... 3000 off
+        s.install(active(new_campaign(
+            id=f"c{i:02d}", name="off", type="shared_code", currency="EUR", now=T0,
+            discount=Discount("amount", 100 * (i + 1)), shared_code=f"CODE{i:02d}",
+        )))
+    priced: list[int] = []
+    real = q.price
+
+    def counting(*a: object, **kw: object) -> object:
+        priced.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(q, "price", counting)
+    got = qualify(s.state, "ann", order(10_000), limit=3)
+    assert [o.campaign_id for o in got] == ["c29", "c28", "c27"] and len(priced) == 3
+    priced.clear()
+    assert len(qualify(s.state, "ann", order(10_000))) == 30 and len(priced) == 30
+
+
 def test_every_campaign_type_that_can_qualify_has_a_candidate() -> None:
     assert set(CANDIDATES) == {"shared_code", "flash_sale", "discount", "gift_card"}
 
@@ -253,7 +277,7 @@ def test_an_offer_crosses_the_actor_boundary() -> None:
     assert msgspec.msgpack.decode(enc, type=list[QualifyRequest])[0].order == cart()
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_every_offer_is_what_validation_of_its_code_says(seed: int) -> None:
     """Random shards (campaigns of every type, assignments, redemptions, holds, switches,
     pauses, rules): each offer validates with the same discount and lines, and each
@@ -273,7 +297,13 @@ def test_every_offer_is_what_validation_of_its_code_says(seed: int) -> None:
             Discount("percent", rng.randint(1, 60), target=rng.choice(["order", "items"])),
             Discount("amount", rng.randint(100, 3000)),
             Discount("free_shipping"),
-            Discount("free_units", 1, target="cheapest_item"),
+            Discount("free_units", rng.randint(1, 4), target=rng.choice(["cheapest_item", "items"])),
+            Discount("amount", rng.randint(50, 900), max=rng.choice([None, 700]), target="items"),
+            Discount("amount", rng.randint(50, 900), target="cheapest_item"),
+            Discount("fixed_price", rng.randint(0, 2000), target=rng.choice(["items", "cheapest_item"])),
+            Discount("fixed_price", rng.randint(1, 6000)),
+            Discount("percent", rng.randint(1, 100), max=rng.randint(1, 2000)),
+            Discount("amount", rng.randint(100, 900), target="shipping"),
         ])
         cid = f"{kind}{i}"
         if kind == "shared":
@@ -321,7 +351,13 @@ def test_every_offer_is_what_validation_of_its_code_says(seed: int) -> None:
         for cust_ in customers:
             tags = rng.choice([None, ("blocked",), ("vip",)])
             o = rng.choice(orders)
-            got = {x.campaign_id: x for x in qualify(st, cust_, o, tags)}
+            every = qualify(st, cust_, o, tags)
+            got = {x.campaign_id: x for x in every}
+            for k in (1, 2, 5):  # the best k are the first k of every offer, priced or not
+                assert qualify(st, cust_, o, tags, limit=k) == every[:k]
+            ctx = Context(QualifyRequest(cust_, o, tags), s.clock())
+            for x in every:  # the bound pruning relies on is one
+                assert ctx.bound(st.campaign(x.campaign_id), x.balance) >= x.discount_amount, x
             for (cid_, c2), code_ in codes.items():
                 if c2 != cust_:
                     continue
