@@ -19,7 +19,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -474,14 +474,24 @@ class VoucherEngine:
             total = total.merge(_stats.decode(p))
         return total
 
-    async def qualify(self, req: QualifyRequest, deadline_s: float) -> Qualified:
+    async def qualify(
+        self,
+        req: QualifyRequest,
+        deadline_s: float,
+        send: Callable[[int, str, bytes], Awaitable[bytes]] | None = None,
+    ) -> Qualified:
         """Every offer for ``req`` across the shards, best first (the best ``req.limit``):
-        one call per shard, all at once. A shard that cannot answer within ``deadline_s``
-        (it is reloading, its node is away) makes the whole answer ``unavailable``: a
-        list missing one shard's offers would look complete. The topology is looked up
-        again for the caller's retry."""
+        one call per shard, all at once (``send(shard, "qualify", payload)`` when given,
+        e.g. the gateway's direct lines to the shards; Ray calls otherwise). A shard that
+        cannot answer within ``deadline_s`` (it is reloading, its node is away) makes the
+        whole answer ``unavailable``: a list missing one shard's offers would look
+        complete. The topology is looked up again for the caller's retry."""
         payload = _enc.encode(req)
-        calls = [_call(s.qualify.remote(payload)) for s in self.shards]
+        calls: list[Awaitable[Any]]
+        if send is None:
+            calls = [_call(s.qualify.remote(payload)) for s in self.shards]
+        else:
+            calls = [send(i, "qualify", payload) for i in range(self.n)]
         try:
             parts = await asyncio.wait_for(asyncio.gather(*calls), deadline_s)
         except TimeoutError:

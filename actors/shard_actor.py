@@ -69,6 +69,8 @@ class VoucherShard:
                 return await self.core.redeem_many(payload, request_ids)
             if op == "validate":
                 return await self.core.validate_many(payload, request_ids)
+            if op == "qualify":
+                return await self.core.qualify(payload)
             return await self.core.reserve_many(payload, request_ids)
 
     @guarded

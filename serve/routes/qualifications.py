@@ -80,15 +80,16 @@ async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
     with the request; when none were cached and a campaign with customer rules was a
     candidate, they are read and every shard asked again."""
     deadline = svc.settings.decision_deadline_s
+    send = getattr(svc.checkout.batcher, "direct", None)  # the shards' direct lines
     stored = svc.checkout.tags
     if req.tags is None and stored is not None:
         cached = stored.cached(req.customer_id)
         if cached is not None:
             req = msgspec.structs.replace(req, tags=cached)
-    answer: Qualified = await svc.engine.qualify(req, deadline)
+    answer: Qualified = await svc.engine.qualify(req, deadline, send)
     if answer.tags_needed and req.tags is None and stored is not None:
         tags = await stored.load(req.customer_id)
-        answer = await svc.engine.qualify(msgspec.structs.replace(req, tags=tags), deadline)
+        answer = await svc.engine.qualify(msgspec.structs.replace(req, tags=tags), deadline, send)
     return answer
 
 

@@ -73,3 +73,33 @@ def test_a_shard_away_is_unavailable() -> None:
     engine = VoucherEngine([_Shard([_offer("a", 1)]), away], None)  # type: ignore[arg-type]
     with pytest.raises(errors.Unavailable):
         asyncio.run(engine.qualify(REQ, 1.0))
+
+
+async def test_the_gateway_sends_a_qualification_over_a_shards_direct_line() -> None:
+    """``MicroBatcher.direct``: the shard's Unix socket when connected (op ``qualify``),
+    a Ray call to its ``qualify`` method otherwise; the engine scatters through it."""
+    from types import SimpleNamespace
+
+    from actors.shard_socket import ChannelServer, connect
+    from serve.batching import MicroBatcher
+
+    answered = msgspec.msgpack.encode(Qualified([_offer("a", 5)]))
+    seen: list[tuple[str, QualifyRequest]] = []
+
+    async def handler(op: str, payload: bytes, ids: list[str | None] | None) -> bytes:
+        seen.append((op, msgspec.msgpack.decode(payload, type=QualifyRequest)))
+        return answered
+
+    server = ChannelServer(handler)
+    chan = await connect(await server.start("q"))
+    by_ray = _Shard([_offer("b", 7)])
+    engine = SimpleNamespace(shards=[SimpleNamespace(), by_ray], n=2)
+    batcher = MicroBatcher(engine, channels=True)
+    batcher._channels[0] = chan  # shard 0 on this node; shard 1 not (yet) connected
+    batcher._dialing[1] = 1e18  # and no dial attempt
+    real = VoucherEngine(engine.shards, None)  # type: ignore[arg-type]
+    got = await real.qualify(REQ, 1.0, batcher.direct)
+    assert [o.campaign_id for o in got.offers] == ["b", "a"]
+    assert seen == [("qualify", REQ)] and by_ray.asked == [REQ]
+    chan.close()
+    await server.close()
