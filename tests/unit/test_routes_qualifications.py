@@ -22,7 +22,7 @@ OFFERS = [
 def _engine(fakes: Gateway, answer: Any = OFFERS) -> list[tuple[QualifyRequest, float]]:
     asked: list[tuple[QualifyRequest, float]] = []
 
-    async def qualify(req: QualifyRequest, deadline_s: float) -> Qualified:
+    async def qualify(req: QualifyRequest, deadline_s: float, send: Any = None) -> Qualified:
         asked.append((req, deadline_s))
         if isinstance(answer, Exception):
             raise answer
