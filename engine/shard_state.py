@@ -942,7 +942,10 @@ class ShardState:
         route = route_bucket(req.code)
         if self._owned is not None and self._owned[route] != 1:
             return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
-        return Outcome(validation=self.validate(req))
+        try:
+            return Outcome(validation=self.validate(req))
+        except errors.TagsNeeded as exc:
+            return _reject(exc)
 
     def reserve_one(self, req: RedeemRequest) -> Outcome:
         body, key, route = _spec("reserve", req)

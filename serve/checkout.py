@@ -22,6 +22,7 @@ from fastapi.responses import Response
 
 from actors.observability import new_request_id, request_id_var
 from engine import errors, metadata, orders
+from engine.currencies import check_currency
 from engine.orders import Item
 from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
@@ -185,6 +186,8 @@ class Checkout:
             )
         if items is not None or o.shipping is not None or amount is None:
             amount = orders.build(currency=o.currency, amount=amount, shipping=o.shipping, items=items).amount
+        else:
+            check_currency(o.currency, "order.currency")
         stored = False
         if tags is not None:
             tags = orders.check_tags(tags)
