@@ -1052,6 +1052,8 @@ def route_bucket(raw_code: Any) -> int:
     where the shard rejects them with a clear error."""
     if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
         return 0
+    if is_promotion_key(raw_code):
+        return bucket_of(raw_code)  # a promotion's key is used as it is, never normalised
     return bucket_of(normalize(raw_code))
 
 

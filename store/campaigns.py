@@ -48,6 +48,8 @@ def event_data(c: Campaign) -> dict[str, Any]:
     """The campaign as the API shows it (``code_spec`` is ``code`` at the edge)."""
     data: dict[str, Any] = msgspec.json.decode(_campaign_encoder.encode(c))
     data["code"] = data.pop("code_spec", {})
+    if data.get("type") == "promotion":
+        data["shared_code"] = None  # its key on its shard is no code anyone can use
     return data
 
 
