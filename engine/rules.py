@@ -133,7 +133,9 @@ def check(rules: Rules, *, min_order: int = 0) -> Rules:
     ``rules``. ``min_order``: the campaign's own minimum, given beside the rules."""
     _bound(rules.min_order, "rules.min_order", MAX_AMOUNT)
     _bound(rules.max_order, "rules.max_order", MAX_AMOUNT)
-    low = max(min_order, rules.min_order or 0)
+    # The campaign's own minimum bounds the whole amount, max_order the eligible subtotal:
+    # with lines excluded an order can meet both, so only rules.min_order clashes then.
+    low = max(min_order if rules.exclude is None else 0, rules.min_order or 0)
     if rules.max_order is not None and rules.max_order < low:
         raise errors.InvalidRule(
             f"rules.max_order {rules.max_order} is below the minimum order {low}: no order fits"

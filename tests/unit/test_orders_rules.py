@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from engine import errors
-from engine.campaigns import Campaign, Discount, edit, new_campaign
+from engine.campaigns import Campaign, Discount, edit, new_campaign, pricing_for
 from engine.orders import MAX_AMOUNT, MAX_ITEMS, MAX_QUANTITY, MAX_TAGS, Item, build, check_tags
 from engine.rules import CustomerCondition, ItemCondition, ItemFilter, Rules
 
@@ -235,6 +235,21 @@ GOOD_RULES: list[dict[str, Any]] = [
 def test_rules_that_can_hold_are_taken(fields: dict[str, Any]) -> None:
     c = campaign(**fields)
     assert c.rules == fields["rules"]
+
+
+def test_a_campaign_minimum_on_the_whole_order_fits_a_maximum_on_the_eligible_part() -> None:
+    """The campaign's ``min_order`` bounds the whole amount, ``rules.max_order`` the eligible
+    subtotal: with lines excluded an order fits both (3500 in all, 2000 of it eligible),
+    so the pair is no rule that can never hold. Without exclusions the two are the same
+    subtotal, and only then is a maximum below the minimum refused."""
+    c = campaign(min_order=3000, rules=Rules(max_order=2000, exclude=ItemFilter(skus=("SALE",))))
+    fits = build(currency="EUR", items=[Item("A", 1, 2000), Item("SALE", 1, 1500)])
+    # 10 % of the eligible 2000
+    assert pricing_for(c, fits, None).discount == 200
+    with pytest.raises(errors.InvalidRule, match="rules.max_order 2000 is below the minimum order 3000"):
+        campaign(min_order=3000, rules=Rules(max_order=2000))
+    with pytest.raises(errors.InvalidRule, match="rules.max_order 2000 is below the minimum order 2001"):
+        campaign(rules=Rules(min_order=2001, max_order=2000, exclude=ItemFilter(skus=("SALE",))))
 
 
 def test_free_shipping_on_the_order_target_means_shipping() -> None:
