@@ -48,7 +48,7 @@ BAD_ORDERS: list[tuple[dict[str, Any], type[errors.VoucherError], str]] = [
      f"order.items[0].quantity must be an integer from 1 to {MAX_QUANTITY}, got -2"),
     ({"items": [Item("A", MAX_QUANTITY + 1, 1)]}, errors.InvalidOrder,
      f"order.items[0].quantity must be an integer from 1 to {MAX_QUANTITY}, got {MAX_QUANTITY + 1}"),
-    ({"items": [Item("A", True, 100)]}, errors.InvalidOrder,  # type: ignore[arg-type]
+    ({"items": [Item("A", True, 100)]}, errors.InvalidOrder,  # a bool is no quantity
      "order.items[0].quantity must be an integer from 1 to"),
     ({"items": [Item("A", 1, 10.5)]}, errors.InvalidOrder,  # type: ignore[arg-type]
      "order.items[0].unit_price must be an integer in minor units"),
