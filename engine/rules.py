@@ -249,7 +249,7 @@ def evaluate(rules: Rules, order: Order, tags: Sequence[str] | None, lines: Sequ
         if cc.tags_any and not have.intersection(cc.tags_any):
             raise errors.RuleNotMet(
                 f"needs a customer tagged {' or '.join(cc.tags_any[:5])}"
-                + (", the customer has none of them" if tags else ", no customer tags are known")
+                + (", the customer has none of them" if tags is not None else ", no customer tags are known")
             )
         bad = have.intersection(cc.tags_none)
         if bad:

@@ -347,6 +347,11 @@ REFUSALS: dict[str, Refusal] = {
         Discount("percent", 10), Rules(customer=CustomerCondition(tags_any=("vip",))),
         order(TEE), None, "needs a customer tagged vip, no customer tags are known",
     ),
+    # the customer is known and has no tags: that is known, not unknown
+    "vip only, a customer without tags": Refusal(
+        Discount("percent", 10), Rules(customer=CustomerCondition(tags_any=("vip",))),
+        order(TEE), (), "needs a customer tagged vip, the customer has none of them",
+    ),
     "vip only, other tags": Refusal(
         Discount("percent", 10), Rules(customer=CustomerCondition(tags_any=("vip", "gold"))),
         order(TEE), ("new",), "needs a customer tagged vip or gold, the customer has none of them",
