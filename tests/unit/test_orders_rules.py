@@ -63,6 +63,15 @@ BAD_ORDERS: list[tuple[dict[str, Any], type[errors.VoucherError], str]] = [
      "order.shipping must not be negative, got -5"),
     ({"amount": 100, "shipping": 1.5}, errors.InvalidOrder,
      "order.shipping must be an integer in minor units"),
+    ({"amount": True}, errors.InvalidOrder, "order.amount must be an integer in minor units"),
+    ({"amount": 100.0}, errors.InvalidOrder, "order.amount must be an integer in minor units"),
+    ({"amount": 100, "shipping": False}, errors.InvalidOrder,
+     "order.shipping must be an integer in minor units"),
+    ({"amount": MAX_AMOUNT + 1}, errors.InvalidOrder, f"order.amount is larger than {MAX_AMOUNT}"),
+    ({"items": [Item("A", 1.0, 100)]}, errors.InvalidOrder,  # type: ignore[arg-type]
+     "order.items[0].quantity must be an integer from 1 to"),
+    ({"items": [Item("A", 1, False)]}, errors.InvalidOrder,
+     "order.items[0].unit_price must be an integer in minor units"),
     # names
     ({"items": [Item("", 1, 100)]}, errors.InvalidOrder,
      "order.items[0].sku must be 1-128 characters without control characters"),

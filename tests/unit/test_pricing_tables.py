@@ -16,6 +16,8 @@ from engine.campaigns import Campaign, Discount, new_campaign, pricing_for
 from engine.orders import Item, Order, build
 from engine.pricing import Pricing, detail_json, spread
 from engine.rules import CustomerCondition, ItemCondition, ItemFilter, Rules
+from engine.shard_state import RedeemRequest
+from tests.unit.test_pools import Shop, active
 
 NOW = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
 
@@ -437,3 +439,37 @@ SPREADS: list[tuple[int, Sequence[int], list[int]]] = [
 @pytest.mark.parametrize(("total", "weights", "shares"), SPREADS)
 def test_spread_by_largest_remainder(total: int, weights: Sequence[int], shares: list[int]) -> None:
     assert spread(total, weights) == shares
+
+
+# --- on the shard --------------------------------------------------------------------------
+
+
+def test_the_shard_keeps_the_explanation_and_fingerprints_the_cart() -> None:
+    """20 % off shoes on SHOE + TEE: 1600 on line 0, kept with the redemption; the same
+    idempotency key with another cart is a conflict, not the first answer."""
+    shop = Shop()
+    c = active(campaign(Discount("percent", 20, target="items"),
+                        Rules(items=(ItemCondition(any_of=shoes()),))))
+    shop.install(c, ["SHOES-1", "SHOES-2"])
+    o = order(SHOE, TEE)
+
+    def req(code: str, items: tuple[Item, ...], key: str | None = None) -> RedeemRequest:
+        return RedeemRequest(code, sum(it.total for it in items), "EUR", items=items,
+                             idempotency_key=key)
+
+    out = shop.state.redeem_one(req("SHOES-1", o.items, "k1"))
+    assert out.redemption is not None
+    assert out.redemption.discount_amount == 1600
+    assert out.redemption.detail == (
+        '{"items":[{"line":0,"sku":"SHOE-1","discount":1600}],"shipping_discount":0}'
+    )
+    assert shop.state.redeem_one(req("SHOES-1", o.items, "k1")) == out  # a replay
+    other = shop.state.redeem_one(req("SHOES-1", (SHOE, SHOE), "k1"))
+    assert other.rejection is not None and other.rejection.error == "idempotency_conflict"
+    # without shoes the rule answers on every path, the code stays unspent
+    refused = shop.state.redeem_one(req("SHOES-2", (TEE,)))
+    assert refused.rejection is not None
+    assert (refused.rejection.error, refused.rejection.message) == (
+        "rule_not_met", "needs 1 item in category shoes, the order has 0"
+    )
+    assert shop.state.validate(req("SHOES-2", (SHOE,))).valid
