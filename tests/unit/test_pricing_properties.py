@@ -245,9 +245,11 @@ def reference(c: Campaign, order: Order, tags: Sequence[str] | None, balance: in
     lines = counted(rules, order)
     items = order.items
     base = sum(items[i].quantity * items[i].unit_price for i in lines) if items else order.amount
-    if c.discount is None:
-        return min(balance or 0, base)
     d = c.discount
+    if items and not lines and (d is None or d.target != "shipping"):
+        return None  # every line excluded: nothing to take from
+    if d is None:
+        return min(balance or 0, base)
     if d.target == "shipping":
         ship = order.shipping or 0
         if ship == 0:

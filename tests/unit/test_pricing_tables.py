@@ -243,10 +243,6 @@ CASES: dict[str, Case] = {
         Discount("percent", 10), Rules(items=(ItemCondition(any_of=shoes(), min_subtotal=14000),)),
         order(SHOE, BOOT, TEE), None, 1550, [(0, 800), (1, 600), (2, 150)],
     ),
-    # every line excluded on the order target: the eligible subtotal is 0, so is the discount.
-    "order target, every line excluded": Case(
-        Discount("percent", 50), Rules(exclude=shoes()), order(SHOE, BOOT), None, 0, [],
-    ),
     # --- gift cards --------------------------------------------------------------------
     # a balance of 5000 over lines 3000 + 4000: 2142.86 and 2857.14 -> 2142 + 2857 = 4999,
     # remainders 6000 and 1000 -> the first: 2143, 2857.
@@ -380,6 +376,12 @@ REFUSALS: dict[str, Refusal] = {
         Discount("percent", 10, target="items"), Rules(exclude=shoes()), order(SHOE, BOOT),
         None, "no item of the order is one this campaign discounts",
     ),
+    # every line excluded: nothing to take a discount from, on the order target as on
+    # the item targets (a single-use code is not spent for nothing)
+    "every line excluded on the order target": Refusal(
+        Discount("percent", 50), Rules(exclude=shoes()), order(SHOE, BOOT),
+        None, "no item of the order is one this campaign discounts",
+    ),
     "free units of a sku the order lacks": Refusal(
         Discount("free_units", 1, target="items", sku="SOCK-1"), None, order(TEE), None,
         "needs an item of sku SOCK-1 to give free, the order has none that counts",
@@ -400,6 +402,16 @@ def test_refused_with_the_rule_named(name: str) -> None:
         pricing_for(c, case.order, case.tags)
     assert info.value.code == "rule_not_met"
     assert info.value.message == case.message
+
+
+def test_a_gift_card_pays_for_no_order_whose_every_line_is_excluded() -> None:
+    c = campaign(None, Rules(exclude=ItemFilter(skus=("SOCK-1",))), type="gift_card",
+                 gift_balance=5000)
+    with pytest.raises(errors.RuleNotMet, match="^no item of the order is one this campaign discounts$"):
+        pricing_for(c, order(SOCKS), None, 5000)
+    # shipping alone is no line: the campaign's shipping target still discounts it
+    ship = campaign(Discount("free_shipping"), Rules(exclude=ItemFilter(skus=("SOCK-1",))))
+    assert pricing_for(ship, order(SOCKS, shipping=495), None) == Pricing(495, (), 495)
 
 
 def test_the_campaign_checks_come_before_its_rules() -> None:
