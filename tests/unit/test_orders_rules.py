@@ -264,3 +264,32 @@ def test_a_campaign_minimum_on_the_whole_order_fits_a_maximum_on_the_eligible_pa
 def test_free_shipping_on_the_order_target_means_shipping() -> None:
     c = campaign(discount=Discount("free_shipping"))
     assert c.discount == Discount("free_shipping", target="shipping")
+
+
+def test_an_edit_takes_rules_as_json_and_names_what_is_wrong() -> None:
+    base = campaign()
+    edited, diff = edit(base, {"rules": {
+        "items": [{"any_of": {"categories": ["shoes"]}, "min_quantity": 2}],
+        "exclude": {"skus": ["SOCK-S"]},
+        "customer": {"tags_any": ["vip"]},
+    }}, NOW)
+    assert edited.rules == Rules(
+        items=(ItemCondition(any_of=SHOES, min_quantity=2),),
+        exclude=ItemFilter(skus=("SOCK-S",)),
+        customer=CustomerCondition(tags_any=("vip",)),
+    )
+    assert diff["rules"] == [None, {
+        "items": [{"any_of": {"categories": ["shoes"]}, "min_quantity": 2}],
+        "exclude": {"skus": ["SOCK-S"]},
+        "customer": {"tags_any": ["vip"]},
+    }]
+    cleared, diff = edit(edited, {"rules": None}, NOW)
+    assert cleared.rules is None and diff["rules"][1] is None
+    for bad, message in [
+        ({"items": [{"any_of": {"colour": ["red"]}}]}, "rules: Object contains unknown field `colour`"),
+        ({"min_order": "ten"}, "rules: Expected `int | null`, got `str`"),
+        ({"exclude": {"skus": "SOCK-S"}}, "rules: Expected `array`, got `str`"),
+    ]:
+        with pytest.raises(errors.InvalidInput) as info:
+            edit(base, {"rules": bad}, NOW)
+        assert info.value.message.startswith(message), info.value.message
