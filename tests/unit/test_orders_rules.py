@@ -223,6 +223,28 @@ def test_an_edit_refuses_the_same_rules(fields: dict[str, Any], message: str) ->
     assert info.value.message.startswith(message), info.value.message
 
 
+BAD_DISCOUNTS: list[tuple[Discount, str]] = [
+    (Discount("free_units", 0, target="items"),
+     f"discount.value is the number of free units for free_units: 1 to {MAX_QUANTITY}"),
+    (Discount("free_units", MAX_QUANTITY + 1), "discount.value is the number of free units"),
+    (Discount("free_shipping", 5), "a free_shipping discount has no value"),
+    (Discount("percent", 10, sku="A"), "discount.sku only picks the free units of free_units"),
+    (Discount("free_units", 1, sku=""), "discount.sku must be 1-128 characters"),
+    (Discount("fixed_price", -1, target="items"), "discount.value must be >= 0"),
+    (Discount("percent", 101, target="cheapest_item"), "discount.value must be 1..100"),
+    (Discount("amount", 0, target="shipping"), "discount.value must be positive"),
+    (Discount("percent", 10, target="basket"),  # type: ignore[arg-type]
+     "discount.target must be one of order, items, cheapest_item, shipping"),
+]
+
+
+@pytest.mark.parametrize(("discount", "message"), BAD_DISCOUNTS)
+def test_new_campaign_refuses_a_malformed_discount(discount: Discount, message: str) -> None:
+    with pytest.raises(errors.InvalidInput) as info:
+        campaign(discount)
+    assert info.value.message.startswith(message), info.value.message
+
+
 GOOD_RULES: list[dict[str, Any]] = [
     # shoes excluded but a sku route to the required items stays open
     {"rules": Rules(items=(ItemCondition(any_of=ItemFilter(categories=("shoes",), skus=("X",))),),
