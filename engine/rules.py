@@ -128,6 +128,14 @@ def _excluded_entirely(f: ItemFilter, ex: ItemFilter) -> bool:
     )
 
 
+def _needs_some(cond: ItemCondition) -> bool:
+    """Whether the condition asks for at least one unit or one minor unit of its items
+    (minimums of 0 ask only that the order lists lines, which excluded ones still are)."""
+    if cond.min_quantity is None and cond.min_subtotal is None:
+        return True
+    return bool(cond.min_quantity) or bool(cond.min_subtotal)
+
+
 def check(rules: Rules, *, min_order: int = 0) -> Rules:
     """Refuse rules that are malformed or could never hold, naming the field; returns
     ``rules``. ``min_order``: the campaign's own minimum, given beside the rules."""
@@ -150,7 +158,11 @@ def check(rules: Rules, *, min_order: int = 0) -> Rules:
         _bound(cond.min_subtotal, f"{field}.min_subtotal", MAX_AMOUNT)
         if cond.any_of is not None:
             _filter(cond.any_of, f"{field}.any_of")
-            if rules.exclude is not None and _excluded_entirely(cond.any_of, rules.exclude):
+            if (
+                rules.exclude is not None
+                and _needs_some(cond)
+                and _excluded_entirely(cond.any_of, rules.exclude)
+            ):
                 raise errors.InvalidRule(
                     f"{field} requires items {cond.any_of.describe()}, which rules.exclude "
                     "excludes: it can never hold"

@@ -148,6 +148,9 @@ BAD_RULES: list[tuple[dict[str, Any], str]] = [
     # a category both required and excluded
     ({"rules": Rules(items=(ItemCondition(any_of=SHOES),), exclude=SHOES)},
      "rules.items[0] requires items in category shoes, which rules.exclude excludes: it can never hold"),
+    ({"rules": Rules(items=(ItemCondition(any_of=SHOES, min_quantity=0, min_subtotal=1),),
+                     exclude=SHOES)},
+     "rules.items[0] requires items in category shoes, which rules.exclude excludes"),
     ({"rules": Rules(items=(ItemCondition(any_of=ItemFilter(skus=("A", "B"))),),
                      exclude=ItemFilter(skus=("B", "A", "C")))},
      "rules.items[0] requires items of skus A, B, which rules.exclude excludes: it can never hold"),
@@ -259,6 +262,9 @@ GOOD_RULES: list[dict[str, Any]] = [
     {"discount": Discount("free_units", 1, target="items", sku="SOCK-1"),
      "rules": Rules(exclude=ItemFilter(categories=("socks",)))},
     {"rules": Rules(items=(ItemCondition(min_quantity=0, min_subtotal=0),))},
+    # minimums of 0 on excluded items ask for nothing of them: no rule that can never hold
+    {"rules": Rules(items=(ItemCondition(any_of=SHOES, min_subtotal=0),), exclude=SHOES)},
+    {"rules": Rules(items=(ItemCondition(any_of=SHOES, min_quantity=0),), exclude=SHOES)},
 ]
 
 
