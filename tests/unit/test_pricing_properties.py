@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from engine import errors
+from engine import rules as rules_module
 from engine.campaigns import Campaign, Discount, discount_for, new_campaign, transition
 from engine.orders import MAX_AMOUNT, Item, Order, build
 from engine.pricing import Pricing, detail_json, price, spread
@@ -426,6 +427,25 @@ def test_an_excluded_line_changes_nothing(
     extra = data.draw(st.lists(excluded_lines(rules.exclude), min_size=1, max_size=3))
     more = build(currency="EUR", shipping=order.shipping, items=[*order.items, *extra])
     assert priced(c, more, tags) == priced(c, order, tags)
+
+
+@SETTINGS
+@given(rules=rule_sets(), min_order=st.sampled_from([0, 0, 500, 3000]),
+       cases=st.lists(st.tuples(orders(), TAG_SETS), min_size=1, max_size=6))
+def test_rules_refused_as_never_holding_hold_for_no_order(
+    rules: Rules | None, min_order: int, cases: list[tuple[Order, tuple[str, ...] | None]]
+) -> None:
+    """A refusal that says a rule can never hold is true of every order tried."""
+    if rules is None:
+        return
+    try:
+        rules_module.check(rules, min_order=min_order)
+    except errors.InvalidRule as exc:
+        if "never hold" not in exc.message and "no order fits" not in exc.message:
+            return
+        event("refused as never holding")
+        for order, tags in cases:
+            assert not (order.amount >= min_order and holds(rules, order, tags)), (exc, order)
 
 
 AMOUNT_ONLY = st.one_of(
