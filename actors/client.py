@@ -33,6 +33,7 @@ from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
+from engine.rules import Rules
 from engine.settings import Settings
 from engine.shard_state import (
     CampaignStats,
@@ -235,6 +236,7 @@ class VoucherEngine:
         code: CodeSpec | dict[str, Any] | None = None,
         shared_code: str | None = None,
         metadata: dict[str, Any] | None = None,
+        rules: Rules | dict[str, Any] | None = None,
         actor: Actor = SYSTEM,
     ) -> Campaign:
         """A new campaign in ``draft``, recorded with its ``campaign.created`` event and
@@ -258,6 +260,8 @@ class VoucherEngine:
             }
             if metadata is not None:
                 fields["metadata"] = metadata
+            if rules is not None:
+                fields["rules"] = _conv(rules, Rules)
         except msgspec.ValidationError as exc:
             raise errors.InvalidInput(str(exc)) from exc
         result: Campaign = await _call(self.coordinator.create_campaign.remote(fields, actor))

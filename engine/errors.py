@@ -60,6 +60,7 @@ The tree (codes in parentheses; a transient error and its subclasses only mean "
     * WrongCustomer (``wrong_customer``)
     * OrderTooSmall (``order_too_small``)
     * RuleNotMet (``rule_not_met``)
+    * TagsNeeded (``customer_tags_needed``, transient)
     * AlreadyRedeemed (``already_redeemed``)
     * CodeVoid (``code_void``)
     * CodeReserved (``code_reserved``, transient)
@@ -438,6 +439,14 @@ class RuleNotMet(NotRedeemable):
     has 1")."""
 
     code = "rule_not_met"
+
+
+class TagsNeeded(NotRedeemable):
+    """The campaign has customer rules and the request carries no customer tags: the
+    gateway looks up the stored customer's and asks again (never answered to a client)."""
+
+    code = "customer_tags_needed"
+    transient = True
 
 
 class AlreadyRedeemed(NotRedeemable):

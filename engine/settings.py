@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fast_max_lag_ms: Annotated[float, msgspec.Meta(ge=1.0, le=60_000.0)] = 100.0
     reservation_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] = 900
     idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=365 * 86400)] = 86400
+    customer_tags_ttl_s: Annotated[float, msgspec.Meta(ge=0.0, le=86400.0)] = 30.0
     ray_address: str | None = None
     namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "voucher"
     generation_chunk: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
@@ -198,6 +199,12 @@ _ENV: dict[str, tuple[str, str]] = {
         "VOUCHER_DECISION_DEADLINE_S",
         "Seconds a redemption, validation or reservation may take before the client gets "
         "503 with Retry-After (outcome unknown: retry with the same Idempotency-Key).",
+    ),
+    "customer_tags_ttl_s": (
+        "VOUCHER_CUSTOMER_TAGS_TTL_S",
+        "Seconds a gateway keeps a stored customer's tags for campaigns with customer rules: "
+        "a change to a customer's tags reaches every decision within this time (0: read "
+        "them for every request that needs them).",
     ),
     "commit_timeout_s": (
         "VOUCHER_COMMIT_TIMEOUT_S",

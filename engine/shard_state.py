@@ -64,6 +64,8 @@ from engine.events import (
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
 from engine.orders import Item, Order
 from engine.pricing import Cart, Pricing, cart_json, detail_json, price, read_cart
+from engine.promotions import Taken, stack
+from engine.promotions import is_key as is_promotion_key
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
@@ -86,6 +88,13 @@ class RedeemRequest(msgspec.Struct, frozen=True):
     shipping: int | None = None
     items: tuple[Item, ...] | None = None  # checked by engine.orders.build at the edge
     tags: tuple[str, ...] | None = None  # the customer's tags, for customer rules
+    #: the tags are the stored customer's, looked up by the gateway (not the caller's):
+    #: they are not part of what the idempotency key's fingerprint identifies
+    stored_tags: bool = False
+    #: a promotion's decision (``code`` is its key, engine/promotions.py) and what the
+    #: discounts given before it on the same order took
+    promotion: bool = False
+    taken: Taken | None = None
 
     def order(self) -> Order:
         return Order(self.amount, self.currency, self.shipping, self.items or ())
@@ -175,6 +184,13 @@ class CampaignStats(msgspec.Struct):
         return CampaignStats(
             self.campaign_id, *(getattr(self, f) + getattr(other, f) for f in fields)
         )
+
+
+def _as_sent(req: Any) -> Any:
+    """The request as its caller sent it: without the tags the gateway looked up."""
+    if isinstance(req, RedeemRequest) and req.stored_tags:
+        return msgspec.structs.replace(req, tags=None, stored_tags=False)
+    return req
 
 
 def fingerprint(op: str, payload: Any) -> bytes:
@@ -431,10 +447,12 @@ class ShardState:
 
     # --- the decision ------------------------------------------------------------------
 
-    def _locate(self, raw_code: str) -> tuple[str, CampaignSlot, int]:
+    def _locate(self, raw_code: str, promotion: bool = False) -> tuple[str, CampaignSlot, int]:
         if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
             raise errors.MalformedCode("code must be a non-empty string of at most 128 characters")
-        code = normalize(raw_code)
+        code = raw_code if promotion else normalize(raw_code)
+        if is_promotion_key(code) != promotion:
+            raise errors.UnknownCode(f"no voucher has code {code!r}")
         packed = self.codes.get(code)
         if packed is None:
             self._check_owner(bucket_of(code))
@@ -449,7 +467,7 @@ class ShardState:
         ``(code, slot, status, pricing, balance)`` or raises the reason it cannot."""
         _check_ids(req.customer_id, req.order_id)
         self.expire_reservations()
-        code, slot, status = self._locate(req.code)
+        code, slot, status = self._locate(req.code, req.promotion)
         c = slot.campaign
         check_redeemable_now(c, self.clock())
         if self.controls:
@@ -459,6 +477,8 @@ class ShardState:
         order = req.order()
         check_order(c, order)
         cust = req.customer_id
+        if req.tags is None and cust is not None and c.rules is not None and c.rules.customer is not None:
+            raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
         if c.is_shared:
             total, per = c.limits.total, c.limits.per_customer
             mine = 1 if reservation is not None else 0
@@ -472,7 +492,7 @@ class ShardState:
                     raise errors.CustomerLimitReached(
                         f"customer {cust} used code {code} {per} time(s) already"
                     )
-            return code, slot, status, price(c, order, req.tags), None
+            return code, slot, status, stack(price(c, order, req.tags), order, req.taken), None
         if status == REDEEMED:
             if c.is_gift_card:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
@@ -490,12 +510,14 @@ class ShardState:
             balance = slot.balances.get(code, 0)
             if balance <= 0:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
-        return code, slot, status, price(c, order, req.tags, balance), balance
+        return code, slot, status, stack(price(c, order, req.tags, balance), order, req.taken), balance
 
     def validate(self, req: RedeemRequest) -> Validation:
         """Explain whether ``req`` would redeem now, without changing anything."""
         try:
             code, slot, _status, pricing, balance = self._check(req)
+        except errors.TagsNeeded:
+            raise
         except errors.VoucherError as exc:
             return Validation(code=_safe_code(req.code), valid=False, error=exc.code, message=exc.message)
         return Validation(
@@ -724,6 +746,8 @@ class ShardState:
         c = slot.campaign
         if c.state == "ended":
             raise errors.CampaignEnded(f"campaign {campaign_id} has ended")
+        if c.is_promotion:
+            raise errors.InvalidInput(f"campaign {campaign_id} is a promotion: it has no code to give")
         if c.shared_code is not None:
             return Assignment(campaign_id, customer_id, c.shared_code, False)
         existing = slot.by_customer.get(customer_id)
@@ -847,7 +871,7 @@ class ShardState:
                 return _reject(
                     errors.InvalidInput(f"an idempotency key must be 1-{MAX_KEY_LEN} characters")
                 )
-            fp = fingerprint(op, req)
+            fp = fingerprint(op, _as_sent(req))
             seen = self._remembered(key)
             if seen is not None:
                 if seen[0] != fp:
@@ -901,7 +925,7 @@ class ShardState:
             if self._remembered(key) is not None:
                 continue
             seen.add(key)
-            out.append(Claim(key, route, fingerprint(op, body), now))
+            out.append(Claim(key, route, fingerprint(op, _as_sent(body)), now))
         return out
 
     def accept_claims(self, claims: Sequence[Claim], stored: Iterable[Stored]) -> None:
@@ -928,7 +952,10 @@ class ShardState:
         route = route_bucket(req.code)
         if self._owned is not None and self._owned[route] != 1:
             return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
-        return Outcome(validation=self.validate(req))
+        try:
+            return Outcome(validation=self.validate(req))
+        except errors.TagsNeeded as exc:
+            return _reject(exc)
 
     def reserve_one(self, req: RedeemRequest) -> Outcome:
         body, key, route = _spec("reserve", req)

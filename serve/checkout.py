@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -21,32 +22,53 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from actors.observability import new_request_id, request_id_var
-from engine import errors, metadata
+from engine import errors, metadata, orders
+from engine.currencies import check_currency
+from engine.orders import Item
 from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
 from serve.auth import AuthError, Forbidden, Principal, authorize, customer_only
+from serve.customer_tags import CustomerTags
 from serve.gate import Gate, RateLimited, auth_problem, rate_problem
 from serve.idempotency import scoped_key
 from serve.models import unstorable
 from serve.problems import from_engine_error, internal_error_problem, path_methods
+from serve.promotions import PromotionCatalog, applied_body, taken_by
+from serve.promotions import apply as apply_promotions
 
 log = logging.getLogger("voucher.gateway")
 
 
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+_Minor = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+
+
+class _Item(msgspec.Struct, forbid_unknown_fields=True):
+    sku: _Name
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    unit_price: _Minor
+    product_id: _Name | None = None
+    categories: Annotated[list[str], msgspec.Meta(max_length=20)] = []
+
+
 class _Order(msgspec.Struct, forbid_unknown_fields=True):
-    amount: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
+    amount: _Minor | None = None
     id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    shipping: _Minor | None = None
+    items: Annotated[list[_Item], msgspec.Meta(max_length=500)] | None = None
 
 
 class _Checkout(msgspec.Struct, forbid_unknown_fields=True):
     """The fast lane's CheckoutIn: it accepts a subset of what the pydantic model accepts
     (no coercion of "12" into 12), and whatever it refuses goes to the FastAPI route."""
 
-    code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     order: _Order
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     metadata: dict[str, Any] | None = None
+    customer_tags: Annotated[list[str], msgspec.Meta(max_length=50)] | None = None
+    apply_promotions: bool = False
 
 
 _checkout_decoder = msgspec.json.Decoder(_Checkout)
@@ -69,6 +91,11 @@ def decode_checkout(raw: bytes) -> _Checkout:
     body = _checkout_decoder.decode(raw)
     if unstorable((body.code, body.customer_id, body.order.id)):
         raise msgspec.ValidationError("unstorable text")
+    items = body.order.items
+    if items and unstorable([(it.sku, it.product_id, it.categories) for it in items]):
+        raise msgspec.ValidationError("unstorable text")
+    if body.customer_tags and unstorable(body.customer_tags):
+        raise msgspec.ValidationError("unstorable text")
     if body.metadata is not None:
         try:
             metadata.check(body.metadata)
@@ -79,21 +106,48 @@ def decode_checkout(raw: bytes) -> _Checkout:
     return body
 
 
+def explained(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (an answer as builtins) with its ``detail`` spread into ``items`` (the
+    discount per order line) and ``shipping_discount``."""
+    detail = d.pop("detail", None)
+    if detail is None:
+        d["items"] = []
+        d["shipping_discount"] = 0
+    else:
+        d.update(msgspec.json.decode(detail))
+    return d
+
+
 def redemption_body(r: Any) -> dict[str, Any]:
     d = msgspec.to_builtins(r)
     d["balance"] = d.pop("balance_after", None)
     d["status"] = "rolled_back" if d["status"] == 1 else "redeemed"
     if d.get("metadata") is not None:
         d["metadata"] = msgspec.json.decode(d["metadata"])
-    return d
+    return explained(d)
 
 
 def reservation_body(r: Any) -> dict[str, Any]:
     d = msgspec.to_builtins(r)
     d["state"] = ("held", "confirmed", "released", "expired")[d["state"]]
+    d.pop("cart", None)
     if d.get("metadata") is not None:
         d["metadata"] = msgspec.json.decode(d["metadata"])
-    return d
+    return explained(d)
+
+
+def _codeless(op: str, req: RedeemRequest, body: Any) -> dict[str, Any]:
+    """The answer's own part for a checkout without a code (promotions only)."""
+    if op == "validate":
+        return {"code": None, "valid": True, "campaign_id": None, "discount_amount": 0, "items": [],
+                "shipping_discount": 0, "balance": None, "reason": None, "message": None}
+    return {
+        "id": None, "code": None, "campaign_id": None, "customer_id": req.customer_id,
+        "order_id": req.order_id, "order_amount": req.amount, "currency": req.currency,
+        "discount_amount": 0, "items": [], "shipping_discount": 0, "balance": None,
+        "status": "redeemed", "created_at": datetime.now(UTC).isoformat(), "rolled_back_at": None,
+        "metadata": body.metadata,
+    }
 
 
 def _is_guess_failure(code: str) -> bool:
@@ -121,26 +175,63 @@ def _replay(body: bytes, receive: Any) -> Any:
 class Checkout:
     """A replica's checkout: the gate, then the shard's decision through the batcher."""
 
-    def __init__(self, gate: Gate, batcher: Any, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        batcher: Any,
+        max_body_bytes: int,
+        tags: CustomerTags | None = None,
+        promotions: PromotionCatalog | None = None,
+    ) -> None:
         self.gate = gate
         self.batcher = batcher
         self.max_body_bytes = max_body_bytes
+        self.tags = tags
+        self.promotions = promotions
 
     def request(self, body: Any, p: Principal, key: str | None) -> RedeemRequest:
-        """``body``: a CheckoutIn (FastAPI route) or a _Checkout (fast lane): same fields."""
+        """``body``: a CheckoutIn (FastAPI route) or a _Checkout (fast lane): same fields.
+        The order is checked here (:func:`engine.orders.build`), before any shard sees it."""
         customer = body.customer_id
+        tags = body.customer_tags
+        if body.code is None and not getattr(body, "apply_promotions", False):
+            raise errors.InvalidInput("code is required (or apply_promotions: true for promotions alone)")
         if customer_only(p):
             if customer is not None and customer != p.user_id:
                 raise Forbidden("forbidden", "customers act only for themselves")
+            if tags is not None:
+                raise Forbidden("forbidden", "customer_tags come from the shop, not from the customer")
             customer = p.user_id
+        o = body.order
+        items: tuple[Item, ...] | None = None
+        amount = o.amount
+        if o.items:
+            items = tuple(
+                Item(it.sku, it.quantity, it.unit_price, it.product_id, tuple(it.categories))
+                for it in o.items
+            )
+        if items is not None or o.shipping is not None or amount is None:
+            amount = orders.build(currency=o.currency, amount=amount, shipping=o.shipping, items=items).amount
+        else:
+            check_currency(o.currency, "order.currency")
+        stored = False
+        if tags is not None:
+            tags = orders.check_tags(tags)
+        elif customer is not None and self.tags is not None:
+            tags = self.tags.cached(customer)
+            stored = tags is not None
         return RedeemRequest(
-            code=body.code,
-            amount=body.order.amount,
-            currency=body.order.currency,
+            code=body.code or "",
+            amount=amount,
+            currency=o.currency,
             customer_id=customer,
-            order_id=body.order.id,
+            order_id=o.id,
             idempotency_key=scoped_key(p, key),
             metadata=None if body.metadata is None else metadata.encoded(body.metadata),
+            shipping=o.shipping,
+            items=items,
+            tags=tuple(tags) if tags is not None else None,
+            stored_tags=stored,
         )
 
     async def answer(
@@ -161,6 +252,8 @@ class Checkout:
         gate = self.gate
         who = await gate.authenticate(authorization, api_key)
         authorize(who.principal, action)
+        if op == "reserve" and getattr(body, "apply_promotions", False):
+            raise errors.InvalidInput("apply_promotions is for validations and redemptions")
         req = self.request(body, who.principal, idempotency_key)
         headers: dict[str, str] = {"X-Gateway-Replica": gate.replica}
         decision = await gate.limit(
@@ -169,27 +262,100 @@ class Checkout:
         p = await gate.confirm(who, decision, action)
         if p is not who.principal:
             req = self.request(body, p, idempotency_key)
+        if getattr(body, "apply_promotions", False):
+            return await self._with_promotions(op, body, req, ip, p, headers)
         out = await self._decide(op, req, ip, p)
         if out.rejection is not None:
             resp = from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
             resp.headers.update(headers)
             return resp
+        return self._respond(op, out, headers)
+
+    def _respond(
+        self, op: str, out: Outcome, headers: dict[str, str], extra: dict[str, Any] | None = None
+    ) -> Response:
         payload: dict[str, Any]
         if op == "redeem":
             status, payload = 201, redemption_body(out.redemption)
             headers["Location"] = f"/v1/redemptions/{payload['id']}"
         elif op == "validate":
-            status, payload = 200, msgspec.to_builtins(out.validation)
+            status, payload = 200, explained(msgspec.to_builtins(out.validation))
             payload["reason"] = payload.pop("error", None)
         else:
             status, payload = 201, reservation_body(out.reservation)
+        if extra:
+            payload.update(extra)
         return Response(
             _json_encoder.encode(payload), status_code=status, media_type="application/json", headers=headers
+        )
+
+    async def _with_promotions(
+        self, op: str, body: Any, req: RedeemRequest, ip: str, p: Principal, headers: dict[str, str]
+    ) -> Response:
+        """A validation or redemption with ``apply_promotions``: the code first (when
+        there is one), then every promotion that fits what it left (serve/promotions.py).
+        The answer is the code's, with ``promotions`` and ``total_discount``."""
+        if self.promotions is None:
+            raise errors.Unavailable("promotions are not served here")
+        catalog = await self.promotions.current()
+        if (
+            req.tags is None
+            and req.customer_id is not None
+            and self.tags is not None
+            and any(c.rules is not None and c.rules.customer is not None for c in catalog)
+        ):
+            req = msgspec.structs.replace(req, tags=await self.tags.load(req.customer_id), stored_tags=True)
+        out: Outcome | None = None
+        taken = None
+        if body.code is not None:
+            out = await self._decide(op, req, ip, p)
+            if out.rejection is not None:
+                resp = from_engine_error(errors.from_code(out.rejection.error, out.rejection.message))
+                resp.headers.update(headers)
+                return resp
+            if out.validation is not None and not out.validation.valid:
+                return self._respond(op, out, headers, {"promotions": [], "total_discount": 0})
+            taken = taken_by(out, req.order())
+
+        async def decide(pop: str, preq: RedeemRequest) -> Outcome:
+            return await self._decide(pop, preq, ip, p)
+
+        applied = await apply_promotions(op, req, taken, catalog, decide)
+        given = [applied_body(a) for a in applied]
+        if out is not None:
+            own = out.redemption.discount_amount if out.redemption is not None else 0
+            if out.validation is not None:
+                own = out.validation.discount_amount
+            total = own + sum(a.discount_amount for a in applied)
+            return self._respond(op, out, headers, {"promotions": given, "total_discount": total})
+        if not applied and op == "redeem":
+            resp = from_engine_error(errors.RuleNotMet("no promotion applies to this order"))
+            resp.headers.update(headers)
+            return resp
+        payload = _codeless(op, req, body)
+        payload.update(promotions=given, total_discount=sum(a.discount_amount for a in applied))
+        if op == "validate" and not applied:
+            payload.update(valid=False, reason="rule_not_met", message="no promotion applies to this order")
+        return Response(
+            _json_encoder.encode(payload),
+            status_code=201 if op == "redeem" else 200,
+            media_type="application/json",
+            headers=headers,
         )
 
     async def _decide(self, op: str, req: RedeemRequest, ip: str, who: Principal) -> Outcome:
         t0 = time.perf_counter()
         out: Outcome = await self.batcher.submit(op, req)
+        if (
+            out.rejection is not None
+            and out.rejection.error == errors.TagsNeeded.code
+            and self.tags is not None
+            and req.customer_id is not None
+        ):
+            # The campaign has customer rules: ask again with the stored customer's tags.
+            tags = await self.tags.load(req.customer_id)
+            req = msgspec.structs.replace(req, tags=tags, stored_tags=True)
+            out = await self.batcher.submit(op, req)
         metrics.observe_decision(op, out, time.perf_counter() - t0)
         failed = out.rejection.error if out.rejection is not None else None
         if out.validation is not None and not out.validation.valid:

@@ -33,11 +33,13 @@ from serve.batching import MicroBatcher
 from serve.checkout import Checkout, GatewayAPI
 from serve.client_address import TrustedProxies, disable_uvicorn_rewrite
 from serve.context import Services
+from serve.customer_tags import CustomerTags
 from serve.devices import DeviceTokens
 from serve.gate import Gate, install_refusal_handlers
 from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
+from serve.promotions import PromotionCatalog
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.records import Records
 from serve.routes import (
@@ -175,7 +177,13 @@ class Gateway:
             customers=customers,
             issuance=issuance,
             engine=engine,
-            checkout=Checkout(gate, batcher, config.max_body_bytes),
+            checkout=Checkout(
+                gate,
+                batcher,
+                config.max_body_bytes,
+                CustomerTags(LazyPool(dsn, 2), ttl_s=config.customer_tags_ttl_s),
+                PromotionCatalog(LazyPool(dsn, 1)),
+            ),
             gate=gate,
             devices=DeviceTokens(secret),
             health=HealthProbe(engine=engine, dsn=dsn, valkey_ping=limiter.ping),

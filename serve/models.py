@@ -1,153 +1,45 @@
 """Request and response bodies at the HTTP edge (pydantic lives only here and in serve/).
 
 Every request model forbids unknown fields, so a typo in a field name is a 422 that names
-the field instead of being silently ignored. Amounts are integers in minor units.
-
-Request models are strict: a field the schema calls an integer takes a JSON integer (``3``
-or ``3.0``), not ``1.5``, ``"3"`` or ``true``, and a boolean takes ``true``/``false``, not
-``0``, so what the API accepts is what its OpenAPI document says. Every string of a request -- body
-fields, path and query parameters, the idempotency key -- must be text Postgres can store:
-no NUL character and no unpaired surrogate (a JSON ``"\\ud800"``). Postgres refuses both
-when it writes them, which would fail a whole group commit instead of one request, so they
-are refused here, as a 422 naming the field.
+the field instead of being silently ignored (:class:`serve.strict.Strict`). Amounts are
+integers in minor units.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationInfo,
-    field_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 
-from engine import errors, metadata
 from serve.auth import Role
+from serve.cart_models import DiscountIn, ItemIn, LineOut, RulesIn
+from serve.strict import (
+    MAX_INT64,
+    UNSTORABLE_MSG,
+    UNSTORABLE_TEXT,
+    IsoDateTime,
+    Metadata,
+    MetadataKey,
+    Strict,
+    storable,
+    unstorable,
+    unstorable_params,
+)
 
-# --- text Postgres can store -----------------------------------------------------------
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-UNSTORABLE_TEXT = "unstorable_text"
-UNSTORABLE_MSG = "text must not contain NUL (U+0000) or unpaired surrogate characters"
-# The largest value of a Postgres bigint: every integer path or query parameter is bounded
-# by it, so none can overflow a query (a 422 instead of a 500).
-MAX_INT64 = 2**63 - 1
-
-
-def unstorable(value: Any) -> bool:
-    """Whether ``value`` (a string, or a list/dict of them, keys included) holds a
-    character Postgres cannot store in a text or jsonb column."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if _UNSTORABLE.search(item):
-                return True
-        elif isinstance(item, Mapping):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-    return False
-
-
-def storable(value: Any) -> Any:
-    """``value`` itself, or a validation error when it holds unstorable text."""
-    if unstorable(value):
-        raise PydanticCustomError(UNSTORABLE_TEXT, UNSTORABLE_MSG)
-    return value
-
-
-def _iso_datetime(value: Any) -> Any:
-    # Lax pydantic reads a number (or "0.5") as a Unix time; the schema says an ISO 8601
-    # date-time string, so that is what is accepted.
-    if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
-        raise PydanticCustomError("datetime_type", "Input should be an ISO 8601 date-time string")
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise PydanticCustomError(
-            "datetime_from_date_parsing", "Input should be an ISO 8601 date-time, e.g. 2030-01-31T12:00:00Z"
-        ) from None
-
-
-IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime)]
-
-
-def _metadata(value: Any) -> Any:
-    try:
-        return metadata.check(value)
-    except errors.InvalidMetadata as exc:
-        raise PydanticCustomError("invalid_metadata", exc.message) from None
-
-
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=metadata.MAX_KEY_LEN)]
-Metadata = Annotated[dict[MetadataKey, Any], AfterValidator(_metadata)]
-"""A shop's own JSON object (engine.metadata: keys of 1 to 64 characters; at most 4 KB as
-compact JSON and 8 levels deep, which JSON Schema cannot say: ``invalid_metadata``)."""
-
-
-# The one header whose value is stored (scoped, with the redemption it keys).
-_STORED_HEADERS = ("idempotency-key",)
-
-
-def unstorable_params(
-    path: Mapping[str, Any], query: Any, headers: Mapping[str, str]
-) -> list[dict[str, Any]]:
-    """Validation errors (pydantic's shape) for every path parameter, query parameter and
-    stored header that holds unstorable text; ``query`` is a multi-dict (``multi_items``)."""
-    found: list[dict[str, Any]] = []
-    for name, value in path.items():
-        if unstorable(value):
-            found.append({"loc": ("path", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
-    for name, value in query.multi_items():
-        if unstorable(name) or unstorable(value):
-            found.append({"loc": ("query", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
-    for name in _STORED_HEADERS:
-        value = headers.get(name)
-        if value is not None and unstorable(value):
-            found.append({"loc": ("header", name), "msg": UNSTORABLE_MSG, "type": UNSTORABLE_TEXT})
-    return found
-
-
-def _json_integers(value: Any) -> Any:
-    """JSON Schema's integer is any number without a fraction: ``3.0`` is the integer 3
-    (``1.5`` stays a float, refused where an integer is expected)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_json_integers(v) for v in value]
-    return value
-
-
-class Strict(BaseModel):
-    """The base of every request model: unknown fields, values of the wrong JSON type and
-    unstorable text are all refused."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _integers(cls, value: Any) -> Any:
-        return _json_integers(value)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
-        return storable(value)
-
+__all__ = [
+    "MAX_INT64",
+    "UNSTORABLE_MSG",
+    "UNSTORABLE_TEXT",
+    "IsoDateTime",
+    "ItemIn",
+    "Metadata",
+    "MetadataKey",
+    "Strict",
+    "storable",
+    "unstorable",
+    "unstorable_params",
+]
 
 # --- problems --------------------------------------------------------------------------
 
@@ -242,12 +134,6 @@ class UserOut(BaseModel):
 # --- campaigns -------------------------------------------------------------------------
 
 
-class DiscountIn(Strict):
-    kind: Literal["percent", "amount"]
-    value: int = Field(ge=1, le=10**12)
-    max: int | None = Field(default=None, ge=1, le=10**12)
-
-
 class LimitsIn(Strict):
     total: int | None = Field(default=None, ge=1, le=10**12)
     per_customer: int | None = Field(default=None, ge=1, le=10**9)
@@ -317,7 +203,7 @@ class CampaignIn(Strict):
 
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     name: str = Field(min_length=1, max_length=200)
-    type: Literal["discount", "gift_card", "shared_code", "flash_sale"]
+    type: Literal["discount", "gift_card", "shared_code", "flash_sale", "promotion"]
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
     discount: DiscountIn | None = None
     gift_balance: int | None = Field(default=None, ge=1, le=10**12)
@@ -330,6 +216,7 @@ class CampaignIn(Strict):
     code: CodeIn | None = None
     shared_code: str | None = Field(default=None, max_length=64)
     metadata: Metadata | None = None
+    rules: RulesIn | None = None
 
 
 class LimitsPatchIn(Strict):
@@ -341,7 +228,7 @@ class LimitsPatchIn(Strict):
 
 class CampaignPatchIn(Strict):
     """A shop's change to a campaign: fields left out stay as they are; ``null`` clears
-    ``starts_at``, ``ends_at`` or ``metadata``. Only changes safe for the campaign's state
+    ``starts_at``, ``ends_at``, ``metadata`` or ``rules``. Only changes safe for the campaign's state
     apply (see ``PATCH /v1/campaigns/{id}``)."""
 
     model_config = ConfigDict(
@@ -361,6 +248,7 @@ class CampaignPatchIn(Strict):
     min_order: int = Field(default=None, ge=0, le=10**12)  # type: ignore[assignment]
     windows: list[WindowIn] = Field(default=None, max_length=28)  # type: ignore[arg-type]
     metadata: Metadata | None = None
+    rules: RulesIn | None = None
 
     def changes(self) -> dict[str, Any]:
         """The fields the request sent, as plain values (``limits`` with only its sent
@@ -371,7 +259,7 @@ class CampaignPatchIn(Strict):
             if name == "limits":
                 value = value.model_dump(include=value.model_fields_set)
             elif isinstance(value, BaseModel):
-                value = value.model_dump()
+                value = value.model_dump(exclude_none=True)
             elif name == "windows":
                 value = [w.model_dump() for w in value]
             out[name] = value
@@ -386,9 +274,14 @@ class GenerateIn(Strict):
 
 
 class OrderIn(Strict):
+    """An order: an ``amount``, or ``items`` (then the amount is their subtotal; given
+    both, they must agree), and optional ``shipping``; all in minor units (cents)."""
+
     id: str | None = Field(default=None, max_length=128)
-    amount: int = Field(ge=0, le=10**12, description="minor units (cents)")
-    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    amount: int | None = Field(default=None, ge=0, le=10**12, description="minor units (cents)")
+    currency: str = Field(pattern=r"^[A-Z]{3}$", description="an ISO 4217 code")
+    shipping: int | None = Field(default=None, ge=0, le=10**12)
+    items: list[ItemIn] | None = Field(default=None, max_length=500)
 
 
 class CheckoutIn(Strict):
@@ -401,36 +294,67 @@ class CheckoutIn(Strict):
         }
     )
 
-    code: str = Field(min_length=1, max_length=128)
+    code: str | None = Field(
+        default=None, min_length=1, max_length=128, description="required unless apply_promotions"
+    )
     customer_id: str | None = Field(default=None, min_length=1, max_length=128)
     order: OrderIn
     metadata: Metadata | None = None
+    apply_promotions: bool = Field(
+        default=False,
+        description="also give every automatic promotion that fits the order (validations "
+        "and redemptions); the answer lists them under promotions",
+    )
+    customer_tags: list[str] | None = Field(
+        default=None,
+        max_length=50,
+        description="the customer's tags for customer rules, from a trusted caller (not a "
+        "customer); without them the stored customer's tags are used",
+    )
+
+
+class PromotionOut(BaseModel):
+    """An automatic promotion given to the order (``apply_promotions``)."""
+
+    campaign_id: str
+    discount_amount: int
+    items: list[LineOut] = Field(default_factory=list)
+    shipping_discount: int = 0
+    redemption_id: str | None = Field(default=None, description="redemptions only: its record")
 
 
 class ValidationOut(BaseModel):
-    code: str
+    code: str | None = Field(description="null for promotions alone")
     valid: bool
     campaign_id: str | None = None
     discount_amount: int = 0
+    items: list[LineOut] = Field(default_factory=list, description="the discount per order line")
+    shipping_discount: int = 0
     balance: int | None = None
     reason: str | None = None
     message: str | None = None
+    promotions: list[PromotionOut] | None = Field(default=None, description="with apply_promotions")
+    total_discount: int | None = Field(default=None, description="with apply_promotions: all of it")
 
 
 class RedemptionOut(BaseModel):
-    id: str
-    code: str
-    campaign_id: str
+    id: str | None = Field(description="null for promotions alone (each has its own record)")
+    code: str | None
+    campaign_id: str | None
     customer_id: str | None
     order_id: str | None
     order_amount: int
     currency: str
     discount_amount: int
+    items: list[LineOut] = Field(default_factory=list, description="the discount per order line")
+    shipping_discount: int = 0
     balance: int | None = None
     status: Literal["redeemed", "rolled_back"]
     created_at: datetime
     rolled_back_at: datetime | None = None
     metadata: dict[str, Any] | None = None
+    promotions: list[PromotionOut] | None = Field(default=None, description="with apply_promotions")
+    total_discount: int | None = Field(default=None, description="with apply_promotions: all of it")
 
 
 class ReservationOut(BaseModel):
@@ -442,6 +366,8 @@ class ReservationOut(BaseModel):
     order_amount: int
     currency: str
     discount_amount: int
+    items: list[LineOut] = Field(default_factory=list, description="the discount per order line")
+    shipping_discount: int = 0
     expires_at: datetime
     state: Literal["held", "confirmed", "released", "expired"]
     redemption_id: str | None = None
@@ -468,6 +394,7 @@ class CampaignOut(BaseModel):
     updated_at: datetime | None = None
     version: int = 0
     metadata: dict[str, Any] | None = None
+    rules: dict[str, Any] | None = None
 
 
 class TransitionOut(CampaignOut):

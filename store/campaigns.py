@@ -140,6 +140,16 @@ async def campaigns_since(conn: asyncpg.Connection, revision: int) -> list[tuple
     return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
 
 
+async def promotions_since(db: Any, revision: int) -> list[tuple[int, Campaign]]:
+    """``(revision, campaign)`` of every promotion changed after ``revision``."""
+    rows = await db.fetch(
+        "SELECT revision, spec FROM campaigns WHERE type = 'promotion' AND revision > $1"
+        " ORDER BY revision",
+        revision,
+    )
+    return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
+
+
 async def fence_owner(conn: asyncpg.Connection, owner: str, *, fence: Fence | None) -> int:
     """Bump ``owner``'s epoch (a shard that did not confirm a campaign change): its next
     commit is refused, so it exits and reloads. The update waits for the owner's in-flight

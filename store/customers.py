@@ -199,6 +199,12 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+async def tags_of(db: Db, customer_id: str) -> tuple[str, ...]:
+    """The customer's stored tags (none for a customer with no row)."""
+    tags = await db.fetchval("SELECT tags FROM customers WHERE id = $1", customer_id)
+    return tuple(tags or ())
+
+
 async def linked_customer(db: Db, user_id: str) -> str | None:
     """The customer record a user account is linked to, if any."""
     found: str | None = await db.fetchval("SELECT id FROM customers WHERE user_id = $1", user_id)

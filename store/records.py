@@ -21,7 +21,7 @@ from store.pools import Db
 VOUCHER_COLUMNS = "code, status, customer_id, active, starts_at, expires_at, metadata"
 REDEMPTION_COLUMNS = (
     "id, campaign_id, code, customer_id, order_id, order_amount, currency, discount_amount,"
-    " balance_after, status, created_at, rolled_back_at, metadata"
+    " balance_after, status, created_at, rolled_back_at, metadata, detail"
 )
 
 
@@ -42,6 +42,7 @@ def voucher_row(r: Any) -> dict[str, Any]:
         "starts_at": r["starts_at"],
         "expires_at": r["expires_at"],
         "metadata": _meta(r["metadata"]),
+        **(_meta(r["detail"]) or {"items": [], "shipping_discount": 0}),
     }
 
 
@@ -96,6 +97,7 @@ def redemption_row(r: Any) -> dict[str, Any]:
         "created_at": r["created_at"],
         "rolled_back_at": r["rolled_back_at"],
         "metadata": _meta(r["metadata"]),
+        **(_meta(r["detail"]) or {"items": [], "shipping_discount": 0}),
     }
 
 

@@ -115,10 +115,10 @@ _VOID_CHUNK = (
 _INSERT_REDEMPTIONS = (
     "INSERT INTO redemptions (id, campaign_id, code, bucket, customer_id, order_id,"
     " order_amount, currency, discount_amount, balance_after, status, created_at,"
-    " rolled_back_at, metadata)"
+    " rolled_back_at, metadata, detail)"
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[], {}::text[],"
     " {}::text[], {}::int8[], {}::text[], {}::int8[], {}::int8[], {}::int2[],"
-    " {}::timestamptz[], {}::timestamptz[], {}::jsonb[])"
+    " {}::timestamptz[], {}::timestamptz[], {}::jsonb[], {}::jsonb[])"
 )
 _ROLL_BACK = (
     f"UPDATE redemptions AS t SET status = {R_ROLLED_BACK:d}, rolled_back_at = u.at,"
@@ -128,10 +128,10 @@ _ROLL_BACK = (
 _UPSERT_RESERVATIONS = (
     "INSERT INTO reservations (id, campaign_id, code, bucket, customer_id,"
     " order_id, order_amount, currency, discount_amount, expires_at, state,"
-    " redemption_id, metadata)"
+    " redemption_id, metadata, detail, cart)"
     " SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[],"
     " {}::text[], {}::text[], {}::int8[], {}::text[], {}::int8[],"
-    " {}::timestamptz[], {}::int2[], {}::text[], {}::jsonb[])"
+    " {}::timestamptz[], {}::int2[], {}::text[], {}::jsonb[], {}::jsonb[], {}::jsonb[])"
     " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,"
     " redemption_id = EXCLUDED.redemption_id"
 )
@@ -201,11 +201,11 @@ _DELETE_EXPIRED_KEYS = (
 _VOUCHER_COLUMNS = "code status customer_id balance uses"
 _REDEMPTION_COLUMNS = (
     "id campaign_id code code_bucket customer_id order_id order_amount currency "
-    "discount_amount balance_after status created_at rolled_back_at metadata"
+    "discount_amount balance_after status created_at rolled_back_at metadata detail"
 )
 _RESERVATION_COLUMNS = (
     "id campaign_id code code_bucket customer_id order_id order_amount currency "
-    "discount_amount expires_at state redemption_id metadata"
+    "discount_amount expires_at state redemption_id metadata detail cart"
 )
 
 
@@ -350,7 +350,7 @@ class PgShardStore:
                     state.load_redemption(Redemption(*r))
                 async for r in conn.cursor(
                     "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
-                    " discount_amount, expires_at, state, redemption_id, metadata"
+                    " discount_amount, expires_at, state, redemption_id, metadata, detail, cart"
                     " FROM reservations WHERE bucket = ANY($1::int2[])",
                     buckets,
                     prefetch=_LOAD_PREFETCH,

@@ -124,7 +124,7 @@ def test_every_request_model_is_strict() -> None:
 # --- JSON types as the schema says -------------------------------------------------------
 
 
-@pytest.mark.parametrize("amount", [1.5, "3", True, False, None, [3], {"v": 3}])
+@pytest.mark.parametrize("amount", [1.5, "3", True, False, [3], {"v": 3}])
 def test_integers_are_json_integers(amount: Any) -> None:
     errs = _errors(CheckoutIn, _with(("order", "amount"), amount))
     assert errs[0]["loc"] == ("order", "amount")

@@ -71,6 +71,7 @@ def test_every_not_now_error_is_transient_and_final_ones_are_not() -> None:
         "claim_lost",
         "not_owner",
         "idempotency_in_progress",
+        "customer_tags_needed",
     }
     for final in ("already_redeemed", "exhausted", "expired", "campaign_ended", "currency_mismatch"):
         assert not errors.is_transient(final)
