@@ -8,8 +8,10 @@ shipping part make the discount, each line between 0 and its total, shipping bet
 the shipping), nothing excluded is ever discounted, ``max`` holds, the total agrees with a
 reference written the plain way (units expanded one by one, rules read straight from their
 docstring), an amount-only order gets exactly the formula campaigns always had, the same
-input always gets the same answer, and the shard's paths (validate, reserve + confirm,
-redeem) decide the same request the same way.
+input always gets the same answer, the order of the lines changes no verdict and no total,
+an excluded line changes nothing, a rule refused as one that can never hold holds for no
+order, and the shard's paths (validate, reserve + confirm after a restart, redeem) decide
+the same request the same way.
 """
 
 from __future__ import annotations
