@@ -77,7 +77,10 @@ MAX_ID_LEN = 128
 MAX_KEY_LEN = 512
 
 
-class RedeemRequest(msgspec.Struct, frozen=True):
+class RedeemRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One checkout as a shard decides it. Fields left at their defaults are not sent, so
+    a cart's fields cost an amount-only order nothing on the actor boundary."""
+
     code: str
     amount: int
     currency: str
@@ -186,16 +189,35 @@ class CampaignStats(msgspec.Struct):
         )
 
 
+class _Sent(msgspec.Struct, frozen=True):
+    """A checkout's first seven fields, encoded as a RedeemRequest of amount-only orders
+    always was: the fingerprints of keys recorded by earlier versions stay valid."""
+
+    code: str
+    amount: int
+    currency: str
+    customer_id: str | None
+    order_id: str | None
+    idempotency_key: str | None
+    metadata: str | None
+
+
 def _as_sent(req: Any) -> Any:
-    """The request as its caller sent it: without the tags the gateway looked up."""
-    if isinstance(req, RedeemRequest) and req.stored_tags:
-        return msgspec.structs.replace(req, tags=None, stored_tags=False)
-    return req
+    """What a request's fingerprint covers: the request as its caller sent it (without the
+    tags the gateway looked up), an amount-only order in the encoding it always had."""
+    if not isinstance(req, RedeemRequest):
+        return req
+    base = _Sent(req.code, req.amount, req.currency, req.customer_id, req.order_id, req.idempotency_key, req.metadata)
+    tags = None if req.stored_tags else req.tags
+    if req.shipping is None and not req.items and tags is None and not req.promotion and req.taken is None:
+        return base
+    return (base, req.shipping, req.items, tags, req.promotion, req.taken)
 
 
 def fingerprint(op: str, payload: Any) -> bytes:
-    """Identifies a request body, so a reused idempotency key with another body is caught."""
-    return hashlib.blake2b(msgspec.msgpack.encode((op, payload)), digest_size=16).digest()
+    """Identifies a request body, so a reused idempotency key with another body is caught
+    (a checkout's as :func:`_as_sent` gives it)."""
+    return hashlib.blake2b(msgspec.msgpack.encode((op, _as_sent(payload))), digest_size=16).digest()
 
 
 class ShardState:
@@ -871,7 +893,7 @@ class ShardState:
                 return _reject(
                     errors.InvalidInput(f"an idempotency key must be 1-{MAX_KEY_LEN} characters")
                 )
-            fp = fingerprint(op, _as_sent(req))
+            fp = fingerprint(op, req)
             seen = self._remembered(key)
             if seen is not None:
                 if seen[0] != fp:
@@ -925,7 +947,7 @@ class ShardState:
             if self._remembered(key) is not None:
                 continue
             seen.add(key)
-            out.append(Claim(key, route, fingerprint(op, _as_sent(body)), now))
+            out.append(Claim(key, route, fingerprint(op, body), now))
         return out
 
     def accept_claims(self, claims: Sequence[Claim], stored: Iterable[Stored]) -> None:

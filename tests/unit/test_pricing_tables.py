@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+import msgspec
 import pytest
 
 from engine import errors
@@ -485,3 +486,31 @@ def test_the_shard_keeps_the_explanation_and_fingerprints_the_cart() -> None:
         "rule_not_met", "needs 1 item in category shoes, the order has 0"
     )
     assert shop.state.validate(req("SHOES-2", (SHOE,))).valid
+
+
+class _RedeemRequestAsItWas(msgspec.Struct, frozen=True):
+    """RedeemRequest before orders had lines: keys it recorded must still replay."""
+
+    code: str
+    amount: int
+    currency: str
+    customer_id: str | None = None
+    order_id: str | None = None
+    idempotency_key: str | None = None
+    metadata: str | None = None
+
+
+def test_an_amount_only_request_keeps_the_fingerprint_it_always_had() -> None:
+    from engine.shard_state import fingerprint
+
+    for fields in ({"code": "A-1", "amount": 500, "currency": "EUR"},
+                   {"code": "A-1", "amount": 500, "currency": "EUR", "customer_id": "c", "order_id": "o",
+                    "metadata": '{"k":1}'}):
+        now = RedeemRequest(**fields)  # type: ignore[arg-type]
+        assert fingerprint("redeem", now) == fingerprint("redeem", _RedeemRequestAsItWas(**fields))  # type: ignore[arg-type]
+        # stored tags are the gateway's, not the caller's: the same fingerprint
+        looked_up = msgspec.structs.replace(now, tags=("vip",), stored_tags=True)
+        assert fingerprint("redeem", looked_up) == fingerprint("redeem", now)
+        # a cart is part of what the key identifies
+        cart = msgspec.structs.replace(now, shipping=100)
+        assert fingerprint("redeem", cart) != fingerprint("redeem", now)
