@@ -148,3 +148,33 @@ def test_checkouts_promotions_cannot_serve_are_refused(
 ) -> None:
     r = _post(http_api.url, path, body, admin_headers(http_api))
     assert r.status_code == 422 and needle in r.json()["detail"], r.text
+
+
+def test_a_limited_promotion_is_given_exactly_its_limit_under_concurrent_checkouts(http_api: Any) -> None:
+    """40 checkouts at once for a promotion of 10, one per customer, and a customer who
+    tries twice: exactly 10 are given, every one acknowledged is in Postgres, nobody twice."""
+    url, dsn, admin = http_api.url, http_api.database_url, admin_headers(http_api)
+    cat = f"flash-{_tag()}"
+    cid = open_campaign(url, admin, _promotion(
+        "first ten", {"kind": "amount", "value": 700},
+        {"items": [{"any_of": {"categories": [cat]}}]}, limits={"total": 10, "per_customer": 1}))
+    body = {"customer_id": "warm", "order": _cart(cat), "apply_promotions": True}
+    _until(url, admin, {**body, "customer_id": "nobody-yet"}, {cid})  # every replica knows it
+
+    async def one(client: httpx.AsyncClient, n: int) -> dict[str, Any]:
+        who = "twice" if n % 20 == 0 else f"c-{n}"
+        r = await client.post(f"{url}/v1/redemptions", headers=admin,
+                              json={**body, "customer_id": who, "order": {**_cart(cat), "id": f"o-{n}"}})
+        assert r.status_code in (201, 409), r.text
+        return {"who": who, "given": [p for p in r.json().get("promotions") or [] if p["campaign_id"] == cid]}
+
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return list(await asyncio.gather(*(one(client, n) for n in range(40))))
+
+    answers = asyncio.run(run())
+    acked = [(a["who"], g["redemption_id"]) for a in answers for g in a["given"]]
+    rows = asyncio.run(fetch(dsn, "SELECT id, customer_id FROM redemptions WHERE campaign_id = $1 AND status = 0", cid))
+    assert len(acked) == len(rows) == 10
+    assert {r["id"] for r in rows} == {rid for _, rid in acked}
+    assert len({r["customer_id"] for r in rows}) == 10  # one per customer, "twice" at most once
