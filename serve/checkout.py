@@ -362,7 +362,7 @@ class Checkout:
             failed = out.validation.error
         if log.isEnabledFor(logging.DEBUG):  # request_id comes from the context
             log.debug("%s decided: %s", op, failed or "ok", extra={"op": op, "outcome": failed or "ok"})
-        if failed is not None and _is_guess_failure(failed):
+        if failed is not None and not req.promotion and _is_guess_failure(failed):
             await self.gate.penalize(ip, req.customer_id, who)
         return out
 
