@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -32,6 +33,7 @@ from engine.audit import SYSTEM, Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
+from engine.qualification import Qualified, QualifyRequest, merge
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.rules import Rules
 from engine.settings import Settings
@@ -48,10 +50,12 @@ from store.pools import with_connection
 _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _stats = msgspec.msgpack.Decoder(CampaignStats)
+_qualified = msgspec.msgpack.Decoder(Qualified)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 COORDINATOR = "coordinator"
 _REFRESH_EVERY_S = 1.0  # at most one topology look-up per engine handle per second
+_BRIEF_REFRESH_S = 1.0  # how long an answer waits for a topology look-up it triggered
 _REROUTES = 3  # times a request refused as not_owner is routed again
 
 
@@ -469,6 +473,42 @@ class VoucherEngine:
         for p in await self._everywhere("stats", campaign_id):
             total = total.merge(_stats.decode(p))
         return total
+
+    async def qualify(
+        self,
+        req: QualifyRequest,
+        deadline_s: float,
+        send: Callable[[int, str, bytes], Awaitable[bytes]] | None = None,
+    ) -> Qualified:
+        """Every offer for ``req`` across the shards, best first (the best ``req.limit``):
+        one call per shard, all at once (``send(shard, "qualify", payload)`` when given,
+        e.g. the gateway's direct lines to the shards; Ray calls otherwise). A shard that
+        cannot answer within ``deadline_s`` (it is reloading, its node is away) makes the
+        whole answer ``unavailable``: a list missing one shard's offers would look
+        complete. The topology is looked up again for the caller's retry."""
+        payload = _enc.encode(req)
+        calls: list[Awaitable[Any]]
+        if send is None:
+            calls = [_call(s.qualify.remote(payload)) for s in self.shards]
+        else:
+            calls = [send(i, "qualify", payload) for i in range(self.n)]
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(*calls), deadline_s)
+        except TimeoutError:
+            await self._refresh_briefly()
+            raise errors.Unavailable(
+                f"a shard did not answer the qualification within {deadline_s:g} s; retry"
+            ) from None
+        except errors.Unavailable:
+            await self._refresh_briefly()
+            raise
+        return merge((_qualified.decode(p) for p in parts), req.limit)
+
+    async def _refresh_briefly(self) -> None:
+        """:meth:`refresh` for an answer that must not wait on it: at most a second (a
+        slow look-up goes on for the next caller)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self.refresh()), _BRIEF_REFRESH_S)
 
     async def voucher(self, code: str) -> dict[str, Any]:
         for attempt in (0, 1):

@@ -41,6 +41,7 @@ from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Campaign
 from engine.events import Event, ImportedCode, Rejection
+from engine.qualification import QualifyRequest, qualify_request
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
 from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState
@@ -57,6 +58,7 @@ _enc = msgspec.msgpack.Encoder()
 _campaign_dec = msgspec.msgpack.Decoder(Campaign)
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _campaigns_dec = msgspec.msgpack.Decoder(list[Campaign])
+_qualify_dec = msgspec.msgpack.Decoder(QualifyRequest)
 # a re-sync that hangs must not hold up the rest of housekeeping
 _SYNC_TIMEOUT_S = 10.0
 
@@ -859,6 +861,16 @@ class ShardCore:
     async def voucher(self, code: str) -> dict[str, Any]:
         await self.ready()
         return self.state.voucher(code)
+
+    async def qualify(self, payload: bytes) -> bytes:
+        """The offers this shard would apply now to a customer's order, best first
+        (:func:`engine.qualification.qualify`): a read, answered within the decision
+        deadline. Holds past their TTL expire on the way, as on every decision."""
+        await self._deadline(self.ready())
+        answer = qualify_request(self.state, _qualify_dec.decode(payload))
+        if self.state.events:
+            self._commit_later()
+        return _enc.encode(answer)
 
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
         """A shop's change to one code (see :meth:`ShardState.control`), answered once it

@@ -69,6 +69,8 @@ class VoucherShard:
                 return await self.core.redeem_many(payload, request_ids)
             if op == "validate":
                 return await self.core.validate_many(payload, request_ids)
+            if op == "qualify":
+                return await self.core.qualify(payload)
             return await self.core.reserve_many(payload, request_ids)
 
     @guarded
@@ -138,6 +140,11 @@ class VoucherShard:
     @guarded
     async def voucher(self, code: str) -> dict[str, Any]:
         return await self.core.voucher(code)
+
+    @guarded
+    async def qualify(self, payload: bytes) -> bytes:
+        with self._inflight.track():
+            return await self.core.qualify(payload)
 
     @guarded
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:

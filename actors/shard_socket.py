@@ -16,7 +16,7 @@ does not depend on the road it took.
 
 Frames: a 4-byte big-endian length, then msgpack.
 * request: ``[call_id, op, payload, request_ids]`` with ``op`` in ``redeem``, ``validate``,
-  ``reserve``;
+  ``reserve`` (a batch) or ``qualify`` (one read, :meth:`actors.shard.ShardCore.qualify`);
 * answer: ``[call_id, 0, answer_bytes, "", ""]``, ``[call_id, 1, b"", error_code, message]``
   for an engine error, ``[call_id, 2, b"", "", message]`` for anything else.
 
@@ -43,7 +43,7 @@ from engine import errors
 
 log = logging.getLogger(__name__)
 
-OPS = ("redeem", "validate", "reserve")
+OPS = ("redeem", "validate", "reserve", "qualify")
 MAX_FRAME = 256 * 1024 * 1024  # a sanity bound: a batch of 256 requests is a few KiB
 
 _enc = msgspec.msgpack.Encoder()

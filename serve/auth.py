@@ -604,6 +604,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "vouchers.write": _STAFF_WRITE,
     # customer: own vouchers only, enforced by the caller.
     "validations.create": frozenset({"admin", "manager", "integration", "customer"}),
+    "qualifications.create": frozenset({"admin", "manager", "integration", "customer"}),
     "redemptions.create": _CHECKOUT,
     "redemptions.rollback": _CHECKOUT,
     "reservations.write": _CHECKOUT,
@@ -635,7 +636,11 @@ PUBLIC = "public"
 
 # (action, role) pairs the caller narrows further; shown in the role matrix of docs/http-api.md.
 OWN_ONLY: frozenset[tuple[str, str]] = frozenset(
-    {("vouchers.read", "customer"), ("validations.create", "customer")}
+    {
+        ("vouchers.read", "customer"),
+        ("validations.create", "customer"),
+        ("qualifications.create", "customer"),
+    }
 )
 
 

@@ -189,6 +189,27 @@ class MicroBatcher:
             await asyncio.gather(*[self.submit(op, r) for r in reqs], return_exceptions=True)
         )
 
+    async def direct(self, shard: int, op: str, payload: bytes) -> bytes:
+        """One call to ``shard`` outside the batches (a read: ``qualify``), over the
+        shard's Unix socket when one is connected, else a Ray call to its ``op`` method;
+        the caller bounds the wait."""
+        chan = self._channel(shard) if self.channels else None
+        if chan is None:
+            answer: bytes = await call(getattr(self.engine.shards[shard], op).remote(payload))
+            return answer
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def settle(res: Any) -> None:
+            if fut.done():  # the caller gave up (its deadline)
+                return
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+        chan.call(op, payload, None, settle)
+        return await fut
+
     def stats(self) -> dict[str, Any]:
         """A snapshot for metrics: totals, per-op counters and the current backlog."""
         c = self.counters

@@ -56,6 +56,7 @@ from serve.routes import (
     history,
     notifications,
     publications,
+    qualifications,
     reports,
     users,
     webhooks,
@@ -66,7 +67,7 @@ from store.pools import LazyPool
 # Checkout first: Serve names each request in its metrics by the first route it matches.
 ROUTERS = (
     checkout, health, users, campaigns, code_import, notifications, customers, delivery, reports,
-    exports, history, publications, webhooks, events, campaign_editing, audit,
+    exports, history, publications, webhooks, events, campaign_editing, audit, qualifications,
 )
 
 

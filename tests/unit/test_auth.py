@@ -509,6 +509,7 @@ EXPECTED = {
     "vouchers.read": set(ROLES),
     "vouchers.write": {"admin", "manager"},
     "validations.create": {"admin", "manager", "integration", "customer"},
+    "qualifications.create": {"admin", "manager", "integration", "customer"},
     "redemptions.create": {"admin", "manager", "integration"},
     "redemptions.rollback": {"admin", "manager", "integration"},
     "reservations.write": {"admin", "manager", "integration"},

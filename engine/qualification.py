@@ -1,0 +1,328 @@
+"""Qualification: every offer one shard would apply now to a customer's order, each with
+the discount it gives, best first.
+
+Pure and read-only (beyond expiring holds past their TTL, as every decision does): it
+reads the shard's campaign slots and decides each candidate with the rules a redemption
+applies, in the same order (:meth:`engine.shard_state.ShardState._check`): the campaign's
+state, start, end and sale windows (:func:`engine.campaigns.check_redeemable_now`), the
+code's own switch and window (:func:`engine.code_control.check_control`), the order's
+currency and minimum (:func:`engine.campaigns.check_order`), the customer's tags for a
+campaign with customer rules (none given: ``customer_tags_needed``, and the answer says so,
+:attr:`Qualified.tags_needed`, for the gateway to ask again with the stored ones), the limits (a shared code's
+total with its open holds, its per-customer uses with theirs), the code's status (not
+redeemed, void or held; assigned to this customer; a gift card's balance left), then the
+price (:func:`engine.pricing.price`: rules, lines, shipping). So an offer is exactly what a
+redemption of it would give at that instant.
+
+Candidates, by campaign type (:data:`CANDIDATES`):
+
+* ``shared_code`` and ``flash_sale``: the campaign's one code, on the shard owning its
+  bucket (the only shard that holds it, so each is offered once).
+* ``discount`` and ``gift_card``: the code the customer was given, on the shard owning
+  that code (``CampaignSlot.by_customer`` holds it; a foreign record of it on another shard
+  is skipped there). Gift cards come with their balance.
+
+A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
+from the shard, the campaign slot and the request's :class:`Context` to the
+:class:`Candidate` codes it makes (raising why it makes none); pricing is common. An
+automatic campaign without a code (a promotion) would be decided on exactly one shard
+(say, the one owning its id's bucket) and be a ``Candidate("promotion", slot, None)``.
+
+Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
+no code here, no code for this customer), then one pricing of the order per candidate
+shape (:class:`Context`: campaigns with the same discount and rules share one); with a
+``limit``, only the candidates whose bound can still reach the best ``limit`` are priced.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from engine import errors
+from engine.campaigns import Campaign, check_order, check_redeemable_now
+from engine.code_control import check_control
+from engine.events import REDEEMED, VOID
+from engine.orders import Order
+from engine.pricing import Line, Pricing, price
+from engine.shard_state import CampaignSlot, ShardState
+
+OfferKind = Literal["shared_code", "unique_code"]
+MAX_OFFERS = 1000
+
+
+class QualifyRequest(msgspec.Struct, frozen=True):
+    """What a shard is asked: the customer, their order (checked by
+    :func:`engine.orders.build` at the edge), their tags for customer rules, and at most
+    how many offers to answer (the best ``limit``; all when None)."""
+
+    customer_id: str
+    order: Order
+    tags: tuple[str, ...] | None = None
+    limit: int | None = None
+
+
+class Offer(msgspec.Struct, frozen=True):
+    """One offer: the code to send at checkout (``None`` for a campaign without codes),
+    what it takes off (``discount_amount``: the lines' part plus ``shipping_discount``),
+    how it falls on the order's lines, and a gift card's balance."""
+
+    kind: str
+    campaign_id: str
+    campaign_name: str
+    campaign_type: str
+    code: str | None
+    discount_amount: int
+    items: tuple[Line, ...] = ()
+    shipping_discount: int = 0
+    balance: int | None = None
+
+
+class Qualified(msgspec.Struct, frozen=True):
+    """A shard's (or the merged) answer: the offers, best first, and whether a campaign
+    with customer rules was left out because the request carried no tags."""
+
+    offers: list[Offer]
+    tags_needed: bool = False
+
+
+class Candidate(msgspec.Struct, frozen=True):
+    """A code that passed every check but the price: what :func:`explain` prices."""
+
+    kind: str
+    slot: CampaignSlot
+    code: str | None
+    balance: int | None = None
+
+
+class Context:
+    """One request as the candidates see it: the request, the shard's clock reading, and
+    the prices computed for it so far. A price depends only on the campaign's discount and
+    rules (and a gift card's balance), so campaigns of the same shape (every "10% off"
+    without rules, say) share one pricing of the order."""
+
+    __slots__ = ("req", "now", "_prices", "priced", "_top_unit", "_units")
+
+    def __init__(self, req: QualifyRequest, now: datetime) -> None:
+        self.req = req
+        self.now = now
+        self._prices: dict[tuple[Any, Any, int | None], Pricing | errors.VoucherError] = {}
+        self.priced = 0  # prices computed (the rest came from the memo)
+        items = req.order.items
+        self._top_unit = max((it.unit_price for it in items), default=0)
+        self._units = sum(it.quantity for it in items)
+
+    def price(self, c: Campaign, balance: int | None = None) -> Pricing:
+        """:func:`engine.pricing.price` of the request's order for ``c``, or its error."""
+        key = (c.discount, c.rules, balance)
+        hit = self._prices.get(key)
+        if hit is None:
+            self.priced += 1
+            try:
+                hit = price(c, self.req.order, self.req.tags, balance)
+            except errors.VoucherError as exc:
+                hit = exc
+            self._prices[key] = hit
+        if isinstance(hit, errors.VoucherError):
+            raise hit.with_traceback(None)
+        return hit
+
+    def bound(self, c: Campaign, balance: int | None) -> int:
+        """At least the discount :meth:`price` can give (cheap, from the discount's kind
+        and the order's totals): a candidate whose bound cannot reach the offers found so
+        far is never priced when only the best ``limit`` are asked for."""
+        order = self.req.order
+        amount = order.amount
+        d = c.discount
+        if d is None:  # a gift card: its balance, on at most the subtotal
+            return min(balance or 0, amount)
+        if d.target == "shipping" or d.kind == "free_shipping":
+            top = order.shipping or 0
+        elif d.kind == "free_units":
+            top = min(amount, d.value * self._top_unit)
+        elif d.kind == "percent":
+            top = amount * d.value // 100
+        elif d.kind == "amount" and d.target == "order":
+            top = min(d.value, amount)
+        elif d.kind == "amount" and d.target == "items":
+            top = min(d.value * self._units, amount)
+        else:  # amount off the cheapest item, a fixed price: never more than the order
+            top = min(d.value, amount) if d.kind == "amount" else amount
+        return top if d.max is None else min(top, d.max)
+
+
+Check = Callable[[ShardState, CampaignSlot, Context], Iterable[Candidate]]
+
+
+def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
+    c = slot.campaign
+    if req.tags is None and c.rules is not None and c.rules.customer is not None:
+        raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
+
+
+def shared_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+    """The campaign's shared code, when this shard holds it and every check but the price
+    passes."""
+    req, now = ctx.req, ctx.now
+    c = slot.campaign
+    code = c.shared_code
+    if code is None or code not in state.codes:
+        return ()
+    check_redeemable_now(c, now)
+    ctl = state.controls.get(code) if state.controls else None
+    if ctl is not None:
+        check_control(code, ctl, now)
+    check_order(c, req.order)
+    _check_tags(slot, req)
+    total, per = c.limits.total, c.limits.per_customer
+    if total is not None and slot.uses + slot.held_units >= total:
+        raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
+    cust = req.customer_id
+    if per is not None and slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) >= per:
+        raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
+    return (Candidate("shared_code", slot, code),)
+
+
+def assigned_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+    """The unique code the customer was given, when this shard owns it and every check
+    but the price passes (gift cards: with the balance left)."""
+    req, now = ctx.req, ctx.now
+    code = slot.by_customer.get(req.customer_id)
+    if code is None:
+        return ()
+    packed = state.codes.get(code)
+    if packed is None or slot.assigned_to.get(code) != req.customer_id:
+        return ()  # another shard's code (recorded here), or given back
+    c = slot.campaign
+    check_redeemable_now(c, now)
+    ctl = state.controls.get(code) if state.controls else None
+    if ctl is not None:
+        check_control(code, ctl, now)
+    check_order(c, req.order)
+    _check_tags(slot, req)
+    status = packed & 3
+    if status == REDEEMED:
+        raise errors.AlreadyRedeemed(f"code {code} was redeemed already")
+    if status == VOID:
+        raise errors.CodeVoid(f"code {code} is void")
+    if code in state.held:
+        raise errors.CodeReserved(f"code {code} is held by an open reservation")
+    balance: int | None = None
+    if c.is_gift_card:
+        balance = slot.balances.get(code, 0)
+        if balance <= 0:
+            raise errors.Exhausted(f"gift card {code} has no balance left")
+    return (Candidate("unique_code", slot, code, balance),)
+
+
+CANDIDATES: dict[str, Check] = {
+    "shared_code": shared_code,
+    "flash_sale": shared_code,
+    "discount": assigned_code,
+    "gift_card": assigned_code,
+}
+"""Campaign type -> the candidates a campaign of that type makes (a type not listed makes
+none). Each raises the engine error a redemption would give, for a campaign that does not
+apply now; :func:`explain` keeps those reasons, :func:`qualify` drops them. A candidate is
+priced by :meth:`Context.price`, the same for every type."""
+
+
+def best_first(offers: Iterable[Offer], limit: int | None = None) -> list[Offer]:
+    """Largest discount first; ties by campaign id, then code. The best ``limit``."""
+    ranked = sorted(offers, key=lambda o: (-o.discount_amount, o.campaign_id, o.code or ""))
+    return ranked if limit is None else ranked[:limit]
+
+
+def _rank(o: Offer) -> tuple[int, str, str]:
+    return (-o.discount_amount, o.campaign_id, o.code or "")
+
+
+def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
+    """This shard's offers for ``req`` (every one, or at least the best ``req.limit``;
+    unsorted), and, per campaign that had a candidate here but does not apply, the error
+    code a redemption would give. With a limit, candidates are priced in the order of
+    their :meth:`Context.bound`, and pricing stops once no bound left can reach the
+    ``limit``-th best offer found."""
+    state.expire_reservations()  # a hold past its TTL holds nothing
+    ctx = Context(req, state.clock())
+    refused: dict[str, str] = {}
+    pending: list[Candidate] = []
+    for slot in state.campaigns.values():
+        c = slot.campaign
+        if c.state != "active":
+            continue  # draft, paused, ended: nothing of it redeems (the cheap, common case)
+        check = CANDIDATES.get(c.type)
+        if check is None:
+            continue
+        try:
+            pending.extend(check(state, slot, ctx))
+        except errors.VoucherError as exc:
+            refused[c.id] = exc.code
+    limit = req.limit
+    if limit is not None and len(pending) > limit:
+        bounds = [ctx.bound(p.slot.campaign, p.balance) for p in pending]
+        order = sorted(range(len(pending)), key=lambda i: -bounds[i])
+    else:
+        limit, bounds, order = None, [], list(range(len(pending)))
+    offers: list[Offer] = []
+    top: list[tuple[int, str, str]] = []  # ranks of the best `limit` so far, sorted
+    for i in order:
+        if limit is not None and len(top) == limit and bounds[i] < -top[-1][0]:
+            break  # sorted by bound: nothing left can enter the best `limit`
+        p = pending[i]
+        c = p.slot.campaign
+        try:
+            pr = ctx.price(c, p.balance)
+        except errors.VoucherError as exc:
+            refused[c.id] = exc.code
+            continue
+        if pr.discount <= 0:
+            refused[c.id] = "no_discount"
+            continue
+        o = Offer(p.kind, c.id, c.name, c.type, p.code, pr.discount, pr.items, pr.shipping_discount, p.balance)
+        offers.append(o)
+        if limit is not None:
+            bisect.insort(top, _rank(o))
+            del top[limit:]
+    return offers, refused
+
+
+def qualify(
+    state: ShardState,
+    customer_id: str,
+    order: Order,
+    tags: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[Offer]:
+    """Every offer this shard would apply now to ``customer_id``'s ``order``, best first
+    (see :func:`best_first`); an offer that takes nothing off is left out."""
+    req = QualifyRequest(customer_id, order, tuple(tags) if tags is not None else None, limit)
+    return best_first(explain(state, req)[0], limit)
+
+
+def qualify_request(state: ShardState, req: QualifyRequest) -> Qualified:
+    """:func:`qualify` for a request as the shard actor receives it, saying whether tags
+    were needed."""
+    offers, refused = explain(state, req)
+    needed = errors.TagsNeeded.code in refused.values()
+    return Qualified(best_first(offers, req.limit), needed)
+
+
+def merge(parts: Iterable[Qualified], limit: int | None = None) -> Qualified:
+    """The shards' answers as one, best first; an offer answered twice (a shard answering
+    during a topology change) counts once."""
+    seen: set[tuple[str, str | None]] = set()
+    out: list[Offer] = []
+    needed = False
+    for part in parts:
+        needed = needed or part.tags_needed
+        for o in part.offers:
+            key = (o.campaign_id, o.code)
+            if key not in seen:
+                seen.add(key)
+                out.append(o)
+    return Qualified(best_first(out, limit), needed)
