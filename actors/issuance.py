@@ -168,6 +168,8 @@ class IssuerCore:
         campaign = await self.engine.campaign(campaign_id)  # UnknownCampaign: 404
         if campaign.state == "ended":
             raise errors.CannotIssueEnded(f"campaign {campaign_id} has ended")
+        if campaign.is_promotion:
+            raise errors.InvalidInput(f"campaign {campaign_id} is a promotion: it has no code to issue")
         if sel.customer_ids is not None:
             found = await issuance_store.known_customers(self.pool, list(sel.customer_ids))
             unknown = [c for c in sel.customer_ids if c not in found]

@@ -25,11 +25,12 @@ from engine.orders import MAX_AMOUNT, MAX_QUANTITY, Order
 from engine.pricing import Pricing, price
 from engine.rules import Rules
 
-CampaignType = Literal["discount", "gift_card", "shared_code", "flash_sale"]
+CampaignType = Literal["discount", "gift_card", "shared_code", "flash_sale", "promotion"]
 State = Literal["draft", "active", "paused", "ended"]
 Action = Literal["activate", "pause", "end"]
 
-CAMPAIGN_TYPES: tuple[str, ...] = ("discount", "gift_card", "shared_code", "flash_sale")
+CAMPAIGN_TYPES: tuple[str, ...] = ("discount", "gift_card", "shared_code", "flash_sale", "promotion")
+PROMOTION_PREFIX = "~"  # engine.promotions.PREFIX: a promotion's key on its shard
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -103,6 +104,11 @@ class Campaign(msgspec.Struct, frozen=True):
     @property
     def is_gift_card(self) -> bool:
         return self.type == "gift_card"
+
+    @property
+    def is_promotion(self) -> bool:
+        """Applied by itself to orders that fit (engine/promotions.py): no code to give."""
+        return self.type == "promotion"
 
 
 def _parse_hhmm(value: str, field: str) -> time:
@@ -195,6 +201,11 @@ def new_campaign(
 
     if type == "shared_code" and shared_code is None:
         raise errors.InvalidInput("shared_code is required for a shared_code campaign")
+    if type == "promotion":
+        if shared_code is not None:
+            raise errors.InvalidInput("a promotion has no code: it applies to every order it fits")
+        if code_spec is not None and code_spec != CodeSpec():
+            raise errors.InvalidInput("a promotion has no code: it takes no code pattern")
     if type in ("discount", "gift_card") and shared_code is not None:
         raise errors.InvalidInput(f"a {type} campaign uses unique codes, not shared_code")
     if shared_code is not None:
@@ -206,6 +217,9 @@ def new_campaign(
     if metadata is not None:
         metadata = metadata_module.check(metadata)
     rules, discount = _check_rules(rules, discount, min_order)
+    if type == "promotion":
+        # decided like a shared code, under a key no code can be (engine/promotions.py)
+        shared_code = PROMOTION_PREFIX + id
 
     return Campaign(
         id=id,

@@ -13,7 +13,8 @@ Meanings, per target:
 
 * ``order``: the eligible subtotal (every line not excluded; the amount of an order
   without lines). ``percent`` of it, ``amount`` off it, ``fixed_price``: the eligible
-  lines cost ``value`` together. Spread over the eligible lines by their totals.
+  lines cost ``value`` together. Spread over the eligible lines by their totals. An order
+  whose every line is excluded is refused (so is a gift card's), as on the item targets.
 * ``items``: each matching line (eligible and matching an item condition's ``any_of``;
   every eligible line when none names items). ``percent`` of each line, ``amount`` off
   each unit, ``fixed_price``: each unit costs ``value``.
@@ -169,6 +170,8 @@ def _no_match(sku: str | None) -> str:
 def _spread_over(order: Order, lines: Sequence[int], value: int) -> Pricing:
     if not order.items:
         return Pricing(value)
+    if not lines:  # every line excluded: refused as on the item targets, not a 0 discount
+        raise errors.RuleNotMet(_no_match(None))
     items = order.items
     shares = spread(value, [items[i].total for i in lines])
     return _result(order, dict(zip(lines, shares, strict=True)))

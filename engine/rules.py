@@ -128,12 +128,22 @@ def _excluded_entirely(f: ItemFilter, ex: ItemFilter) -> bool:
     )
 
 
+def _needs_some(cond: ItemCondition) -> bool:
+    """Whether the condition asks for at least one unit or one minor unit of its items
+    (minimums of 0 ask only that the order lists lines, which excluded ones still are)."""
+    if cond.min_quantity is None and cond.min_subtotal is None:
+        return True
+    return bool(cond.min_quantity) or bool(cond.min_subtotal)
+
+
 def check(rules: Rules, *, min_order: int = 0) -> Rules:
     """Refuse rules that are malformed or could never hold, naming the field; returns
     ``rules``. ``min_order``: the campaign's own minimum, given beside the rules."""
     _bound(rules.min_order, "rules.min_order", MAX_AMOUNT)
     _bound(rules.max_order, "rules.max_order", MAX_AMOUNT)
-    low = max(min_order, rules.min_order or 0)
+    # The campaign's own minimum bounds the whole amount, max_order the eligible subtotal:
+    # with lines excluded an order can meet both, so only rules.min_order clashes then.
+    low = max(min_order if rules.exclude is None else 0, rules.min_order or 0)
     if rules.max_order is not None and rules.max_order < low:
         raise errors.InvalidRule(
             f"rules.max_order {rules.max_order} is below the minimum order {low}: no order fits"
@@ -148,7 +158,11 @@ def check(rules: Rules, *, min_order: int = 0) -> Rules:
         _bound(cond.min_subtotal, f"{field}.min_subtotal", MAX_AMOUNT)
         if cond.any_of is not None:
             _filter(cond.any_of, f"{field}.any_of")
-            if rules.exclude is not None and _excluded_entirely(cond.any_of, rules.exclude):
+            if (
+                rules.exclude is not None
+                and _needs_some(cond)
+                and _excluded_entirely(cond.any_of, rules.exclude)
+            ):
                 raise errors.InvalidRule(
                     f"{field} requires items {cond.any_of.describe()}, which rules.exclude "
                     "excludes: it can never hold"
@@ -247,7 +261,7 @@ def evaluate(rules: Rules, order: Order, tags: Sequence[str] | None, lines: Sequ
         if cc.tags_any and not have.intersection(cc.tags_any):
             raise errors.RuleNotMet(
                 f"needs a customer tagged {' or '.join(cc.tags_any[:5])}"
-                + (", the customer has none of them" if tags else ", no customer tags are known")
+                + (", the customer has none of them" if tags is not None else ", no customer tags are known")
             )
         bad = have.intersection(cc.tags_none)
         if bad:

@@ -64,6 +64,8 @@ from engine.events import (
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
 from engine.orders import Item, Order
 from engine.pricing import Cart, Pricing, cart_json, detail_json, price, read_cart
+from engine.promotions import Taken, stack
+from engine.promotions import is_key as is_promotion_key
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
@@ -75,7 +77,10 @@ MAX_ID_LEN = 128
 MAX_KEY_LEN = 512
 
 
-class RedeemRequest(msgspec.Struct, frozen=True):
+class RedeemRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One checkout as a shard decides it. Fields left at their defaults are not sent, so
+    a cart's fields cost an amount-only order nothing on the actor boundary."""
+
     code: str
     amount: int
     currency: str
@@ -89,6 +94,10 @@ class RedeemRequest(msgspec.Struct, frozen=True):
     #: the tags are the stored customer's, looked up by the gateway (not the caller's):
     #: they are not part of what the idempotency key's fingerprint identifies
     stored_tags: bool = False
+    #: a promotion's decision (``code`` is its key, engine/promotions.py) and what the
+    #: discounts given before it on the same order took
+    promotion: bool = False
+    taken: Taken | None = None
 
     def order(self) -> Order:
         return Order(self.amount, self.currency, self.shipping, self.items or ())
@@ -180,16 +189,35 @@ class CampaignStats(msgspec.Struct):
         )
 
 
+class _Sent(msgspec.Struct, frozen=True):
+    """A checkout's first seven fields, encoded as a RedeemRequest of amount-only orders
+    always was: the fingerprints of keys recorded by earlier versions stay valid."""
+
+    code: str
+    amount: int
+    currency: str
+    customer_id: str | None
+    order_id: str | None
+    idempotency_key: str | None
+    metadata: str | None
+
+
 def _as_sent(req: Any) -> Any:
-    """The request as its caller sent it: without the tags the gateway looked up."""
-    if isinstance(req, RedeemRequest) and req.stored_tags:
-        return msgspec.structs.replace(req, tags=None, stored_tags=False)
-    return req
+    """What a request's fingerprint covers: the request as its caller sent it (without the
+    tags the gateway looked up), an amount-only order in the encoding it always had."""
+    if not isinstance(req, RedeemRequest):
+        return req
+    base = _Sent(req.code, req.amount, req.currency, req.customer_id, req.order_id, req.idempotency_key, req.metadata)
+    tags = None if req.stored_tags else req.tags
+    if req.shipping is None and not req.items and tags is None and not req.promotion and req.taken is None:
+        return base
+    return (base, req.shipping, req.items, tags, req.promotion, req.taken)
 
 
 def fingerprint(op: str, payload: Any) -> bytes:
-    """Identifies a request body, so a reused idempotency key with another body is caught."""
-    return hashlib.blake2b(msgspec.msgpack.encode((op, payload)), digest_size=16).digest()
+    """Identifies a request body, so a reused idempotency key with another body is caught
+    (a checkout's as :func:`_as_sent` gives it)."""
+    return hashlib.blake2b(msgspec.msgpack.encode((op, _as_sent(payload))), digest_size=16).digest()
 
 
 class ShardState:
@@ -441,10 +469,12 @@ class ShardState:
 
     # --- the decision ------------------------------------------------------------------
 
-    def _locate(self, raw_code: str) -> tuple[str, CampaignSlot, int]:
+    def _locate(self, raw_code: str, promotion: bool = False) -> tuple[str, CampaignSlot, int]:
         if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
             raise errors.MalformedCode("code must be a non-empty string of at most 128 characters")
-        code = normalize(raw_code)
+        code = raw_code if promotion else normalize(raw_code)
+        if is_promotion_key(code) != promotion:
+            raise errors.UnknownCode(f"no voucher has code {code!r}")
         packed = self.codes.get(code)
         if packed is None:
             self._check_owner(bucket_of(code))
@@ -459,7 +489,7 @@ class ShardState:
         ``(code, slot, status, pricing, balance)`` or raises the reason it cannot."""
         _check_ids(req.customer_id, req.order_id)
         self.expire_reservations()
-        code, slot, status = self._locate(req.code)
+        code, slot, status = self._locate(req.code, req.promotion)
         c = slot.campaign
         check_redeemable_now(c, self.clock())
         if self.controls:
@@ -484,7 +514,7 @@ class ShardState:
                     raise errors.CustomerLimitReached(
                         f"customer {cust} used code {code} {per} time(s) already"
                     )
-            return code, slot, status, price(c, order, req.tags), None
+            return code, slot, status, stack(price(c, order, req.tags), order, req.taken), None
         if status == REDEEMED:
             if c.is_gift_card:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
@@ -502,7 +532,7 @@ class ShardState:
             balance = slot.balances.get(code, 0)
             if balance <= 0:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
-        return code, slot, status, price(c, order, req.tags, balance), balance
+        return code, slot, status, stack(price(c, order, req.tags, balance), order, req.taken), balance
 
     def validate(self, req: RedeemRequest) -> Validation:
         """Explain whether ``req`` would redeem now, without changing anything."""
@@ -738,6 +768,8 @@ class ShardState:
         c = slot.campaign
         if c.state == "ended":
             raise errors.CampaignEnded(f"campaign {campaign_id} has ended")
+        if c.is_promotion:
+            raise errors.InvalidInput(f"campaign {campaign_id} is a promotion: it has no code to give")
         if c.shared_code is not None:
             return Assignment(campaign_id, customer_id, c.shared_code, False)
         existing = slot.by_customer.get(customer_id)
@@ -861,7 +893,7 @@ class ShardState:
                 return _reject(
                     errors.InvalidInput(f"an idempotency key must be 1-{MAX_KEY_LEN} characters")
                 )
-            fp = fingerprint(op, _as_sent(req))
+            fp = fingerprint(op, req)
             seen = self._remembered(key)
             if seen is not None:
                 if seen[0] != fp:
@@ -915,7 +947,7 @@ class ShardState:
             if self._remembered(key) is not None:
                 continue
             seen.add(key)
-            out.append(Claim(key, route, fingerprint(op, _as_sent(body)), now))
+            out.append(Claim(key, route, fingerprint(op, body), now))
         return out
 
     def accept_claims(self, claims: Sequence[Claim], stored: Iterable[Stored]) -> None:
@@ -942,7 +974,10 @@ class ShardState:
         route = route_bucket(req.code)
         if self._owned is not None and self._owned[route] != 1:
             return _reject(errors.NotOwner(f"bucket {route} belongs to another shard; retry"))
-        return Outcome(validation=self.validate(req))
+        try:
+            return Outcome(validation=self.validate(req))
+        except errors.TagsNeeded as exc:
+            return _reject(exc)
 
     def reserve_one(self, req: RedeemRequest) -> Outcome:
         body, key, route = _spec("reserve", req)
@@ -1039,6 +1074,8 @@ def route_bucket(raw_code: Any) -> int:
     where the shard rejects them with a clear error."""
     if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
         return 0
+    if is_promotion_key(raw_code):
+        return bucket_of(raw_code)  # a promotion's key is used as it is, never normalised
     return bucket_of(normalize(raw_code))
 
 

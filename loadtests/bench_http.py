@@ -14,10 +14,12 @@ and measures with the same connections and threads, all on 127.0.0.1:
   app has no POST no-op, and the benchmark adds no routes to it);
 * ``engine``: ``POST /v1/redemptions`` with an integration API key, a unique customer,
   order id and ``Idempotency-Key`` per request, all on one shared code (one shard);
-* ``naive``: the same request to the naive service.
+* ``naive``: the same request to the naive service;
+* ``cart`` (``--cart-ab``): ``POST /v1/redemptions`` of 10-line orders on a campaign with
+  rules (``loadtests/bench_cart.py``), each answer checked against engine.pricing.
 
 Targets: engine >= 0.5x the no-op's requests/s, >= 2x the naive service's, and
-p99 <= 50 ms at 64 connections. Every answer's status is counted (a wrk ``response``
+p99 <= 50 ms at 64 connections; cart >= 0.8x the engine's requests/s. Every answer's status is counted (a wrk ``response``
 hook); the redemptions in Postgres are counted afterwards and must cover every 2xx answer.
 
 The load generator is wrk (Debian package ``wrk``): a Python client would take most of one
@@ -47,6 +49,7 @@ from typing import Any
 
 import psutil
 
+from loadtests import bench_cart
 from loadtests.bench_plumbing import fetch_count, wait_http
 from loadtests.harness import machine_summary, record
 from tests.support import free_port
@@ -69,7 +72,7 @@ or build it from https://github.com/wg/wrk, then run this command again."""
 WRK_SCRIPT = r"""
 local threads = {}
 local counter = 0
-
+__CART_ITEMS__
 function setup(thread)
   thread:set("tid", #threads + 1)
   table.insert(threads, thread)
@@ -89,8 +92,10 @@ function request()
   local headers = {["Content-Type"] = "application/json"}
   if key ~= "-" then headers["X-API-Key"] = key end
   if idem then headers["Idempotency-Key"] = "k" .. id end
-  local body = '{"code":"' .. code .. '","customer_id":"c' .. id .. '","order":{"id":"o' .. id
-    .. '","amount":__AMOUNT__,"currency":"EUR"}}'
+  local order = mode == "cart"
+    and '","currency":"EUR","items":' .. cart_items[counter % #cart_items + 1] .. '}}'
+    or '","amount":__AMOUNT__,"currency":"EUR"}}'
+  local body = '{"code":"' .. code .. '","customer_id":"c' .. id .. '","order":{"id":"o' .. id .. order
   return wrk.format("POST", path, headers, body)
 end
 
@@ -116,7 +121,7 @@ function done(summary, latency, requests)
     latency:percentile(99), latency.max, latency.mean, e.connect, e.read, e.write, e.status,
     e.timeout, table.concat(parts, ",")))
 end
-""".replace("__AMOUNT__", str(ORDER_AMOUNT))
+""".replace("__AMOUNT__", str(ORDER_AMOUNT)).replace("__CART_ITEMS__", bench_cart.lua_table())
 
 
 # --------------------------------------------------------------------------------------
@@ -478,6 +483,13 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             base, settings.admin_email, settings.admin_password or "", code
         )
 
+        want_cart = args.cart_ab or "cart" in args.only
+        cart_code = f"CARTBENCH{os.urandom(3).hex().upper()}"
+        cart_cid = ""
+        if want_cart:  # a campaign with rules, redeemed with 10-line orders (bench_cart.py)
+            cart_cid = bench_cart.setup_campaign(
+                base, admin_token, api_key, cart_code, (datetime.now(UTC) + timedelta(days=1)).isoformat())
+
         naive_code = f"NAIVE{os.urandom(3).hex().upper()}"
         asyncio.run(naive_service.prepare(dsn, naive_code, 10**12))
         naive_port = free_port()
@@ -512,12 +524,12 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             targets.insert(1, Target(
                 "noidx", "engine without the history's indexes (A/B)", base,
                 ["post", "/v1/redemptions", code, api_key, "i", idem]))
-        metrics_before = _gateway_metrics(base, admin_token)
-        metrics_after = metrics_before
-        shards_before: list[dict[str, Any]] = []
-        shards_after: list[dict[str, Any]] = []
+        if want_cart:
+            targets.insert(2, Target("cart", "engine: cart, 10 lines + rules (durable)", base,
+                                     ["cart", "/v1/redemptions", cart_code, api_key, "c", idem]))
+        windows: dict[str, tuple[dict[str, float], dict[str, float], list[Any], list[Any]]] = {}
         for rnd in range(args.rounds):
-            for t in targets:
+            for t in bench_cart.abba_order(targets, rnd) if args.cart_ab else targets:
                 if args.only and t.key not in args.only:
                     continue
                 wargs = [*t.script_args]
@@ -532,15 +544,14 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                                    connections=args.connections, threads=args.threads)
                     t.ok_total += warm.ok
                 wargs[4] = f"{t.script_args[4]}{rnd}m"
-                if t.key == "engine":
-                    metrics_before = _gateway_metrics(base, admin_token)
-                    shards_before = asyncio.run(engine.shard_info())
+                if t.key in ("engine", "cart"):
+                    window_start = (_gateway_metrics(base, admin_token), asyncio.run(engine.shard_info()))
                 with CpuWindow(str(tmp), args.seconds) as box:
                     res = run_wrk(script, t.url, wargs, seconds=args.seconds,
                                   connections=args.connections, threads=args.threads)
-                if t.key == "engine":
-                    metrics_after = _gateway_metrics(base, admin_token)
-                    shards_after = asyncio.run(engine.shard_info())
+                if t.key in ("engine", "cart"):
+                    windows[t.key] = (window_start[0], _gateway_metrics(base, admin_token),
+                                      window_start[1], asyncio.run(engine.shard_info()))
                 if t.key == "nofence":
                     asyncio.run(set_fence(dsn, on=True))
                 if t.key == "noidx":
@@ -566,6 +577,9 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             "naive": asyncio.run(fetch_count(
                 dsn, f"SELECT count(*) FROM {naive_service.SCHEMA}.redemptions")),
         }
+        cart_rows = asyncio.run(bench_cart.check_rows(dsn, cart_cid)) if want_cart else None
+        if cart_rows is not None:
+            db["cart"] = cart_rows.rows - 1  # less the probe
 
         by = {t.key: t for t in targets if t.runs}
         lines = [
@@ -605,12 +619,22 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
                 x = eng.rps / by["noidx"].median()[0].rps
                 check("engine ÷ engine without the history's indexes (req/s)", f"{x:.3f}×",
                       "≥ 0.95×", x >= 0.95)
+            if "cart" in by:
+                x = by["cart"].median()[0].rps / eng.rps
+                check("cart ÷ engine (req/s)", f"{x:.3f}×", f"≥ {bench_cart.TARGET_RATIO}×",
+                      x >= bench_cart.TARGET_RATIO)
             check(f"engine p99 at {args.connections} connections", f"{eng.p99_ms:.1f} ms",
                   "≤ 50 ms", eng.p99_ms <= 50.0)
-            bad = sum(sum(r.non_2xx.values()) + sum(r.socket_errors.values())
-                      for r in by["engine"].runs)
-            check("engine answers that were not 201", str(bad), "0", bad == 0)
-        for key in ("engine", "naive"):
+        for key in ("engine", "cart"):
+            if key in by:
+                bad = sum(sum(r.non_2xx.values()) + sum(r.socket_errors.values()) for r in by[key].runs)
+                check(f"{key} answers that were not 201", str(bad), "0", bad == 0)
+        if cart_rows is not None and "cart" in by:
+            check("cart rows whose amount, discount or lines differ from engine.pricing.price",
+                  f"{cart_rows.bad:,} of {cart_rows.rows:,}", "0", cart_rows.bad == 0)
+            for m in cart_rows.mismatches:
+                print(f"cart row mismatch: {m}", file=sys.stderr)
+        for key in ("engine", "cart", "naive"):
             if key in by:
                 answered = by[key].ok_total
                 ab = [k for k in ("nofence", "noidx") if k in by] if key == "engine" else []
@@ -661,7 +685,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         cpu_lines = ["", "Cores used during each measured window (median run; 2.00 = both cores):", ""]
         for t in by.values():
             cpu_lines.append(f"* {t.key}: {_cpu_text(t.median()[1], top=8)}")
-        if metrics_after and metrics_before and "engine" in by:
+        for key, (metrics_before, metrics_after, shards_before, shards_after) in windows.items():
             d_b = metrics_after.get("voucher_gateway_batches", 0) - metrics_before.get(
                 "voucher_gateway_batches", 0)
             d_i = metrics_after.get("voucher_gateway_batch_items", 0) - metrics_before.get(
@@ -675,35 +699,39 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             if d_b > 0 and d_n > 0:
                 scope = "" if args.gateways == 1 else " (one replica of several)"
                 cpu_lines.append(
-                    f"* gateway micro-batcher during the last engine window{scope}: "
+                    f"* gateway micro-batcher during the last {key} window{scope}: "
                     f"{d_i / d_b:.1f} redemptions per actor call, mean decision time "
                     f"(batcher submit → shard answer, includes the group commit) "
                     f"{1000 * d_s / d_n:.2f} ms, mean actor-call round trip "
                     f"{1000 * d_c / d_b:.2f} ms"
                 )
-        if shards_before and shards_after:
-            commits = sum(a["batches"] - b["batches"] for a, b in zip(shards_after, shards_before))
-            events = sum(a["events_written"] - b["events_written"]
-                         for a, b in zip(shards_after, shards_before))
-            secs = sum(a["commit_seconds"] - b["commit_seconds"]
-                       for a, b in zip(shards_after, shards_before))
-            calls = sum(a.get("batch_calls", 0) - b.get("batch_calls", 0)
-                        for a, b in zip(shards_after, shards_before))
-            inside = sum(a.get("batch_seconds", 0) - b.get("batch_seconds", 0)
-                         for a, b in zip(shards_after, shards_before))
-            if calls:
-                cpu_lines.append(
-                    f"* shard side of those calls: {calls:,} decision calls, mean time inside "
-                    f"the shard (start of the call → answer, includes the durable wait) "
-                    f"{1000 * inside / calls:.2f} ms"
-                )
-            if commits:
-                cpu_lines.append(
-                    f"* shard group commits during the last engine window: {commits:,} "
-                    f"({commits / args.seconds:,.0f}/s), {events / commits:.1f} events per "
-                    f"commit, mean commit {1000 * secs / commits:.2f} ms "
-                    f"(batch window {args.window_ms} ms before each)"
-                )
+            if shards_before and shards_after:
+                commits = sum(a["batches"] - b["batches"] for a, b in zip(shards_after, shards_before))
+                events = sum(a["events_written"] - b["events_written"]
+                             for a, b in zip(shards_after, shards_before))
+                secs = sum(a["commit_seconds"] - b["commit_seconds"]
+                           for a, b in zip(shards_after, shards_before))
+                calls = sum(a.get("batch_calls", 0) - b.get("batch_calls", 0)
+                            for a, b in zip(shards_after, shards_before))
+                inside = sum(a.get("batch_seconds", 0) - b.get("batch_seconds", 0)
+                             for a, b in zip(shards_after, shards_before))
+                if calls:
+                    cpu_lines.append(
+                        f"* shard side of those calls: {calls:,} decision calls, mean time inside "
+                        f"the shard (start of the call → answer, includes the durable wait) "
+                        f"{1000 * inside / calls:.2f} ms"
+                    )
+                if commits:
+                    cpu_lines.append(
+                        f"* shard group commits during the last {key} window: {commits:,} "
+                        f"({commits / args.seconds:,.0f}/s), {events / commits:.1f} events per "
+                        f"commit, mean commit {1000 * secs / commits:.2f} ms "
+                        f"(batch window {args.window_ms} ms before each)"
+                    )
+        if args.cart_ab and "cart" in by and "engine" in by:
+            rounds, _ = bench_cart.round_table(by["engine"].runs, by["cart"].runs)
+            checks += ["", "Rounds (ABBA: the targets in reverse order in even-numbered rounds):", "", rounds]
+            notes.append(bench_cart.NOTE)
         table = "\n".join(lines + checks)
         text = table + "\n" + "\n".join(cpu_lines) + "\n\n" + "\n\n".join(notes)
         del engine
@@ -745,7 +773,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="nice level of Ray's worker processes (engine default 0; Ray's own 15)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the default integration rate limit (2000/s per key)")
-    p.add_argument("--only", nargs="+", choices=["noop", "engine", "nofence", "noidx", "naive"], default=[])
+    p.add_argument("--only", nargs="+", choices=["noop", "engine", "cart", "nofence", "noidx", "naive"],
+                   default=[])
+    p.add_argument("--cart-ab", action="store_true",
+                   help="also redeem 10-line orders on a campaign with rules (loadtests/bench_cart.py), "
+                   "targets in ABBA order over the rounds; recorded under its own section")
     p.add_argument("--history-index-ab", action="store_true",
                    help="also measure the engine without the redemption history's indexes")
     p.add_argument("--fence-ab", action="store_true",
@@ -769,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         cmd = "python -m loadtests.bench_http " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        record(SECTION, cmd.strip(), text)
+        record(bench_cart.SECTION if args.cart_ab else SECTION, cmd.strip(), text)
     return 0
 
 

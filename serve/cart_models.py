@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field
 
 from serve.strict import Strict
 
@@ -56,18 +55,12 @@ class DiscountIn(Strict):
     ``free_shipping`` (no value), on ``target`` order, items, cheapest_item or shipping."""
 
     kind: Literal["percent", "amount", "fixed_price", "free_units", "free_shipping"]
-    value: int | None = Field(default=None, ge=0, le=10**12, description="required but for free_shipping")
+    value: int | None = Field(default=None, ge=0, le=10**12, description="required but for free_shipping (the engine says which values fit the kind)")
     max: int | None = Field(default=None, ge=1, le=10**12)
     target: Literal["order", "items", "cheapest_item", "shipping"] | None = Field(
         default=None, description="order when not given (shipping for free_shipping)"
     )
     sku: str | None = Field(default=None, min_length=1, max_length=128)
-
-    @model_validator(mode="after")
-    def _value_given(self) -> DiscountIn:
-        if self.value is None and self.kind != "free_shipping":
-            raise PydanticCustomError("missing", f"a {self.kind} discount needs a value")
-        return self
 
 
 class LineOut(BaseModel):

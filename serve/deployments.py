@@ -32,6 +32,8 @@ def campaign_json(c: Any) -> dict[str, Any]:
     """A campaign as the API shows it (``code_spec`` is called ``code`` at the edge)."""
     d = msgspec.to_builtins(c)
     d["code"] = d.pop("code_spec", {})
+    if d.get("type") == "promotion":
+        d["shared_code"] = None  # its key on its shard is no code anyone can use
     return d
 
 

@@ -39,6 +39,7 @@ from serve.gate import Gate, install_refusal_handlers
 from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
+from serve.promotions import PromotionCatalog
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.records import Records
 from serve.routes import (
@@ -182,6 +183,7 @@ class Gateway:
                 batcher,
                 config.max_body_bytes,
                 CustomerTags(LazyPool(dsn, 2), ttl_s=config.customer_tags_ttl_s),
+                PromotionCatalog(LazyPool(dsn, 1)),
             ),
             gate=gate,
             devices=DeviceTokens(secret),

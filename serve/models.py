@@ -203,7 +203,7 @@ class CampaignIn(Strict):
 
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     name: str = Field(min_length=1, max_length=200)
-    type: Literal["discount", "gift_card", "shared_code", "flash_sale"]
+    type: Literal["discount", "gift_card", "shared_code", "flash_sale", "promotion"]
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
     discount: DiscountIn | None = None
     gift_balance: int | None = Field(default=None, ge=1, le=10**12)
@@ -294,10 +294,17 @@ class CheckoutIn(Strict):
         }
     )
 
-    code: str = Field(min_length=1, max_length=128)
+    code: str | None = Field(
+        default=None, min_length=1, max_length=128, description="required unless apply_promotions"
+    )
     customer_id: str | None = Field(default=None, min_length=1, max_length=128)
     order: OrderIn
     metadata: Metadata | None = None
+    apply_promotions: bool = Field(
+        default=False,
+        description="also give every automatic promotion that fits the order (validations "
+        "and redemptions); the answer lists them under promotions",
+    )
     customer_tags: list[str] | None = Field(
         default=None,
         max_length=50,
@@ -306,8 +313,18 @@ class CheckoutIn(Strict):
     )
 
 
+class PromotionOut(BaseModel):
+    """An automatic promotion given to the order (``apply_promotions``)."""
+
+    campaign_id: str
+    discount_amount: int
+    items: list[LineOut] = Field(default_factory=list)
+    shipping_discount: int = 0
+    redemption_id: str | None = Field(default=None, description="redemptions only: its record")
+
+
 class ValidationOut(BaseModel):
-    code: str
+    code: str | None = Field(description="null for promotions alone")
     valid: bool
     campaign_id: str | None = None
     discount_amount: int = 0
@@ -316,12 +333,14 @@ class ValidationOut(BaseModel):
     balance: int | None = None
     reason: str | None = None
     message: str | None = None
+    promotions: list[PromotionOut] | None = Field(default=None, description="with apply_promotions")
+    total_discount: int | None = Field(default=None, description="with apply_promotions: all of it")
 
 
 class RedemptionOut(BaseModel):
-    id: str
-    code: str
-    campaign_id: str
+    id: str | None = Field(description="null for promotions alone (each has its own record)")
+    code: str | None
+    campaign_id: str | None
     customer_id: str | None
     order_id: str | None
     order_amount: int
@@ -334,6 +353,8 @@ class RedemptionOut(BaseModel):
     created_at: datetime
     rolled_back_at: datetime | None = None
     metadata: dict[str, Any] | None = None
+    promotions: list[PromotionOut] | None = Field(default=None, description="with apply_promotions")
+    total_discount: int | None = Field(default=None, description="with apply_promotions: all of it")
 
 
 class ReservationOut(BaseModel):

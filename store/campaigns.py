@@ -48,6 +48,8 @@ def event_data(c: Campaign) -> dict[str, Any]:
     """The campaign as the API shows it (``code_spec`` is ``code`` at the edge)."""
     data: dict[str, Any] = msgspec.json.decode(_campaign_encoder.encode(c))
     data["code"] = data.pop("code_spec", {})
+    if data.get("type") == "promotion":
+        data["shared_code"] = None  # its key on its shard is no code anyone can use
     return data
 
 
@@ -136,6 +138,16 @@ async def campaigns_since(conn: asyncpg.Connection, revision: int) -> list[tuple
     order (``0010_campaign_versions.sql`` makes revisions visible in that order)."""
     rows = await conn.fetch(
         "SELECT revision, spec FROM campaigns WHERE revision > $1 ORDER BY revision", revision
+    )
+    return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
+
+
+async def promotions_since(db: Any, revision: int) -> list[tuple[int, Campaign]]:
+    """``(revision, campaign)`` of every promotion changed after ``revision``."""
+    rows = await db.fetch(
+        "SELECT revision, spec FROM campaigns WHERE type = 'promotion' AND revision > $1"
+        " ORDER BY revision",
+        revision,
     )
     return [(int(r["revision"]), _campaign_decoder.decode(r["spec"])) for r in rows]
 

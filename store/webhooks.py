@@ -31,7 +31,9 @@ _REDEMPTION_JSON = (
     "jsonb_build_object('id', r.id, 'code', r.code, 'campaign_id', r.campaign_id,"
     " 'customer_id', r.customer_id, 'order_id', r.order_id, 'order_amount', r.order_amount,"
     " 'currency', r.currency, 'discount_amount', r.discount_amount, 'balance', r.balance_after,"
-    " 'created_at', r.created_at, 'metadata', r.metadata"
+    " 'created_at', r.created_at, 'metadata', r.metadata,"
+    " 'items', coalesce(r.detail -> 'items', '[]'::jsonb),"
+    " 'shipping_discount', coalesce((r.detail ->> 'shipping_discount')::int8, 0)"
 )
 
 _FROM_EVENTS = (

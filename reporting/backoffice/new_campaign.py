@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import streamlit as st
@@ -9,7 +10,9 @@ import streamlit as st
 from reporting.backoffice import ui
 from reporting.client import ApiError
 
-TYPES = ("discount", "gift_card", "shared_code", "flash_sale")
+TYPES = ("discount", "gift_card", "shared_code", "flash_sale", "promotion")
+KINDS = ("percent", "amount", "fixed_price", "free_units", "free_shipping")
+TARGETS = ("order", "items", "cheapest_item", "shipping")
 
 
 def body_from_form(v: dict[str, Any]) -> dict[str, Any]:
@@ -21,7 +24,18 @@ def body_from_form(v: dict[str, Any]) -> dict[str, Any]:
     if v["type"] == "gift_card":
         body["gift_balance"] = int(v["gift_balance"])
     else:
-        body["discount"] = {"kind": v["kind"], "value": int(v["value"])}
+        discount: dict[str, Any] = {"kind": v["kind"]}
+        if v["kind"] != "free_shipping":
+            discount["value"] = int(v["value"])
+        if v.get("target", "order") != "order":
+            discount["target"] = v["target"]
+        body["discount"] = discount
+    rules = (v.get("rules") or "").strip()
+    if rules:
+        try:
+            body["rules"] = json.loads(rules)
+        except ValueError as exc:
+            raise ValueError(f"Rules: not JSON ({exc}); see docs/cart-rules.md") from None
     if v["type"] in ("shared_code", "flash_sale"):
         body["shared_code"] = v["shared_code"].strip()
     if v["min_order"]:
@@ -33,6 +47,8 @@ def body_from_form(v: dict[str, Any]) -> dict[str, Any]:
         when = ui.parse_time(v[field], field)
         if when:
             body[field] = when
+    if v["type"] == "promotion":
+        return body  # no code: applied to every order it fits
     code = {k: v[k].strip() for k in ("prefix", "pattern") if v[k].strip()}
     if v["length"]:
         code["length"] = int(v["length"])
@@ -50,10 +66,15 @@ def main() -> None:
             "type": b.selectbox("Type", TYPES, key="bo_new_type"),
             "currency": c.text_input("Currency", "EUR", max_chars=3, key="bo_new_currency"),
         }
-        a, b, c = st.columns(3)
-        v["kind"] = a.selectbox("Discount kind", ("percent", "amount"), key="bo_new_kind")
-        v["value"] = b.number_input("Discount value (percent, or minor units)", 1, 10**12, 10, key="bo_new_value")
-        v["gift_balance"] = c.number_input("Gift card balance (minor units)", 1, 10**12, 5000, key="bo_new_gift")
+        a, b, c, d = st.columns(4)
+        v["kind"] = a.selectbox("Discount kind", KINDS, key="bo_new_kind")
+        v["value"] = b.number_input("Discount value (percent, minor units or units)", 0, 10**12, 10, key="bo_new_value")
+        v["target"] = c.selectbox("On", TARGETS, key="bo_new_target")
+        v["gift_balance"] = d.number_input("Gift card balance (minor units)", 1, 10**12, 5000, key="bo_new_gift")
+        v["rules"] = st.text_area(
+            "Rules (JSON, optional), e.g. {\"items\": [{\"any_of\": {\"categories\": [\"shoes\"]}}]}",
+            key="bo_new_rules",
+        )
         a, b, c = st.columns(3)
         v["shared_code"] = a.text_input("Shared code (shared code, flash sale)", key="bo_new_shared")
         v["min_order"] = b.number_input("Minimum order (minor units)", 0, 10**12, 0, key="bo_new_min_order")
@@ -75,7 +96,12 @@ def main() -> None:
         st.error("Name: give the campaign a name.")
         return
     try:
-        made = ui.client().create_campaign(body_from_form(v))
+        body = body_from_form(v)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    try:
+        made = ui.client().create_campaign(body)
     except ApiError as exc:
         ui.show_problem(exc, "create campaigns")
         return

@@ -78,9 +78,11 @@ def test_each_field_is_edited_with_its_version_event_and_audit_entry(http_api: A
         ({"limits": {"total": 500, "per_customer": 2}}, "limits", {"total": 500, "per_customer": 2}),
         ({"limits": {"per_customer": None}}, "limits", {"total": 500, "per_customer": None}),
         ({"discount": {"kind": "amount", "value": 250, "max": None}}, "discount",
-         {"kind": "amount", "value": 250, "max": None}),
+         {"kind": "amount", "value": 250, "max": None, "target": "order", "sku": None}),
         ({"min_order": 1500}, "min_order", 1500),
         ({"metadata": {"channel": "web", "wave": 2}}, "metadata", {"channel": "web", "wave": 2}),
+        ({"rules": {"max_order": 90000, "exclude": {"categories": ["gift-cards"]}}}, "rules",
+         {"max_order": 90000, "exclude": {"categories": ["gift-cards"]}}),
     ]
     tag = '"1"'
     for version, (body, field, want) in enumerate(edits, start=2):

@@ -258,3 +258,29 @@ def test_pages_of_the_routes_built_alongside_against_their_shapes(app) -> None:
     at.text_input(key="bo_order_id").input("order-9")
     at.run()
     assert list(at.dataframe[0].value["order_id"]) == ["order-9"]
+
+
+def _form(**over: Any) -> dict[str, Any]:
+    v: dict[str, Any] = {
+        "name": "Shoes", "type": "discount", "currency": "eur", "timezone": "", "kind": "percent",
+        "value": 20, "target": "order", "gift_balance": 5000, "rules": "", "shared_code": "",
+        "min_order": 0, "starts_at": "", "ends_at": "", "total": 0, "per_customer": 0,
+        "prefix": "", "length": 0, "pattern": "",
+    }
+    v.update(over)
+    return v
+
+
+def test_the_new_campaign_form_sends_rules_targets_and_promotions_without_code() -> None:
+    from reporting.backoffice.new_campaign import body_from_form
+
+    body = body_from_form(_form(type="promotion", target="items", prefix="IGNORED",
+                                rules='{"items": [{"any_of": {"categories": ["shoes"]}}]}'))
+    assert body == {
+        "name": "Shoes", "type": "promotion", "currency": "EUR", "timezone": "UTC",
+        "discount": {"kind": "percent", "value": 20, "target": "items"},
+        "rules": {"items": [{"any_of": {"categories": ["shoes"]}}]},
+    }
+    assert body_from_form(_form(kind="free_shipping"))["discount"] == {"kind": "free_shipping"}
+    with pytest.raises(ValueError, match="Rules: not JSON"):
+        body_from_form(_form(rules="{items"))
