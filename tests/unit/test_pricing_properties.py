@@ -16,6 +16,7 @@ the same request the same way.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from datetime import timedelta
@@ -597,3 +598,53 @@ def test_every_path_decides_the_same(
             assert validation.detail == detail_json(p)
         if c.is_gift_card:
             assert red.balance_after == confirmed.balance_after == (c.gift_balance or 0) - p.discount
+
+
+@SETTINGS
+@given(setup=shop_setups(), order=orders(), tags=TAG_SETS,
+       currency=st.sampled_from(["EUR", "EUR", "EUR", "USD"]), used=st.booleans())
+def test_qualification_decides_as_validation_does(
+    setup: tuple[list[Campaign], list[tuple[str, str]]],
+    order: Order,
+    tags: tuple[str, ...] | None,
+    currency: str,
+    used: bool,
+) -> None:
+    """For the customer's own codes and the shared code, a qualification offers exactly
+    what a validation of that code accepts, with the same discount and explanation, and
+    refuses the others for the reason the validation gives (a shared code the customer
+    already used included)."""
+    from engine.qualification import QualifyRequest, explain
+
+    campaigns_, codes = setup
+    shop = Shop()
+    customer = "cust-1"
+    mine: dict[str, str] = {}
+    for c, (first, _) in zip(campaigns_, codes, strict=True):
+        shop.install(c, [first] if not c.is_shared else None)
+        mine[c.id] = first if c.is_shared else shop.state.assign(c.id, customer).code
+    if used:  # the shared code's per-customer limit, once reached, refuses on both paths
+        shared = next(c for c in campaigns_ if c.is_shared)
+        shop.install(msgspec.structs.replace(shared, limits=msgspec.structs.replace(
+            shared.limits, per_customer=1), version=shared.version + 1))
+        attempt(shop.state.redeem, request(mine[shared.id], order, tags, currency, customer))
+    ordered = Order(order.amount, currency, order.shipping, order.items)
+    offers, refused = explain(shop.state, QualifyRequest(customer, ordered, tags))
+    offered = {o.campaign_id: o for o in offers}
+    for c in campaigns_:
+        ok, err, v = attempt(shop.state.validate, request(mine[c.id], order, tags, currency, customer))
+        if ok and not v.valid:
+            ok, err = False, v.error
+        event(f"qualification, {c.type}: {err or 'offered'}")
+        if not ok:
+            assert c.id not in offered and refused.get(c.id) == err, (c.id, err, refused, offered)
+            continue
+        if v.discount_amount == 0:
+            assert refused.get(c.id) == "no_discount"
+            continue
+        o = offered[c.id]
+        assert (o.code, o.discount_amount, o.shipping_discount) == (mine[c.id], v.discount_amount,
+                                                                     json.loads(v.detail)["shipping_discount"] if v.detail else 0)
+        if v.detail is not None:
+            assert [[ln.line, ln.sku, ln.discount] for ln in o.items] == [
+                [d["line"], d["sku"], d["discount"]] for d in json.loads(v.detail)["items"]]
