@@ -14,7 +14,6 @@ its string, a dict entry and a list slot (the available stack): about 110 bytes 
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ from engine.campaigns import (
     check_redeemable_now,
     supersedes,
 )
+from engine.checkouts import MAX_CODE_LEN, RedeemRequest, fingerprint, route_bucket
 from engine.code_control import change_control, check_control, usable
 from engine.codes import normalize
 from engine.events import (
@@ -62,49 +62,17 @@ from engine.events import (
     VoucherControlled,
 )
 from engine.idempotency import Claim, Settled, Stored, Verdict, settle
-from engine.orders import Item, Order
 from engine.pricing import Cart, Pricing, cart_json, detail_json, price, read_cart
-from engine.promotions import Taken, stack
 from engine.promotions import is_key as is_promotion_key
+from engine.promotions import stack
 from engine.routing import BUCKETS, assignment_key, bucket_of, bucket_of_id, new_id
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
-MAX_CODE_LEN = 128
 MAX_ID_LEN = 128
 # A key as the shard sees it: the caller's key (at most 255 characters) behind the
 # gateway's caller scope.
 MAX_KEY_LEN = 512
-
-
-class RedeemRequest(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One checkout as a shard decides it. Fields left at their defaults are not sent, so
-    a cart's fields cost an amount-only order nothing on the actor boundary."""
-
-    code: str
-    amount: int
-    currency: str
-    customer_id: str | None = None
-    order_id: str | None = None
-    idempotency_key: str | None = None
-    metadata: str | None = None  # the redemption's metadata as compact JSON
-    shipping: int | None = None
-    items: tuple[Item, ...] | None = None  # checked by engine.orders.build at the edge
-    tags: tuple[str, ...] | None = None  # the customer's tags, for customer rules
-    #: the tags are the stored customer's, looked up by the gateway (not the caller's):
-    #: they are not part of what the idempotency key's fingerprint identifies
-    stored_tags: bool = False
-    #: a promotion's decision (``code`` is its key, engine/promotions.py) and what the
-    #: discounts given before it on the same order took
-    promotion: bool = False
-    taken: Taken | None = None
-
-    def order(self) -> Order:
-        return Order(self.amount, self.currency, self.shipping, self.items or ())
-
-    def has_cart(self) -> bool:
-        """Whether the order says more than an amount (its answer then explains itself)."""
-        return bool(self.items) or self.shipping is not None
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -187,37 +155,6 @@ class CampaignStats(msgspec.Struct):
         return CampaignStats(
             self.campaign_id, *(getattr(self, f) + getattr(other, f) for f in fields)
         )
-
-
-class _Sent(msgspec.Struct, frozen=True):
-    """A checkout's first seven fields, encoded as a RedeemRequest of amount-only orders
-    always was: the fingerprints of keys recorded by earlier versions stay valid."""
-
-    code: str
-    amount: int
-    currency: str
-    customer_id: str | None
-    order_id: str | None
-    idempotency_key: str | None
-    metadata: str | None
-
-
-def _as_sent(req: Any) -> Any:
-    """What a request's fingerprint covers: the request as its caller sent it (without the
-    tags the gateway looked up), an amount-only order in the encoding it always had."""
-    if not isinstance(req, RedeemRequest):
-        return req
-    base = _Sent(req.code, req.amount, req.currency, req.customer_id, req.order_id, req.idempotency_key, req.metadata)
-    tags = None if req.stored_tags else req.tags
-    if req.shipping is None and not req.items and tags is None and not req.promotion and req.taken is None:
-        return base
-    return (base, req.shipping, req.items, tags, req.promotion, req.taken)
-
-
-def fingerprint(op: str, payload: Any) -> bytes:
-    """Identifies a request body, so a reused idempotency key with another body is caught
-    (a checkout's as :func:`_as_sent` gives it)."""
-    return hashlib.blake2b(msgspec.msgpack.encode((op, _as_sent(payload))), digest_size=16).digest()
 
 
 class ShardState:
@@ -1067,16 +1004,6 @@ class ShardState:
         out = self.events[:limit]
         del self.events[:limit]
         return out
-
-
-def route_bucket(raw_code: Any) -> int:
-    """The bucket a (possibly malformed) code is routed by; malformed codes go to bucket 0,
-    where the shard rejects them with a clear error."""
-    if not isinstance(raw_code, str) or not raw_code.strip() or len(raw_code) > MAX_CODE_LEN:
-        return 0
-    if is_promotion_key(raw_code):
-        return bucket_of(raw_code)  # a promotion's key is used as it is, never normalised
-    return bucket_of(normalize(raw_code))
 
 
 def bucket_of_reference(ident: str) -> int:
