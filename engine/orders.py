@@ -85,6 +85,31 @@ def check_item(item: Item, i: int) -> Item:
     return item
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _plainly_valid(items: Sequence[Item]) -> bool:
+    """Whether every line passes :func:`check_item`, checked in one pass over all the
+    names (one regular-expression search instead of one per name: a 10-line cart is the
+    checkout's hot path). False only sends the lines through :func:`check_item`, which
+    names the field that is wrong."""
+    names: list[str] = []
+    for it in items:
+        q, p = it.quantity, it.unit_price
+        if type(q) is not int or type(p) is not int or not 1 <= q <= MAX_QUANTITY or not 0 <= p <= MAX_AMOUNT:
+            return False
+        if len(it.categories) > MAX_CATEGORIES:
+            return False
+        names.append(it.sku)
+        if it.product_id is not None:
+            names.append(it.product_id)
+        names.extend(it.categories)
+    for n in names:
+        if type(n) is not str or not 0 < len(n) <= 128:
+            return False
+    return _CONTROL.search("".join(names)) is None
+
+
 def build(
     *,
     currency: str,
@@ -102,7 +127,7 @@ def build(
     if items:
         if len(items) > MAX_ITEMS:
             raise errors.InvalidOrder(f"order.items holds at most {MAX_ITEMS} lines")
-        lines = tuple(check_item(it, i) for i, it in enumerate(items))
+        lines = tuple(items) if _plainly_valid(items) else tuple(check_item(it, i) for i, it in enumerate(items))
         subtotal = sum(it.total for it in lines)
         if subtotal > MAX_AMOUNT:
             raise errors.InvalidOrder(f"the items' subtotal is larger than {MAX_AMOUNT}")
