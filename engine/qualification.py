@@ -22,11 +22,14 @@ Candidates, by campaign type (:data:`CANDIDATES`):
   that code (``CampaignSlot.by_customer`` holds it; a foreign record of it on another shard
   is skipped there). Gift cards come with their balance.
 
+* ``promotion``: an automatic campaign without a code, decided like a shared code under
+  its key on the shard owning that key, offered with ``kind="promotion"`` and no code.
+
 A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
 from the shard, the campaign slot and the request's :class:`Context` to the
-:class:`Candidate` codes it makes (raising why it makes none); pricing is common. An
-automatic campaign without a code (a promotion) would be decided on exactly one shard
-(say, the one owning its id's bucket) and be a ``Candidate("promotion", slot, None)``.
+:class:`Candidate` codes it makes (raising why it makes none); pricing is common. Each
+offer is priced on its own, on the order's list prices (checkout stacks a promotion after
+a code: it then gets at most what the code left, :func:`engine.promotions.stack`).
 
 Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
 no code here, no code for this customer), then one pricing of the order per candidate
@@ -51,7 +54,7 @@ from engine.orders import Order
 from engine.pricing import Line, Pricing, price
 from engine.shard_state import CampaignSlot, ShardState
 
-OfferKind = Literal["shared_code", "unique_code"]
+OfferKind = Literal["shared_code", "unique_code", "promotion"]
 MAX_OFFERS = 1000
 
 
@@ -219,11 +222,18 @@ def assigned_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterab
     return (Candidate("unique_code", slot, code, balance),)
 
 
+def promotion(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+    """An automatic promotion: decided like a shared code, under its key
+    (:mod:`engine.promotions`), on the shard owning that key; offered without a code."""
+    return tuple(Candidate("promotion", slot, None) for _ in shared_code(state, slot, ctx))
+
+
 CANDIDATES: dict[str, Check] = {
     "shared_code": shared_code,
     "flash_sale": shared_code,
     "discount": assigned_code,
     "gift_card": assigned_code,
+    "promotion": promotion,
 }
 """Campaign type -> the candidates a campaign of that type makes (a type not listed makes
 none). Each raises the engine error a redemption would give, for a campaign that does not

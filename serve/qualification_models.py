@@ -45,11 +45,13 @@ class OfferLineOut(BaseModel):
 
 
 class OfferOut(BaseModel):
-    kind: Literal["shared_code", "unique_code"]
+    kind: Literal["shared_code", "unique_code", "promotion"] = Field(
+        description="promotion: applied by checkout without a code (apply_promotions)"
+    )
     campaign_id: str
     campaign_name: str
     campaign_type: str
-    code: str | None = Field(description="what to send at checkout")
+    code: str | None = Field(description="what to send at checkout (none for a promotion)")
     discount_amount: int = Field(description="minor units; the lines' part plus shipping_discount")
     items: list[OfferLineOut] = Field(description="how the discount falls on the order's lines")
     shipping_discount: int

@@ -256,3 +256,23 @@ def test_bad_orders_are_4xx_problems(shop: Shop) -> None:
                        json={"customer_id": shop.customer, "order": order})
         assert r.status_code == 422, r.text
         assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_promotion_is_offered_without_a_code_and_checkout_gives_it(shop: Shop) -> None:
+    cid = shop.open("promo", {"type": "promotion", "discount": {"kind": "amount", "value": 300},
+                              "limits": {"per_customer": 1}})
+    cust = uid("promo")
+    [offer] = [o for o in shop.qualify(customer=cust) if o["campaign_id"] == cid]
+    assert (offer["kind"], offer["code"], offer["discount_amount"]) == ("promotion", None, 300)
+    # checkout asked for promotions gives it (each replica learns of it within seconds)
+    deadline = time.monotonic() + 15
+    while True:
+        r = httpx.post(f"{shop.url}/v1/redemptions", headers=shop.admin,
+                       json={"customer_id": cust, "apply_promotions": True, "order": EUR_40})
+        given = [p for p in (r.json().get("promotions") or []) if p["campaign_id"] == cid] if r.status_code == 201 else []
+        if given or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert given and given[0]["discount_amount"] == 300, r.text
+    # its one use per customer is spent: no longer offered to this customer
+    assert cid not in {o["campaign_id"] for o in shop.qualify(customer=cust)}

@@ -269,7 +269,25 @@ def test_with_a_limit_only_candidates_that_can_make_it_are_priced(monkeypatch: p
 
 
 def test_every_campaign_type_that_can_qualify_has_a_candidate() -> None:
-    assert set(CANDIDATES) == {"shared_code", "flash_sale", "discount", "gift_card"}
+    from engine.campaigns import CAMPAIGN_TYPES
+
+    assert set(CANDIDATES) == set(CAMPAIGN_TYPES)
+
+
+def test_a_promotion_is_offered_without_a_code_as_its_checkout_would_price_it() -> None:
+    s = Shop()
+    s.install(active(new_campaign(
+        id="promo", name="promo", type="promotion", currency="EUR", now=T0,
+        discount=Discount("percent", 10), limits=Limits(total=1),
+    )))
+    [o] = qualify(s.state, "ann", order(3000))
+    assert (o.kind, o.code, o.discount_amount, o.campaign_type) == ("promotion", None, 300, "promotion")
+    key = s.state.campaign("promo").shared_code
+    assert key is not None
+    v = s.state.validate(RedeemRequest(key, 3000, "EUR", "ann", promotion=True))
+    assert v.valid and v.discount_amount == 300
+    s.state.redeem(RedeemRequest(key, 3000, "EUR", "bob", promotion=True))
+    assert qualify(s.state, "ann", order(3000)) == []  # its limit of 1 is used
 
 
 def test_an_offer_crosses_the_actor_boundary() -> None:
