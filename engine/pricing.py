@@ -71,6 +71,9 @@ def spread(total: int, weights: Sequence[int]) -> list[int]:
     return shares
 
 
+_ON_AMOUNT = frozenset(("percent", "amount", "fixed_price"))
+
+
 def _one(kind: str, value: int, base: int) -> int:
     """``percent``/``amount``/``fixed_price`` of one base amount (a unit, a line, a total)."""
     if kind == "percent":
@@ -118,14 +121,24 @@ def price(campaign: Campaign, order: Order, tags: Sequence[str] | None = None, b
     """The discount ``campaign`` gives ``order`` (gift cards: what ``balance`` covers of the
     eligible subtotal), or :class:`errors.RuleNotMet` naming the first failed rule."""
     rules = campaign.rules
+    d = campaign.discount
+    if rules is None and not order.items and order.shipping is None:
+        # An amount-only order on a campaign without rules (most checkouts): the general
+        # path below gives the same, with no lines to look at.
+        if d is None:
+            return Pricing(min(balance or 0, order.amount))
+        if d.target == "order" and d.kind in _ON_AMOUNT:
+            value = _one(d.kind, d.value, order.amount)
+            if d.max is not None:
+                value = min(value, d.max)
+            return Pricing(min(value, order.amount))
     lines = eligible(rules, order)
     if rules is not None:
         evaluate(rules, order, tags, lines)
-    if campaign.discount is None:  # a gift card
+    if d is None:  # a gift card
         base = eligible_subtotal(order, lines)
         covered = min(balance or 0, base)
         return _spread_over(order, lines, covered)
-    d = campaign.discount
     if d.target == "shipping" or d.kind == "free_shipping":
         return _shipping(d, order)
     if d.kind == "free_units":
