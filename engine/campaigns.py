@@ -262,8 +262,8 @@ def _check_flash_sale(
 
 
 def _check_windows(type: str, windows: tuple[Window, ...] | list[Window]) -> None:
-    if windows and type != "flash_sale":
-        raise errors.InvalidInput("recurring windows are only for flash_sale campaigns")
+    if windows and type not in ("flash_sale", "promotion"):
+        raise errors.InvalidInput("recurring windows are only for flash_sale and promotion campaigns")
     for i, w in enumerate(windows):
         if not w.days or any(d not in range(7) for d in w.days):
             raise errors.InvalidInput(f"windows[{i}].days must be weekdays 0 (Mon) to 6 (Sun)")
