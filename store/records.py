@@ -42,7 +42,6 @@ def voucher_row(r: Any) -> dict[str, Any]:
         "starts_at": r["starts_at"],
         "expires_at": r["expires_at"],
         "metadata": _meta(r["metadata"]),
-        **(_meta(r["detail"]) or {"items": [], "shipping_discount": 0}),
     }
 
 
