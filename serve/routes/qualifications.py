@@ -1,5 +1,6 @@
 """Qualification: every offer that would apply now to a customer's order (shared codes and
-flash sales, the customer's own codes and gift cards), each with its discount, best first.
+flash sales, the customer's own codes and gift cards, promotions), each with its discount,
+best first.
 
 Decided by every shard at once (``actors.client.VoucherEngine.qualify``, within the
 decision deadline: a shard that cannot answer makes it a 503 with Retry-After, never a
