@@ -49,7 +49,6 @@ import msgspec
 from engine import errors
 from engine.campaigns import Campaign, check_order, check_redeemable_now
 from engine.code_control import check_control
-from engine.events import REDEEMED, VOID
 from engine.orders import Order
 from engine.pricing import Line, Pricing, price
 from engine.shard_state import CampaignSlot, ShardState
@@ -181,12 +180,7 @@ def shared_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable
         check_control(code, ctl, now)
     check_order(c, req.order)
     _check_tags(slot, req)
-    total, per = c.limits.total, c.limits.per_customer
-    if total is not None and slot.uses + slot.held_units >= total:
-        raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
-    cust = req.customer_id
-    if per is not None and slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) >= per:
-        raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
+    state.check_shared_limits(code, slot, req.customer_id)
     return (Candidate("shared_code", slot, code),)
 
 
@@ -207,18 +201,7 @@ def assigned_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterab
         check_control(code, ctl, now)
     check_order(c, req.order)
     _check_tags(slot, req)
-    status = packed & 3
-    if status == REDEEMED:
-        raise errors.AlreadyRedeemed(f"code {code} was redeemed already")
-    if status == VOID:
-        raise errors.CodeVoid(f"code {code} is void")
-    if code in state.held:
-        raise errors.CodeReserved(f"code {code} is held by an open reservation")
-    balance: int | None = None
-    if c.is_gift_card:
-        balance = slot.balances.get(code, 0)
-        if balance <= 0:
-            raise errors.Exhausted(f"gift card {code} has no balance left")
+    balance = state.check_unique(code, slot, packed & 3, req.customer_id)
     return (Candidate("unique_code", slot, code, balance),)
 
 

@@ -439,19 +439,39 @@ class ShardState:
         if req.tags is None and cust is not None and c.rules is not None and c.rules.customer is not None:
             raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
         if c.is_shared:
-            total, per = c.limits.total, c.limits.per_customer
-            mine = 1 if reservation is not None else 0
-            if per is not None and cust is None:
+            if c.limits.per_customer is not None and cust is None:
                 raise errors.InvalidInput("customer_id is required: this code has a per-customer limit")
-            if total is not None and slot.uses + slot.held_units - mine >= total:
-                raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
-            if per is not None and cust is not None:
-                used = slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) - mine
-                if used >= per:
-                    raise errors.CustomerLimitReached(
-                        f"customer {cust} used code {code} {per} time(s) already"
-                    )
+            self.check_shared_limits(code, slot, cust, reservation)
             return code, slot, status, stack(price(c, order, req.tags), order, req.taken), None
+        balance = self.check_unique(code, slot, status, cust, reservation)
+        return code, slot, status, stack(price(c, order, req.tags, balance), order, req.taken), balance
+
+    def check_shared_limits(
+        self, code: str, slot: CampaignSlot, cust: str | None, reservation: Reservation | None = None
+    ) -> None:
+        """A shared code's total and per-customer limit, open holds counted (a hold being
+        confirmed counts once). Qualification asks the same (engine/qualification.py)."""
+        c = slot.campaign
+        total, per = c.limits.total, c.limits.per_customer
+        mine = 1 if reservation is not None else 0
+        if total is not None and slot.uses + slot.held_units - mine >= total:
+            raise errors.Exhausted(f"code {code} reached its limit of {total} redemptions")
+        if per is not None and cust is not None:
+            used = slot.per_customer.get(cust, 0) + slot.held_by_customer.get(cust, 0) - mine
+            if used >= per:
+                raise errors.CustomerLimitReached(f"customer {cust} used code {code} {per} time(s) already")
+
+    def check_unique(
+        self,
+        code: str,
+        slot: CampaignSlot,
+        status: int,
+        cust: str | None,
+        reservation: Reservation | None = None,
+    ) -> int | None:
+        """A unique code's status, hold, owner and a gift card's balance left (returned).
+        Qualification asks the same (engine/qualification.py)."""
+        c = slot.campaign
         if status == REDEEMED:
             if c.is_gift_card:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
@@ -469,7 +489,7 @@ class ShardState:
             balance = slot.balances.get(code, 0)
             if balance <= 0:
                 raise errors.Exhausted(f"gift card {code} has no balance left")
-        return code, slot, status, stack(price(c, order, req.tags, balance), order, req.taken), balance
+        return balance
 
     def validate(self, req: RedeemRequest) -> Validation:
         """Explain whether ``req`` would redeem now, without changing anything."""
