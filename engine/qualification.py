@@ -14,27 +14,33 @@ redeemed, void or held; assigned to this customer; a gift card's balance left), 
 price (:func:`engine.pricing.price`: rules, lines, shipping). So an offer is exactly what a
 redemption of it would give at that instant.
 
-Candidates, by campaign type (:data:`CANDIDATES`):
+Candidates come from the shard's indexes, not from a walk of every campaign
+(:func:`candidates`): the shared codes and promotion keys this shard holds
+(:attr:`engine.shard_state.ShardState.keyed`) and the codes it gave this customer
+(:meth:`engine.shard_state.ShardState.codes_of`: every one, several of one campaign
+included), each of an active campaign. How each is checked goes by campaign type
+(:data:`CANDIDATES`):
 
 * ``shared_code`` and ``flash_sale``: the campaign's one code, on the shard owning its
   bucket (the only shard that holds it, so each is offered once).
-* ``discount`` and ``gift_card``: the code the customer was given, on the shard owning
-  that code (``CampaignSlot.by_customer`` holds it; a foreign record of it on another shard
-  is skipped there). Gift cards come with their balance.
-
+* ``discount`` and ``gift_card``: a code the customer was given, on the shard owning
+  that code (a foreign record of the assignment on another shard is not a code there).
+  Gift cards come with their balance.
 * ``promotion``: an automatic campaign without a code, decided like a shared code under
   its key on the shard owning that key, offered with ``kind="promotion"`` and no code.
 
 A campaign type joins qualification as one more entry of :data:`CANDIDATES`: a function
-from the shard, the campaign slot and the request's :class:`Context` to the
-:class:`Candidate` codes it makes (raising why it makes none); pricing is common. Each
-offer is priced on its own, on the order's list prices (checkout stacks a promotion after
-a code: it then gets at most what the code left, :func:`engine.promotions.stack`).
+from the shard, the campaign slot, the code and the request's :class:`Context` to the
+:class:`Candidate` it makes (raising why it makes none); pricing is common. Each offer is
+priced on its own, on the order's list prices (checkout stacks a promotion after a code:
+it then gets at most what the code left, :func:`engine.promotions.stack`).
 
-Cost per shard: O(campaigns) dictionary look-ups to skip what cannot apply (not active,
-no code here, no code for this customer), then one pricing of the order per candidate
-shape (:class:`Context`: campaigns with the same discount and rules share one); with a
-``limit``, only the candidates whose bound can still reach the best ``limit`` are priced.
+Cost per shard: O(candidates here), not O(campaigns). Without a ``limit``, every
+candidate is checked and priced, one pricing of the order per candidate shape
+(:class:`Context`: campaigns with the same discount and rules share one). With a
+``limit``, candidates are taken by a cheap upper bound of their discount
+(:meth:`Context.bound`), and only those whose bound can still reach the best ``limit``
+found so far are checked and priced.
 """
 
 from __future__ import annotations
@@ -136,7 +142,8 @@ class Context:
     def bound(self, c: Campaign, balance: int | None) -> int:
         """At least the discount :meth:`price` can give (cheap, from the discount's kind
         and the order's totals): a candidate whose bound cannot reach the offers found so
-        far is never priced when only the best ``limit`` are asked for."""
+        far is never checked nor priced when only the best ``limit`` are asked for.
+        ``balance``: a gift card's balance left (``None`` reads as none)."""
         order = self.req.order
         amount = order.amount
         d = c.discount
@@ -157,7 +164,7 @@ class Context:
         return top if d.max is None else min(top, d.max)
 
 
-Check = Callable[[ShardState, CampaignSlot, Context], Iterable[Candidate]]
+Check = Callable[[ShardState, CampaignSlot, str, Context], Candidate]
 
 
 def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
@@ -166,49 +173,38 @@ def _check_tags(slot: CampaignSlot, req: QualifyRequest) -> None:
         raise errors.TagsNeeded(f"campaign {c.id} has customer rules: the customer's tags are needed")
 
 
-def shared_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
-    """The campaign's shared code, when this shard holds it and every check but the price
+def _check_common(state: ShardState, slot: CampaignSlot, code: str, ctx: Context) -> None:
+    """The campaign's state and windows, the code's switch, the order, the tags."""
+    c = slot.campaign
+    check_redeemable_now(c, ctx.now)
+    ctl = state.controls.get(code) if state.controls else None
+    if ctl is not None:
+        check_control(code, ctl, ctx.now)
+    check_order(c, ctx.req.order)
+    _check_tags(slot, ctx.req)
+
+
+def shared_code(state: ShardState, slot: CampaignSlot, code: str, ctx: Context) -> Candidate:
+    """The campaign's shared code (this shard holds it), when every check but the price
     passes."""
-    req, now = ctx.req, ctx.now
-    c = slot.campaign
-    code = c.shared_code
-    if code is None or code not in state.codes:
-        return ()
-    check_redeemable_now(c, now)
-    ctl = state.controls.get(code) if state.controls else None
-    if ctl is not None:
-        check_control(code, ctl, now)
-    check_order(c, req.order)
-    _check_tags(slot, req)
-    state.check_shared_limits(code, slot, req.customer_id)
-    return (Candidate("shared_code", slot, code),)
+    _check_common(state, slot, code, ctx)
+    state.check_shared_limits(code, slot, ctx.req.customer_id)
+    return Candidate("shared_code", slot, code)
 
 
-def assigned_code(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
-    """The unique code the customer was given, when this shard owns it and every check
-    but the price passes (gift cards: with the balance left)."""
-    req, now = ctx.req, ctx.now
-    code = slot.by_customer.get(req.customer_id)
-    if code is None:
-        return ()
-    packed = state.codes.get(code)
-    if packed is None or slot.assigned_to.get(code) != req.customer_id:
-        return ()  # another shard's code (recorded here), or given back
-    c = slot.campaign
-    check_redeemable_now(c, now)
-    ctl = state.controls.get(code) if state.controls else None
-    if ctl is not None:
-        check_control(code, ctl, now)
-    check_order(c, req.order)
-    _check_tags(slot, req)
-    balance = state.check_unique(code, slot, packed & 3, req.customer_id)
-    return (Candidate("unique_code", slot, code, balance),)
+def assigned_code(state: ShardState, slot: CampaignSlot, code: str, ctx: Context) -> Candidate:
+    """A unique code of this shard given to the customer, when every check but the price
+    passes (gift cards: with the balance left)."""
+    _check_common(state, slot, code, ctx)
+    balance = state.check_unique(code, slot, state.codes[code] & 3, ctx.req.customer_id)
+    return Candidate("unique_code", slot, code, balance)
 
 
-def promotion(state: ShardState, slot: CampaignSlot, ctx: Context) -> Iterable[Candidate]:
+def promotion(state: ShardState, slot: CampaignSlot, code: str, ctx: Context) -> Candidate:
     """An automatic promotion: decided like a shared code, under its key
     (:mod:`engine.promotions`), on the shard owning that key; offered without a code."""
-    return tuple(Candidate("promotion", slot, None) for _ in shared_code(state, slot, ctx))
+    shared_code(state, slot, code, ctx)
+    return Candidate("promotion", slot, None)
 
 
 CANDIDATES: dict[str, Check] = {
@@ -218,8 +214,8 @@ CANDIDATES: dict[str, Check] = {
     "gift_card": assigned_code,
     "promotion": promotion,
 }
-"""Campaign type -> the candidates a campaign of that type makes (a type not listed makes
-none). Each raises the engine error a redemption would give, for a campaign that does not
+"""Campaign type -> how a code of that type is checked (a type not listed is never
+offered). Each raises the engine error a redemption would give, for a code that does not
 apply now; :func:`explain` keeps those reasons, :func:`qualify` drops them. A candidate is
 priced by :meth:`Context.price`, the same for every type."""
 
@@ -234,41 +230,54 @@ def _rank(o: Offer) -> tuple[int, str, str]:
     return (-o.discount_amount, o.campaign_id, o.code or "")
 
 
+def candidates(state: ShardState, customer_id: str) -> list[tuple[CampaignSlot, str]]:
+    """What may be offered on this shard, as ``(slot, code)``: the shared codes and
+    promotion keys it holds, then the codes it gave ``customer_id``; only of active
+    campaigns of a type :data:`CANDIDATES` lists. Read from the shard's indexes
+    (:attr:`ShardState.keyed`, :meth:`ShardState.codes_of`), not from every campaign."""
+    out: list[tuple[CampaignSlot, str]] = []
+    for slot in state.keyed:
+        c = slot.campaign
+        if c.state == "active" and c.type in CANDIDATES and c.shared_code is not None:
+            out.append((slot, c.shared_code))
+    for code in state.codes_of(customer_id):
+        slot = state.slot_of(code)
+        c = slot.campaign
+        if c.state == "active" and c.type in CANDIDATES and slot.assigned_to.get(code) == customer_id:
+            out.append((slot, code))
+    return out
+
+
 def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
     """This shard's offers for ``req`` (every one, or at least the best ``req.limit``;
-    unsorted), and, per campaign that had a candidate here but does not apply, the error
-    code a redemption would give. With a limit, candidates are priced in the order of
-    their :meth:`Context.bound`, and pricing stops once no bound left can reach the
-    ``limit``-th best offer found."""
+    unsorted), and, per campaign whose candidate here was checked and does not apply, the
+    error code a redemption would give.
+
+    With a limit, the candidates are taken in the order of their :meth:`Context.bound`
+    (cheap, from the campaign and the order's totals), each checked and priced in turn,
+    and the walk stops once no bound left can reach the ``limit``-th best offer found: the
+    checks and prices of candidates that cannot make the list are never paid. So a
+    campaign that needs the customer's tags is reported (``customer_tags_needed``) only
+    when it could have made the list."""
     state.expire_reservations()  # a hold past its TTL holds nothing
     ctx = Context(req, state.clock())
     refused: dict[str, str] = {}
-    pending: list[Candidate] = []
-    for slot in state.campaigns.values():
-        c = slot.campaign
-        if c.state != "active":
-            continue  # draft, paused, ended: nothing of it redeems (the cheap, common case)
-        check = CANDIDATES.get(c.type)
-        if check is None:
-            continue
-        try:
-            pending.extend(check(state, slot, ctx))
-        except errors.VoucherError as exc:
-            refused[c.id] = exc.code
+    found = candidates(state, req.customer_id)
     limit = req.limit
-    if limit is not None and len(pending) > limit:
-        bounds = [ctx.bound(p.slot.campaign, p.balance) for p in pending]
-        order = sorted(range(len(pending)), key=lambda i: -bounds[i])
+    if limit is not None and len(found) > limit:
+        bounds = [ctx.bound(slot.campaign, slot.balances.get(code)) for slot, code in found]
+        order = sorted(range(len(found)), key=bounds.__getitem__, reverse=True)
     else:
-        limit, bounds, order = None, [], list(range(len(pending)))
+        limit, bounds, order = None, [], list(range(len(found)))
     offers: list[Offer] = []
     top: list[tuple[int, str, str]] = []  # ranks of the best `limit` so far, sorted
     for i in order:
         if limit is not None and len(top) == limit and bounds[i] < -top[-1][0]:
             break  # sorted by bound: nothing left can enter the best `limit`
-        p = pending[i]
-        c = p.slot.campaign
+        slot, code = found[i]
+        c = slot.campaign
         try:
+            p = CANDIDATES[c.type](state, slot, code, ctx)
             pr = ctx.price(c, p.balance)
         except errors.VoucherError as exc:
             refused[c.id] = exc.code

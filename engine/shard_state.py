@@ -185,6 +185,11 @@ class ShardState:
         self.campaigns: dict[str, CampaignSlot] = {}
         self._slots: list[CampaignSlot] = []
         self.codes: dict[str, int] = {}
+        # What qualification walks instead of every campaign (engine/qualification.py):
+        # the slots whose shared code (or promotion key) lives here, and per customer the
+        # codes of this shard assigned to them (one code as such, several as a list).
+        self.keyed: list[CampaignSlot] = []
+        self.customer_codes: dict[str, str | list[str]] = {}
         # codes switched off or with a window of their own (sparse: most codes have none)
         self.controls: dict[str, Control] = {}
         self._interned: dict[int, int] = {}
@@ -216,6 +221,7 @@ class ShardState:
             if campaign.shared_code is not None and self.owns(bucket_of(campaign.shared_code)):
                 # a shared code lives only on the shard owning its bucket
                 self.codes[campaign.shared_code] = self._pack(slot.index, AVAILABLE)
+                self.keyed.append(slot)
         was_ended = slot.campaign.state == "ended"
         slot.campaign = campaign
         if campaign.state == "ended" and not was_ended:
@@ -308,7 +314,7 @@ class ShardState:
             if gift is not None:
                 slot.balances[code] = gift
             if row.customer_id is not None:
-                slot.assigned_to[code] = row.customer_id
+                self._give(slot, code, row.customer_id)
                 slot.by_customer.setdefault(row.customer_id, code)
             else:
                 slot.available.append(code)
@@ -358,7 +364,7 @@ class ShardState:
         if status == AVAILABLE:
             slot.available.append(code)
         if customer_id is not None:
-            slot.assigned_to[code] = customer_id
+            self._give(slot, code, customer_id)
             slot.by_customer.setdefault(customer_id, code)
         if balance is not None and slot.campaign.is_gift_card:
             slot.balances[code] = balance
@@ -753,12 +759,38 @@ class ShardState:
             raise errors.BankExhausted(f"campaign {campaign_id} has no available code left here")
         code = found
         self._set_status(code, slot, AVAILABLE, ASSIGNED)
-        slot.assigned_to[code] = customer_id
+        self._give(slot, code, customer_id)
         slot.by_customer[customer_id] = code
         self.events.append(
             VoucherChanged(code, ASSIGNED, customer_id, slot.balances.get(code), 0)
         )
         return Assignment(campaign_id, customer_id, code, True)
+
+    def _give(self, slot: CampaignSlot, code: str, customer_id: str) -> None:
+        """``code`` (this shard's) now belongs to ``customer_id``: its owner, and an entry
+        of :meth:`codes_of`."""
+        if slot.assigned_to.get(code) == customer_id:
+            return
+        slot.assigned_to[code] = customer_id
+        have = self.customer_codes.get(customer_id)
+        if have is None:
+            self.customer_codes[customer_id] = code
+        elif isinstance(have, str):
+            self.customer_codes[customer_id] = [have, code]
+        else:
+            have.append(code)
+
+    def codes_of(self, customer_id: str) -> list[str]:
+        """The codes of this shard assigned to ``customer_id``, every campaign (several of
+        one campaign when an import gave them), in the order they were given."""
+        have = self.customer_codes.get(customer_id)
+        if have is None:
+            return []
+        return [have] if isinstance(have, str) else list(have)
+
+    def slot_of(self, code: str) -> CampaignSlot:
+        """The campaign slot of one of this shard's codes."""
+        return self._slots[self.codes[code] >> 2]
 
     def assignments_of(self, campaign_id: str, customers: Iterable[str]) -> dict[str, str]:
         """The codes this shard knows the customers were given (its own or recorded)."""

@@ -14,6 +14,7 @@ import pytest
 from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Discount, Limits, new_campaign
+from engine.events import ImportedCode
 from engine.orders import Item, Order, build
 from engine.pricing import detail_json
 from engine.qualification import (
@@ -22,6 +23,7 @@ from engine.qualification import (
     Offer,
     Qualified,
     QualifyRequest,
+    candidates,
     explain,
     merge,
     qualify,
@@ -402,3 +404,63 @@ def _pricing(o: Offer):  # type: ignore[no-untyped-def]
     from engine.pricing import Pricing
 
     return Pricing(o.discount_amount, o.items, o.shipping_discount)
+
+
+def _import(shop: Shop, campaign_id: str, rows: list[ImportedCode]) -> None:
+    import asyncio
+
+    shop.state.claim_new_codes([r.code for r in rows])
+    asyncio.run(shop.db.copy_imported(campaign_id, rows, None))
+    shop.state.admit_imported(campaign_id, rows)
+
+
+def test_every_code_a_customer_holds_is_offered_also_several_of_one_campaign(shop: Shop) -> None:
+    """An import may give one customer several codes of a campaign: each is an offer, on
+    the shard that holds it and after its restart (the index is rebuilt from the rows)."""
+    _import(shop, "disc", [ImportedCode("IMP-1", "ann"), ImportedCode("IMP-2", "ann"),
+                           ImportedCode("IMP-3", "bob")])
+    gift = shop.state.assign("gift", "ann").code
+    shop.sync()
+    want = {("disc", "IMP-1"), ("disc", "IMP-2"), ("gift", gift), ("shared", "SAVE5")}
+    for state in (shop.state, shop.restart()):
+        assert {(o.campaign_id, o.code) for o in qualify(state, "ann", order())} == want
+        assert {o.code for o in qualify(state, "bob", order())} == {"IMP-3", "SAVE5"}
+    shop.state.redeem_one(req("IMP-1", cust="ann"))
+    assert {o.code for o in qualify(shop.state, "ann", order())} == {"IMP-2", gift, "SAVE5"}
+
+
+def test_candidates_come_from_the_index_not_from_every_campaign(shop: Shop) -> None:
+    """What a shard walks for a customer: its shared codes of active campaigns and the
+    codes it gave that customer; not other customers' codes, nor campaigns that have
+    nothing here for them."""
+    for i in range(50):  # campaigns with nothing for ann
+        shop.install(discount_campaign(f"other{i}"), [f"O{i}-1"])
+        shop.state.assign(f"other{i}", "bob")
+    shop.install(shared_campaign("paused", code="PAUSED1"))
+    shop.move("paused", "pause")
+    code = shop.state.assign("disc", "ann").code
+    got = {(slot.campaign.id, c) for slot, c in candidates(shop.state, "ann")}
+    assert got == {("shared", "SAVE5"), ("disc", code)}
+    assert len(candidates(shop.state, "bob")) == 51
+    assert candidates(shop.state, "nobody") == [(shop.state.campaigns["shared"], "SAVE5")]
+
+
+def test_with_a_limit_tags_are_asked_for_only_when_such_a_campaign_could_make_it() -> None:
+    """A campaign with customer rules is checked (and the customer's tags asked for) only
+    when its bound can reach the list: a small offer needing tags costs the gateway no
+    second round when the list is full of larger ones."""
+    s = Shop()
+    for i in range(3):
+        s.install(active(new_campaign(
+            id=f"big{i}", name="big", type="shared_code", currency="EUR", now=T0,
+            discount=Discount("amount", 1000 + i), shared_code=f"BIG{i}",
+        )))
+    s.install(active(new_campaign(
+        id="vip", name="vip", type="shared_code", currency="EUR", now=T0,
+        discount=Discount("amount", 100), shared_code="VIP1",
+        rules=Rules(customer=CustomerCondition(tags_any=("vip",))),
+    )))
+    top2 = qualify_request(s.state, QualifyRequest("ann", order(5000), None, 2))
+    assert [o.campaign_id for o in top2.offers] == ["big2", "big1"] and not top2.tags_needed
+    every = qualify_request(s.state, QualifyRequest("ann", order(5000)))
+    assert len(every.offers) == 3 and every.tags_needed
