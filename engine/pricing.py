@@ -39,15 +39,17 @@ if TYPE_CHECKING:
     from engine.campaigns import Campaign, Discount
 
 
-class Line(msgspec.Struct, frozen=True, array_like=True):
-    """The discount on one line of the order (``line``: its index in ``order.items``)."""
+class Line(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """The discount on one line of the order (``line``: its index in ``order.items``).
+    Not tracked by the garbage collector (``gc=False``), nor is :class:`Pricing`: they hold
+    no container that could close a cycle, and a qualification makes hundreds of them."""
 
     line: int
     sku: str
     discount: int
 
 
-class Pricing(msgspec.Struct, frozen=True):
+class Pricing(msgspec.Struct, frozen=True, gc=False):
     """``discount`` is the whole discount: the lines' discounts plus ``shipping_discount``
     (an order without lines has no line discounts: its discount is on the amount)."""
 

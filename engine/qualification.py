@@ -60,7 +60,8 @@ from engine.pricing import Line, Pricing, price
 from engine.shard_state import CampaignSlot, ShardState
 
 OfferKind = Literal["shared_code", "unique_code", "promotion"]
-MAX_OFFERS = 1000
+MAX_OFFERS = 1000  # the most one answer lists
+DEFAULT_OFFERS = 20  # what an answer lists when the caller names no limit
 
 
 class QualifyRequest(msgspec.Struct, frozen=True):
@@ -74,10 +75,12 @@ class QualifyRequest(msgspec.Struct, frozen=True):
     limit: int | None = None
 
 
-class Offer(msgspec.Struct, frozen=True):
+class Offer(msgspec.Struct, frozen=True, gc=False):
     """One offer: the code to send at checkout (``None`` for a campaign without codes),
     what it takes off (``discount_amount``: the lines' part plus ``shipping_discount``),
-    how it falls on the order's lines, and a gift card's balance."""
+    how it falls on the order's lines, and a gift card's balance. Like
+    :class:`engine.pricing.Line`, not tracked by the garbage collector (no cycle can pass
+    through it), nor is :class:`Candidate`."""
 
     kind: str
     campaign_id: str
@@ -98,7 +101,7 @@ class Qualified(msgspec.Struct, frozen=True):
     tags_needed: bool = False
 
 
-class Candidate(msgspec.Struct, frozen=True):
+class Candidate(msgspec.Struct, frozen=True, gc=False):
     """A code that passed every check but the price: what :func:`explain` prices."""
 
     kind: str
@@ -118,14 +121,18 @@ class Context:
     def __init__(self, req: QualifyRequest, now: datetime) -> None:
         self.req = req
         self.now = now
-        self._prices: dict[tuple[Any, Any, int | None], Pricing | errors.VoucherError] = {}
+        self._prices: dict[tuple[Any, Any, int | None], Pricing | tuple[type[errors.VoucherError], str]] = {}
         self.priced = 0  # prices computed (the rest came from the memo)
         items = req.order.items
         self._top_unit = max((it.unit_price for it in items), default=0)
         self._units = sum(it.quantity for it in items)
 
     def price(self, c: Campaign, balance: int | None = None) -> Pricing:
-        """:func:`engine.pricing.price` of the request's order for ``c``, or its error."""
+        """:func:`engine.pricing.price` of the request's order for ``c``, or its error.
+
+        A refusal is remembered as its class and message and raised afresh each time: an
+        exception kept in the memo would hold, through its traceback, the frames that hold
+        the memo, a reference cycle per request left for the garbage collector."""
         key = (c.discount, c.rules, balance)
         hit = self._prices.get(key)
         if hit is None:
@@ -133,10 +140,10 @@ class Context:
             try:
                 hit = price(c, self.req.order, self.req.tags, balance)
             except errors.VoucherError as exc:
-                hit = exc
+                hit = (type(exc), exc.message)
             self._prices[key] = hit
-        if isinstance(hit, errors.VoucherError):
-            raise hit.with_traceback(None)
+        if isinstance(hit, tuple):
+            raise hit[0](hit[1])
         return hit
 
     def bound(self, c: Campaign, balance: int | None) -> int:
@@ -230,22 +237,27 @@ def _rank(o: Offer) -> tuple[int, str, str]:
     return (-o.discount_amount, o.campaign_id, o.code or "")
 
 
-def candidates(state: ShardState, customer_id: str) -> list[tuple[CampaignSlot, str]]:
-    """What may be offered on this shard, as ``(slot, code)``: the shared codes and
-    promotion keys it holds, then the codes it gave ``customer_id``; only of active
-    campaigns of a type :data:`CANDIDATES` lists. Read from the shard's indexes
-    (:attr:`ShardState.keyed`, :meth:`ShardState.codes_of`), not from every campaign."""
-    out: list[tuple[CampaignSlot, str]] = []
+def candidates(state: ShardState, customer_id: str) -> tuple[list[CampaignSlot], list[str]]:
+    """What may be offered on this shard, as two parallel lists, slots and codes: the
+    shared codes and promotion keys it holds, then the codes it gave ``customer_id``; only
+    of active campaigns of a type :data:`CANDIDATES` lists. Read from the shard's indexes
+    (:attr:`ShardState.keyed`, :meth:`ShardState.codes_of`), not from every campaign.
+    (Two lists rather than a list of pairs: hundreds of pairs per request would be young
+    objects for the garbage collector to walk.)"""
+    slots: list[CampaignSlot] = []
+    codes: list[str] = []
     for slot in state.keyed:
         c = slot.campaign
         if c.state == "active" and c.type in CANDIDATES and c.shared_code is not None:
-            out.append((slot, c.shared_code))
+            slots.append(slot)
+            codes.append(c.shared_code)
     for code in state.codes_of(customer_id):
         slot = state.slot_of(code)
         c = slot.campaign
         if c.state == "active" and c.type in CANDIDATES and slot.assigned_to.get(code) == customer_id:
-            out.append((slot, code))
-    return out
+            slots.append(slot)
+            codes.append(code)
+    return slots, codes
 
 
 def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
@@ -262,19 +274,20 @@ def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[s
     state.expire_reservations()  # a hold past its TTL holds nothing
     ctx = Context(req, state.clock())
     refused: dict[str, str] = {}
-    found = candidates(state, req.customer_id)
+    slots, codes = candidates(state, req.customer_id)
     limit = req.limit
-    if limit is not None and len(found) > limit:
-        bounds = [ctx.bound(slot.campaign, slot.balances.get(code)) for slot, code in found]
-        order = sorted(range(len(found)), key=bounds.__getitem__, reverse=True)
+    if limit is not None and len(slots) > limit:
+        bound = ctx.bound
+        bounds = [bound(slot.campaign, slot.balances.get(code)) for slot, code in zip(slots, codes)]
+        order = sorted(range(len(slots)), key=bounds.__getitem__, reverse=True)
     else:
-        limit, bounds, order = None, [], list(range(len(found)))
+        limit, bounds, order = None, [], list(range(len(slots)))
     offers: list[Offer] = []
     top: list[tuple[int, str, str]] = []  # ranks of the best `limit` so far, sorted
     for i in order:
         if limit is not None and len(top) == limit and bounds[i] < -top[-1][0]:
             break  # sorted by bound: nothing left can enter the best `limit`
-        slot, code = found[i]
+        slot, code = slots[i], codes[i]
         c = slot.campaign
         try:
             p = CANDIDATES[c.type](state, slot, code, ctx)
