@@ -2,37 +2,35 @@
 actors through the micro-batcher, so concurrent redemptions cost one actor call per shard
 instead of one per request.
 
-:class:`Checkout` answers a checkout from its credentials to its response; its
-:meth:`Checkout.fast_lane` serves well-formed POSTs to the three checkout endpoints in
-front of the whole FastAPI stack (:class:`GatewayAPI`), with the body decoded by msgspec.
-The FastAPI routes (``serve.routes.checkout``) document the endpoints and answer what the
-fast lane hands over, through the same :meth:`Checkout.answer`.
+:class:`Checkout` answers a checkout from its credentials to its response; its lanes
+(:class:`CheckoutLane`, :mod:`serve.fast_lane`) serve well-formed POSTs to the three
+checkout endpoints in front of the whole FastAPI stack, with the body decoded by msgspec.
+The FastAPI routes (``serve.routes.checkout``) document the endpoints and answer what a
+lane hands over, through the same :meth:`Checkout.answer`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import FastAPI
 from fastapi.responses import Response
 
-from actors.observability import new_request_id, request_id_var
 from engine import errors, metadata, orders
 from engine.currencies import check_currency
 from engine.orders import Item
 from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
-from serve.auth import AuthError, Forbidden, Principal, authorize, customer_only
+from serve.auth import Forbidden, Principal, authorize, customer_only
 from serve.customer_tags import CustomerTags
-from serve.gate import Gate, RateLimited, auth_problem, rate_problem
+from serve.fast_lane import Lane, header
+from serve.gate import Gate
 from serve.idempotency import scoped_key
 from serve.models import unstorable
-from serve.problems import from_engine_error, internal_error_problem, path_methods
+from serve.problems import from_engine_error
 from serve.promotions import PromotionCatalog, applied_body, taken_by
 from serve.promotions import apply as apply_promotions
 
@@ -43,7 +41,7 @@ _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _Minor = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 
 
-class _Item(msgspec.Struct, forbid_unknown_fields=True):
+class ItemBody(msgspec.Struct, forbid_unknown_fields=True):
     sku: _Name
     quantity: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
     unit_price: _Minor
@@ -51,19 +49,19 @@ class _Item(msgspec.Struct, forbid_unknown_fields=True):
     categories: Annotated[list[str], msgspec.Meta(max_length=20)] = []
 
 
-class _Order(msgspec.Struct, forbid_unknown_fields=True):
+class OrderBody(msgspec.Struct, forbid_unknown_fields=True):
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
     amount: _Minor | None = None
     id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     shipping: _Minor | None = None
-    items: Annotated[list[_Item], msgspec.Meta(max_length=500)] | None = None
+    items: Annotated[list[ItemBody], msgspec.Meta(max_length=500)] | None = None
 
 
 class _Checkout(msgspec.Struct, forbid_unknown_fields=True):
     """The fast lane's CheckoutIn: it accepts a subset of what the pydantic model accepts
     (no coercion of "12" into 12), and whatever it refuses goes to the FastAPI route."""
 
-    order: _Order
+    order: OrderBody
     code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     metadata: dict[str, Any] | None = None
@@ -80,9 +78,6 @@ HOT_ROUTES: dict[str, tuple[str, str]] = {
     "/v1/validations": ("validate", "validations.create"),
     "/v1/reservations": ("reserve", "reservations.write"),
 }
-_HOT_HEADERS = frozenset(
-    {b"authorization", b"x-api-key", b"idempotency-key", b"content-type", b"content-length", b"x-request-id"}
-)
 
 
 def decode_checkout(raw: bytes) -> _Checkout:
@@ -165,18 +160,6 @@ def _is_guess_failure(code: str) -> bool:
     return cls is not None and issubclass(
         cls, (errors.UnknownCode, errors.MalformedCode, errors.WrongCustomer)
     )
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A ``receive`` that first hands over a body already read."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replayed() -> Any:
-        if pending:
-            return pending.pop()
-        return await receive()
-
-    return replayed
 
 
 class Checkout:
@@ -373,99 +356,32 @@ class Checkout:
             await self.gate.penalize(ip, req.customer_id, who)
         return out
 
-    async def fast_lane(
-        self, app: FastAPI, route: tuple[str, str], scope: Any, receive: Any, send: Any
-    ) -> None:
-        """The fast lane for POST /v1/validations, /v1/redemptions and /v1/reservations:
-        the same work as their FastAPI routes, without Starlette's routing, middleware stack
-        and dependency solving, and with the body decoded by msgspec. Anything it does not
-        handle the usual way (no or too large Content-Length, a non-JSON content type, a
-        body that does not decode into the expected shape) goes to FastAPI with the body
-        replayed, so every error answer is the one the documented routes give."""
-        op, action = route
-        h: dict[bytes, bytes] = {}
-        for k, v in scope["headers"]:
-            if k in _HOT_HEADERS and k not in h:
-                h[k] = v
-        length = h.get(b"content-length")
-        ctype = h.get(b"content-type")
-        if (
-            length is None
-            or not length.isdigit()
-            or int(length) > self.max_body_bytes
-            or (ctype is not None and ctype.split(b";", 1)[0].strip().lower() != b"application/json")
-        ):
-            await FastAPI.__call__(app, scope, receive, send)
-            return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
-        # What RequestIdMiddleware does, for the fast lane (Serve supplies the header).
-        sent = h.get(b"x-request-id")
-        token = request_id_var.set(sent.decode("latin-1")[:128] if sent else new_request_id())
-        try:
-            try:
-                body = decode_checkout(raw)
-            except msgspec.MsgspecError:
-                await FastAPI.__call__(app, scope, _replay(raw, receive), send)
-                return
-            idem = h.get(b"idempotency-key")
-            if idem is not None and b"\x00" in idem:
-                await FastAPI.__call__(app, scope, _replay(raw, receive), send)
-                return
-            auth = h.get(b"authorization")
-            key = h.get(b"x-api-key")
-            try:
-                resp = await self.answer(
-                    op,
-                    action,
-                    body,
-                    auth.decode("latin-1") if auth is not None else None,
-                    key.decode("latin-1") if key is not None else None,
-                    idem.decode("latin-1") if idem is not None else None,
-                    self.gate.client(scope),
-                )
-            except AuthError as exc:
-                resp = auth_problem(exc)
-            except RateLimited as exc:
-                resp = rate_problem(exc)
-            except errors.VoucherError as exc:
-                resp = from_engine_error(exc)
-            except Exception as exc:  # never a traceback: the same answer as FastAPI's handler
-                incident = uuid.uuid4().hex
-                log.error(
-                    "unhandled error on POST %s (incident %s)", scope["path"], incident,
-                    exc_info=(type(exc), exc, exc.__traceback__),
-                )
-                resp = internal_error_problem(incident)
-            await resp(scope, receive, send)
-        finally:
-            request_id_var.reset(token)
+
+class CheckoutLane:
+    """The fast lane (:mod:`serve.fast_lane`) of one checkout endpoint."""
+
+    def __init__(self, checkout: Checkout, op: str, action: str) -> None:
+        self.checkout, self.op, self.action = checkout, op, action
+
+    def decode(self, raw: bytes, headers: dict[bytes, bytes]) -> _Checkout:
+        idem = headers.get(b"idempotency-key")
+        if idem is not None and b"\x00" in idem:
+            raise msgspec.ValidationError("unstorable idempotency key")  # the route's 422
+        return decode_checkout(raw)
+
+    async def answer(self, body: _Checkout, headers: dict[bytes, bytes], scope: Any) -> Response:
+        c = self.checkout
+        return await c.answer(
+            self.op,
+            self.action,
+            body,
+            header(headers, b"authorization"),
+            header(headers, b"x-api-key"),
+            header(headers, b"idempotency-key"),
+            c.gate.client(scope),
+        )
 
 
-class GatewayAPI(FastAPI):
-    """FastAPI with a fast lane in front of its whole middleware stack: well-formed POSTs to
-    the checkout endpoints go to ``checkout.fast_lane`` (see there) once the replica has
-    set ``checkout``. Concrete paths shadow the templated ones for every method
-    (serve.problems.PathMethods)."""
-
-    checkout: Checkout | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            if scope["method"] == "POST":
-                route = HOT_ROUTES.get(scope["path"])
-                if route is not None and self.checkout is not None:
-                    await self.checkout.fast_lane(self, route, scope, receive, send)
-                    return
-            refusal = path_methods(self).refusal(scope)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+def lanes(checkout: Checkout) -> dict[str, Lane]:
+    """Path -> fast lane of the checkout endpoints."""
+    return {path: CheckoutLane(checkout, op, action) for path, (op, action) in HOT_ROUTES.items()}

@@ -30,11 +30,13 @@ from actors.observability import BatcherMetrics, RequestIdMiddleware, configure_
 from engine.settings import Settings
 from serve.auth import TokenIssuer, load_or_create_secret
 from serve.batching import MicroBatcher
-from serve.checkout import Checkout, GatewayAPI
+from serve.checkout import Checkout
+from serve.checkout import lanes as checkout_lanes
 from serve.client_address import TrustedProxies, disable_uvicorn_rewrite
 from serve.context import Services
 from serve.customer_tags import CustomerTags
 from serve.devices import DeviceTokens
+from serve.fast_lane import GatewayAPI, Lane
 from serve.gate import Gate, install_refusal_handlers
 from serve.health import HealthProbe
 from serve.models import unstorable_params
@@ -79,6 +81,11 @@ async def _storable_params(request: Request) -> None:
         raise RequestValidationError(found)
 
 
+def fast_lanes(services: Services) -> dict[str, Lane]:
+    """Path -> the fast lane (serve/fast_lane.py) of the hottest POST endpoints."""
+    return {**checkout_lanes(services.checkout), **qualifications.lanes(services)}
+
+
 def build_api(services: Services) -> GatewayAPI:
     """The gateway's app over ``services``, with checkout's fast lane in front."""
     api = GatewayAPI(
@@ -93,7 +100,8 @@ def build_api(services: Services) -> GatewayAPI:
         openapi_url="/openapi.json",
     )
     api.state.services = services
-    api.checkout = services.checkout
+    api.lanes = fast_lanes(services)
+    api.max_body_bytes = services.settings.max_body_bytes
     for module in ROUTERS:
         api.include_router(module.routes)
     install_problem_handlers(api)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.orders import MAX_TAGS
-from engine.qualification import MAX_OFFERS
+from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS
 from serve.models import OrderIn, Strict
 
 Tag = Annotated[str, Field(min_length=1, max_length=128, description="no control characters")]
@@ -33,8 +33,9 @@ class QualificationIn(Strict):
         description="the customer's tags for customer rules, from a trusted caller (not a "
         "customer); without them the stored customer's tags are used",
     )
-    limit: int | None = Field(
-        default=None, ge=1, le=MAX_OFFERS, description="at most this many offers, the best"
+    limit: int = Field(
+        default=DEFAULT_OFFERS, ge=1, le=MAX_OFFERS,
+        description="at most this many offers, the best (has_more says whether there were more)",
     )
 
 
@@ -62,3 +63,4 @@ class QualificationOut(BaseModel):
     customer_id: str
     currency: str
     offers: list[OfferOut] = Field(description="largest discount first; ties by campaign id")
+    has_more: bool = Field(description="more offers apply than the limit let through")

@@ -251,14 +251,14 @@ def gateway(**answers: dict[str, Any]) -> Iterator[tuple[TestClient, Gateway]]:
     """A TestClient of the real app over fresh fake services (see :func:`services`). The app
     is built once per process (``serve.gateway.build_api``, the costly part) and given each
     test's services."""
-    from serve.gateway import build_api
+    from serve.gateway import build_api, fast_lanes
 
     fakes = services(**answers)
     if not _apps:
         _apps.append(build_api(fakes.services))
     app = _apps[0]
     app.state.services = fakes.services
-    app.checkout = fakes.services.checkout
+    app.lanes = fast_lanes(fakes.services)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, fakes
 

@@ -5,6 +5,11 @@ best first.
 Decided by every shard at once (``actors.client.VoucherEngine.qualify``, within the
 decision deadline: a shard that cannot answer makes it a 503 with Retry-After, never a
 partial list), each with :mod:`engine.qualification`: the rules a redemption applies.
+
+A well-formed request takes the fast lane (:class:`QualificationLane`,
+:mod:`serve.fast_lane`): its body decoded by msgspec, in front of FastAPI; the route below
+documents the endpoint and answers what the lane hands over, through the same
+:func:`answer`.
 """
 
 from typing import Annotated, Any
@@ -13,10 +18,13 @@ import msgspec
 from fastapi import Response
 
 from engine import orders
-from engine.orders import Item, Order
-from engine.qualification import Qualified, QualifyRequest
-from serve.auth import Forbidden, Principal, customer_only
-from serve.models import OrderIn
+from engine.orders import MAX_TAGS, Item, Order
+from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, Qualified, QualifyRequest
+from serve.auth import Forbidden, Principal, authorize, customer_only
+from serve.checkout import OrderBody
+from serve.context import Services
+from serve.fast_lane import Lane, header
+from serve.models import OrderIn, unstorable
 from serve.problems import problem_responses
 from serve.qualification_models import QualificationIn, QualificationOut
 from serve.routes.deps import BODY, GUARDED, Svc, require, router
@@ -49,14 +57,30 @@ class _Answer(msgspec.Struct):
     customer_id: str
     currency: str
     offers: list[_Offer]
+    has_more: bool
+
+
+
+_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class QualificationBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The lane's :class:`QualificationIn`: it takes a subset of what the route takes (no
+    coercion), and whatever it refuses goes to the route."""
+
+    customer_id: _Text
+    order: OrderBody
+    customer_tags: Annotated[list[_Text], msgspec.Meta(max_length=MAX_TAGS)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_OFFERS)] = DEFAULT_OFFERS
+
 
 Qualifier = Annotated[Principal, require("qualifications.create")]
 _json = msgspec.json.Encoder()
 
 
-def order_of(o: OrderIn) -> Order:
-    """The engine's order from checkout's :class:`OrderIn`, checked as checkout checks it
-    (:func:`engine.orders.build`)."""
+def order_of(o: OrderIn | OrderBody) -> Order:
+    """The engine's order from the body's order (the route's :class:`OrderIn` or the
+    lane's :class:`OrderBody`), checked as checkout checks it (:func:`engine.orders.build`)."""
     items = None
     if o.items:
         items = [
@@ -66,7 +90,7 @@ def order_of(o: OrderIn) -> Order:
     return orders.build(currency=o.currency, amount=o.amount, shipping=o.shipping, items=items)
 
 
-def sent_tags(caller: Principal, body: QualificationIn) -> tuple[str, ...] | None:
+def sent_tags(caller: Principal, body: QualificationIn | QualificationBody) -> tuple[str, ...] | None:
     """A trusted caller's ``customer_tags``; a customer may not state their own (403)."""
     if body.customer_tags is None:
         return None
@@ -94,6 +118,23 @@ async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
     return answer
 
 
+async def answer(svc: Services, caller: Principal, body: QualificationIn | QualificationBody) -> Response:
+    """The answer to a qualification from ``caller``, allowed and within its limits."""
+    if customer_only(caller) and body.customer_id != caller.user_id:
+        raise Forbidden("forbidden", "customers qualify only themselves")
+    limit = body.limit
+    # one more than asked: whether there are more is then known without pricing them all
+    req = QualifyRequest(body.customer_id, order_of(body.order), sent_tags(caller, body), limit + 1)
+    offers = (await _qualified(svc, req)).offers
+    out = _Answer(
+        body.customer_id,
+        req.order.currency,
+        msgspec.convert(offers[:limit], list[_Offer], from_attributes=True),
+        len(offers) > limit,
+    )
+    return Response(_json.encode(out), media_type="application/json")
+
+
 @routes.post(
     "/v1/qualifications",
     response_model=QualificationOut,
@@ -102,9 +143,41 @@ async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
 )
 async def qualify(body: QualificationIn, caller: Qualifier, svc: Svc) -> Any:
     """Every offer that applies now to ``customer_id``'s order, largest discount first."""
-    if customer_only(caller) and body.customer_id != caller.user_id:
-        raise Forbidden("forbidden", "customers qualify only themselves")
-    req = QualifyRequest(body.customer_id, order_of(body.order), sent_tags(caller, body), body.limit)
-    offers = (await _qualified(svc, req)).offers
-    out = _Answer(body.customer_id, req.order.currency, msgspec.convert(offers, list[_Offer], from_attributes=True))
-    return Response(_json.encode(out), media_type="application/json")
+    return await answer(svc, caller, body)
+
+
+_decoder = msgspec.json.Decoder(QualificationBody)
+
+
+class QualificationLane:
+    """POST /v1/qualifications in front of FastAPI (:mod:`serve.fast_lane`): the caller
+    allowed and within its limits as :func:`serve.routes.deps.require` has it, then
+    :func:`answer`."""
+
+    action = "qualifications.create"
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def decode(self, raw: bytes, headers: dict[bytes, bytes]) -> QualificationBody:
+        body = _decoder.decode(raw)
+        # NUL or an unpaired surrogate can only come through a JSON escape
+        if b"\\" in raw and unstorable(msgspec.json.decode(raw)):
+            raise msgspec.ValidationError("unstorable text")  # the route's 422
+        return body
+
+    async def answer(self, body: QualificationBody, headers: dict[bytes, bytes], scope: Any) -> Response:
+        gate = self.svc.gate
+        who = await gate.authenticate(header(headers, b"authorization"), header(headers, b"x-api-key"))
+        authorize(who.principal, self.action)
+        sent: dict[str, str] = {}
+        decision = await gate.limit(gate.client(scope), sent, who.principal, None, who.flag)
+        caller = await gate.confirm(who, decision, self.action)
+        resp = await answer(self.svc, caller, body)
+        resp.headers.update(sent)
+        resp.headers["X-Gateway-Replica"] = gate.replica
+        return resp
+
+
+def lanes(svc: Services) -> dict[str, Lane]:
+    return {"/v1/qualifications": QualificationLane(svc)}

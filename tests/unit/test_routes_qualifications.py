@@ -4,12 +4,16 @@ orders and a shard that does not answer in time."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import msgspec
+import pytest
 
 from engine import errors
 from engine.orders import Order
 from engine.pricing import Line
-from engine.qualification import Offer, Qualified, QualifyRequest
+from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, Offer, Qualified, QualifyRequest
 from tests.route_fakes import Gateway, assert_refused, gateway, problem_of
 
 BODY: dict[str, Any] = {"customer_id": "cus_1", "order": {"amount": 4000, "currency": "EUR"}}
@@ -41,7 +45,7 @@ def test_an_integration_qualifies_a_customer_with_their_tags() -> None:
         r = client.post("/v1/qualifications", json=body, headers=fakes.token("integration"))
         assert r.status_code == 200, r.text
         [(req, deadline)] = asked
-        assert req == QualifyRequest("cus_1", Order(4000, "EUR"), ("vip",), 5)
+        assert req == QualifyRequest("cus_1", Order(4000, "EUR"), ("vip",), 6)  # one more: has_more
         assert deadline == fakes.services.settings.decision_deadline_s
         out = r.json()
         assert out["customer_id"] == "cus_1" and out["currency"] == "EUR"
@@ -51,7 +55,45 @@ def test_an_integration_qualifies_a_customer_with_their_tags() -> None:
             "items": [{"line": 0, "sku": "A", "discount": 4000}], "shipping_discount": 0,
             "balance": 5000,
         }
-        assert [o["code"] for o in out["offers"]] == ["GIFT-A", "SAVE5"]
+        assert [o["code"] for o in out["offers"]] == ["GIFT-A", "SAVE5"] and out["has_more"] is False
+        assert r.headers["x-gateway-replica"] and "ratelimit-limit" in r.headers
+
+
+def test_the_best_limit_offers_and_whether_there_are_more() -> None:
+    with gateway() as (client, fakes):
+        asked = _engine(fakes)
+        admin = fakes.token("admin")
+        r = client.post("/v1/qualifications", json={**BODY, "limit": 1}, headers=admin)
+        assert [o["code"] for o in r.json()["offers"]] == ["GIFT-A"] and r.json()["has_more"] is True
+        r = client.post("/v1/qualifications", json=BODY, headers=admin)  # the default limit
+        assert asked[-1][0].limit == DEFAULT_OFFERS + 1 and r.json()["has_more"] is False
+        r = client.post("/v1/qualifications", json={**BODY, "limit": MAX_OFFERS}, headers=admin)
+        assert r.status_code == 200 and asked[-1][0].limit == MAX_OFFERS + 1
+
+
+def test_what_the_fast_lane_does_not_take_the_route_answers() -> None:
+    """The fast lane takes a well-formed body; what it refuses (coercions, unstorable
+    text, a body that is not JSON) goes to the route, which answers the documented
+    problem, before any shard is asked."""
+    from serve.routes.qualifications import QualificationLane
+
+    lane = QualificationLane(None)  # type: ignore[arg-type]
+    assert lane.decode(json.dumps({**BODY, "limit": 3}).encode(), {}).limit == 3
+    with gateway() as (client, fakes):
+        asked = _engine(fakes)
+        admin = fakes.token("admin")
+        for raw, status in (
+            (json.dumps({**BODY, "limit": "5"}), 422),
+            (json.dumps({**BODY, "customer_id": "a\u0000b"}), 422),
+            (json.dumps({**BODY, "customer_tags": ["\ud800"]}), 422),
+            (json.dumps({**BODY, "unknown": 1}), 422),
+            ("{not json", 400),
+        ):
+            with pytest.raises(msgspec.MsgspecError):
+                lane.decode(raw.encode(), {})
+            r = client.post("/v1/qualifications", content=raw, headers={**admin, "content-type": "application/json"})
+            problem_of(r, status)
+        assert asked == []
 
 
 def test_customers_qualify_only_themselves_and_state_no_tags() -> None:
