@@ -179,6 +179,14 @@ class ShardCore:
         if failed is not None:
             raise _copy(self.stopped) if self.stopped is not None else failed
 
+    async def ready_within_deadline(self) -> None:
+        """:meth:`ready` within the decision deadline; at once when loaded (the common
+        case: no task, no timer)."""
+        r = self._ready
+        if self.stopped is None and r is not None and r.done() and not r.cancelled() and r.exception() is None:
+            return
+        await self._deadline(self.ready())
+
     def _begin_load(self) -> None:
         self._attempt = asyncio.get_running_loop().create_future()
         self._ready = asyncio.ensure_future(self._load_until_loaded())
@@ -521,7 +529,7 @@ class ShardCore:
     ) -> bytes:
         t0 = time.perf_counter()
         try:
-            await self._deadline(self.ready())
+            await self.ready_within_deadline()
             outs = [self.state.validate_one(r) for r in _req_list.decode(payload)]
             self._observe("validate", outs, request_ids)
         except Exception as exc:
@@ -866,7 +874,7 @@ class ShardCore:
         """The offers this shard would apply now to a customer's order, best first
         (:func:`engine.qualification.qualify`): a read, answered within the decision
         deadline. Holds past their TTL expire on the way, as on every decision."""
-        await self._deadline(self.ready())
+        await self.ready_within_deadline()
         answer = qualify_request(self.state, _qualify_dec.decode(payload))
         if self.state.events:
             self._commit_later()
