@@ -2,7 +2,7 @@
 and a 10-line order, against 1,000 active campaigns, side by side in one run with a
 baseline, ``POST /v1/validations`` of one code with the same order.
 
-    python -m loadtests.bench_qualification --seconds 10 --connections 4 --rounds 2 --record
+    python -m loadtests.bench_qualification --seconds 10 --connections 4 --rounds 2 --rate 50 --record
 
 Starts embedded Postgres and Valkey, a local Ray with Serve in HAProxy + throughput-optimized
 mode, ``--shards`` shards and one gateway replica (``loadtests.bench_plumbing.http_engine``),
@@ -10,14 +10,18 @@ then builds, over HTTP (not timed): one stored customer tagged ``vip``; 1,000 ac
 campaigns: shared codes and flash sales (a third with rules on the order's lines, its
 subtotal or the customer's tags; kinds percent, amount, free units, free shipping on the
 order, its items, its cheapest item or shipping) and unique-code discount and gift-card
-campaigns, a part of them with a code published to the customer. Then per round, with
-``--connections`` closed-loop clients on one integration API key: ``--seconds`` of
-validations of one shared code, then ``--seconds`` of qualifications (every offer), then
-``--seconds`` of qualifications with ``limit`` 10. Every answer must be a 200; the first
-qualification's offers are checked against validations of their codes (same discount).
+campaigns, a part of them with a code published to the customer. Targets: a validation
+of one shared code with the same order (the baseline), the default qualification (the best
+20) and a qualification of every offer (``limit`` 1000). Every answer must be a 200; the
+every-offer answer is checked offer by offer against validations of its codes, and the
+default answer must be its first 20.
 
-Reports p50/p95/p99 latency and requests/s per target and the ratios qualification ÷
-validation. Target: qualification p99 <= 20 ms.
+Measured per target: ``--seconds / 2`` of one request at a time (service time); then per
+round, ``--seconds`` of Poisson arrivals at ``--rate`` per second (open loop: each request
+sent at its arrival, latency counted from it, so the client's own backlog is not hidden),
+and ``--seconds`` of ``--connections`` closed loops (saturation: the throughput, with
+latencies that are mostly queueing). Target: the default qualification's p99 at
+``--rate`` <= 20 ms.
 """
 
 from __future__ import annotations
