@@ -9,7 +9,10 @@ decision is atomic.
 Memory: the code index is one ``dict[str, int]`` whose value packs the campaign slot and
 the status (``slot << 2 | status``), with the packed ints interned, so a code held costs
 its string, a dict entry and a list slot (the available stack): about 110 bytes for a
-10-character code. Per-code extras (assignee, gift balance) live in sparse dicts.
+10-character code. Per-code extras (assignee, gift balance) live in sparse dicts. An
+assigned code costs about 107 bytes more (measured over a million): its owner, the
+campaign's customer -> code entry, and the shard's customer -> codes index qualification
+reads (:meth:`ShardState.codes_of`, about 40 of those bytes).
 """
 
 from __future__ import annotations
