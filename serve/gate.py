@@ -131,13 +131,25 @@ class Gate:
     async def guard(self, request: Request, response: Response, action: str) -> Principal:
         """The caller of ``request`` if it may perform ``action`` within its limits; sets
         the rate-limit headers and ``X-Gateway-Replica`` on ``response``."""
-        who = await self.authenticate(
-            request.headers.get("authorization"), request.headers.get("x-api-key")
+        return await self.admit(
+            request.headers.get("authorization"),
+            request.headers.get("x-api-key"),
+            self.client(request.scope),
+            response.headers,
+            action,
         )
+
+    async def admit(
+        self, authorization: str | None, api_key: str | None, ip: str, headers: Any, action: str
+    ) -> Principal:
+        """:meth:`guard` from the request's credentials and client address, for a route
+        and a fast lane alike; the rate-limit headers and ``X-Gateway-Replica`` go into
+        ``headers`` (a mapping)."""
+        who = await self.authenticate(authorization, api_key)
         authorize(who.principal, action)
-        decision = await self.limit(self.client(request.scope), response.headers, who.principal, None, who.flag)
+        decision = await self.limit(ip, headers, who.principal, None, who.flag)
         principal = await self.confirm(who, decision, action)
-        response.headers["X-Gateway-Replica"] = self.replica
+        headers["X-Gateway-Replica"] = self.replica
         return principal
 
     def client(self, scope: Any) -> str:

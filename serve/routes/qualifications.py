@@ -20,7 +20,7 @@ from fastapi import Response
 from engine import orders
 from engine.orders import MAX_TAGS, Item, Order
 from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, Qualified, QualifyRequest
-from serve.auth import Forbidden, Principal, authorize, customer_only
+from serve.auth import Forbidden, Principal, customer_only
 from serve.checkout import OrderBody
 from serve.context import Services
 from serve.fast_lane import Lane, header
@@ -58,7 +58,6 @@ class _Answer(msgspec.Struct):
     currency: str
     offers: list[_Offer]
     has_more: bool
-
 
 
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -168,14 +167,12 @@ class QualificationLane:
 
     async def answer(self, body: QualificationBody, headers: dict[bytes, bytes], scope: Any) -> Response:
         gate = self.svc.gate
-        who = await gate.authenticate(header(headers, b"authorization"), header(headers, b"x-api-key"))
-        authorize(who.principal, self.action)
         sent: dict[str, str] = {}
-        decision = await gate.limit(gate.client(scope), sent, who.principal, None, who.flag)
-        caller = await gate.confirm(who, decision, self.action)
+        caller = await gate.admit(
+            header(headers, b"authorization"), header(headers, b"x-api-key"), gate.client(scope), sent, self.action
+        )
         resp = await answer(self.svc, caller, body)
         resp.headers.update(sent)
-        resp.headers["X-Gateway-Replica"] = gate.replica
         return resp
 
 
