@@ -31,7 +31,7 @@ from serve.gate import Gate
 from serve.idempotency import scoped_key
 from serve.models import unstorable
 from serve.problems import from_engine_error
-from serve.promotions import PromotionCatalog, applied_body, taken_by
+from serve.promotions import Manifests, PromotionCatalog, applied_body, taken_by
 from serve.promotions import apply as apply_promotions
 
 log = logging.getLogger("voucher.gateway")
@@ -172,12 +172,16 @@ class Checkout:
         max_body_bytes: int,
         tags: CustomerTags | None = None,
         promotions: PromotionCatalog | None = None,
+        manifests: Manifests | None = None,
     ) -> None:
+        """``promotions`` and ``manifests`` serve ``apply_promotions`` (without them it is
+        answered 503)."""
         self.gate = gate
         self.batcher = batcher
         self.max_body_bytes = max_body_bytes
         self.tags = tags
         self.promotions = promotions
+        self.manifests = manifests
 
     def request(self, body: Any, p: Principal, key: str | None) -> RedeemRequest:
         """``body``: a CheckoutIn (FastAPI route) or a _Checkout (fast lane): same fields.
@@ -285,7 +289,7 @@ class Checkout:
         """A validation or redemption with ``apply_promotions``: the code first (when
         there is one), then every promotion that fits what it left (serve/promotions.py).
         The answer is the code's, with ``promotions`` and ``total_discount``."""
-        if self.promotions is None:
+        if self.promotions is None or self.manifests is None:
             raise errors.Unavailable("promotions are not served here")
         catalog = await self.promotions.current()
         if (
@@ -310,7 +314,8 @@ class Checkout:
         async def decide(pop: str, preq: RedeemRequest) -> Outcome:
             return await self._decide(pop, preq, ip, p)
 
-        applied = await apply_promotions(op, req, taken, catalog, decide)
+        fix = self.manifests.fix if op == "redeem" else None
+        applied = await apply_promotions(op, req, taken, catalog, decide, fix)
         given = [applied_body(a) for a in applied]
         if out is not None:
             own = out.redemption.discount_amount if out.redemption is not None else 0

@@ -41,7 +41,7 @@ from serve.gate import Gate, install_refusal_handlers
 from serve.health import HealthProbe
 from serve.models import unstorable_params
 from serve.problems import BodySizeLimit, document_problems, install_problem_handlers
-from serve.promotions import PromotionCatalog
+from serve.promotions import Manifests, PromotionCatalog
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.records import Records
 from serve.routes import (
@@ -192,6 +192,7 @@ class Gateway:
                 config.max_body_bytes,
                 CustomerTags(LazyPool(dsn, 2), ttl_s=config.customer_tags_ttl_s),
                 PromotionCatalog(LazyPool(dsn, 1)),
+                Manifests(LazyPool(dsn, 2)),
             ),
             gate=gate,
             devices=DeviceTokens(secret),

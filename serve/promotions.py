@@ -10,6 +10,9 @@ one that is no longer on.
 
 A promotion's decision is keyed by the checkout's idempotency key and the promotion's id,
 so a retried checkout replays each part once: the code's redemption and every promotion's.
+Which promotions a keyed redemption asks is kept too (:class:`Manifests`, in Postgres,
+before the first is asked): a retry asks exactly those, in the same order, whatever
+started or ended since, so it answers what the first attempt gave and gives nothing more.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ import msgspec
 
 from engine import errors
 from engine.campaigns import Campaign
+from engine.checkouts import fingerprint
 from engine.orders import Order
 from engine.promotions import Taken, add, candidates, explained_pricing, key_of
 from engine.shard_state import Outcome, RedeemRequest
 from store import campaigns as campaign_store
+from store import manifests
 from store.pools import LazyPool
 
 Decide = Callable[[str, RedeemRequest], Awaitable[Outcome]]
+#: the promotions a keyed redemption asks: given the ids the catalog chose now, the ids
+#: its first attempt chose (the same list on a first attempt)
+Fix = Callable[[RedeemRequest, list[str]], Awaitable[list[str]]]
 
 
 class PromotionCatalog:
@@ -70,6 +78,33 @@ class PromotionCatalog:
         self._loaded_at = time.monotonic()
 
 
+class Manifests:
+    """The promotions each keyed redemption asked (store/manifests.py): written before the
+    first is asked, read back by every retry with the key."""
+
+    def __init__(self, db: LazyPool, *, timeout_s: float = 2.0) -> None:
+        self.db = db
+        self.timeout_s = timeout_s
+
+    async def fix(self, req: RedeemRequest, ids: list[str]) -> list[str]:
+        """The promotions ``req`` asks: ``ids`` on its first attempt, its first attempt's
+        list on a retry. Raises :class:`errors.IdempotencyConflict` (409) when the key
+        was used with another order, :class:`errors.Unavailable` (503) when Postgres
+        cannot answer within ``timeout_s`` (nothing was given yet: retry with the key)."""
+        key = req.idempotency_key
+        if key is None:
+            return ids
+        fp = fingerprint("promotions", msgspec.structs.replace(req, idempotency_key=None))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                stored_fp, stored = await manifests.fix(await self.db(), key, fp, ids, datetime.now(UTC))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise errors.Unavailable("the checkout's promotions cannot be recorded now; retry") from exc
+        if stored_fp != fp:
+            raise errors.IdempotencyConflict(f"idempotency key {key!r} was used with a different request")
+        return stored
+
+
 class Applied(msgspec.Struct, frozen=True):
     """One promotion given to the order."""
 
@@ -96,35 +131,43 @@ async def apply(
     taken: Taken | None,
     promotions: list[Campaign],
     decide: Decide,
+    fix: Fix | None = None,
 ) -> list[Applied]:
     """Give ``req``'s order every promotion that fits, best first, each on what the code
-    and the promotions before it left. ``op``: ``redeem`` or ``validate``. A promotion its
-    shard refuses (its limit reached, a rule not met on its own copy) is passed over; a
-    shard that cannot answer now fails the whole checkout (503: retry with the same key,
-    which replays what was given)."""
+    and the promotions before it left. ``op``: ``redeem`` or ``validate``; ``fix``: where a
+    keyed redemption's list is kept (:meth:`Manifests.fix`), so its retries ask the same.
+    A promotion its shard refuses (its limit reached, ended, a rule not met on its own
+    copy) is passed over; a shard that cannot answer now fails the whole checkout (503:
+    retry with the same key, which replays what was given)."""
     order = req.order()
-    chosen = candidates(promotions, order, req.tags, taken, datetime.now(UTC))
+    ids = [c.id for c, _ in candidates(promotions, order, req.tags, taken, datetime.now(UTC))]
+    if fix is not None and req.idempotency_key is not None:
+        ids = await fix(req, ids)
     out: list[Applied] = []
-    for c, _ in chosen:
-        key = None if req.idempotency_key is None else f"{req.idempotency_key}|{c.id}"
+    for cid in ids:
+        key = None if req.idempotency_key is None else f"{req.idempotency_key}|{cid}"
         preq = msgspec.structs.replace(
-            req, code=key_of(c.id), promotion=True, taken=taken, idempotency_key=key
+            req, code=key_of(cid), promotion=True, taken=taken, idempotency_key=key
         )
         res = await decide(op, preq)
         if res.rejection is not None:
             exc = errors.from_code(res.rejection.error, res.rejection.message)
-            if isinstance(exc, (errors.Unavailable, errors.IdempotencyInProgress)):
-                raise exc  # not now: the checkout is retried whole, with its key
-            continue  # not for this order (limit reached, paused, a rule on its copy)
+            if isinstance(
+                exc, (errors.Unavailable, errors.IdempotencyInProgress, errors.IdempotencyConflict)
+            ):
+                # not now (retried whole, with the key), or the key's record of this
+                # promotion is another request's: whether it was given cannot be told
+                raise exc
+            continue  # not for this order (limit reached, ended, a rule on its copy)
         if res.redemption is not None:
             r = res.redemption
-            got = Applied(c.id, r.discount_amount, r.detail, r.id)
+            got = Applied(cid, r.discount_amount, r.detail, r.id)
             pricing = explained_pricing(r.discount_amount, r.detail)
         else:
             v = res.validation
             if v is None or not v.valid:
                 continue
-            got = Applied(c.id, v.discount_amount, v.detail)
+            got = Applied(cid, v.discount_amount, v.detail)
             pricing = explained_pricing(v.discount_amount, v.detail)
         if got.discount_amount <= 0:
             continue

@@ -32,7 +32,7 @@ from engine.events import (
 from engine.idempotency import Claim, Stored
 from engine.routing import bucket_of
 from engine.shard_state import ShardState
-from store import audit, campaigns, events
+from store import audit, campaigns, events, manifests
 from store.fencing import Fence, claim_shard, current_epoch, fenced, fenced_error
 
 _SERVER_STARTED = "SELECT pg_postmaster_start_time()"
@@ -472,9 +472,10 @@ class PgShardStore:
         chunk: int = 5000,
         fence: Fence | None = None,
     ) -> int:
-        """Delete the idempotency keys of ``buckets`` created before ``before``, ``chunk``
-        rows per statement (each its own short transaction, so the table is never locked
-        for long); returns how many went."""
+        """Delete the idempotency keys of ``buckets`` created before ``before``, and the
+        promotion manifests kept with them, ``chunk`` rows per statement (each its own
+        short transaction, so the table is never locked for long); returns how many keys
+        went."""
         total = 0
         async with self.pool.acquire() as conn:
             while True:
@@ -482,6 +483,11 @@ class PgShardStore:
                     status = await conn.execute(_DELETE_EXPIRED_KEYS, buckets, before, chunk)
                 n = int(status.split()[-1])
                 total += n
+                if n < chunk:
+                    break
+            while True:
+                async with fenced(conn, fence):
+                    n = await manifests.delete_expired(conn, buckets, before, chunk)
                 if n < chunk:
                     return total
 

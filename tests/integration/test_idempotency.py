@@ -26,6 +26,7 @@ from engine.idempotency import Claim
 from engine.routing import bucket_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest, fingerprint
+from store import manifests
 from store.fencing import claim as claim_owner
 from tests.engine_support import fetch, fetchval, redeem_on_core, stored_campaign, uid
 from tests.http_support import bearer
@@ -322,6 +323,51 @@ async def test_the_sweep_deletes_in_chunks_and_only_its_own_buckets(services) ->
             dsn, "SELECT key FROM idempotency_keys WHERE key = ANY($1::text[])", expired + list(kept)
         )}
         assert left == set(kept)
+    finally:
+        await _stop(core)
+
+
+async def test_a_promotion_manifest_stands_as_first_written_and_goes_with_its_bucket(services) -> None:
+    """The promotions a keyed redemption asked: the first list written stands (a retry,
+    or a concurrent attempt, reads it back), and the sweep of the key's bucket deletes it
+    with the idempotency keys once expired."""
+    dsn = services.database_url
+    core = await _core(dsn, 0, _settings(uid("idem"), 2))
+    try:
+        now = datetime.now(UTC)
+        old = now - timedelta(days=3)
+        mine = set(core.buckets)
+
+        def key_in(want_mine: bool) -> str:
+            while (bucket_of(k := uid("man")) in mine) != want_mine:
+                pass
+            return k
+
+        expired, young, theirs = key_in(True), key_in(True), key_in(False)
+        fp, other = fingerprint("promotions", "a"), fingerprint("promotions", "b")
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await manifests.fix(conn, expired, fp, ["p1", "p2"], old) == (fp, ["p1", "p2"])
+            # a retry with the catalog changed: the first list, and what it was for
+            assert await manifests.fix(conn, expired, fp, ["p3"], now) == (fp, ["p1", "p2"])
+            assert await manifests.fix(conn, expired, other, [], now) == (fp, ["p1", "p2"])
+            await manifests.fix(conn, young, fp, ["p1"], now)
+            await manifests.fix(conn, theirs, fp, ["p1"], old)
+        finally:
+            await conn.close()
+        pool = await asyncpg.create_pool(dsn, min_size=4, max_size=4)
+        try:  # attempts at once: one list stands, and every attempt is answered that one
+            race = uid("man")
+            answers = await asyncio.gather(*(manifests.fix(pool, race, fp, [f"r{i}"], now) for i in range(8)))
+            assert len(set(map(str, answers))) == 1 and answers[0][1][0].startswith("r"), answers
+        finally:
+            await pool.close()
+        assert core.store is not None
+        await core.store.delete_expired_keys(core.buckets, now - timedelta(days=1), chunk=1)
+        left = {r["key"] for r in await fetch(
+            dsn, "SELECT key FROM promotion_manifests WHERE key = ANY($1::text[])", [expired, young, theirs]
+        )}
+        assert left == {young, theirs}
     finally:
         await _stop(core)
 
