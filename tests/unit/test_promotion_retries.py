@@ -5,6 +5,7 @@ decided by a real shard state, the manifest kept first-writer-wins as Postgres k
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from engine import errors
 from engine.campaigns import Campaign, Discount, new_campaign
 from engine.shard_state import Outcome, RedeemRequest
-from serve.promotions import Applied, apply
+from serve.promotions import Applied, Manifests, apply
 from tests.unit.test_pools import T0, Shop, active, req
 
 
@@ -87,3 +88,27 @@ def test_an_unkeyed_checkout_keeps_no_list(shop: Shop) -> None:
     catalog: list[Any] = [shop.state.campaign("amount")]
     assert [a.campaign_id for a in run(shop, req("", 5000, "ann"), catalog, kept)] == ["amount"]
     assert kept.lists == {}
+
+
+@pytest.mark.parametrize("trouble", ["hangs", "refuses"])
+def test_a_list_postgres_cannot_keep_is_a_503_in_bounded_time(shop: Shop, trouble: str) -> None:
+    class Db:
+        async def fetchrow(self, *args: Any) -> Any:
+            if trouble == "hangs":
+                await asyncio.sleep(60)
+            raise OSError("connection refused")
+
+    async def db() -> Db:
+        return Db()
+
+    manifests = Manifests(db, timeout_s=0.2)  # type: ignore[arg-type]
+    r = req("", 5000, "ann", idempotency_key="u:usr_1:order-1")
+
+    async def decide(op: str, preq: RedeemRequest) -> Outcome:
+        return shop.state.redeem_one(preq)
+
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        asyncio.run(apply("redeem", r, None, [shop.state.campaign("amount")], decide, manifests.fix))
+    assert time.monotonic() - t0 < 2
+    assert given(shop) == {}  # nothing was given before the list was kept
