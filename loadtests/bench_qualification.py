@@ -22,6 +22,10 @@ sent at its arrival, latency counted from it, so the client's own backlog is not
 and ``--seconds`` of ``--connections`` closed loops (saturation: the throughput, with
 latencies that are mostly queueing). Target: the default qualification's p99 at
 ``--rate`` <= 20 ms.
+
+The timed load comes from ``loadtests.rawhttp`` (``--client raw``, the default): the client
+runs on the engine's two cores, and an httpx request costs as much CPU as the gateway's
+work on it (``--client httpx`` measures with httpx, for comparison).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 import httpx
 
 from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS
+from loadtests import rawhttp
 from loadtests.bench_plumbing import http_engine
 from loadtests.harness import machine_summary, percentile, record
 
@@ -239,12 +244,14 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
              "/v1/qualifications", qual_body),
             (f"qualification of every offer (limit {MAX_OFFERS})", "/v1/qualifications", qual_every),
         ]
+        closed, opened_loop = (closed_loop, open_loop) if args.client == "httpx" else (
+            rawhttp.closed_loop, rawhttp.open_loop)
         for _, path, body in targets:  # warm-up
-            asyncio.run(closed_loop(base, path, body, headers, args.connections, args.warmup))
+            asyncio.run(closed(base, path, body, headers, args.connections, args.warmup))
         # service time: one request at a time
         seq: dict[str, list[float]] = {}
         for name, path, body in targets:
-            seq[name] = asyncio.run(closed_loop(base, path, body, headers, 1, args.seconds / 2))[0]
+            seq[name] = asyncio.run(closed(base, path, body, headers, 1, args.seconds / 2))[0]
         load_before = os.getloadavg()[0]
         opened: dict[str, list[float]] = {t[0]: [] for t in targets}
         lat: dict[str, list[float]] = {t[0]: [] for t in targets}
@@ -253,13 +260,13 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         arrivals = random.Random(args.seed)
         for rnd in range(args.rounds):
             for name, path, body in targets:
-                ol, b = asyncio.run(open_loop(base, path, body, headers, args.rate, args.seconds, arrivals))
+                ol, b = asyncio.run(opened_loop(base, path, body, headers, args.rate, args.seconds, arrivals))
                 opened[name] += ol
                 bad[name] += b
                 p50, p99, _ = _pct(ol)
                 print(f"round {rnd + 1} {name}, {args.rate:g}/s open loop: p50 {p50:.2f} p99 {p99:.2f} ms",
                       flush=True)
-                ls, el, b = asyncio.run(closed_loop(base, path, body, headers, args.connections, args.seconds))
+                ls, el, b = asyncio.run(closed(base, path, body, headers, args.connections, args.seconds))
                 lat[name] += ls
                 secs[name] += el
                 bad[name] += b
@@ -302,7 +309,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         f"Every-offer answer: {len(first)} offers ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), "
         f"{size / 1024:.0f} KiB of JSON; each was checked against a validation of its code, and the "
         f"default answer is its first {DEFAULT_OFFERS}. "
-        f"Load, from httpx clients in this process (sharing the 2 cores with everything else): "
+        f"Load, from {'httpx clients' if args.client == 'httpx' else 'loadtests.rawhttp clients'} in this "
+        "process (sharing the 2 cores with everything else): "
         f"{args.warmup:g} s warm-up; {args.seconds / 2:g} s of one request at a time per target; then "
         f"per round and target {args.seconds:g} s of Poisson arrivals at {args.rate:g}/s (open loop: "
         f"latency from each arrival) and {args.seconds:g} s of {args.connections} closed loops "
@@ -327,6 +335,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="the timed load's client: loadtests.rawhttp (lean) or httpx")
     p.add_argument("--setup-threads", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--record", action="store_true", help="write the result into BENCHMARKS.md")
