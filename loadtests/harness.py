@@ -289,6 +289,25 @@ def machine_summary() -> str:
     )
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """``(stolen, total)`` CPU ticks of the whole machine so far (``/proc/stat``; zeros
+    elsewhere). Stolen ticks are the time a virtual machine's CPUs were runnable but the
+    host ran something else: the share of a window stolen says how much a noisy neighbour
+    slowed every process measured in it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the CPU time between two :func:`cpu_ticks` readings the host took."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 _SECTION_RE = re.compile(r"^## (?P<title>.+?)\s*$", re.MULTILINE)
 
 
