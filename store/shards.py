@@ -19,6 +19,7 @@ from engine.campaigns import Campaign
 from engine.events import (
     ASSIGNED,
     AVAILABLE,
+    R_ACTIVE,
     R_ROLLED_BACK,
     VOID,
     Batch,
@@ -339,10 +340,14 @@ class PgShardStore:
                     state.load_control(r[0], Control(r[1], r[2], r[3]))
                 # Redemptions in the order they were made (a rollback's counters follow
                 # its redemption); the table's own order is close to it, so the sort is
-                # cheap, and rows stream through a cursor like everything else here.
+                # cheap, and rows stream through a cursor like everything else here. An
+                # active one keeps its metadata and lines, as it had before the restart,
+                # for its rollback's answer; a rolled-back one needs neither.
                 async for r in conn.cursor(
                     "SELECT id, campaign_id, code, customer_id, order_id, order_amount, currency,"
-                    " discount_amount, balance_after, created_at, status, rolled_back_at"
+                    " discount_amount, balance_after, created_at, status, rolled_back_at,"
+                    f" CASE WHEN status = {R_ACTIVE:d} THEN metadata::text END,"
+                    f" CASE WHEN status = {R_ACTIVE:d} THEN detail::text END"
                     " FROM redemptions WHERE bucket = ANY($1::int2[]) ORDER BY created_at",
                     buckets,
                     prefetch=_LOAD_PREFETCH,

@@ -21,14 +21,15 @@ import pytest
 
 from actors.shard import ShardCore
 from engine import errors
-from engine.campaigns import Campaign, transition
+from engine.campaigns import Campaign, Discount, transition
+from engine.orders import Item
 from engine.idempotency import Claim
 from engine.routing import bucket_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest, fingerprint
 from store import manifests
 from store.fencing import claim as claim_owner
-from tests.engine_support import fetch, fetchval, redeem_on_core, stored_campaign, uid
+from tests.engine_support import _OUTCOMES, fetch, fetchval, redeem_on_core, stored_campaign, uid
 from tests.http_support import bearer
 from tests.integration.test_http_api import _campaign, _codes_of, _generate, _login
 
@@ -133,6 +134,36 @@ async def test_one_key_with_two_codes_on_two_shards_runs_once_and_survives_resta
     row = await _key_row(dsn, key)
     assert row is not None and bytes(row["response"]) == msgspec.msgpack.encode(first)
     assert row["bucket"] == bucket_of(code0)
+
+
+async def test_a_redemption_rolled_back_after_a_restart_answers_as_before_it(services) -> None:
+    """A cart redemption with metadata, rolled back by a shard that restarted since: the
+    rollback's answer still says how the discount fell on the lines, and the metadata."""
+    dsn = services.database_url
+    settings = _settings(uid("idem"), 1)
+    c = await stored_campaign(dsn, id=uid("idem-cart"), type="discount",
+                              discount=Discount("percent", 10, target="items"))
+    [code] = _codes_on(1, 0, 1)
+    core = await _core(dsn, 0, settings)
+    await core.add_codes(c.id, [code])
+    req = msgspec.structs.replace(
+        _req(code, None, 2500), metadata='{"channel":"web","basket":[1,2]}', shipping=300,
+        items=(Item("SHOE", 2, 1000), Item("SOCK", 1, 500)),
+    )
+    [made] = await _redeem(core, req)
+    assert made.redemption is not None and made.redemption.detail is not None
+    await core.flush()
+    await _stop(core)
+    core = await _core(dsn, 0, settings)
+    try:
+        [back] = _OUTCOMES.decode(await core.refs_many(
+            "rollback", msgspec.msgpack.encode([(made.redemption.id, None)])))
+    finally:
+        await _stop(core)
+    r = back.redemption
+    assert r is not None and r.status == 1
+    assert msgspec.json.decode(r.detail or "null") == msgspec.json.decode(made.redemption.detail)
+    assert msgspec.json.decode(r.metadata or "null") == {"channel": "web", "basket": [1, 2]}
 
 
 async def test_two_bodies_racing_on_two_shards_run_once(services) -> None:
