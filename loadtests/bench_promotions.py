@@ -35,7 +35,7 @@ import httpx
 
 from loadtests.bench_plumbing import fetch_count, http_engine
 from loadtests.bench_qualification import HIGH_INTEGRATION_RATE, _ok, _pct
-from loadtests.harness import machine_summary, record
+from loadtests.harness import machine_summary, report
 
 SECTION = "HTTP: redemptions with automatic promotions"
 CURRENCY = "NOK"  # no other benchmark's campaign fits these orders
@@ -185,11 +185,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         f"then {args.rounds} round(s) of {args.seconds:g} s per target in turn."
     )
     table = "\n".join(rows) + "\n\n" + "\n".join(checks)
-    print(table)
-    print(notes)
-    if args.record:
-        command = " ".join(["python -m loadtests.bench_promotions", *sys.argv[1:]])
-        record(SECTION, command, table, notes=notes)
+    report(SECTION, "loadtests.bench_promotions", table, notes, args.record)
     return table, ok
 
 

@@ -48,7 +48,7 @@ import httpx
 from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS
 from loadtests import rawhttp
 from loadtests.bench_plumbing import http_engine
-from loadtests.harness import cpu_ticks, machine_summary, percentile, record, stolen_share
+from loadtests.harness import cpu_ticks, machine_summary, percentile, report, stolen_share
 
 SECTION = "HTTP: POST /v1/qualifications against 1,000 campaigns"
 TARGET_P99_MS = 20.0
@@ -184,15 +184,7 @@ async def open_loop(
             if r.status_code != 200:
                 bad += 1
 
-        t0 = time.perf_counter()
-        at, tasks = t0, []
-        while at < t0 + seconds:
-            at += rng.expovariate(rate)
-            delay = at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(at)))
-        await asyncio.gather(*tasks)
+        await rawhttp.poisson(rate, seconds, rng, one)
     return lat, bad
 
 
@@ -337,11 +329,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         f"before / after the measured windows: {load_before:.1f} / {load_after:.1f}."
     )
     table = "\n".join(rows) + "\n\n" + "\n".join(checks)
-    print(table)
-    print(notes)
-    if args.record:
-        command = " ".join(["python -m loadtests.bench_qualification", *sys.argv[1:]])
-        record(SECTION, command, table, notes=notes)
+    report(SECTION, "loadtests.bench_qualification", table, notes, args.record)
     return table, met
 
 

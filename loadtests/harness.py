@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -287,6 +288,15 @@ def machine_summary() -> str:
         f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"
     )
+
+
+def report(section_title: str, module: str, table: str, notes: str, write: bool) -> None:
+    """Print a benchmark's ``table`` and ``notes``; with ``write``, also :func:`record`
+    them, with the command line that ran ``module`` (this process's arguments)."""
+    print(table)
+    print(notes)
+    if write:
+        record(section_title, " ".join(["python -m", module, *sys.argv[1:]]), table, notes=notes)
 
 
 def cpu_ticks() -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -124,15 +125,24 @@ async def open_loop(
         bad += status != want
 
     try:
-        t0 = time.perf_counter()
-        at, tasks = t0, []
-        while at < t0 + seconds:
-            at += rng.expovariate(rate)
-            delay = at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(at)))
-        await asyncio.gather(*tasks)
+        await poisson(rate, seconds, rng, one)
         return lat, bad
     finally:
         post.close()
+
+
+async def poisson(
+    rate: float, seconds: float, rng: random.Random, start: Callable[[float], Coroutine[Any, Any, None]]
+) -> None:
+    """``start(at)`` at each arrival of a Poisson process of ``rate`` per second for
+    ``seconds`` (``at``: its ``perf_counter`` time), whatever the earlier ones are doing;
+    returns when every one has finished."""
+    t0 = time.perf_counter()
+    at, tasks = t0, list[asyncio.Task[None]]()
+    while at < t0 + seconds:
+        at += rng.expovariate(rate)
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(start(at)))
+    await asyncio.gather(*tasks)

@@ -22,8 +22,8 @@ import pytest
 from actors.shard import ShardCore
 from engine import errors
 from engine.campaigns import Campaign, Discount, transition
-from engine.orders import Item
 from engine.idempotency import Claim
+from engine.orders import Item
 from engine.routing import bucket_of
 from engine.settings import Settings
 from engine.shard_state import Outcome, RedeemRequest, fingerprint
