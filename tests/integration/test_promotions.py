@@ -46,15 +46,20 @@ def _post(url: str, path: str, body: dict[str, Any], headers: dict[str, str]) ->
 
 
 def _until(url: str, headers: dict[str, str], body: dict[str, Any], want: set[str]) -> dict[str, Any]:
-    """The validation of ``body`` once every promotion of ``want`` is in it (a replica
-    sees a promotion within its catalog's refresh, 2 s); at most 20 s."""
+    """The validation of ``body`` once every promotion of ``want`` is in it, at most 20 s.
+
+    One replica answering with them does not mean the other has refreshed: a replica's
+    catalog is at most its refresh (2 s) older than the request it answers. So once seen,
+    this waits that long again, after which every replica answers with them."""
     deadline = time.monotonic() + 20
     while True:
         r = _post(url, "validations", body, headers)
         assert r.status_code == 200, r.text
         got = {p["campaign_id"] for p in r.json().get("promotions") or []}
-        if want <= got or time.monotonic() > deadline:
+        if want <= got:
+            time.sleep(2.5)
             return dict(r.json())
+        assert time.monotonic() < deadline, f"no replica gives {want - got} after 20 s: {r.text}"
         time.sleep(0.3)
 
 
