@@ -1,7 +1,7 @@
 """The shop webhook dispatcher: reads the event stream per endpoint and delivers it.
 
 Each enabled endpoint has a position in the event stream (Postgres, ``webhook_endpoints``).
-A round reads the next events after it (``store.webhooks.read_events``), posts each one,
+A round reads the next events after it (``store.webhooks.read_page``), posts each one,
 signed (:mod:`engine.webhooks`), and then, in one transaction, logs every attempt,
 schedules the failed ones for a retry with exponential backoff and moves the position on.
 A dispatcher that dies before that commit sends the round again when it comes back: at
@@ -44,6 +44,8 @@ log = logging.getLogger("voucher.webhooks")
 _json = msgspec.json.Encoder()
 USER_AGENT = "voucher-engine-webhooks/1"
 PRUNE_EVERY_S = 60.0
+#: how long one endpoint's read of the stream looks on before its round posts what it has
+READ_BUDGET_S = 0.5
 PRUNE_CHUNK = 10_000
 
 
@@ -212,12 +214,13 @@ class Dispatcher:
         """Deliver the next events after ``ep``'s position; whether more may be waiting."""
         assert self.pool is not None
         s = self.settings
-        page = await store.read_events(
+        page = await store.read_page(
             self.pool,
             ep.position,
             types=wh.expand(ep.events),
             limit=s.webhook_batch,
             window=s.webhook_scan_txids,
+            budget_s=READ_BUDGET_S,
         )
         if not page.events and page.next == ep.position:
             return False

@@ -395,8 +395,9 @@ _ENV: dict[str, tuple[str, str]] = {
     ),
     "webhook_scan_txids": (
         "VOUCHER_WEBHOOK_SCAN_TXIDS",
-        "Transaction ids one read of the event stream looks through at most, so an endpoint "
-        "far behind reads its backlog slice by slice.",
+        "Transaction ids one slice of the event stream looks through at most; a read starts "
+        "with 100 and doubles while the stretch is sparse, so a reader far behind (an "
+        "endpoint, GET /v1/events) reads its backlog slice by slice.",
     ),
     "webhook_concurrency": (
         "VOUCHER_WEBHOOK_CONCURRENCY",

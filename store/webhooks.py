@@ -10,6 +10,7 @@ the group commit writes no row for its events. Reads go in commit order (see
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -43,24 +44,32 @@ _FROM_EVENTS = (
     + " AND ($5::timestamptz IS NULL OR e.created_at >= $5) AND e.type = ANY($7::text[])"
     " ORDER BY e.txid, e.id LIMIT $6"
 )
-_FROM_SUCCEEDED = (
-    f"SELECT r.txid AS t, 0 AS k, '{wh.SUCCEEDED_PREFIX}' || r.id AS id,"
+# A redemption event's columns, built from its row ``r``. The page reads pick their rows
+# by position first (``q``: two columns, sorted and cut to the limit) and build these for
+# the picked rows only: a slice can hold far more rows than a page takes.
+_SUCCEEDED_COLUMNS = (
+    f"r.txid AS t, 0 AS k, '{wh.SUCCEEDED_PREFIX}' || r.id AS id,"
     f" '{wh.SUCCEEDED}' AS type, r.campaign_id, r.id AS resource_id, r.created_at,"
-    f" {_REDEMPTION_JSON}, 'status', 'redeemed') AS data FROM redemptions r WHERE "
-    + _AFTER.format(t="r.txid", k="0", i=f"('{wh.SUCCEEDED_PREFIX}' || r.id)", lo="$1::text::int8", hi="$4::text::int8")
-    + " AND ($5::timestamptz IS NULL OR r.created_at >= $5)"
-    " ORDER BY r.txid, r.id LIMIT $6"
+    f" {_REDEMPTION_JSON}, 'status', 'redeemed') AS data"
+)
+_ROLLED_BACK_COLUMNS = (
+    f"r.rb_txid AS t, 1 AS k, '{wh.ROLLED_BACK_PREFIX}' || r.id AS id,"
+    f" '{wh.ROLLED_BACK}' AS type, r.campaign_id, r.id AS resource_id, r.rolled_back_at AS created_at,"
+    f" {_REDEMPTION_JSON}, 'status', 'rolled_back', 'rolled_back_at', r.rolled_back_at) AS data"
+)
+_FROM_SUCCEEDED = (
+    f"SELECT {_SUCCEEDED_COLUMNS} FROM (SELECT q.id FROM redemptions q WHERE "
+    + _AFTER.format(t="q.txid", k="0", i=f"('{wh.SUCCEEDED_PREFIX}' || q.id)", lo="$1::text::int8", hi="$4::text::int8")
+    + " AND ($5::timestamptz IS NULL OR q.created_at >= $5)"
+    " ORDER BY q.txid, q.id LIMIT $6) AS p JOIN redemptions r ON r.id = p.id"
 )
 _FROM_ROLLED_BACK = (
-    f"SELECT r.rb_txid AS t, 1 AS k, '{wh.ROLLED_BACK_PREFIX}' || r.id AS id,"
-    f" '{wh.ROLLED_BACK}' AS type, r.campaign_id, r.id AS resource_id, r.rolled_back_at AS created_at,"
-    f" {_REDEMPTION_JSON}, 'status', 'rolled_back', 'rolled_back_at', r.rolled_back_at)"
-    " AS data FROM redemptions r WHERE r.rb_txid IS NOT NULL AND "
+    f"SELECT {_ROLLED_BACK_COLUMNS} FROM (SELECT q.id FROM redemptions q WHERE q.rb_txid IS NOT NULL AND "
     + _AFTER.format(
-        t="r.rb_txid", k="1", i=f"('{wh.ROLLED_BACK_PREFIX}' || r.id)", lo="$1::text::int8", hi="$4::text::int8"
+        t="q.rb_txid", k="1", i=f"('{wh.ROLLED_BACK_PREFIX}' || q.id)", lo="$1::text::int8", hi="$4::text::int8"
     )
-    + " AND ($5::timestamptz IS NULL OR r.rolled_back_at >= $5)"
-    " ORDER BY r.rb_txid, r.id LIMIT $6"
+    + " AND ($5::timestamptz IS NULL OR q.rolled_back_at >= $5)"
+    " ORDER BY q.rb_txid, q.id LIMIT $6) AS p JOIN redemptions r ON r.id = p.id"
 )
 
 _EVENT_COLUMNS = "t, k, id, type, campaign_id, resource_id, created_at, data"
@@ -139,6 +148,49 @@ async def read_events(
     return Page(events, nxt, hi >= xmin)
 
 
+#: transaction ids the first slice of a page looks through (see :func:`read_page`)
+FIRST_SLICE = 100
+#: a slice read faster than this leaves room for one twice as wide
+CHEAP_SLICE_S = 0.05
+
+
+async def read_page(
+    db: Db,
+    after: Position,
+    *,
+    types: frozenset[str] | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+    window: int,
+    budget_s: float,
+) -> Page:
+    """Up to ``limit`` events after ``after``, read slice by slice until the page is full,
+    the stream's end is reached or ``budget_s`` is spent.
+
+    A slice's cost grows with the rows in it, and a transaction id can hold thousands (a
+    group commit), so the first slice looks through :data:`FIRST_SLICE` ids only, and each
+    slice that leaves the page short and took less than :data:`CHEAP_SLICE_S` doubles the
+    next, up to ``window``: a dense stretch is read in small slices, a sparse one (a quiet
+    night, a filter few events pass) in large ones. A page far behind costs about what a page near the end does, not a read of the
+    whole backlog; it may hold fewer than ``limit`` events, even none, without being
+    ``complete``."""
+    deadline = time.monotonic() + budget_s
+    events: list[dict[str, Any]] = []
+    span = min(FIRST_SLICE, window)
+    while True:
+        started = time.monotonic()
+        page = await read_events(
+            db, after, types=types, since=since, limit=limit - len(events), window=span
+        )
+        events += page.events
+        after = page.next
+        now = time.monotonic()
+        if page.complete or len(events) >= limit or now >= deadline:
+            return Page(events, after, page.complete)
+        if now - started < CHEAP_SLICE_S:
+            span = min(span * 2, window)
+
+
 _BY_ID_TABLE = (
     f"SELECT {_EVENT_COLUMNS} FROM (SELECT e.txid::text::int8 AS t, 0 AS k, e.id, e.type,"
     " e.campaign_id, e.resource_id, e.created_at, e.data FROM events e WHERE e.id = $1) AS u"
@@ -152,10 +204,11 @@ async def get_event(db: Db, event_id: str) -> dict[str, Any] | None:
         row = await db.fetchrow(_BY_ID_TABLE, event_id)
         return None if row is None else _event(row)
     kind, rid = red
-    part = _FROM_SUCCEEDED if kind == wh.SUCCEEDED else _FROM_ROLLED_BACK
-    head, _, _ = part.partition(" WHERE ")
-    cond = "r.id = $1" + (" AND r.rb_txid IS NOT NULL" if kind == wh.ROLLED_BACK else "")
-    row = await db.fetchrow(head + " WHERE " + cond, rid)
+    if kind == wh.SUCCEEDED:
+        sql = f"SELECT {_SUCCEEDED_COLUMNS} FROM redemptions r WHERE r.id = $1"
+    else:
+        sql = f"SELECT {_ROLLED_BACK_COLUMNS} FROM redemptions r WHERE r.id = $1 AND r.rb_txid IS NOT NULL"
+    row = await db.fetchrow(sql, rid)
     return None if row is None else _event(row)
 
 

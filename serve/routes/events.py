@@ -4,7 +4,9 @@ Redemption events (``redemption.succeeded`` ``evt_<redemption id>``,
 ``redemption.rolled_back`` ``evt_rb_<redemption id>``) are read from the redemptions
 themselves; the others from the ``events`` table (``store.webhooks``). A page holds the
 events committed before the oldest transaction still running, so following
-``next_cursor`` never skips an event that commits late.
+``next_cursor`` never skips an event that commits late. A page reads the stream slice by
+slice (``store.webhooks.read_page``), as webhook delivery does, for about a second at
+most: its cost does not grow with how many events lie behind it.
 """
 
 import re
@@ -37,6 +39,9 @@ def _rfc3339(value: object) -> object:
 
 Since = Annotated[datetime | None, BeforeValidator(_rfc3339)]
 
+#: how long one page reads the stream at most before it answers with a cursor
+PAGE_BUDGET_S = 1.0
+
 Reader = Annotated[Principal, require("events.read")]
 
 
@@ -51,7 +56,11 @@ async def list_events(
     cursor: str | None = Query(None, max_length=400),
     limit: int = Query(100, ge=1, le=1000),
 ) -> Any:
-    """Events oldest first; ``next_cursor`` is null when the page reached the end."""
+    """Events oldest first; ``next_cursor`` is null when the page reached the end.
+
+    A page reads the stream slice by slice for about a second at most, so a page far
+    behind (or with filters few events pass) may hold fewer than ``limit`` events, or
+    none, and still give a ``next_cursor``: follow it until it is null."""
     types = None
     if type is not None:
         types = frozenset(wh.event_types([t.strip() for t in type.split(",") if t.strip()], "type"))
@@ -61,8 +70,14 @@ async def list_events(
             since = since.astimezone(UTC)
         except (OverflowError, ValueError):
             raise InvalidInput("since is outside the range of timestamps") from None
-    page = await store.read_events(
-        await svc.import_db(), after, types=types, since=since, limit=limit
+    page = await store.read_page(
+        await svc.import_db(),
+        after,
+        types=types,
+        since=since,
+        limit=limit,
+        window=svc.settings.webhook_scan_txids,
+        budget_s=PAGE_BUDGET_S,
     )
     return {
         "data": [{"object": "event", **e} for e in page.events],

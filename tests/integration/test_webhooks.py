@@ -11,14 +11,18 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
 
 from engine import webhooks as wh
+from engine.webhooks import Position
+from store import webhooks as store
 from tests.engine_support import campaign_codes, fetchval
 from tests.http_support import admin_headers, create_campaign, discount_body, generate_codes
 from tests.support import free_port
@@ -241,6 +245,7 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
     http_api: Any, admin: dict[str, str]
 ) -> None:
     url, dsn = http_api.url, http_api.database_url
+    t0 = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     c = create_campaign(url, admin, discount_body("events"))
     generate_codes(url, admin, c["id"], 12)
     httpx.post(f"{url}/v1/campaigns/{c['id']}/activate", headers=admin).raise_for_status()
@@ -271,9 +276,11 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
         """This campaign's redemption events (its campaign.* events are checked apart)."""
         return [e for e in events if e["campaign_id"] == c["id"] and e["type"].startswith("redemption.")]
 
-    everything = _wait(lambda: (lambda ev: ev if len(ev) == 11 else None)(mine(listing(limit=3))))
+    # pages of 3 from this test's start (the session's earlier events are not paged by 3)
+    everything = _wait(lambda: (lambda ev: ev if len(ev) == 11 else None)(mine(listing(since=t0, limit=3))))
     ids = [e["id"] for e in everything]
     assert len(set(ids)) == 11
+    assert [e["id"] for e in mine(listing(limit=1000))] == ids  # the same from the stream's start
     assert ids[:10] == [wh.succeeded_id(r) for r in rids]  # commit order
     assert ids[10] == wh.rolled_back_id(rids[0])
     assert everything[3]["data"]["metadata"] == {"n": 3}
@@ -296,3 +303,48 @@ def test_events_list_in_commit_order_with_filters_and_cursors(
         assert r.status_code == 422, (params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
     assert httpx.get(f"{url}/v1/events").status_code == 401
+
+
+def test_pages_read_slice_by_slice_miss_nothing_and_repeat_nothing(http_api: Any, admin: dict[str, str]) -> None:
+    """Pages read in slices of a few transaction ids (so many end short of their limit,
+    some empty, without being the end) give, cursor after cursor, exactly the stream one
+    read gives."""
+    url, dsn = http_api.url, http_api.database_url
+    start = Position(int(asyncio.run(fetchval(dsn, "SELECT txid_current()"))))
+    c = create_campaign(url, admin, discount_body("slices"))
+    generate_codes(url, admin, c["id"], 30)
+    httpx.post(f"{url}/v1/campaigns/{c['id']}/activate", headers=admin).raise_for_status()
+    expected = []
+    for i, code in enumerate(sorted(asyncio.run(campaign_codes(dsn, c["id"])))[:30]):
+        r = httpx.post(f"{url}/v1/redemptions", headers=admin,
+                       json={"code": code, "order": {"id": f"o-sl-{i}", "amount": 1000, "currency": "EUR"}})
+        assert r.status_code == 201, r.text
+        expected.append(wh.succeeded_id(r.json()["id"]))
+        if i % 4 == 0:
+            httpx.post(f"{url}/v1/redemptions/{r.json()['id']}/rollback", headers=admin).raise_for_status()
+            expected.append(wh.rolled_back_id(r.json()["id"]))
+
+    async def run() -> tuple[list[str], list[list[str]]]:
+        db = await asyncpg.connect(dsn)
+        try:
+            xmin = await store.snapshot_xmin(db)
+            whole = await store.read_events(db, start, limit=100_000, window=xmin - start.txid)
+            assert whole.next.txid == xmin and len(whole.events) < 100_000
+            pages, at = [], start
+            while at.txid < xmin:
+                # one slice of 5 transaction ids (no time to read on), or as many as 50 ms allow
+                page = await store.read_page(db, at, limit=7, window=5, budget_s=0.05 * (len(pages) % 2))
+                assert len(page.events) <= 7
+                pages.append([e["id"] for e in page.events])
+                assert (page.next.txid, page.next.kind, page.next.id) > (at.txid, at.kind, at.id)
+                at = page.next
+            return [e["id"] for e in whole.events], pages
+        finally:
+            await db.close()
+
+    whole, pages = asyncio.run(run())
+    assert [i for i in whole if i in set(expected)] == expected  # commit order
+    paged = [i for p in pages for i in p]
+    assert paged[: len(whole)] == whole  # the last pages may hold events committed since
+    assert len(paged) == len(set(paged))
+    assert any(len(p) < 7 for p in pages[:-1])  # short pages that were not the end
