@@ -171,9 +171,9 @@ async def read_page(
     group commit), so the first slice looks through :data:`FIRST_SLICE` ids only, and each
     slice that leaves the page short and took less than :data:`CHEAP_SLICE_S` doubles the
     next, up to ``window``: a dense stretch is read in small slices, a sparse one (a quiet
-    night, a filter few events pass) in large ones. A page far behind costs about what a page near the end does, not a read of the
-    whole backlog; it may hold fewer than ``limit`` events, even none, without being
-    ``complete``."""
+    night, a filter few events pass) in large ones. A page far behind costs about what a
+    page near the end does, not a read of the whole backlog; it may hold fewer than
+    ``limit`` events, even none, without being ``complete``."""
     deadline = time.monotonic() + budget_s
     events: list[dict[str, Any]] = []
     span = min(FIRST_SLICE, window)
