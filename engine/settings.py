@@ -93,6 +93,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     webhook_idle_priority: bool = True
     webhook_log_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
+    export_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 7
     webhook_max_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1_000_000.0)] = 0.0
     sms_webhook_url: str | None = None
     push_webhook_url: str | None = None
@@ -430,6 +431,11 @@ _ENV: dict[str, tuple[str, str]] = {
         "deliveries take only the CPU time nothing else wants, so checkout keeps its cores; "
         "in a burst that saturates the node they fall behind and catch up after it. "
         "`false`: the nice level above.",
+    ),
+    "export_retention_days": (
+        "VOUCHER_EXPORT_RETENTION_DAYS",
+        "Days a finished (or failed) code export is kept; then it is deleted with its file, "
+        "as DELETE /v1/exports/{id} does.",
     ),
     "webhook_max_rate": (
         "VOUCHER_WEBHOOK_MAX_RATE",

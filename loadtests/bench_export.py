@@ -9,7 +9,9 @@ codes into one campaign (not timed) and redeems ``--redeem`` of them, then per r
 ``GET /v1/exports/{id}/download`` to the end (the download). The file is checked against
 Postgres: one line per code, the codes in code order and each code's status as stored.
 Reports the job's, the download's and the total time, and codes/s. Target: 1M codes
-exported (job and download) in at most 10 s.
+exported (job and download) in at most 10 s. Then the export is deleted
+(``DELETE /v1/exports/{id}``): the time until the answer, and until Postgres holds nothing
+of it (the gateway's sweep purges the file in the background).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 
 from loadtests.bench_plumbing import http_engine
@@ -67,8 +70,32 @@ async def _expected(dsn: str, cid: str) -> tuple[int, str]:
         await conn.close()
 
 
-def _export(c: httpx.Client, admin: dict[str, str], cid: str) -> tuple[float, float, int, str]:
-    """(job s, download s, bytes, digest of code,status lines) of one export."""
+def _delete(c: httpx.Client, admin: dict[str, str], dsn: str, export_id: str) -> tuple[float, float]:
+    """(s until ``DELETE /v1/exports/{id}`` answers, s until Postgres holds nothing of the
+    export) of deleting a finished export."""
+    t0 = time.perf_counter()
+    r = c.delete(f"/v1/exports/{export_id}", headers=admin)
+    assert r.status_code == 200, r.text
+    answered = time.perf_counter() - t0
+    assert c.get(f"/v1/exports/{export_id}", headers=admin).status_code == 404
+
+    async def left() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval(
+                "SELECT (SELECT count(*) FROM exports WHERE id = $1)"
+                " + (SELECT count(*) FROM export_chunks WHERE export_id = $1)", export_id))
+        finally:
+            await conn.close()
+
+    while asyncio.run(left()):
+        assert time.perf_counter() - t0 < 600, "the export's file was not purged in 600 s"
+        time.sleep(0.1)
+    return answered, time.perf_counter() - t0
+
+
+def _export(c: httpx.Client, admin: dict[str, str], cid: str) -> tuple[float, float, int, str, str]:
+    """(job s, download s, bytes, digest of code,status lines, export id) of one export."""
     names = {"available": 0, "assigned": 1, "redeemed": 2, "void": 3}
     t0 = time.perf_counter()
     r = c.post(f"/v1/campaigns/{cid}/exports", json={"format": "csv"}, headers=admin)
@@ -93,7 +120,7 @@ def _export(c: httpx.Client, admin: dict[str, str], cid: str) -> tuple[float, fl
     for line in lines:
         code, status, _ = line.split(",", 2)
         digest.update(f"{code},{names[status]}\n".encode())
-    return job_s, download_s, size, digest.hexdigest()
+    return job_s, download_s, size, digest.hexdigest(), export_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         count, want = asyncio.run(_expected(dsn, cid))
         assert count == args.codes, count
         for i in range(args.rounds):
-            job_s, dl_s, size, got = _export(c, admin, cid)
+            job_s, dl_s, size, got, export_id = _export(c, admin, cid)
             assert got == want, "the CSV differs from Postgres"
             total = job_s + dl_s
             rows.append((job_s, dl_s, total))
+            answered, purged = _delete(c, admin, dsn, export_id)
             print(
                 f"round {i + 1}: job {job_s:.2f} s, download {dl_s:.2f} s ({size / 1e6:.1f} MB,"
                 f" {size / 1e6 / dl_s:.0f} MB/s), total {total:.2f} s"
-                f" ({args.codes / total:,.0f} codes/s); every line checked against Postgres",
+                f" ({args.codes / total:,.0f} codes/s); every line checked against Postgres;"
+                f" deleted: answered in {answered * 1000:.0f} ms, file purged after {purged:.2f} s",
                 flush=True,
             )
     med = statistics.median(t for _, _, t in rows)

@@ -623,6 +623,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "codes.read": _STAFF_READ,
     "exports.create": _STAFF_WRITE,
     "exports.read": _STAFF_READ,
+    "exports.delete": _STAFF_WRITE,
     "redemptions.read": frozenset({"admin", "manager", "analyst", "integration"}),
     "webhooks.read": _STAFF_WRITE,
     "webhooks.write": _STAFF_WRITE,

@@ -200,7 +200,7 @@ class Gateway:
             devices=DeviceTokens(secret),
             health=HealthProbe(engine=engine, dsn=dsn, valkey_ping=limiter.ping),
             import_db=LazyPool(dsn, 2),
-            records=Records(dsn),
+            records=Records(dsn, retention_s=config.export_retention_days * 86400.0),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -5,7 +5,10 @@ Reads are single keyset pages on the replica's own small pool (``store.records``
 are jobs in Postgres (``store.exports``): the replica that accepts one runs it at once, a
 chunk per transaction, renewing its lease with every chunk; every replica also looks, every
 ``SWEEP_S``, for running exports whose lease ran out (the replica running them stopped) and
-continues them where they stopped. Nothing here touches a shard.
+continues them where they stopped. The same sweep marks deleted the exports older than the
+retention (``VOUCHER_EXPORT_RETENTION_DAYS``) and deletes the files of deleted exports, a
+few chunks per statement, for at most ``PURGE_S`` of the sweep.
+Nothing here touches a shard.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine.audit import Actor
@@ -25,6 +30,7 @@ log = logging.getLogger("voucher.exports")
 
 LEASE_S = 30.0
 SWEEP_S = 2.0
+PURGE_S = 1.0  # of each sweep, at most, deleting the files of deleted exports
 ATTEMPTS = 5  # failed runs of one export on a replica before it is marked failed
 
 
@@ -32,10 +38,13 @@ class Records:
     """The replica's pool for records and its export runner (started with the replica's
     event loop, or on first use when built outside one)."""
 
-    def __init__(self, dsn: str, size: int = 4, *, lease_s: float = LEASE_S) -> None:
+    def __init__(
+        self, dsn: str, size: int = 4, *, lease_s: float = LEASE_S, retention_s: float = 7 * 86400.0
+    ) -> None:
         self.db = LazyPool(dsn, size)
         self.runner = f"gw-{os.getpid()}-{os.urandom(4).hex()}"
         self.lease_s = lease_s
+        self.retention_s = retention_s
         self._running: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._failures: dict[str, int] = {}
@@ -67,6 +76,19 @@ class Records:
         self._run(job["id"])
         return job
 
+    async def delete_export(self, export_id: str, actor: Actor) -> bool:
+        """Delete an export, running or finished, with its audit entry (one transaction);
+        False when there is none. Its file's chunks are purged by the sweeps."""
+        db = await self.pool()
+        async with db.acquire() as conn, conn.transaction():
+            gone = await exports.delete(conn, export_id)
+            if gone is None:
+                return False
+            campaign_id, state = gone
+            change = {"export_id": export_id, "state": state}
+            await audit.record(conn, actor, "exports.delete", "campaign", campaign_id, change)
+        return True  # a runner's next step finds it deleted and stops
+
     def _run(self, export_id: str) -> None:
         if export_id not in self._running:
             task = asyncio.get_running_loop().create_task(self._drive(export_id))
@@ -97,9 +119,15 @@ class Records:
         while True:
             await asyncio.sleep(SWEEP_S)
             try:
-                for export_id in await exports.claim(await self.db(), self.runner, self.lease_s):
+                db = await self.db()
+                for export_id in await exports.claim(db, self.runner, self.lease_s):
                     log.info("continuing export %s", export_id)
                     self._run(export_id)
+                await exports.expire(db, datetime.now(UTC) - timedelta(seconds=self.retention_s))
+                # deleted exports' files: a few chunks per statement, for at most PURGE_S
+                until = time.monotonic() + PURGE_S
+                while await exports.purge(db) == exports.PURGE_CHUNKS and time.monotonic() < until:
+                    pass
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

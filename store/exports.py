@@ -10,11 +10,16 @@ event in the same transaction. No statement ever reads more than a chunk, so non
 long whatever the campaign's size.
 
 The download reads the chunks back one row at a time (:func:`chunks`).
+
+An export deleted (``DELETE /v1/exports/{id}``, or when it is older than the retention) is
+marked ``deleted`` at once and is gone for every reader; its chunks are deleted afterwards
+a few per statement (:func:`purge`), then its row.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -24,6 +29,7 @@ from store import events
 from store.pools import Db
 
 CHUNK_ROWS = 50_000
+PURGE_CHUNKS = 8  # chunks of deleted exports one purge deletes (50,000 codes each)
 HEADER = "code,status,customer_id,active,starts_at,expires_at,metadata\n"
 
 _STATUS_ARRAY = "ARRAY[" + ",".join(f"'{s}'" for s in STATUS_NAMES) + "]"
@@ -109,8 +115,54 @@ async def create(
 
 
 async def get(db: Db, export_id: str) -> dict[str, Any] | None:
-    r = await db.fetchrow(f"SELECT {_COLUMNS} FROM exports WHERE id = $1", export_id)
+    """The export, or None when there is none (or it was deleted)."""
+    r = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM exports WHERE id = $1 AND state <> 'deleted'", export_id
+    )
     return None if r is None else export_json(r)
+
+
+async def delete(db: Db, export_id: str) -> tuple[str, str] | None:
+    """Mark the export deleted, whatever its state: its campaign and the state it was in,
+    or None when there is none. A running one stops: its runner's next step finds it no
+    longer running and writes nothing. Its chunks go later, a few at a time
+    (:func:`purge`), so deleting a file of millions of codes is one short statement."""
+    r = await db.fetchrow(
+        "UPDATE exports e SET state = 'deleted', runner = NULL, lease_until = NULL,"
+        " finished_at = coalesce(e.finished_at, now())"
+        " FROM (SELECT id, state FROM exports WHERE id = $1 FOR UPDATE) AS before"
+        " WHERE e.id = before.id AND before.state <> 'deleted'"
+        " RETURNING e.campaign_id, before.state",
+        export_id,
+    )
+    return None if r is None else (r["campaign_id"], r["state"])
+
+
+async def expire(db: Db, older_than: datetime) -> int:
+    """Mark deleted the exports that finished (done or failed) before ``older_than``."""
+    done = await db.execute(
+        "UPDATE exports SET state = 'deleted' WHERE state IN ('done', 'failed')"
+        " AND finished_at < $1",
+        older_than,
+    )
+    return int(done.split()[-1])
+
+
+async def purge(db: asyncpg.Pool, chunks: int = PURGE_CHUNKS) -> int:
+    """Delete up to ``chunks`` stored chunks of deleted exports, then the deleted exports
+    with none left; how many chunks went. Replicas purging at once skip each other's rows."""
+    async with db.acquire() as conn, conn.transaction():
+        done = await conn.execute(
+            "DELETE FROM export_chunks WHERE (export_id, seq) IN (SELECT c.export_id, c.seq"
+            " FROM export_chunks c JOIN exports e ON e.id = c.export_id"
+            " WHERE e.state = 'deleted' LIMIT $1 FOR UPDATE OF c SKIP LOCKED)",
+            chunks,
+        )
+        await conn.execute(
+            "DELETE FROM exports e WHERE e.state = 'deleted'"
+            " AND NOT EXISTS (SELECT 1 FROM export_chunks c WHERE c.export_id = e.id)"
+        )
+    return int(done.split()[-1])
 
 
 async def claim(db: Db, runner: str, lease_s: float, limit: int = 4) -> list[str]:

@@ -1,6 +1,7 @@
 """Back office: browse a campaign's codes a page at a time
 (``GET /v1/campaigns/{id}/vouchers``) and export them as CSV (``POST
-/v1/campaigns/{id}/exports``, then ``GET /v1/exports/{id}/download``)."""
+/v1/campaigns/{id}/exports``, then ``GET /v1/exports/{id}/download``, and
+``DELETE /v1/exports/{id}`` when it is no longer needed)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,16 @@ def export(cid: str) -> None:
         lines = max(0, data.count(b"\n") - 1)
         st.success(f"Export {done['id']} is ready: {lines:,} codes.")
         st.download_button("Download CSV", data, f"{cid}-codes.csv", "text/csv", key="bo_export_download")
+        if ui.offered("DELETE", "/v1/exports/{export_id}", "delete exports") and st.button(
+            "Delete this export", key="bo_export_delete", help="the file is deleted from the engine too"
+        ):
+            try:
+                ui.client().delete_export(done["id"])
+            except ApiError as exc:
+                ui.show_problem(exc, "delete exports")
+                return
+            st.session_state.pop("bo_export_done", None)
+            st.success(f"Export {done['id']} deleted, its file with it.")
 
 
 def main() -> None:

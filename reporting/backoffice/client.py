@@ -107,6 +107,9 @@ class BackOffice(Api):
     def download_export(self, export_id: str) -> bytes:
         return self.csv(f"/v1/exports/{export_id}/download")
 
+    def delete_export(self, export_id: str) -> dict[str, Any]:
+        return dict(self._json("DELETE", f"/v1/exports/{export_id}"))
+
     def voucher(self, code: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/vouchers/{code}"))
 

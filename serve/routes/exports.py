@@ -21,6 +21,7 @@ routes = router()
 CodeReader = Annotated[Principal, require("codes.read")]
 ExportWriter = Annotated[Principal, require("exports.create")]
 ExportReader = Annotated[Principal, require("exports.read")]
+ExportDeleter = Annotated[Principal, require("exports.delete")]
 
 _STATUS = "^(available|assigned|redeemed|void)$"
 EXPORT_JOB_PREFIX = "exp_"  # an export's id: also a job of GET /v1/jobs/{id}
@@ -153,3 +154,15 @@ async def download_export(export_id: str, caller: ExportReader, svc: Svc) -> Str
             "Content-Length": str(len(exports.HEADER) + job["bytes"]),
         },
     )
+
+
+@routes.delete(
+    "/v1/exports/{export_id}", tags=["vouchers"], responses=problem_responses(*GUARDED, 404, 422)
+)
+async def delete_export(export_id: str, caller: ExportDeleter, svc: Svc) -> Any:
+    """Delete an export and its file, whether it is running (it stops), done or failed.
+    It is gone at once for every reader (404); the stored file is purged in the
+    background. Exports older than ``VOUCHER_EXPORT_RETENTION_DAYS`` go the same way."""
+    if not await records_of(svc).delete_export(export_id, actor_of(caller)):
+        raise errors.UnknownExport(f"no export has id {export_id!r}")
+    return {"id": export_id, "deleted": True}

@@ -329,6 +329,11 @@ def test_export_codes_as_csv(http_api, admin, services, monkeypatch):
     assert not at.error, texts(at.error)
     assert any("40 codes" in s for s in texts(at.success)), texts(at.success)
     assert at.get("download_button")
+    export_id = at.session_state["bo_export_done"]["id"]
+    click(at, "Delete this export")
+    assert not at.error, texts(at.error)
+    assert any(f"Export {export_id} deleted" in s for s in texts(at.success)), texts(at.success)
+    assert httpx.get(f"{http_api.url}/v1/exports/{export_id}", headers=admin).status_code == 404
 
 
 def test_publish_a_code_to_a_customer(http_api, admin, services, monkeypatch):

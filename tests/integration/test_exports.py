@@ -1,7 +1,7 @@
 """A campaign's codes over HTTP: the keyset list (every code exactly once while codes are
 redeemed between pages, filters, bad cursors, unknown campaign) and CSV exports (content
 checked against Postgres, the export.completed event, an export whose runner stopped
-continued by a gateway)."""
+continued by a gateway, exports deleted by hand or by age with their files purged)."""
 
 from __future__ import annotations
 
@@ -304,3 +304,82 @@ def test_an_export_whose_runner_stopped_is_continued(http_api: Any) -> None:
         finally:
             await conn.close()
     assert asyncio.run(late()) == "lost"
+
+
+def _stored(dsn: str, export_id: str) -> tuple[int, int]:
+    """(export rows, chunk rows) Postgres still holds for the export."""
+    return (int(asyncio.run(fetchval(dsn, "SELECT count(*) FROM exports WHERE id = $1", export_id))),
+            int(asyncio.run(fetchval(dsn, "SELECT count(*) FROM export_chunks WHERE export_id = $1", export_id))))
+
+
+def _purged(dsn: str, export_id: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _stored(dsn, export_id) != (0, 0):
+        assert time.monotonic() < deadline, _stored(dsn, export_id)
+        time.sleep(0.2)
+
+
+def _gone(url: str, admin: dict[str, str], export_id: str) -> None:
+    for path in (f"/v1/exports/{export_id}", f"/v1/exports/{export_id}/download", f"/v1/jobs/{export_id}"):
+        r = httpx.get(f"{url}{path}", headers=admin)
+        assert r.status_code == 404, (path, r.text)
+
+
+def test_an_export_deleted_running_or_done_is_gone_and_its_file_purged(http_api: Any) -> None:
+    url, dsn = http_api.url, http_api.database_url
+    admin = admin_headers(http_api)
+    cid = create_campaign(url, admin, discount_body("export deleted"))["id"]
+    generate_codes(url, admin, cid, 700)
+
+    # a finished export
+    r = httpx.post(f"{url}/v1/campaigns/{cid}/exports", json={}, headers=admin)
+    done = _finished(url, admin, r.json()["id"])
+    assert done["state"] == "done" and _stored(dsn, done["id"]) == (1, 1)
+    r = httpx.delete(f"{url}/v1/exports/{done['id']}", headers=admin)
+    assert r.status_code == 200 and r.json() == {"id": done["id"], "deleted": True}, r.text
+    _gone(url, admin, done["id"])
+    r = httpx.delete(f"{url}/v1/exports/{done['id']}", headers=admin)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_export", r.text
+    _purged(dsn, done["id"])
+
+    # a running one: its runner (alive, holding its lease) can write nothing more
+    async def running() -> str:
+        conn = await connect(dsn)
+        try:
+            job = await exports.create(conn, uid("exp_live"), cid, "csv", None, "live-runner", 300, None)
+            for _ in range(3):
+                assert await exports.step(conn, job["id"], "live-runner", 300, rows=100) == "more"
+            return str(job["id"])
+        finally:
+            await conn.close()
+
+    live = asyncio.run(running())
+    assert _stored(dsn, live) == (1, 3)
+    r = httpx.delete(f"{url}/v1/exports/{live}", headers=admin)
+    assert r.status_code == 200, r.text
+    _gone(url, admin, live)
+
+    async def next_step() -> str:
+        conn = await connect(dsn)
+        try:
+            return await exports.step(conn, live, "live-runner", 300, rows=100)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(next_step()) == "lost"
+    _purged(dsn, live)
+    audit = asyncio.run(fetch(dsn, "SELECT resource_id, change->>'export_id' AS e, change->>'state' AS s"
+                                   " FROM audit_log WHERE action = 'exports.delete' AND resource_id = $1"
+                                   " ORDER BY at", cid))
+    assert [tuple(a) for a in audit] == [(cid, done["id"], "done"), (cid, live, "running")]
+
+    # older than the retention (7 days): deleted by the sweep, as by DELETE
+    r = httpx.post(f"{url}/v1/campaigns/{cid}/exports", json={}, headers=admin)
+    old = _finished(url, admin, r.json()["id"])
+    asyncio.run(fetchval(dsn, "UPDATE exports SET finished_at = now() - interval '8 days' WHERE id = $1"
+                              " RETURNING id", old["id"]))
+    _purged(dsn, old["id"])
+    _gone(url, admin, old["id"])
+
+    r = httpx.delete(f"{url}/v1/exports/exp_nope", headers=admin)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_export", r.text

@@ -527,6 +527,7 @@ EXPECTED = {
     "codes.read": {"admin", "manager", "analyst"},
     "exports.create": {"admin", "manager"},
     "exports.read": {"admin", "manager", "analyst"},
+    "exports.delete": {"admin", "manager"},
     "redemptions.read": {"admin", "manager", "analyst", "integration"},
     "webhooks.read": {"admin", "manager"},
     "webhooks.write": {"admin", "manager"},
