@@ -24,12 +24,13 @@ from engine.currencies import check_currency
 from engine.orders import Item
 from engine.shard_state import Outcome, RedeemRequest
 from serve import metrics
-from serve.auth import Forbidden, Principal, authorize, customer_only
+from serve.auth import Forbidden, Principal, customer_only
 from serve.customer_tags import CustomerTags
 from serve.fast_lane import Lane, header
 from serve.gate import Gate
 from serve.idempotency import scoped_key
 from serve.models import unstorable
+from serve.permissions import authorize
 from serve.problems import from_engine_error
 from serve.promotions import Manifests, PromotionCatalog, applied_body, taken_by
 from serve.promotions import apply as apply_promotions

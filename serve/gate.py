@@ -1,5 +1,5 @@
 """Who may pass the gateway: credentials (bearer tokens and API keys, with the replica's
-cache of verified keys), roles (``serve.auth.PERMISSIONS``), rate limits and the
+cache of verified keys), roles (``serve.permissions.PERMISSIONS``), rate limits and the
 failed-attempt budgets that stop code guessing, charged in one Redis call per request.
 
 :class:`Gate` is the replica's; the routes reach it through ``serve.routes.deps`` and the
@@ -27,11 +27,11 @@ from serve.auth import (
     AuthError,
     Principal,
     TokenIssuer,
-    authorize,
     customer_only,
     parse_api_key,
 )
 from serve.client_address import TrustedProxies
+from serve.permissions import authorize
 from serve.problems import problem
 from serve.ratelimit import RateLimiter, RateLimitPolicy
 from serve.ratelimit import headers as rate_headers

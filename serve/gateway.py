@@ -7,7 +7,7 @@ its app with :func:`build_api`. The routes live in ``serve/routes/`` (one router
 domain), checkout's fast lane in ``serve/checkout.py``, authentication, roles and rate
 limits in ``serve/gate.py``.
 
-Every endpoint states the action it needs (``serve.auth.PERMISSIONS`` maps actions to
+Every endpoint states the action it needs (``serve.permissions.PERMISSIONS`` maps actions to
 roles); every error is an RFC 9457 problem.
 
 Every request has an id: the client's ``X-Request-ID`` or a new one, returned in the

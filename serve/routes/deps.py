@@ -9,7 +9,7 @@ A route states the action it needs in its signature, and receives the caller::
     @router.post("/v1/campaigns")
     async def create_campaign(body: CampaignIn, caller: CampaignWriter, svc: Svc) -> Any: ...
 
-:func:`require` is a FastAPI dependency (``serve.auth.PERMISSIONS`` maps actions to roles;
+:func:`require` is a FastAPI dependency (``serve.permissions.PERMISSIONS`` maps actions to roles;
 the gate also charges the caller's rate limits and sets their headers on the response).
 Routers use :class:`GuardedRoute`, which solves it once the route's parameters and body are
 valid: a malformed request is a 422 whoever sends it, and costs no rate limit.

@@ -13,7 +13,8 @@ import httpx
 import jwt
 import pytest
 
-from serve.auth import PERMISSIONS, ROLES
+from serve.auth import ROLES
+from serve.permissions import PERMISSIONS
 from tests.engine_support import campaign_codes, uid
 from tests.http_support import (
     bearer,

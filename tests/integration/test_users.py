@@ -23,10 +23,10 @@ from serve.auth import (
     RoleNotDelegable,
     TokenIssuer,
     WeakPassword,
-    authorize,
     parse_api_key,
     verify_password,
 )
+from serve.permissions import authorize
 from serve.users import (
     DuplicateEmail,
     LastAdmin,

@@ -17,9 +17,8 @@ import pytest
 from engine import errors
 from engine.errors import ConfigError, InvalidInput
 from engine.settings import Settings
-from serve import auth
+from serve import auth, permissions
 from serve.auth import (
-    PERMISSIONS,
     ROLES,
     ApiKeyRevoked,
     AuthError,
@@ -35,7 +34,6 @@ from serve.auth import (
     TokenIssuer,
     Unauthenticated,
     WeakPassword,
-    authorize,
     canonical_roles,
     check_api_key_roles,
     check_password,
@@ -48,10 +46,10 @@ from serve.auth import (
     normalize_email,
     parse_api_key,
     password_hasher,
-    role_matrix_markdown,
     verify_api_secret,
     verify_password,
 )
+from serve.permissions import PERMISSIONS, authorize, role_matrix_markdown
 
 SECRET = b"k" * 32
 OTHER = b"o" * 32
@@ -546,12 +544,12 @@ def test_authorize_matrix(action: str, role: str) -> None:
     p = user(role)
     if role in EXPECTED[action]:
         authorize(p, action)
-        assert auth.allowed(p, action)
+        assert permissions.allowed(p, action)
     else:
         with pytest.raises(Forbidden) as info:
             authorize(p, action)
         assert info.value.status == 403
-        assert not auth.allowed(p, action)
+        assert not permissions.allowed(p, action)
 
 
 def test_analyst_is_read_only_and_integration_cannot_manage() -> None:
@@ -582,7 +580,7 @@ def test_role_matrix_markdown() -> None:
     assert "| `metrics.read` | yes | - | - | - | - |" in lines
     assert "| `vouchers.read` | yes | yes | yes | yes | own |" in lines
     by_endpoint = role_matrix_markdown(
-        [("POST /v1/auth/login", auth.PUBLIC), ("PUT /v1/users/{id}/roles", "users.set_roles")]
+        [("POST /v1/auth/login", permissions.PUBLIC), ("PUT /v1/users/{id}/roles", "users.set_roles")]
     )
     assert "| `PUT /v1/users/{id}/roles` | `users.set_roles` | yes | - | - | - | - |" in by_endpoint
     assert "| `POST /v1/auth/login` | `public` |" in by_endpoint
