@@ -8,11 +8,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from serve.auth import ROLES, NotPermitted, Principal
+from serve.auth import ROLES, NotPermitted, Principal, canonical_roles
 
 log = logging.getLogger(__name__)
-
-_ROLE_ORDER = {r: i for i, r in enumerate(ROLES)}
 
 _ALL = frozenset(ROLES)
 _STAFF_READ = frozenset({"admin", "manager", "analyst"})
@@ -89,8 +87,8 @@ def allowed(principal: Principal, action: str) -> bool:
     return allowed_roles is not None and not allowed_roles.isdisjoint(principal.roles)
 
 
-def _ordered(roles: Iterable[str]) -> list[str]:
-    return sorted(roles, key=_ROLE_ORDER.__getitem__)
+def _ordered(roles: Iterable[str]) -> tuple[str, ...]:
+    return canonical_roles(roles)
 
 
 def role_matrix_markdown(endpoints: Sequence[tuple[str, str]] | None = None) -> str:
