@@ -33,7 +33,7 @@ from engine.audit import SYSTEM, Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
-from engine.qualification import Qualified, QualifyRequest, merge
+from engine.qualification import QualifyRequest, Ranked, merge_ranked
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.rules import Rules
 from engine.settings import Settings
@@ -50,7 +50,7 @@ from store.pools import with_connection
 _enc = msgspec.msgpack.Encoder()
 _outs = msgspec.msgpack.Decoder(list[Outcome])
 _stats = msgspec.msgpack.Decoder(CampaignStats)
-_qualified = msgspec.msgpack.Decoder(Qualified)
+_ranked = msgspec.msgpack.Decoder(Ranked)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 COORDINATOR = "coordinator"
@@ -479,7 +479,7 @@ class VoucherEngine:
         req: QualifyRequest,
         deadline_s: float,
         send: Callable[[int, str, bytes], Awaitable[bytes]] | None = None,
-    ) -> Qualified:
+    ) -> Ranked:
         """Every offer for ``req`` across the shards, best first (the best ``req.limit``):
         one call per shard, all at once (``send(shard, "qualify", payload)`` when given,
         e.g. the gateway's direct lines to the shards; Ray calls otherwise). A shard that
@@ -502,7 +502,7 @@ class VoucherEngine:
         except errors.Unavailable:
             await self._refresh_briefly()
             raise
-        return merge((_qualified.decode(p) for p in parts), req.limit)
+        return merge_ranked((_ranked.decode(p) for p in parts), req.limit)
 
     async def _refresh_briefly(self) -> None:
         """:meth:`refresh` for an answer that must not wait on it: at most a second (a

@@ -41,7 +41,7 @@ from engine import errors
 from engine.audit import Actor
 from engine.campaigns import Campaign
 from engine.events import Event, ImportedCode, Rejection
-from engine.qualification import QualifyRequest, qualify_request
+from engine.qualification import QualifyRequest, qualify_request, ranked
 from engine.routing import BUCKETS, assignment_key, bucket_of
 from engine.settings import Settings
 from engine.shard_state import CampaignStats, Outcome, RedeemRequest, ShardState
@@ -872,13 +872,14 @@ class ShardCore:
 
     async def qualify(self, payload: bytes) -> bytes:
         """The offers this shard would apply now to a customer's order, best first
-        (:func:`engine.qualification.qualify`): a read, answered within the decision
-        deadline. Holds past their TTL expire on the way, as on every decision."""
+        (:func:`engine.qualification.qualify`), as :class:`engine.qualification.Ranked`: a
+        read, answered within the decision deadline. Holds past their TTL expire on the
+        way, as on every decision."""
         await self.ready_within_deadline()
         answer = qualify_request(self.state, _qualify_dec.decode(payload))
         if self.state.events:
             self._commit_later()
-        return _enc.encode(answer)
+        return _enc.encode(ranked(answer))
 
     async def control(self, code: str, changes: dict[str, Any], actor: Actor) -> dict[str, Any]:
         """A shop's change to one code (see :meth:`ShardState.control`), answered once it

@@ -39,8 +39,10 @@ if TYPE_CHECKING:
     from engine.campaigns import Campaign, Discount
 
 
-class Line(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """The discount on one line of the order (``line``: its index in ``order.items``).
+class Line(msgspec.Struct, frozen=True, gc=False):
+    """The discount on one line of the order (``line``: its index in ``order.items``),
+    encoded as the API writes it, ``{"line", "sku", "discount"}`` (a qualification's offer
+    goes from its shard to the client as JSON written once, on the shard).
     Not tracked by the garbage collector (``gc=False``), nor is :class:`Pricing`: they hold
     no container that could close a cycle, and a qualification makes hundreds of them."""
 

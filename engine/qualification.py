@@ -40,20 +40,29 @@ candidate is checked and priced, one pricing of the order per candidate shape
 (:class:`Context`: campaigns with the same discount and rules share one). With a
 ``limit``, candidates are taken by a cheap upper bound of their discount
 (:meth:`Context.bound`), and only those whose bound can still reach the best ``limit``
-found so far are checked and priced.
+found so far are checked and priced. The keyed candidates, the same for every customer,
+are kept by the shard between requests (:class:`KeyedIndex`, rebuilt when a campaign
+changes), grouped so that they are read largest bound first without computing the
+bound of each: a request touches the few it walks, not every shared code.
+
+An answer crosses to the gateway as :class:`Ranked`: each offer's rank and its JSON as the
+API writes it, so the gateway merges the shards' answers and writes its own without
+decoding an offer.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence
+import heapq
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
 from engine import errors
-from engine.campaigns import Campaign, check_order, check_redeemable_now
+from engine.campaigns import Campaign, Discount, check_order, check_redeemable_now
 from engine.code_control import check_control
 from engine.orders import Order
 from engine.pricing import Line, Pricing, price
@@ -101,6 +110,43 @@ class Qualified(msgspec.Struct, frozen=True):
     tags_needed: bool = False
 
 
+class Ranked(msgspec.Struct, frozen=True, array_like=True):
+    """A shard's answer as it travels to the gateway, and the gateways' merge of them:
+    per offer, best first, its rank (discount, campaign id, code or ``""``) and its JSON as
+    the API writes it (:data:`offer_json`). So the gateway ranks the shards' offers and
+    writes the answer without decoding an offer or encoding it again."""
+
+    offers: list[tuple[int, str, str, bytes]]
+    tags_needed: bool = False
+
+
+_json = msgspec.json.Encoder()
+offer_json = _json.encode  # an :class:`Offer` as the API writes it
+
+
+def ranked(q: Qualified) -> Ranked:
+    """``q`` as it travels: each offer's rank and JSON."""
+    return Ranked(
+        [(o.discount_amount, o.campaign_id, o.code or "", offer_json(o)) for o in q.offers], q.tags_needed
+    )
+
+
+def merge_ranked(parts: Iterable[Ranked], limit: int | None = None) -> Ranked:
+    """:func:`merge` of the shards' :class:`Ranked` answers."""
+    seen: set[tuple[str, str]] = set()
+    out: list[tuple[int, str, str, bytes]] = []
+    needed = False
+    for part in parts:
+        needed = needed or part.tags_needed
+        for o in part.offers:
+            key = (o[1], o[2])
+            if key not in seen:
+                seen.add(key)
+                out.append(o)
+    out.sort(key=lambda o: (-o[0], o[1], o[2]))
+    return Ranked(out if limit is None else out[:limit], needed)
+
+
 class Candidate(msgspec.Struct, frozen=True, gc=False):
     """A code that passed every check but the price: what :func:`explain` prices."""
 
@@ -116,14 +162,17 @@ class Context:
     rules (and a gift card's balance), so campaigns of the same shape (every "10% off"
     without rules, say) share one pricing of the order."""
 
-    __slots__ = ("req", "now", "_prices", "priced", "_top_unit", "_units")
+    __slots__ = ("req", "now", "_prices", "priced", "_amount", "_shipping", "_top_unit", "_units")
 
     def __init__(self, req: QualifyRequest, now: datetime) -> None:
         self.req = req
         self.now = now
         self._prices: dict[tuple[Any, Any, int | None], Pricing | tuple[type[errors.VoucherError], str]] = {}
         self.priced = 0  # prices computed (the rest came from the memo)
-        items = req.order.items
+        order = req.order
+        items = order.items
+        self._amount = order.amount
+        self._shipping = order.shipping or 0
         self._top_unit = max((it.unit_price for it in items), default=0)
         self._units = sum(it.quantity for it in items)
 
@@ -151,24 +200,139 @@ class Context:
         and the order's totals): a candidate whose bound cannot reach the offers found so
         far is never checked nor priced when only the best ``limit`` are asked for.
         ``balance``: a gift card's balance left (``None`` reads as none)."""
-        order = self.req.order
-        amount = order.amount
         d = c.discount
         if d is None:  # a gift card: its balance, on at most the subtotal
-            return min(balance or 0, amount)
-        if d.target == "shipping" or d.kind == "free_shipping":
-            top = order.shipping or 0
-        elif d.kind == "free_units":
-            top = min(amount, d.value * self._top_unit)
-        elif d.kind == "percent":
-            top = amount * d.value // 100
-        elif d.kind == "amount" and d.target == "order":
-            top = min(d.value, amount)
-        elif d.kind == "amount" and d.target == "items":
-            top = min(d.value * self._units, amount)
-        else:  # amount off the cheapest item, a fixed price: never more than the order
-            top = min(d.value, amount) if d.kind == "amount" else amount
+            return min(balance or 0, self._amount)
+        top = self.reach(family(d), d.value)
         return top if d.max is None else min(top, d.max)
+
+    def reach(self, fam: int, value: int) -> int:
+        """The bound of a discount of family ``fam`` and ``value`` before its cap: never
+        less for a larger ``value`` (what :class:`KeyedIndex` relies on)."""
+        amount = self._amount
+        if fam == PERCENT:
+            return amount * value // 100
+        if fam == UP_TO_AMOUNT:
+            return min(value, amount)
+        if fam == PER_UNIT:
+            return min(value * self._units, amount)
+        if fam == UNITS:
+            return min(amount, value * self._top_unit)
+        if fam == SHIPPING:
+            return self._shipping
+        return amount  # WHOLE
+
+
+# How a discount's bound grows with the order (:meth:`Context.reach`), by kind and target:
+# shipping (whatever the kind), free units (on the dearest unit), a percent (of the
+# amount), an amount up to the order's (on the order or its cheapest item), an amount per
+# unit (on the items), the whole order (a fixed price).
+SHIPPING, UNITS, PERCENT, UP_TO_AMOUNT, PER_UNIT, WHOLE = range(6)
+_UNCAPPED = 1 << 62
+
+
+def family(d: Discount) -> int:
+    """The bound family of a discount (see :meth:`Context.reach`)."""
+    if d.target == "shipping" or d.kind == "free_shipping":
+        return SHIPPING
+    if d.kind == "free_units":
+        return UNITS
+    if d.kind == "percent":
+        return PERCENT
+    if d.kind == "amount":
+        return PER_UNIT if d.target == "items" else UP_TO_AMOUNT
+    return WHOLE
+
+
+class _Family:
+    """The keyed candidates of one bound family, by value then cap, largest first;
+    ``ceiling[i]``: the largest cap from ``i`` on. So ``min(reach(values[i]), ceiling[i])``
+    bounds every candidate from ``i`` on."""
+
+    __slots__ = ("fam", "values", "caps", "ceiling", "slots", "codes")
+
+    def __init__(self, fam: int, rows: list[tuple[int, int, CampaignSlot, str]]) -> None:
+        rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        self.fam = fam
+        self.values = [r[0] for r in rows]
+        self.caps = [r[1] for r in rows]
+        self.slots = [r[2] for r in rows]
+        self.codes = [r[3] for r in rows]
+        ceiling = self.caps[:]
+        for i in range(len(ceiling) - 2, -1, -1):
+            ceiling[i] = max(ceiling[i], ceiling[i + 1])
+        self.ceiling = ceiling
+
+
+class KeyedIndex:
+    """A shard's keyed candidates (the shared codes, flash sales and promotion keys of
+    its active campaigns, the same for every customer), built once per
+    :attr:`ShardState.catalog_version`: as :func:`candidates` lists them (``slots``,
+    ``codes``), and by bound family (:meth:`by_bound`), so a request with a limit reads
+    them largest bound first and computes the bounds of those it reaches, not of all."""
+
+    __slots__ = ("version", "slots", "codes", "families", "__weakref__")
+
+    def __init__(self, state: ShardState) -> None:
+        self.version = state.catalog_version
+        self.slots: list[CampaignSlot] = []
+        self.codes: list[str] = []
+        rows: dict[int, list[tuple[int, int, CampaignSlot, str]]] = {}
+        for slot in state.keyed:
+            c = slot.campaign
+            if c.state == "active" and c.type in CANDIDATES and c.shared_code is not None:
+                self.slots.append(slot)
+                self.codes.append(c.shared_code)
+                d = c.discount
+                if d is None:  # not a keyed type today; bounded by the whole order
+                    rows.setdefault(WHOLE, []).append((0, _UNCAPPED, slot, c.shared_code))
+                else:
+                    cap = _UNCAPPED if d.max is None else d.max
+                    rows.setdefault(family(d), []).append((d.value, cap, slot, c.shared_code))
+        self.families = [_Family(fam, r) for fam, r in sorted(rows.items())]
+
+    def by_bound(
+        self, ctx: Context, own: list[tuple[int, CampaignSlot, str]]
+    ) -> Iterator[tuple[int, CampaignSlot, str]]:
+        """``(bound, slot, code)`` of these candidates and of ``own`` (the customer's
+        codes, with their bounds), largest bound first: what sorting them all by
+        :meth:`Context.bound` gives, reading each family from its head only as far as
+        the caller goes."""
+        ready = [(-b, i, slot, code) for i, (b, slot, code) in enumerate(own)]
+        heapq.heapify(ready)
+        seq = len(ready)
+        reach = ctx.reach
+        frontier: list[tuple[int, int, int]] = []  # (-bound of what is left, family, position)
+        for f, fm in enumerate(self.families):
+            frontier.append((-min(reach(fm.fam, fm.values[0]), fm.ceiling[0]), f, 0))
+        heapq.heapify(frontier)
+        families = self.families
+        while True:
+            # take from the families until no bound left there beats the best one taken
+            while frontier and (not ready or frontier[0][0] < ready[0][0]):
+                _, f, i = heapq.heappop(frontier)
+                fm = families[f]
+                exact = min(reach(fm.fam, fm.values[i]), fm.caps[i])
+                heapq.heappush(ready, (-exact, seq, fm.slots[i], fm.codes[i]))
+                seq += 1
+                i += 1
+                if i < len(fm.values):
+                    heapq.heappush(frontier, (-min(reach(fm.fam, fm.values[i]), fm.ceiling[i]), f, i))
+            if not ready:
+                return
+            nb, _, slot, code = heapq.heappop(ready)
+            yield -nb, slot, code
+
+
+_indexes: weakref.WeakKeyDictionary[ShardState, KeyedIndex] = weakref.WeakKeyDictionary()
+
+
+def keyed_index(state: ShardState) -> KeyedIndex:
+    """The shard's :class:`KeyedIndex`, rebuilt when its catalog changed."""
+    index = _indexes.get(state)
+    if index is None or index.version != state.catalog_version:
+        index = _indexes[state] = KeyedIndex(state)
+    return index
 
 
 Check = Callable[[ShardState, CampaignSlot, str, Context], Candidate]
@@ -241,23 +405,27 @@ def candidates(state: ShardState, customer_id: str) -> tuple[list[CampaignSlot],
     """What may be offered on this shard, as two parallel lists, slots and codes: the
     shared codes and promotion keys it holds, then the codes it gave ``customer_id``; only
     of active campaigns of a type :data:`CANDIDATES` lists. Read from the shard's indexes
-    (:attr:`ShardState.keyed`, :meth:`ShardState.codes_of`), not from every campaign.
+    (:class:`KeyedIndex`, :meth:`ShardState.codes_of`), not from every campaign.
     (Two lists rather than a list of pairs: hundreds of pairs per request would be young
     objects for the garbage collector to walk.)"""
-    slots: list[CampaignSlot] = []
-    codes: list[str] = []
-    for slot in state.keyed:
-        c = slot.campaign
-        if c.state == "active" and c.type in CANDIDATES and c.shared_code is not None:
-            slots.append(slot)
-            codes.append(c.shared_code)
+    index = keyed_index(state)
+    slots, codes = index.slots[:], index.codes[:]
+    for code in own_codes(state, customer_id):
+        slots.append(state.slot_of(code))
+        codes.append(code)
+    return slots, codes
+
+
+def own_codes(state: ShardState, customer_id: str) -> list[str]:
+    """The codes this shard gave ``customer_id``, of active campaigns of a type
+    :data:`CANDIDATES` lists."""
+    out: list[str] = []
     for code in state.codes_of(customer_id):
         slot = state.slot_of(code)
         c = slot.campaign
         if c.state == "active" and c.type in CANDIDATES and slot.assigned_to.get(code) == customer_id:
-            slots.append(slot)
-            codes.append(code)
-    return slots, codes
+            out.append(code)
+    return out
 
 
 def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[str, str]]:
@@ -266,7 +434,8 @@ def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[s
     error code a redemption would give.
 
     With a limit, the candidates are taken in the order of their :meth:`Context.bound`
-    (cheap, from the campaign and the order's totals), each checked and priced in turn,
+    (cheap, from the campaign and the order's totals; the keyed ones read from the
+    :class:`KeyedIndex` only as far as the walk goes), each checked and priced in turn,
     and the walk stops once no bound left can reach the ``limit``-th best offer found: the
     checks and prices of candidates that cannot make the list are never paid. So a
     campaign that needs the customer's tags is reported (``customer_tags_needed``) only
@@ -274,20 +443,25 @@ def explain(state: ShardState, req: QualifyRequest) -> tuple[list[Offer], dict[s
     state.expire_reservations()  # a hold past its TTL holds nothing
     ctx = Context(req, state.clock())
     refused: dict[str, str] = {}
-    slots, codes = candidates(state, req.customer_id)
+    index = keyed_index(state)
+    mine = own_codes(state, req.customer_id)
     limit = req.limit
-    if limit is not None and len(slots) > limit:
-        bound = ctx.bound
-        bounds = [bound(slot.campaign, slot.balances.get(code)) for slot, code in zip(slots, codes)]
-        order = sorted(range(len(slots)), key=bounds.__getitem__, reverse=True)
+    walk: Iterable[tuple[int, CampaignSlot, str]]
+    if limit is not None and len(index.slots) + len(mine) > limit:
+        own = []
+        for code in mine:
+            slot = state.slot_of(code)
+            own.append((ctx.bound(slot.campaign, slot.balances.get(code)), slot, code))
+        walk = index.by_bound(ctx, own)
     else:
-        limit, bounds, order = None, [], list(range(len(slots)))
+        limit = None
+        walk = [(0, slot, code) for slot, code in zip(index.slots, index.codes, strict=True)]
+        walk += [(0, state.slot_of(code), code) for code in mine]
     offers: list[Offer] = []
     top: list[tuple[int, str, str]] = []  # ranks of the best `limit` so far, sorted
-    for i in order:
-        if limit is not None and len(top) == limit and bounds[i] < -top[-1][0]:
-            break  # sorted by bound: nothing left can enter the best `limit`
-        slot, code = slots[i], codes[i]
+    for bound, slot, code in walk:
+        if limit is not None and len(top) == limit and bound < -top[-1][0]:
+            break  # by bound, largest first: nothing left can enter the best `limit`
         c = slot.campaign
         try:
             p = CANDIDATES[c.type](state, slot, code, ctx)

@@ -192,6 +192,7 @@ class ShardState:
         # the slots whose shared code (or promotion key) lives here, and per customer the
         # codes of this shard assigned to them (one code as such, several as a list).
         self.keyed: list[CampaignSlot] = []
+        self.catalog_version = 0  # moves whenever a campaign here changes (put_campaign)
         self.customer_codes: dict[str, str | list[str]] = {}
         # codes switched off or with a window of their own (sparse: most codes have none)
         self.controls: dict[str, Control] = {}
@@ -227,6 +228,7 @@ class ShardState:
                 self.keyed.append(slot)
         was_ended = slot.campaign.state == "ended"
         slot.campaign = campaign
+        self.catalog_version += 1
         if campaign.state == "ended" and not was_ended:
             self._void_unredeemed(slot)
         return True

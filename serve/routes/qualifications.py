@@ -19,7 +19,7 @@ from fastapi import Response
 
 from engine import orders
 from engine.orders import MAX_TAGS, Item, Order
-from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, Qualified, QualifyRequest
+from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, QualifyRequest, Ranked
 from serve.auth import Forbidden, Principal, customer_only
 from serve.checkout import OrderBody
 from serve.context import Services
@@ -32,31 +32,13 @@ from serve.routes.deps import BODY, GUARDED, Svc, require, router
 routes = router()
 
 
-class _Line(msgspec.Struct):
-    line: int
-    sku: str
-    discount: int
-
-
-class _Offer(msgspec.Struct):
-    kind: str
-    campaign_id: str
-    campaign_name: str
-    campaign_type: str
-    code: str | None
-    discount_amount: int
-    items: list[_Line]
-    shipping_discount: int
-    balance: int | None
-
-
 class _Answer(msgspec.Struct):
-    """:class:`QualificationOut` as msgspec writes it (a long list of offers costs no
-    pydantic validation on its way out)."""
+    """:class:`QualificationOut` as msgspec writes it: the offers are the JSON their shards
+    wrote (:class:`engine.qualification.Ranked`), put in as they are."""
 
     customer_id: str
     currency: str
-    offers: list[_Offer]
+    offers: list[msgspec.Raw]
     has_more: bool
 
 
@@ -98,7 +80,7 @@ def sent_tags(caller: Principal, body: QualificationIn | QualificationBody) -> t
     return orders.check_tags(body.customer_tags)
 
 
-async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
+async def _qualified(svc: Svc, req: QualifyRequest) -> Ranked:
     """The shards' answer. Without tags sent, the campaigns' customer rules see the stored
     customer's (``serve.customer_tags``, as checkout): the replica's cached ones ride along
     with the request; when none were cached and a campaign with customer rules was a
@@ -110,7 +92,7 @@ async def _qualified(svc: Svc, req: QualifyRequest) -> Qualified:
         cached = stored.cached(req.customer_id)
         if cached is not None:
             req = msgspec.structs.replace(req, tags=cached)
-    answer: Qualified = await svc.engine.qualify(req, deadline, send)
+    answer: Ranked = await svc.engine.qualify(req, deadline, send)
     if answer.tags_needed and req.tags is None and stored is not None:
         tags = await stored.load(req.customer_id)
         answer = await svc.engine.qualify(msgspec.structs.replace(req, tags=tags), deadline, send)
@@ -126,10 +108,7 @@ async def answer(svc: Services, caller: Principal, body: QualificationIn | Quali
     req = QualifyRequest(body.customer_id, order_of(body.order), sent_tags(caller, body), limit + 1)
     offers = (await _qualified(svc, req)).offers
     out = _Answer(
-        body.customer_id,
-        req.order.currency,
-        msgspec.convert(offers[:limit], list[_Offer], from_attributes=True),
-        len(offers) > limit,
+        body.customer_id, req.order.currency, [msgspec.Raw(o[3]) for o in offers[:limit]], len(offers) > limit
     )
     return Response(_json.encode(out), media_type="application/json")
 

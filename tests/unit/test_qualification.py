@@ -16,18 +16,21 @@ from engine.audit import Actor
 from engine.campaigns import Discount, Limits, new_campaign
 from engine.events import ImportedCode
 from engine.orders import Item, Order, build
-from engine.pricing import detail_json
+from engine.pricing import Line, detail_json
 from engine.qualification import (
     CANDIDATES,
     Context,
     Offer,
     Qualified,
     QualifyRequest,
+    Ranked,
     candidates,
     explain,
     merge,
+    merge_ranked,
     qualify,
     qualify_request,
+    ranked,
 )
 from engine.routing import BUCKETS, bucket_of
 from engine.rules import CustomerCondition, ItemCondition, ItemFilter, Rules
@@ -230,6 +233,30 @@ def test_merge_counts_an_offer_once_and_ranks_the_whole() -> None:
     assert [o.campaign_id for o in merged.offers] == ["c", "a", "b"] and not merged.tags_needed
     one = merge([Qualified([a, c]), Qualified([b], tags_needed=True)], limit=1)
     assert [o.campaign_id for o in one.offers] == ["c"] and one.tags_needed
+
+
+def test_the_shards_ranked_answers_merge_as_their_offers_do_and_carry_the_apis_json() -> None:
+    """What crosses from a shard to the gateway (:class:`Ranked`): merged like the offers
+    (once each, best first, the limit, tags needed), each offer's JSON the API's."""
+    rng = random.Random(3)
+    pool = [
+        Offer("shared_code", f"c{i}", f"c{i}", "shared_code", f"C{i}", rng.choice([100, 300, 900]))
+        for i in range(12)
+    ] + [Offer("promotion", "p", "p", "promotion", None, 300, (Line(1, "S\u00e9\"x", 300),), 0)]
+    for _ in range(30):
+        parts = [Qualified(rng.sample(pool, rng.randint(0, 6)), rng.random() < 0.2) for _ in range(3)]
+        for limit in (None, 1, 4):
+            want = merge(parts, limit)
+            got = merge_ranked([msgspec.msgpack.decode(msgspec.msgpack.encode(ranked(p)), type=Ranked)
+                                for p in parts], limit)
+            assert got.tags_needed == want.tags_needed
+            assert [msgspec.json.decode(o[3], type=Offer) for o in got.offers] == want.offers
+    promo = msgspec.json.decode(ranked(Qualified([pool[-1]])).offers[0][3])
+    assert promo == {
+        "kind": "promotion", "campaign_id": "p", "campaign_name": "p", "campaign_type": "promotion",
+        "code": None, "discount_amount": 300, "items": [{"line": 1, "sku": "S\u00e9\"x", "discount": 300}],
+        "shipping_discount": 0, "balance": None,
+    }
 
 
 def test_customer_rules_without_tags_say_the_tags_are_needed() -> None:
@@ -464,3 +491,56 @@ def test_with_a_limit_tags_are_asked_for_only_when_such_a_campaign_could_make_it
     assert [o.campaign_id for o in top2.offers] == ["big2", "big1"] and not top2.tags_needed
     every = qualify_request(s.state, QualifyRequest("ann", order(5000)))
     assert len(every.offers) == 3 and every.tags_needed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_keyed_index_reads_candidates_in_the_order_of_their_bounds(seed: int) -> None:
+    """A shard's shared codes read largest bound first from its index, family by family,
+    give exactly the bounds sorted, for any order; the best ``limit`` are the first of
+    every offer; a campaign paused, resumed or added is seen by the next request."""
+    from engine.qualification import keyed_index
+
+    rng = random.Random(seed)
+    s = Shop(seed)
+    discounts = [
+        lambda: Discount("percent", rng.randint(1, 60), max=rng.choice([None, rng.randint(1, 3000)])),
+        lambda: Discount("percent", rng.randint(1, 60), target="items"),
+        lambda: Discount("amount", rng.randint(1, 4000), max=rng.choice([None, 900])),
+        lambda: Discount("amount", rng.randint(1, 800), target="items", max=rng.choice([None, rng.randint(1, 5000)])),
+        lambda: Discount("amount", rng.randint(1, 800), target="cheapest_item"),
+        lambda: Discount("free_units", rng.randint(1, 3), target="cheapest_item", max=rng.choice([None, 2000])),
+        lambda: Discount("free_shipping", max=rng.choice([None, 300])),
+        lambda: Discount("amount", rng.randint(1, 900), target="shipping"),
+        lambda: Discount("fixed_price", rng.randint(0, 5000), max=rng.choice([None, 1500])),
+    ]
+    for i in range(120):
+        s.install(active(new_campaign(
+            id=f"k{i:03d}", name="k", type="shared_code", currency="EUR", now=T0,
+            discount=rng.choice(discounts)(), shared_code=f"K{i:03d}X",
+            rules=rng.choice([None, None, Rules(min_order=rng.choice([1000, 50_000]))]),
+        )))
+    st = s.state
+    orders = [cart(), cart(shipping=None), order(5000), order(300), order(90_000)]
+    for step in range(12):
+        o = rng.choice(orders)
+        ctx = Context(QualifyRequest("ann", o), st.clock())
+        index = keyed_index(st)
+        got = [b for b, _, _ in index.by_bound(ctx, [])]
+        want = sorted((ctx.bound(slot.campaign, None) for slot in index.slots), reverse=True)
+        assert got == want
+        assert sorted(c for _, _, c in index.by_bound(ctx, [])) == sorted(index.codes)
+        every = qualify(st, "ann", o)
+        for k in (1, 7, 20):
+            assert qualify(st, "ann", o, limit=k) == every[:k]
+        for cid in rng.sample(sorted(st.campaigns), 5):
+            s.move(cid, "pause" if st.campaign(cid).state == "active" else "activate")
+        active_now = {c.campaign.shared_code for c in st.campaigns.values() if c.campaign.state == "active"}
+        assert set(keyed_index(st).codes) == active_now
+        if step == 6:
+            s.install(active(new_campaign(
+                id="late", name="late", type="shared_code", currency="EUR", now=T0,
+                discount=Discount("amount", 80_000), shared_code="LATE1",
+            )))
+            every = qualify(st, "ann", order(90_000))
+            k = sum(1 for x in every if x.discount_amount >= 80_000)
+            assert "late" in {x.campaign_id for x in qualify(st, "ann", order(90_000), limit=k)}

@@ -14,7 +14,7 @@ import pytest
 from actors.client import VoucherEngine
 from engine import errors
 from engine.orders import Order
-from engine.qualification import Offer, Qualified, QualifyRequest
+from engine.qualification import Offer, Qualified, QualifyRequest, ranked
 
 REQ = QualifyRequest("ann", Order(4000, "EUR"), None, None)
 
@@ -38,7 +38,7 @@ class _Shard:
             await asyncio.sleep(self.delay_s)
             if self.fail is not None:
                 raise self.fail
-            return msgspec.msgpack.encode(Qualified(self.offers, self.tags_needed))
+            return msgspec.msgpack.encode(ranked(Qualified(self.offers, self.tags_needed)))
 
         return answer()
 
@@ -54,10 +54,10 @@ def test_every_shard_is_asked_and_the_answers_merge_best_first() -> None:
     ]
     engine = VoucherEngine(shards, None)  # type: ignore[arg-type]
     got = asyncio.run(engine.qualify(REQ, 1.0))
-    assert [o.campaign_id for o in got.offers] == ["c", "a", "b"] and got.tags_needed
+    assert [o[1] for o in got.offers] == ["c", "a", "b"] and got.tags_needed
     assert all(s.asked == [REQ] for s in shards)
     limited = msgspec.structs.replace(REQ, limit=2)
-    assert [o.campaign_id for o in asyncio.run(engine.qualify(limited, 1.0)).offers] == ["c", "a"]
+    assert [o[1] for o in asyncio.run(engine.qualify(limited, 1.0)).offers] == ["c", "a"]
 
 
 def test_a_shard_that_does_not_answer_in_time_is_unavailable_within_the_deadline() -> None:
@@ -83,7 +83,7 @@ async def test_the_gateway_sends_a_qualification_over_a_shards_direct_line() -> 
     from actors.shard_socket import ChannelServer, connect
     from serve.batching import MicroBatcher
 
-    answered = msgspec.msgpack.encode(Qualified([_offer("a", 5)]))
+    answered = msgspec.msgpack.encode(ranked(Qualified([_offer("a", 5)])))
     seen: list[tuple[str, QualifyRequest]] = []
 
     async def handler(op: str, payload: bytes, ids: list[str | None] | None) -> bytes:
@@ -99,7 +99,7 @@ async def test_the_gateway_sends_a_qualification_over_a_shards_direct_line() -> 
     batcher._dialing[1] = 1e18  # and no dial attempt
     real = VoucherEngine(engine.shards, None)  # type: ignore[arg-type]
     got = await real.qualify(REQ, 1.0, batcher.direct)
-    assert [o.campaign_id for o in got.offers] == ["b", "a"]
+    assert [o[1] for o in got.offers] == ["b", "a"]
     assert seen == [("qualify", REQ)] and by_ray.asked == [REQ]
     chan.close()
     await server.close()

@@ -13,7 +13,15 @@ import pytest
 from engine import errors
 from engine.orders import Order
 from engine.pricing import Line
-from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS, Offer, Qualified, QualifyRequest
+from engine.qualification import (
+    DEFAULT_OFFERS,
+    MAX_OFFERS,
+    Offer,
+    Qualified,
+    QualifyRequest,
+    Ranked,
+    ranked,
+)
 from tests.route_fakes import Gateway, assert_refused, gateway, problem_of
 
 BODY: dict[str, Any] = {"customer_id": "cus_1", "order": {"amount": 4000, "currency": "EUR"}}
@@ -26,13 +34,13 @@ OFFERS = [
 def _engine(fakes: Gateway, answer: Any = OFFERS) -> list[tuple[QualifyRequest, float]]:
     asked: list[tuple[QualifyRequest, float]] = []
 
-    async def qualify(req: QualifyRequest, deadline_s: float, send: Any = None) -> Qualified:
+    async def qualify(req: QualifyRequest, deadline_s: float, send: Any = None) -> Ranked:
         asked.append((req, deadline_s))
         if isinstance(answer, Exception):
             raise answer
         if callable(answer):
-            return answer(req)  # type: ignore[no-any-return]
-        return Qualified(list(answer))
+            return ranked(answer(req))
+        return ranked(Qualified(list(answer)))
 
     fakes.engine.qualify = qualify  # type: ignore[attr-defined]
     return asked
