@@ -58,6 +58,14 @@ class ExportOut(BaseModel):
     download: str | None = None
 
 
+class ExportPage(BaseModel):
+    """A page of a campaign's exports, newest first; ``next_cursor`` fetches the next
+    (null: the last)."""
+
+    data: list[ExportOut]
+    next_cursor: str | None = None
+
+
 class RedemptionPage(BaseModel):
     """A page of redemptions (rolled back ones too) in id order; ``next_cursor`` fetches
     the next (null: the last)."""

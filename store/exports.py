@@ -122,6 +122,24 @@ async def get(db: Db, export_id: str) -> dict[str, Any] | None:
     return None if r is None else export_json(r)
 
 
+async def page(
+    db: Db, campaign_id: str, *, before: tuple[datetime, str] | None, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """The campaign's exports (not deleted), newest first, from just after ``before``
+    (the ``created_at`` and ``id`` of the last one seen); whether there are more."""
+    at, last = before if before is not None else (None, "")
+    rows = await db.fetch(
+        f"SELECT {_COLUMNS} FROM exports WHERE campaign_id = $1 AND state <> 'deleted'"
+        " AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
+        " ORDER BY created_at DESC, id DESC LIMIT $4",
+        campaign_id,
+        at,
+        last,
+        limit + 1,
+    )
+    return [export_json(r) for r in rows[:limit]], len(rows) > limit
+
+
 async def delete(db: Db, export_id: str) -> tuple[str, str] | None:
     """Mark the export deleted, whatever its state: its campaign and the state it was in,
     or None when there is none. A running one stops: its runner's next step finds it no

@@ -1,7 +1,8 @@
 """Back office: browse a campaign's codes a page at a time
 (``GET /v1/campaigns/{id}/vouchers``) and export them as CSV (``POST
 /v1/campaigns/{id}/exports``, then ``GET /v1/exports/{id}/download``, and
-``DELETE /v1/exports/{id}`` when it is no longer needed)."""
+``DELETE /v1/exports/{id}`` when it is no longer needed), and find earlier exports
+(``GET /v1/campaigns/{id}/exports``)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def export(cid: str) -> None:
             return
         done = {"id": job["id"], "campaign_id": cid}
         st.session_state["bo_export_done"] = done
+    picked = earlier(cid)
+    if picked is not None:
+        done = {"id": picked, "campaign_id": cid}
+        st.session_state["bo_export_done"] = done
     if done and done["campaign_id"] == cid:
         try:
             data = ui.client().download_export(done["id"])
@@ -98,6 +103,35 @@ def export(cid: str) -> None:
                 return
             st.session_state.pop("bo_export_done", None)
             st.success(f"Export {done['id']} deleted, its file with it.")
+
+
+def earlier(cid: str) -> str | None:
+    """The campaign's latest exports, newest first; the id of a finished one picked to
+    download or delete (None: none picked)."""
+    if not ui.client().offers("GET", "/v1/campaigns/{campaign_id}/exports"):
+        return None
+    try:
+        page = ui.client().list_exports(cid)
+    except ApiError as exc:
+        ui.show_problem(exc, "list exports")
+        return None
+    rows = page.get("data") or []
+    if not rows:
+        return None
+    st.caption("Latest exports" + (" (the 20 newest)" if page.get("next_cursor") else ""))
+    st.dataframe(
+        [{"id": r["id"], "state": r["state"], "codes": r.get("status") or "all",
+          "rows": f"{r['rows']:,} of {r['total']:,}", "created": r["created_at"],
+          "error": r.get("error") or ""} for r in rows],
+        hide_index=True,
+    )
+    ready = [r["id"] for r in rows if r["state"] == "done"]
+    if not ready:
+        return None
+    with st.form("bo-export-pick"):
+        chosen = st.selectbox("A finished export", ready, key="bo_export_pick")
+        go = st.form_submit_button("Open this export")
+    return str(chosen) if go and chosen else None
 
 
 def main() -> None:

@@ -104,6 +104,10 @@ class BackOffice(Api):
             return dict(self._json("GET", f"/v1/exports/{export_id}"))
         return self.job(export_id)
 
+    def list_exports(self, cid: str, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        """A page of the campaign's exports, newest first."""
+        return dict(self._json("GET", f"/v1/campaigns/{cid}/exports", limit=limit, cursor=cursor))
+
     def download_export(self, export_id: str) -> bytes:
         return self.csv(f"/v1/exports/{export_id}/download")
 

@@ -2,6 +2,7 @@
 streams from Postgres."""
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Query, Response
@@ -11,7 +12,7 @@ from engine import cursors, errors, metadata
 from engine.events import STATUS_NAMES
 from serve.auth import Principal, actor_of
 from serve.problems import problem_responses
-from serve.record_models import ExportIn, ExportOut, VoucherPage
+from serve.record_models import ExportIn, ExportOut, ExportPage, VoucherPage
 from serve.records import Records
 from serve.routes.deps import BODY, GUARDED, Svc, require, router
 from store import exports, records
@@ -97,6 +98,44 @@ async def start_export(
     job = await rec.start_export(campaign_id, body.format, status, actor_of(caller))
     response.headers["Location"] = f"/v1/exports/{job['id']}"
     return job
+
+
+@routes.get(
+    "/v1/campaigns/{campaign_id}/exports",
+    response_model=ExportPage,
+    tags=["vouchers"],
+    responses=problem_responses(*GUARDED, 404, 422),
+)
+async def list_exports(
+    campaign_id: str,
+    caller: ExportReader,
+    svc: Svc,
+    limit: int = Query(20, ge=1, le=100),
+    cursor: str | None = Query(None, min_length=1, max_length=cursors.MAX_CURSOR_LEN),
+) -> Any:
+    """The campaign's exports, newest first, running, done or failed (a deleted one is
+    gone), a page at a time: pass ``next_cursor`` as ``cursor`` for the next page."""
+    before = None if cursor is None else _export_key(cursors.decode(cursor, "e", campaign_id))
+    db = await records_of(svc).pool()
+    if not await records.campaign_exists(db, campaign_id):
+        raise errors.UnknownCampaign(f"no campaign has id {campaign_id!r}")
+    rows, more = await exports.page(db, campaign_id, before=before, limit=limit)
+    nxt = None
+    if more and rows:
+        last = rows[-1]
+        nxt = cursors.encode("e", campaign_id, f"{last['created_at'].isoformat()}|{last['id']}")
+    return {"data": rows, "next_cursor": nxt}
+
+
+def _export_key(key: str) -> tuple[datetime, str]:
+    at, sep, export_id = key.rpartition("|")
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        when = None
+    if not sep or not export_id or when is None or when.tzinfo is None:
+        raise errors.InvalidCursor("cursor is not one this list handed out; start again without it")
+    return when, export_id
 
 
 async def _export(svc: Svc, export_id: str) -> tuple[Any, dict[str, Any]]:

@@ -7,6 +7,7 @@ document say so instead of failing; their tests skip, naming the route, until it
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,27 @@ def test_export_codes_as_csv(http_api, admin, services, monkeypatch):
     assert any("40 codes" in s for s in texts(at.success)), texts(at.success)
     assert at.get("download_button")
     export_id = at.session_state["bo_export_done"]["id"]
+    if "GET" in routes(http_api).get("/v1/campaigns/{campaign_id}/exports", set()):
+        # an export made elsewhere is listed too, newest first, and can be opened
+        r = httpx.post(f"{http_api.url}/v1/campaigns/{cid}/exports", json={"status": "available"}, headers=admin)
+        assert r.status_code == 202, r.text
+        other = r.json()["id"]
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{http_api.url}/v1/exports/{other}", headers=admin).json()["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        at.run()
+        listed = [d.value for d in at.dataframe if "state" in d.value.columns]
+        assert listed and list(listed[0]["id"]) == [other, export_id], listed
+        at.selectbox(key="bo_export_pick").set_value(other)
+        click(at, "Open this export")
+        assert not at.error, texts(at.error)
+        assert any(f"Export {other} is ready" in s for s in texts(at.success)), texts(at.success)
+        click(at, "Delete this export")
+        assert httpx.get(f"{http_api.url}/v1/exports/{other}", headers=admin).status_code == 404
+        at.selectbox(key="bo_export_pick").set_value(export_id)
+        click(at, "Open this export")
+        assert at.session_state["bo_export_done"]["id"] == export_id
     click(at, "Delete this export")
     assert not at.error, texts(at.error)
     assert any(f"Export {export_id} deleted" in s for s in texts(at.success)), texts(at.success)

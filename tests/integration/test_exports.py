@@ -383,3 +383,52 @@ def test_an_export_deleted_running_or_done_is_gone_and_its_file_purged(http_api:
 
     r = httpx.delete(f"{url}/v1/exports/exp_nope", headers=admin)
     assert r.status_code == 404 and r.json()["code"] == "unknown_export", r.text
+
+
+def test_a_campaigns_exports_list_newest_first_page_by_page(http_api: Any) -> None:
+    """GET /v1/campaigns/{id}/exports: running, done and failed ones newest first, each
+    once across pages, a deleted one gone, another campaign's never; refusals."""
+    url, dsn = http_api.url, http_api.database_url
+    admin = admin_headers(http_api)
+    cid = create_campaign(url, admin, discount_body("export list"))["id"]
+    other = create_campaign(url, admin, discount_body("export list other"))["id"]
+    generate_codes(url, admin, cid, 20)
+    made = []
+    for i in range(5):
+        r = httpx.post(f"{url}/v1/campaigns/{cid}/exports", json={"status": "available"} if i % 2 else {},
+                       headers=admin)
+        assert r.status_code == 202, r.text
+        made.append(_finished(url, admin, r.json()["id"]))
+    httpx.post(f"{url}/v1/campaigns/{other}/exports", json={}, headers=admin).raise_for_status()
+    assert httpx.delete(f"{url}/v1/exports/{made[1]['id']}", headers=admin).status_code == 200
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        r = httpx.get(f"{url}/v1/campaigns/{cid}/exports", params=params, headers=admin)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["data"]) <= 2
+        seen += body["data"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    want = [m for i, m in enumerate(made) if i != 1][::-1]  # newest first, the deleted one gone
+    assert seen == want, (seen, want)
+    db_order = asyncio.run(fetch(
+        dsn, "SELECT id FROM exports WHERE campaign_id = $1 AND state <> 'deleted'"
+             " ORDER BY created_at DESC, id DESC", cid))
+    assert [x["id"] for x in seen] == [r["id"] for r in db_order]
+    assert all(x["campaign_id"] == cid and x["state"] == "done" for x in seen)
+
+    r = httpx.get(f"{url}/v1/campaigns/cmp_nope/exports", headers=admin)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_campaign"
+    first = httpx.get(f"{url}/v1/campaigns/{cid}/exports", params={"limit": 1}, headers=admin).json()
+    for bad in ({"cursor": "nope"}, {"limit": 0}, {"limit": 101}):
+        r = httpx.get(f"{url}/v1/campaigns/{cid}/exports", params=bad, headers=admin)
+        assert r.status_code == 422, (bad, r.text)
+    r = httpx.get(f"{url}/v1/campaigns/{other}/exports", params={"cursor": first["next_cursor"]}, headers=admin)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_cursor", r.text
+    key = _integration_key(url, admin)  # integrations do not read exports
+    assert httpx.get(f"{url}/v1/campaigns/{cid}/exports", headers=key).status_code == 403
