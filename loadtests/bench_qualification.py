@@ -23,7 +23,9 @@ and ``--seconds`` of ``--connections`` closed loops (saturation: the throughput,
 latencies that are mostly queueing). Target: the default qualification's p99 at
 ``--rate`` <= 20 ms. Each open-loop window also reports the share of the machine's CPU
 the host stole from it (``/proc/stat``): on a shared host a noisy neighbour slows every
-process of the engine at once, and the per-round table shows which rounds it touched.
+process of the engine at once, and the per-round table shows which rounds it touched;
+and the CPU the gateway replica and the shards spent per request (``/proc/<pid>/stat``),
+which a neighbour barely moves.
 
 The timed load comes from ``loadtests.rawhttp`` (``--client raw``, the default): the client
 runs on the engine's two cores, and an httpx request costs as much CPU as the gateway's
@@ -48,7 +50,14 @@ import httpx
 from engine.qualification import DEFAULT_OFFERS, MAX_OFFERS
 from loadtests import rawhttp
 from loadtests.bench_plumbing import http_engine
-from loadtests.harness import cpu_ticks, machine_summary, percentile, report, stolen_share
+from loadtests.harness import (
+    cpu_ticks,
+    machine_summary,
+    percentile,
+    process_cpu,
+    report,
+    stolen_share,
+)
 
 SECTION = "HTTP: POST /v1/qualifications against 1,000 campaigns"
 TARGET_P99_MS = 20.0
@@ -56,6 +65,8 @@ TARGET_P99_MS = 20.0
 QUIET_STOLEN = 0.01
 HIGH_INTEGRATION_RATE = "10000000/20000000"
 CUSTOMER = "bench-shopper"
+# whose CPU per request the open-loop windows report: the gateway replica, every shard
+PROCESSES = ("ServeReplica:voucher:Gateway", "ray::VoucherShard")
 CATEGORIES = ("shoes", "socks", "hats", "bags", "belts")
 
 
@@ -254,19 +265,22 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         secs: dict[str, float] = {t[0]: 0.0 for t in targets}
         bad: dict[str, int] = {t[0]: 0 for t in targets}
         arrivals = random.Random(args.seed)
-        per_round: list[dict[str, tuple[float, float, float]]] = []
+        per_round: list[dict[str, tuple[float, float, float, float, float]]] = []
         for rnd in range(args.rounds):
             per_round.append({})
             for name, path, body in targets:
-                ticks = cpu_ticks()
+                ticks, cpu = cpu_ticks(), process_cpu(*PROCESSES)
                 ol, b = asyncio.run(opened_loop(base, path, body, headers, args.rate, args.seconds, arrivals))
                 stolen = stolen_share(ticks, cpu_ticks())
+                used = process_cpu(*PROCESSES)
+                gw, sh = ((used[k] - cpu[k]) * 1000 / max(1, len(ol)) for k in PROCESSES)
                 opened[name] += ol
                 bad[name] += b
                 p50, p99, _ = _pct(ol)
-                per_round[-1][name] = (p50, p99, stolen)
+                per_round[-1][name] = (p50, p99, stolen, gw, sh)
                 print(f"round {rnd + 1} {name}, {args.rate:g}/s open loop: p50 {p50:.2f} p99 {p99:.2f} ms, "
-                      f"{stolen:.1%} of the CPU stolen by the host", flush=True)
+                      f"{stolen:.1%} of the CPU stolen by the host; CPU per request: gateway {gw:.2f} ms, "
+                      f"shards {sh:.2f} ms", flush=True)
                 ls, el, b = asyncio.run(closed(base, path, body, headers, args.connections, args.seconds))
                 lat[name] += ls
                 secs[name] += el
@@ -290,11 +304,13 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             f"{len(lat[name]) / secs[name]:,.0f} | {c50:.2f} / {c99:.2f} | {bad[name]} |"
         )
     qual_name, every_name = targets[1][0], targets[2][0]
-    rows += ["", f"| round | validation at {args.rate:g}/s: p50 / p99 ms | CPU stolen | default qualification "
-             f"at {args.rate:g}/s: p50 / p99 ms | CPU stolen |", "| ---: | ---: | ---: | ---: | ---: |"]
+    rows += ["", f"| round | validation at {args.rate:g}/s: p50 / p99 ms | CPU stolen | CPU per request: "
+             f"gateway / shards ms | default qualification at {args.rate:g}/s: p50 / p99 ms | CPU stolen | "
+             "CPU per request: gateway / shards ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, figures in enumerate(per_round):
         vf, qf = figures[base_name], figures[qual_name]
-        rows.append(f"| {i + 1} | {vf[0]:.2f} / {vf[1]:.2f} | {vf[2]:.1%} | {qf[0]:.2f} / {qf[1]:.2f} | {qf[2]:.1%} |")
+        rows.append(f"| {i + 1} | {vf[0]:.2f} / {vf[1]:.2f} | {vf[2]:.1%} | {vf[3]:.2f} / {vf[4]:.2f} "
+                    f"| {qf[0]:.2f} / {qf[1]:.2f} | {qf[2]:.1%} | {qf[3]:.2f} / {qf[4]:.2f} |")
     p99 = at_rate[qual_name]
     quiet = [f[qual_name][1] for f in per_round if f[qual_name][2] < QUIET_STOLEN]
     met = p99 <= TARGET_P99_MS and sum(bad.values()) == 0
@@ -324,7 +340,8 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
         "process (sharing the 2 cores with everything else): "
         f"{args.warmup:g} s warm-up; {args.seconds / 2:g} s of one request at a time per target; then "
         f"per round and target {args.seconds:g} s of Poisson arrivals at {args.rate:g}/s (open loop: "
-        f"latency from each arrival) and {args.seconds:g} s of {args.connections} closed loops "
+        "latency from each arrival; CPU per request read from /proc for the gateway replica and "
+        f"the {args.shards} shards together) and {args.seconds:g} s of {args.connections} closed loops "
         f"(saturation: latency there is mostly queueing); {args.rounds} round(s). Load average (1 min) "
         f"before / after the measured windows: {load_before:.1f} / {load_after:.1f}."
     )

@@ -318,6 +318,29 @@ def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
+def process_cpu(*names: str) -> dict[str, float]:
+    """CPU seconds used so far (user + system, ``/proc/<pid>/stat``) by the processes
+    whose command line holds each of ``names``, summed per name (empty elsewhere)."""
+    out = dict.fromkeys(names, 0.0)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for name in names:
+            if name in cmd:
+                out[name] += (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
 _SECTION_RE = re.compile(r"^## (?P<title>.+?)\s*$", re.MULTILINE)
 
 
