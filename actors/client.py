@@ -33,7 +33,7 @@ from engine.audit import SYSTEM, Actor
 from engine.campaigns import Campaign, Discount, Limits, Window
 from engine.codes import CodeSpec
 from engine.events import Assignment, ImportedCode, Redemption, Reservation, Validation
-from engine.qualification import QualifyRequest, Ranked, merge_ranked
+from engine.qualification import QualifyRequest, Ranked, cut_short, merge_ranked, share
 from engine.routing import assignment_key, bucket_of, shard_of_bucket
 from engine.rules import Rules
 from engine.settings import Settings
@@ -485,15 +485,37 @@ class VoucherEngine:
         e.g. the gateway's direct lines to the shards; Ray calls otherwise). A shard that
         cannot answer within ``deadline_s`` (it is reloading, its node is away) makes the
         whole answer ``unavailable``: a list missing one shard's offers would look
-        complete. The topology is looked up again for the caller's retry."""
-        payload = _enc.encode(req)
-        calls: list[Awaitable[Any]]
-        if send is None:
-            calls = [_call(s.qualify.remote(payload)) for s in self.shards]
-        else:
-            calls = [send(i, "qualify", payload) for i in range(self.n)]
+        complete. The topology is looked up again for the caller's retry.
+
+        With a limit, each shard is first asked for its best :func:`share` of it, not the
+        whole: the best ``limit`` offers are spread over the shards. A shard whose list
+        was cut while its last offer still ranks among the best ``limit`` of all is asked
+        again for the whole limit (:func:`engine.qualification.cut_short`), which a
+        request needs only when one shard holds far more than its share of the best."""
+        k = req.limit
+        n = self.n
+
+        async def ask(r: QualifyRequest, shards: list[int]) -> list[Ranked]:
+            payload = _enc.encode(r)
+            calls: list[Awaitable[Any]]
+            if send is None:
+                calls = [_call(self.shards[i].qualify.remote(payload)) for i in shards]
+            else:
+                calls = [send(i, "qualify", payload) for i in shards]
+            return [_ranked.decode(p) for p in await asyncio.gather(*calls)]
+
+        async def both_rounds() -> list[Ranked]:
+            if k is None or n == 1 or share(k, n) >= k:
+                return await ask(req, list(range(n)))
+            parts = await ask(msgspec.structs.replace(req, limit=share(k, n)), list(range(n)))
+            again = cut_short(parts, k)
+            if again:
+                for i, part in zip(again, await ask(req, again), strict=True):
+                    parts[i] = part
+            return parts
+
         try:
-            parts = await asyncio.wait_for(asyncio.gather(*calls), deadline_s)
+            parts = await asyncio.wait_for(both_rounds(), deadline_s)
         except TimeoutError:
             await self._refresh_briefly()
             raise errors.Unavailable(
@@ -502,7 +524,7 @@ class VoucherEngine:
         except errors.Unavailable:
             await self._refresh_briefly()
             raise
-        return merge_ranked((_ranked.decode(p) for p in parts), req.limit)
+        return merge_ranked(parts, k)
 
     async def _refresh_briefly(self) -> None:
         """:meth:`refresh` for an answer that must not wait on it: at most a second (a

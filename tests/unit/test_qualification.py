@@ -544,3 +544,38 @@ def test_the_keyed_index_reads_candidates_in_the_order_of_their_bounds(seed: int
             every = qualify(st, "ann", order(90_000))
             k = sum(1 for x in every if x.discount_amount >= 80_000)
             assert "late" in {x.campaign_id for x in qualify(st, "ann", order(90_000), limit=k)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_list_cut_to_its_limit_says_whether_the_shard_has_more(seed: int) -> None:
+    """``more`` may only be false when the shard listed every offer it has; and the shards'
+    lists, each cut to its :func:`share` and the cut ones asked again (:func:`cut_short`),
+    give the best ``limit`` of every offer of every shard."""
+    from engine.qualification import cut_short, share
+
+    rng = random.Random(seed)
+    shops = []
+    for s in range(3):
+        shop = Shop(seed * 10 + s)
+        for i in range(rng.randint(15 if s == 0 else 0, 25)):  # the first shard holds the larger ones
+            shop.install(active(new_campaign(
+                id=f"s{s}c{i:02d}", name="c", type="shared_code", currency="EUR", now=T0,
+                discount=rng.choice([Discount("amount", rng.randint(1, 60) * (500 if s == 0 else 50)),
+                                     Discount("percent", rng.randint(1, 50), target="items"),
+                                     Discount("free_shipping")]),
+                shared_code=f"S{s}C{i:02d}", rules=rng.choice([None, Rules(min_order=rng.choice([100, 90_000]))]),
+            )))
+        shops.append(shop)
+    for o in (cart(), order(5000), order(300)):
+        every = [qualify_request(sh.state, QualifyRequest("ann", o)).offers for sh in shops]
+        for k in (1, 3, 8, 20):
+            parts = []
+            for sh, all_here in zip(shops, every, strict=True):
+                q = qualify_request(sh.state, QualifyRequest("ann", o, None, share(k, len(shops))))
+                assert q.offers == all_here[: share(k, len(shops))]
+                assert q.more or len(all_here) <= share(k, len(shops))
+                parts.append(ranked(q))
+            for i in cut_short(parts, k):
+                parts[i] = ranked(qualify_request(shops[i].state, QualifyRequest("ann", o, None, k)))
+            want = merge([Qualified(e) for e in every], k).offers
+            assert [msgspec.json.decode(x[3], type=Offer) for x in merge_ranked(parts, k).offers] == want

@@ -5,6 +5,7 @@ shard, the answers merged best first, and a shard that does not answer within th
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from actors.client import VoucherEngine
 from engine import errors
 from engine.orders import Order
-from engine.qualification import Offer, Qualified, QualifyRequest, ranked
+from engine.qualification import Offer, Qualified, QualifyRequest, best_first, merge, ranked, share
 
 REQ = QualifyRequest("ann", Order(4000, "EUR"), None, None)
 
@@ -38,7 +39,11 @@ class _Shard:
             await asyncio.sleep(self.delay_s)
             if self.fail is not None:
                 raise self.fail
-            return msgspec.msgpack.encode(ranked(Qualified(self.offers, self.tags_needed)))
+            limit = self.asked[-1].limit
+            best = best_first(self.offers)
+            listed = best if limit is None else best[:limit]
+            more = limit is not None and len(best) > limit
+            return msgspec.msgpack.encode(ranked(Qualified(listed, self.tags_needed, more)))
 
         return answer()
 
@@ -58,6 +63,33 @@ def test_every_shard_is_asked_and_the_answers_merge_best_first() -> None:
     assert all(s.asked == [REQ] for s in shards)
     limited = msgspec.structs.replace(REQ, limit=2)
     assert [o[1] for o in asyncio.run(engine.qualify(limited, 1.0)).offers] == ["c", "a"]
+
+
+def test_with_a_limit_shards_list_their_share_and_one_holding_more_of_the_best_is_asked_again() -> None:
+    """Each shard lists its share of the limit first; only a shard whose list was cut while
+    its last offer still ranks among the best is asked for the whole limit. The answer is
+    always the best ``limit`` of every shard's offers."""
+    rich = _Shard([_offer(f"r{i:02d}", 1000 - i) for i in range(15)])  # the best 15 of all
+    poor = [_Shard([_offer(f"p{j}{i}", 10 + i) for i in range(6)]) for j in range(3)]
+    engine = VoucherEngine([rich, *poor], None)  # type: ignore[arg-type]
+    req = msgspec.structs.replace(REQ, limit=10)
+    got = asyncio.run(engine.qualify(req, 1.0))
+    assert [o[1] for o in got.offers] == [f"r{i:02d}" for i in range(10)]
+    assert [a.limit for a in rich.asked] == [share(10, 4), 10]  # asked again, for the whole
+    assert all([a.limit for a in s.asked] == [share(10, 4)] for s in poor)  # their lists sufficed
+
+    rng = random.Random(5)
+    again = 0
+    for _ in range(300):
+        shards = [_Shard([_offer(f"c{s}-{i}", rng.randint(1, 40)) for i in range(rng.randint(0, 12))])
+                  for s in range(rng.randint(2, 5))]
+        k = rng.randint(1, 25)
+        want = merge([Qualified(s.offers) for s in shards], k).offers
+        got = asyncio.run(VoucherEngine(shards, None).qualify(  # type: ignore[arg-type]
+            msgspec.structs.replace(REQ, limit=k), 1.0))
+        assert [(o[0], o[1], o[2]) for o in got.offers] == [(o.discount_amount, o.campaign_id, o.code) for o in want]
+        again += sum(len(s.asked) - 1 for s in shards)
+    assert 0 < again < 300  # second rounds happen, for few requests
 
 
 def test_a_shard_that_does_not_answer_in_time_is_unavailable_within_the_deadline() -> None:
