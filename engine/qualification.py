@@ -116,7 +116,7 @@ class Qualified(msgspec.Struct, frozen=True):
 
 
 class Ranked(msgspec.Struct, frozen=True, array_like=True):
-    """A shard's answer as it travels to the gateway, and the gateways' merge of them:
+    """A shard's answer as it travels to the gateway, and the gateway's merge of them:
     per offer, best first, its rank (discount, campaign id, code or ``""``) and its JSON as
     the API writes it (:data:`offer_json`). So the gateway ranks the shards' offers and
     writes the answer without decoding an offer or encoding it again."""
